@@ -1,0 +1,92 @@
+"""Which entry names a bundle may carry.
+
+Names become dictionary keys in the finder and, later, paths on disk in the store's per-version
+tree, so they are validated once, strictly, before anything is built from them. Only ASCII is
+allowed: a Cyrillic ``а`` that looks like a Latin ``a`` would otherwise make two entries that read
+the same to a reviewer.
+"""
+
+from __future__ import annotations
+
+import keyword
+
+from .errors import BadEntryName
+
+KINDS = ("module", "package", "data")
+MAX_NAME_LENGTH = 512
+
+# Extensions that must never ride in a bundle: native code, bytecode that bypasses our source
+# hashes, and path hooks that site.py would execute.
+FORBIDDEN_SUFFIXES = (".so", ".pyd", ".pyc", ".pyo", ".pth", ".dll", ".dylib")
+_FORBIDDEN_CHARS = set('\\:*?"<>|')
+
+
+def check_module_name(name: str) -> None:
+    """A dotted name whose every part is an ASCII identifier and not a keyword."""
+    _check_common(name)
+    for part in name.split("."):
+        if not part.isidentifier() or keyword.iskeyword(part):
+            raise BadEntryName(
+                f"entry {name!r}: {part!r} is not a valid module name part (an ASCII identifier "
+                "that is not a Python keyword)",
+                name=name,
+            )
+
+
+def check_data_name(name: str) -> None:
+    """A relative POSIX path inside a package: plain components, no traversal, no native code."""
+    _check_common(name)
+    if name.startswith("/"):
+        raise BadEntryName(f"data entry {name!r} is an absolute path; use a path relative to the "
+                           "package root", name=name)
+    parts = name.split("/")
+    if len(parts) < 2:
+        raise BadEntryName(f"data entry {name!r} must live inside a package directory "
+                           "(e.g. 'myapp/templates/index.html')", name=name)
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise BadEntryName(f"data entry {name!r} has an empty, '.' or '..' component", name=name)
+        if part.startswith("."):
+            raise BadEntryName(f"data entry {name!r}: hidden files are not shipped", name=name)
+        bad = _FORBIDDEN_CHARS.intersection(part)
+        if bad:
+            raise BadEntryName(f"data entry {name!r} contains {''.join(sorted(bad))!r}", name=name)
+    if not parts[0].isidentifier() or keyword.iskeyword(parts[0]):
+        raise BadEntryName(f"data entry {name!r} must start with a package name", name=name)
+    lowered = name.lower()
+    for suffix in FORBIDDEN_SUFFIXES:
+        if lowered.endswith(suffix):
+            raise BadEntryName(
+                f"data entry {name!r}: {suffix} files never ride in a bundle (native code, bytecode "
+                "and path hooks are refused); ship source only",
+                name=name,
+            )
+
+
+def check_entry_name(name: str, kind: str) -> None:
+    if kind == "data":
+        check_data_name(name)
+    elif kind in ("module", "package"):
+        check_module_name(name)
+    else:
+        raise BadEntryName(f"entry {name!r} has unknown kind {kind!r}; expected one of {KINDS}", name=name)
+
+
+def module_path(name: str, kind: str) -> str:
+    """Where a module entry lives in a source tree: ``a/b.py`` or ``a/b/__init__.py``."""
+    base = name.replace(".", "/")
+    return f"{base}/__init__.py" if kind == "package" else f"{base}.py"
+
+
+def _check_common(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise BadEntryName("an entry has an empty or non-string name", name=str(name))
+    if len(name) > MAX_NAME_LENGTH:
+        raise BadEntryName(f"entry name is longer than {MAX_NAME_LENGTH} characters", name=name[:80])
+    if not name.isascii():
+        raise BadEntryName(f"entry {name!r} has non-ASCII characters; names must be plain ASCII "
+                           "(look-alike letters are refused)", name=name)
+    if "\x00" in name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise BadEntryName(f"entry {name!r} contains a NUL or control character", name=name)
+    if "\\" in name:
+        raise BadEntryName(f"entry {name!r} contains a backslash; use '/' in data paths", name=name)

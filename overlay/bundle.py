@@ -1,0 +1,480 @@
+"""The signed bundle: one self-contained file per version of an app's source.
+
+Layout (all integers big-endian; see docs/bundle-format.md)::
+
+    magic "HABANERO" | format u16 | flags u16 | manifest_len u32 | sigblock_len u32
+    manifest (canonical JSON) | signature block | payload (one zstd frame)
+
+This module is pure: bytes in, a verified :class:`Bundle` or a precise :class:`BundleRejected` out.
+Reading follows *verify before parse*: the Ed25519 signature over the exact manifest bytes is checked
+against the locally trusted keys before the manifest is parsed, before anything is decompressed.
+Only then: app id, declared sizes against :class:`Limits`, the payload hash, a bounded
+decompression, and every entry's size and hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import zstandard
+
+from ._names import check_entry_name, module_path
+from .errors import (
+    BadEntryName,
+    BadManifest,
+    BadSignature,
+    CorruptPayload,
+    TooLarge,
+    UnknownFormat,
+    UntrustedKey,
+    WrongApp,
+)
+from .keys import SigningKey, TrustedKeys
+
+__all__ = ["Bundle", "Entry", "Limits", "build_bundle", "open_bundle", "read_unverified"]
+
+MAGIC = b"HABANERO"
+FORMAT = 1
+SIGNATURE_DOMAIN = b"habanero-bundle-v1\x00"
+CODECS = ("zstd",)
+_HEADER = struct.Struct(">8sHHII")
+_SIG_LEN = 64
+_MAX_SIGNATURES = 8
+_MAX_WINDOW = 1 << 25  # zstd window cap: bounds the decoder's memory whatever the frame asks for
+_DECOMPRESS_STEP = 1024  # input fed per step; caps how far one step can overshoot the limit
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every size a bundle may declare, checked before memory is spent on it."""
+
+    max_bundle_bytes: int = 64 << 20
+    max_manifest_bytes: int = 8 << 20
+    max_entries: int = 20_000
+    max_entry_bytes: int = 16 << 20
+    max_total_bytes: int = 256 << 20
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    kind: str  # "module", "package" (an __init__) or "data"
+    offset: int
+    size: int
+    sha256: str
+
+    @property
+    def path(self) -> str:
+        """The entry's relative path in a source tree (``pkg/mod.py``, ``pkg/data/x.txt``)."""
+        return self.name if self.kind == "data" else module_path(self.name, self.kind)
+
+
+@dataclass(frozen=True, eq=False)
+class Bundle:
+    """A verified, decompressed bundle. ``digest`` (sha256 of the manifest) names it."""
+
+    manifest: dict[str, Any]
+    manifest_bytes: bytes
+    raw: bytes
+    key_ids: tuple[str, ...]
+    entries: dict[str, Entry]
+    payload: bytes = field(repr=False)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.manifest_bytes).hexdigest()
+
+    @property
+    def app_id(self) -> str:
+        return self.manifest["app_id"]
+
+    @property
+    def version(self) -> int:
+        return self.manifest["version"]
+
+    @property
+    def parent(self) -> str | None:
+        return self.manifest["parent"]
+
+    def read(self, name: str) -> bytes:
+        entry = self.entries[name]
+        return self.payload[entry.offset : entry.offset + entry.size]
+
+    def summary(self) -> dict[str, Any]:
+        """What status pages and the CLI show about a bundle."""
+        m = self.manifest
+        return {
+            "app_id": m["app_id"],
+            "version": m["version"],
+            "digest": self.digest,
+            "parent": m["parent"],
+            "created": m["created"],
+            "builder": m["builder"],
+            "entries": len(self.entries),
+            "size": len(self.raw),
+            "uncompressed_size": m["payload"]["uncompressed_size"],
+            "key_ids": list(self.key_ids),
+        }
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def build_bundle(
+    files: Mapping[str, tuple[str, bytes]] | Iterable[tuple[str, str, bytes]],
+    *,
+    app_id: str,
+    version: int,
+    signers: Sequence[SigningKey],
+    parent: str | None = None,
+    builder: Mapping[str, Any] | None = None,
+    created: str | None = None,
+    level: int = 3,
+    limits: Limits = DEFAULT_LIMITS,
+) -> bytes:
+    """Build and sign a bundle from ``{name: (kind, content)}`` (or ``(name, kind, content)`` rows).
+
+    Example::
+
+        data = build_bundle({"app": ("module", b"x = 1\\n")}, app_id="app", version=1, signers=[key])
+    """
+    rows = files.items() if isinstance(files, Mapping) else ((n, (k, c)) for n, k, c in files)
+    items = sorted((name, kind, bytes(content)) for name, (kind, content) in rows)
+    if not signers:
+        raise BadSignature("a bundle needs at least one signing key", code="unsigned")
+    entries, chunks, offset = [], [], 0
+    for name, kind, content in items:
+        entries.append({"name": name, "kind": kind, "offset": offset, "size": len(content),
+                        "sha256": hashlib.sha256(content).hexdigest()})
+        chunks.append(content)
+        offset += len(content)
+    uncompressed = b"".join(chunks)
+    frame = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(uncompressed)
+    manifest = {
+        "format": FORMAT,
+        "app_id": app_id,
+        "version": version,
+        "parent": parent,
+        "created": created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "builder": dict(builder or {}),
+        "payload": {"codec": "zstd", "size": len(frame), "uncompressed_size": len(uncompressed),
+                    "sha256": hashlib.sha256(frame).hexdigest()},
+        "entries": entries,
+    }
+    _check_manifest(manifest, limits)  # never write what a server would refuse
+    manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode("ascii")
+    if len(manifest_bytes) > limits.max_manifest_bytes:
+        raise TooLarge(f"manifest is {len(manifest_bytes)} bytes, over the {limits.max_manifest_bytes} "
+                       "byte limit", code="manifest_too_large")
+    sigblock = _sign(manifest_bytes, signers)
+    header = _HEADER.pack(MAGIC, FORMAT, 0, len(manifest_bytes), len(sigblock))
+    data = header + manifest_bytes + sigblock + frame
+    if len(data) > limits.max_bundle_bytes:
+        raise TooLarge(f"bundle is {len(data)} bytes, over the {limits.max_bundle_bytes} byte limit; "
+                       "exclude large data files or raise the limit", code="bundle_too_large")
+    return data
+
+
+def _sign(manifest_bytes: bytes, signers: Sequence[SigningKey]) -> bytes:
+    if len(signers) > _MAX_SIGNATURES:
+        raise BadSignature(f"at most {_MAX_SIGNATURES} signatures fit in a bundle", code="unsigned")
+    out = [bytes([len(signers)])]
+    for key in signers:
+        kid = key.key_id.encode("ascii")
+        out += [bytes([len(kid)]), kid, key.sign(SIGNATURE_DOMAIN + manifest_bytes)]
+    return b"".join(out)
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class _Parts:
+    manifest_bytes: bytes
+    signatures: tuple[tuple[str, bytes], ...]
+    frame: bytes
+
+
+def _split(data: bytes, limits: Limits) -> _Parts:
+    """Cut the file into its sections, checking only lengths: nothing is interpreted yet."""
+    if len(data) > limits.max_bundle_bytes:
+        raise TooLarge(f"bundle is {len(data)} bytes, over the {limits.max_bundle_bytes} byte limit",
+                       code="bundle_too_large")
+    if len(data) < _HEADER.size or not data.startswith(MAGIC):
+        raise UnknownFormat("this is not a habanero bundle (bad magic); build one with "
+                            "`habanero-pack build`", code="unknown_format")
+    _, fmt, flags, manifest_len, sig_len = _HEADER.unpack_from(data)
+    if fmt != FORMAT or flags != 0:
+        raise UnknownFormat(f"bundle format {fmt} (flags {flags}) is not supported by this habanero, "
+                            f"which reads format {FORMAT}; upgrade habanero on the server or build with "
+                            "a matching habanero-pack", code="unknown_format")
+    if manifest_len > limits.max_manifest_bytes:
+        raise TooLarge(f"manifest declares {manifest_len} bytes, over the {limits.max_manifest_bytes} "
+                       "byte limit", code="manifest_too_large")
+    start = _HEADER.size
+    if start + manifest_len + sig_len > len(data):
+        raise CorruptPayload("bundle is truncated: its header declares more bytes than it holds",
+                             code="truncated")
+    manifest_bytes = data[start : start + manifest_len]
+    sigblock = data[start + manifest_len : start + manifest_len + sig_len]
+    return _Parts(manifest_bytes, _parse_sigblock(sigblock), data[start + manifest_len + sig_len :])
+
+
+def _parse_sigblock(block: bytes) -> tuple[tuple[str, bytes], ...]:
+    if not block or block[0] == 0:
+        raise BadSignature("bundle is not signed; sign it with a trusted key (habanero-pack signs "
+                           "every bundle it builds)", code="unsigned")
+    count, pos, sigs = block[0], 1, []
+    if count > _MAX_SIGNATURES:
+        raise BadSignature(f"bundle claims {count} signatures; at most {_MAX_SIGNATURES} are allowed")
+    for _ in range(count):
+        if pos >= len(block):
+            raise BadSignature("signature block is truncated")
+        kid_len = block[pos]
+        kid_raw = block[pos + 1 : pos + 1 + kid_len]
+        sig = block[pos + 1 + kid_len : pos + 1 + kid_len + _SIG_LEN]
+        if len(kid_raw) != kid_len or len(sig) != _SIG_LEN:
+            raise BadSignature("signature block is truncated")
+        try:
+            kid = kid_raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise BadSignature("signature block names a key id that is not ASCII") from None
+        sigs.append((kid, sig))
+        pos += 1 + kid_len + _SIG_LEN
+    if pos != len(block):
+        raise BadSignature("signature block has trailing bytes")
+    return tuple(sigs)
+
+
+def _verify(parts: _Parts, trusted: TrustedKeys) -> tuple[str, ...]:
+    """Return the ids of trusted keys whose signature holds; refuse otherwise."""
+    message = SIGNATURE_DOMAIN + parts.manifest_bytes
+    known = [(kid, sig) for kid, sig in parts.signatures if kid in trusted]
+    if not known:
+        kids = ", ".join(kid for kid, _ in parts.signatures)
+        raise UntrustedKey(
+            f"key {kids} is not trusted by this server; add its public key line (the signing key's "
+            f".pub file) to {trusted.source}, then restart the app",
+            key_ids=[kid for kid, _ in parts.signatures],
+        )
+    good = tuple(kid for kid, sig in known if trusted.get(kid).verify(sig, message))  # type: ignore[union-attr]
+    if not good:
+        raise BadSignature(
+            f"the signature by {known[0][0]} does not match the bundle's contents: the bundle was "
+            "altered after signing, or signed by another key with the same id; rebuild and push again",
+            key_ids=[kid for kid, _ in known],
+        )
+    return good
+
+
+def open_bundle(
+    data: bytes,
+    trusted: TrustedKeys,
+    *,
+    app_id: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Bundle:
+    """Verify and open a bundle, or raise the :class:`BundleRejected` that says why not.
+
+    Example::
+
+        bundle = open_bundle(Path("v3.hbn").read_bytes(), load_trusted_keys("trusted_keys"), app_id="shop")
+    """
+    data = bytes(data)
+    parts = _split(data, limits)
+    key_ids = _verify(parts, trusted)  # before the manifest is parsed or anything decompressed
+    manifest = _parse_manifest(parts.manifest_bytes)
+    _check_manifest(manifest, limits)
+    if app_id is not None and manifest["app_id"] != app_id:
+        raise WrongApp(f"this bundle is for app {manifest['app_id']!r} but this server runs "
+                       f"{app_id!r}; push to the right server or set app_id in [tool.habanero]",
+                       expected=app_id, got=manifest["app_id"])
+    payload = _decompress(parts.frame, manifest["payload"], limits)
+    entries = {e["name"]: Entry(**e) for e in manifest["entries"]}
+    view = memoryview(payload)
+    for entry in entries.values():
+        if hashlib.sha256(view[entry.offset : entry.offset + entry.size]).hexdigest() != entry.sha256:
+            raise CorruptPayload(f"entry {entry.name!r} does not match its hash in the manifest",
+                                 code="entry_hash_mismatch", name=entry.name)
+    return Bundle(manifest, parts.manifest_bytes, data, key_ids, entries, payload)
+
+
+def read_unverified(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The manifest and signing key ids, *without* checking signatures: for ``inspect`` only."""
+    parts = _split(bytes(data), limits)
+    manifest = _parse_manifest(parts.manifest_bytes)
+    _check_manifest(manifest, limits)
+    return manifest, tuple(kid for kid, _ in parts.signatures)
+
+
+def _decompress(frame: bytes, declared: Mapping[str, Any], limits: Limits) -> bytes:
+    if len(frame) != declared["size"]:
+        if len(frame) < declared["size"]:
+            raise CorruptPayload(f"payload is truncated: {len(frame)} of {declared['size']} bytes",
+                                 code="truncated")
+        raise CorruptPayload(f"{len(frame) - declared['size']} unexpected bytes after the payload",
+                             code="trailing_data")
+    if hashlib.sha256(frame).hexdigest() != declared["sha256"]:
+        raise CorruptPayload("payload does not match its sha256 in the manifest",
+                             code="payload_hash_mismatch")
+    want = declared["uncompressed_size"]
+    try:
+        content_size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        raise CorruptPayload(f"payload is not a zstd frame ({exc})", code="bad_payload") from None
+    # decompress() would allocate whatever the frame header declares: check it against the cap first.
+    if content_size != want:
+        raise CorruptPayload(f"payload frame declares {content_size} bytes, the manifest {want}",
+                             code="bad_payload")
+    dobj = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW).decompressobj()
+    out, total, pos = [], 0, 0
+    try:
+        # Small input steps bound how much one step can produce, so a bomb is caught early.
+        while pos < len(frame) and not dobj.eof:
+            chunk = dobj.decompress(frame[pos : pos + _DECOMPRESS_STEP])
+            pos += _DECOMPRESS_STEP
+            total += len(chunk)
+            if total > want:
+                raise TooLarge(f"payload decompresses past its declared {want} bytes",
+                               code="decompressed_too_large")
+            out.append(chunk)
+    except zstandard.ZstdError as exc:
+        raise CorruptPayload(f"payload does not decompress ({exc})", code="bad_payload") from None
+    if dobj.unused_data or pos < len(frame):
+        raise CorruptPayload("unexpected bytes after the payload's zstd frame", code="trailing_data")
+    # The stream decoder does not report a truncated frame by itself: eof and the size must agree.
+    if not dobj.eof or total != want:
+        raise CorruptPayload(f"payload is truncated: decompressed {total} of {want} bytes",
+                             code="truncated")
+    return b"".join(out)
+
+
+# ------------------------------------------------------------------------------------ manifest
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise BadManifest(f"manifest repeats the key {key!r}; a manifest must be unambiguous")
+        seen[key] = value
+    return seen
+
+
+def _no_constants(name: str) -> Any:
+    raise BadManifest(f"manifest contains {name}, which is not valid JSON")
+
+
+def _parse_manifest(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                           parse_constant=_no_constants)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadManifest(f"manifest is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise BadManifest("manifest must be a JSON object")
+    return value
+
+
+_TOP = {"format": int, "app_id": str, "version": int, "parent": (str, type(None)), "created": str,
+        "builder": dict, "payload": dict, "entries": list}
+_PAYLOAD = {"codec": str, "size": int, "uncompressed_size": int, "sha256": str}
+_ENTRY = {"name": str, "kind": str, "offset": int, "size": int, "sha256": str}
+
+
+def _check_fields(obj: Any, schema: Mapping[str, Any], where: str) -> None:
+    if not isinstance(obj, dict):
+        raise BadManifest(f"{where} must be an object")
+    missing = schema.keys() - obj.keys()
+    extra = obj.keys() - schema.keys()
+    if missing or extra:
+        raise BadManifest(f"{where}: missing {sorted(missing)} / unknown {sorted(extra)} fields")
+    for key, kind in schema.items():
+        value = obj[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise BadManifest(f"{where}.{key} has the wrong type ({type(value).__name__})")
+        if isinstance(value, int) and value < 0:
+            raise BadManifest(f"{where}.{key} must not be negative")
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def _check_manifest(m: Any, limits: Limits) -> None:
+    """Schema, limits and entry-table consistency; everything a reader relies on later."""
+    _check_fields(m, _TOP, "manifest")
+    if m["format"] != FORMAT:
+        raise UnknownFormat(f"manifest format {m['format']} is not supported (expected {FORMAT})")
+    if not m["app_id"] or not m["app_id"].isascii() or len(m["app_id"]) > 128:
+        raise BadManifest("manifest.app_id must be 1-128 ASCII characters")
+    if m["version"] < 1:
+        raise BadManifest("manifest.version must be a positive integer")
+    if m["parent"] is not None and not _is_sha256(m["parent"]):
+        raise BadManifest("manifest.parent must be a bundle digest (64 hex digits) or null")
+    payload = m["payload"]
+    _check_fields(payload, _PAYLOAD, "manifest.payload")
+    if payload["codec"] not in CODECS:
+        raise UnknownFormat(f"payload codec {payload['codec']!r} is not supported (expected one of {CODECS})")
+    if not _is_sha256(payload["sha256"]):
+        raise BadManifest("manifest.payload.sha256 must be 64 lowercase hex digits")
+    if payload["uncompressed_size"] > limits.max_total_bytes:
+        raise TooLarge(f"bundle unpacks to {payload['uncompressed_size']} bytes, over the "
+                       f"{limits.max_total_bytes} byte limit", code="decompressed_too_large")
+    if payload["size"] > limits.max_bundle_bytes:
+        raise TooLarge(f"payload declares {payload['size']} bytes, over the bundle limit",
+                       code="bundle_too_large")
+    entries = m["entries"]
+    if len(entries) > limits.max_entries:
+        raise TooLarge(f"bundle has {len(entries)} entries, over the {limits.max_entries} limit",
+                       code="too_many_entries")
+    _check_entries(entries, payload["uncompressed_size"], limits)
+
+
+def _check_entries(entries: list[Any], total: int, limits: Limits) -> None:
+    offset, previous = 0, None
+    names: dict[str, str] = {}
+    for i, e in enumerate(entries):
+        _check_fields(e, _ENTRY, f"manifest.entries[{i}]")
+        name, kind = e["name"], e["kind"]
+        check_entry_name(name, kind)
+        if previous is not None and name <= previous:
+            raise BadEntryName(f"entry {name!r} is a duplicate or out of order; entries are unique and "
+                               "sorted by name", name=name)
+        previous = name
+        if e["size"] > limits.max_entry_bytes:
+            raise TooLarge(f"entry {name!r} is {e['size']} bytes, over the {limits.max_entry_bytes} "
+                           "byte limit", code="entry_too_large", name=name)
+        if e["offset"] != offset:
+            raise BadManifest(f"entry {name!r} starts at {e['offset']}, expected {offset}: offsets "
+                              "must be contiguous")
+        if not _is_sha256(e["sha256"]):
+            raise BadManifest(f"entry {name!r} has a malformed sha256")
+        offset += e["size"]
+        names[name] = kind
+    if offset != total:
+        raise BadManifest(f"entries add up to {offset} bytes but the payload declares {total}")
+    _check_tree(names)
+
+
+def _check_tree(names: Mapping[str, str]) -> None:
+    """Every module's parent is a package in the bundle; no data file shadows a module's file."""
+    files = {module_path(n, k) for n, k in names.items() if k != "data"}
+    for name, kind in names.items():
+        if kind == "data":
+            if name in files:
+                raise BadEntryName(f"data entry {name!r} collides with a module's file", name=name)
+            continue
+        parent = name.rpartition(".")[0]
+        if parent and names.get(parent) != "package":
+            raise BadEntryName(f"module {name!r} is inside {parent!r}, which is not a package in this "
+                               "bundle (is its __init__.py missing?)", name=name)

@@ -1,0 +1,178 @@
+"""Every refusal habanero makes, as one small hierarchy.
+
+Each error carries a stable, machine-readable ``code`` (what the HTTP endpoint and the CLI print and
+what scripts match on), an ``http_status`` for the control plane, and a message that names the
+problem and the fix. Nothing else in habanero raises a bare exception across its public surface.
+
+    HabaneroError
+    ├── BundleRejected              the bytes are not an acceptable bundle (nothing was stored or run)
+    │   ├── UnknownFormat           unknown_format
+    │   ├── BadSignature            bad_signature, unsigned
+    │   ├── UntrustedKey            unknown_key
+    │   ├── WrongApp                wrong_app
+    │   ├── StaleVersion            stale_version, version_jump_too_large
+    │   ├── TooLarge                bundle_too_large, manifest_too_large, too_many_entries,
+    │   │                           entry_too_large, decompressed_too_large
+    │   ├── CorruptPayload          payload_hash_mismatch, entry_hash_mismatch, trailing_data,
+    │   │                           truncated, bad_payload
+    │   ├── BadManifest             bad_manifest
+    │   ├── BadEntryName            bad_entry_name
+    │   ├── ParentMissing           parent_missing (a delta whose parent the server lacks)
+    │   └── CompileFailed           syntax_error (nothing ran)
+    ├── KeyProblem                  bad_key, bad_trusted_keys, wrong_passphrase, unsupported_key,
+    │                               missing_dependency
+    ├── StoreError                  store_error, store_locked
+    ├── ConfigError                 bad_config, already_installed
+    ├── ActivationFailed            activation_failed (the push was undone; old code still serving)
+    ├── ControlRejected             bad_request_signature, stale_request, replayed_request,
+    │                               version_mismatch, nothing_to_roll_back, unknown_version
+    └── DeployInProgress            deploy_in_progress
+
+Errors that surface during an import subclass ``ImportError`` too (see ``overlay.finder``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "HabaneroError",
+    "BundleRejected",
+    "UnknownFormat",
+    "BadSignature",
+    "UntrustedKey",
+    "WrongApp",
+    "StaleVersion",
+    "TooLarge",
+    "CorruptPayload",
+    "BadManifest",
+    "BadEntryName",
+    "ParentMissing",
+    "CompileFailed",
+    "KeyProblem",
+    "StoreError",
+    "ConfigError",
+    "ActivationFailed",
+    "ControlRejected",
+    "DeployInProgress",
+]
+
+
+class HabaneroError(Exception):
+    """Base of every habanero refusal: a ``code``, an HTTP status and an actionable message."""
+
+    default_code: ClassVar[str] = "habanero_error"
+    http_status: ClassVar[int] = 400
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape the endpoint answers with: ``{"code": ..., "message": ...}`` plus details."""
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        out.update({k: v for k, v in self.details.items() if _jsonable(v)})
+        return out
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _jsonable(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool, list, dict))
+
+
+class BundleRejected(HabaneroError):
+    default_code = "bad_bundle"
+    http_status = 422
+
+
+class UnknownFormat(BundleRejected):
+    default_code = "unknown_format"
+
+
+class BadSignature(BundleRejected):
+    default_code = "bad_signature"
+    http_status = 401
+
+
+class UntrustedKey(BundleRejected):
+    default_code = "unknown_key"
+    http_status = 401
+
+
+class WrongApp(BundleRejected):
+    default_code = "wrong_app"
+    http_status = 409
+
+
+class StaleVersion(BundleRejected):
+    default_code = "stale_version"
+    http_status = 409
+
+
+class TooLarge(BundleRejected):
+    default_code = "bundle_too_large"
+    http_status = 413
+
+
+class CorruptPayload(BundleRejected):
+    default_code = "payload_hash_mismatch"
+
+
+class BadManifest(BundleRejected):
+    default_code = "bad_manifest"
+
+
+class BadEntryName(BundleRejected):
+    default_code = "bad_entry_name"
+
+
+class ParentMissing(BundleRejected):
+    default_code = "parent_missing"
+    http_status = 409
+
+
+class CompileFailed(BundleRejected):
+    """A module in the bundle does not compile; nothing ran. Carries file, line and message."""
+
+    default_code = "syntax_error"
+
+
+class KeyProblem(HabaneroError):
+    default_code = "bad_key"
+
+
+class StoreError(HabaneroError):
+    default_code = "store_error"
+    http_status = 500
+
+
+class ConfigError(HabaneroError):
+    default_code = "bad_config"
+
+
+class ActivationFailed(HabaneroError):
+    """Running the new code failed; every change was undone and the old version still serves.
+
+    ``remote_traceback`` holds the formatted traceback from the app process.
+    """
+
+    default_code = "activation_failed"
+    http_status = 500
+
+    def __init__(self, message: str, *, remote_traceback: str = "", **details: Any) -> None:
+        super().__init__(message, remote_traceback=remote_traceback, **details)
+        self.remote_traceback = remote_traceback
+
+
+class ControlRejected(HabaneroError):
+    default_code = "bad_request_signature"
+    http_status = 401
+
+
+class DeployInProgress(HabaneroError):
+    default_code = "deploy_in_progress"
+    http_status = 409

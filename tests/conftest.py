@@ -1,0 +1,64 @@
+"""Shared fixtures: a signing key, its trusted-keys file, and a bundle factory."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from overlay.bundle import build_bundle
+from overlay.keys import SigningKey, TrustedKeys, generate_signing_key, load_trusted_keys
+
+
+@pytest.fixture
+def signing_key(tmp_path: Path) -> SigningKey:
+    return generate_signing_key(tmp_path / "keys" / "deploy", comment="tests@habanero")
+
+
+@pytest.fixture
+def other_key(tmp_path: Path) -> SigningKey:
+    return generate_signing_key(tmp_path / "keys" / "intruder", comment="intruder")
+
+
+@pytest.fixture
+def trusted_keys_file(tmp_path: Path, signing_key: SigningKey) -> Path:
+    path = tmp_path / "keys" / "trusted_keys"
+    path.write_text(f"# deployers\n{signing_key.public.line()}\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def trusted(trusted_keys_file: Path) -> TrustedKeys:
+    return load_trusted_keys(trusted_keys_file)
+
+
+@pytest.fixture
+def make_bundle(signing_key: SigningKey) -> Callable[..., bytes]:
+    """``make_bundle({"app": ("package", b"...")}, version=2)`` -> signed bundle bytes."""
+
+    def make(files=None, *, app_id: str = "app", version: int = 1, signers=None, **kw) -> bytes:
+        files = files if files is not None else {"app": ("package", b"VALUE = 1\n")}
+        return build_bundle(files, app_id=app_id, version=version, signers=signers or [signing_key], **kw)
+
+    return make
+
+
+@pytest.fixture
+def import_state() -> Iterator[None]:
+    """Put ``sys.modules``, ``sys.meta_path`` and ``sys.path`` back after a test, even when it fails."""
+    modules = dict(sys.modules)
+    meta_path = list(sys.meta_path)
+    path = list(sys.path)
+    path_importer_cache = dict(sys.path_importer_cache)
+    try:
+        yield
+    finally:
+        sys.meta_path[:] = meta_path
+        sys.path[:] = path
+        for name in set(sys.modules) - set(modules):
+            del sys.modules[name]
+        sys.modules.update(modules)
+        sys.path_importer_cache.clear()
+        sys.path_importer_cache.update(path_importer_cache)

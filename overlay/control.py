@@ -1,0 +1,102 @@
+"""Signed control requests (rollback, status, history), verified with the deploy keys.
+
+A push is authenticated by the bundle's own signature. Everything else that reaches the endpoint is
+signed by the client over a domain-prefixed string of method, path, app id, timestamp, nonce and the
+body's sha256, so a captured request cannot be retargeted (another path, app or body), is accepted
+only within a few minutes of the server's clock, and only once (nonce cache). The domain prefix
+means no control signature can ever verify as a bundle signature, or the other way round. A
+rollback also names the version it expects to be active, so replaying it after a restart (when the
+nonce cache is gone) fails harmlessly.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+
+from .errors import ControlRejected
+from .keys import SigningKey, TrustedKeys
+
+__all__ = ["RequestVerifier", "sign_request"]
+
+CONTROL_DOMAIN = b"habanero-control-v1\x00"
+WINDOW_SECONDS = 300
+H_KEY, H_TIME, H_NONCE, H_SIG = ("X-Habanero-Key", "X-Habanero-Timestamp", "X-Habanero-Nonce",
+                                 "X-Habanero-Signature")
+
+
+def control_message(method: str, path: str, app_id: str, timestamp: str, nonce: str, body: bytes) -> bytes:
+    fields = [method.upper(), path, app_id, timestamp, nonce, hashlib.sha256(body).hexdigest()]
+    return CONTROL_DOMAIN + "\n".join(fields).encode("utf-8")
+
+
+def sign_request(key: SigningKey, method: str, path: str, app_id: str, body: bytes = b"",
+                 *, now: float | None = None) -> dict[str, str]:
+    """The headers that authenticate one control request."""
+    timestamp = str(int(time.time() if now is None else now))
+    nonce = secrets.token_hex(16)
+    signature = key.sign(control_message(method, path, app_id, timestamp, nonce, body))
+    return {H_KEY: key.key_id, H_TIME: timestamp, H_NONCE: nonce,
+            H_SIG: base64.b64encode(signature).decode("ascii")}
+
+
+class RequestVerifier:
+    """Checks control-request signatures, the clock window and nonce reuse."""
+
+    def __init__(self, trusted: TrustedKeys, app_id: str, *, window: int = WINDOW_SECONDS,
+                 max_nonces: int = 100_000) -> None:
+        self.trusted, self.app_id, self.window = trusted, app_id, window
+        self._nonces: OrderedDict[str, float] = OrderedDict()
+        self._max_nonces = max_nonces
+        self._lock = threading.Lock()
+
+    def verify(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
+               *, now: float | None = None) -> str:
+        """Return the key id that signed the request, or raise ``ControlRejected``."""
+        now = time.time() if now is None else now
+        missing = [h for h in (H_KEY, H_TIME, H_NONCE, H_SIG) if not headers.get(h)]
+        if missing:
+            raise ControlRejected(
+                f"this request is not signed (missing {', '.join(missing)}); use habanero-pack, "
+                "which signs control requests with your deploy key", code="unsigned_request")
+        key_id, stamp, nonce = headers[H_KEY], headers[H_TIME], headers[H_NONCE]
+        public = self.trusted.get(key_id)
+        if public is None:
+            raise ControlRejected(f"key {key_id} is not trusted by this server; add its public key to "
+                                  f"{self.trusted.source}", code="unknown_key")
+        try:
+            signature = base64.b64decode(headers[H_SIG], validate=True)
+            stamp_value = int(stamp)
+        except (binascii.Error, ValueError):
+            raise ControlRejected("malformed request signature headers", code="bad_request_signature") from None
+        if len(nonce) > 128:
+            raise ControlRejected("request nonce is too long", code="bad_request_signature")
+        message = control_message(method, path, self.app_id, stamp, nonce, body)
+        if not public.verify(signature, message):
+            raise ControlRejected(
+                "request signature does not verify: it was altered, signed for another app or path, "
+                "or by another key", code="bad_request_signature")
+        if abs(now - stamp_value) > self.window:
+            raise ControlRejected(
+                f"request timestamp is {int(now - stamp_value)} s away from the server's clock (window "
+                f"±{self.window} s); check both clocks and retry", code="stale_request")
+        self._remember(nonce, stamp_value, now)
+        return key_id
+
+    def _remember(self, nonce: str, stamp: int, now: float) -> None:
+        with self._lock:
+            while self._nonces:
+                oldest, expiry = next(iter(self._nonces.items()))
+                if expiry >= now and len(self._nonces) < self._max_nonces:
+                    break
+                del self._nonces[oldest]
+            if nonce in self._nonces:
+                raise ControlRejected("this request was already used (replayed nonce); sign a new one",
+                                      code="replayed_request")
+            self._nonces[nonce] = max(stamp, now) + self.window

@@ -1,0 +1,74 @@
+"""Signed control requests: what verifies, and every way a request is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from overlay.control import RequestVerifier, sign_request
+from overlay.errors import ControlRejected
+
+NOW = 1_800_000_000
+
+
+def _verify(verifier, headers, *, method="POST", path="/_habanero/rollback", body=b'{"to":null}', now=NOW):
+    return verifier.verify(method, path, headers, body, now=now)
+
+
+def _code(verifier, headers, **kw) -> str:
+    with pytest.raises(ControlRejected) as info:
+        _verify(verifier, headers, **kw)
+    return info.value.code
+
+
+def test_signed_request_verifies_and_names_its_key(signing_key, trusted):
+    headers = sign_request(signing_key, "POST", "/_habanero/rollback", "app", b'{"to":null}', now=NOW)
+    assert _verify(RequestVerifier(trusted, "app"), headers) == signing_key.key_id
+
+
+def test_replayed_nonce_is_refused(signing_key, trusted):
+    verifier = RequestVerifier(trusted, "app")
+    headers = sign_request(signing_key, "POST", "/_habanero/rollback", "app", b'{"to":null}', now=NOW)
+    _verify(verifier, headers)
+    assert _code(verifier, headers) == "replayed_request"
+
+
+@pytest.mark.parametrize("skew", [-301, 301])
+def test_request_outside_the_clock_window_is_refused(signing_key, trusted, skew):
+    headers = sign_request(signing_key, "POST", "/_habanero/rollback", "app", b'{"to":null}', now=NOW + skew)
+    assert _code(RequestVerifier(trusted, "app"), headers) == "stale_request"
+
+
+def test_request_within_the_window_is_accepted(signing_key, trusted):
+    headers = sign_request(signing_key, "POST", "/_habanero/rollback", "app", b'{"to":null}', now=NOW - 299)
+    assert _verify(RequestVerifier(trusted, "app"), headers) == signing_key.key_id
+
+
+@pytest.mark.parametrize("change", [{"method": "GET"}, {"path": "/_habanero/push"}, {"body": b'{"to":1}'}])
+def test_signature_binds_method_path_and_body(signing_key, trusted, change):
+    headers = sign_request(signing_key, "POST", "/_habanero/rollback", "app", b'{"to":null}', now=NOW)
+    assert _code(RequestVerifier(trusted, "app"), headers, **change) == "bad_request_signature"
+
+
+def test_signature_binds_the_app_id(signing_key, trusted):
+    headers = sign_request(signing_key, "POST", "/_habanero/rollback", "other-app", b'{"to":null}', now=NOW)
+    assert _code(RequestVerifier(trusted, "app"), headers) == "bad_request_signature"
+
+
+def test_unknown_key_and_unsigned_requests_are_refused(other_key, trusted):
+    headers = sign_request(other_key, "POST", "/_habanero/rollback", "app", b'{"to":null}', now=NOW)
+    verifier = RequestVerifier(trusted, "app")
+    assert _code(verifier, headers) == "unknown_key"
+    assert _code(verifier, {}) == "unsigned_request"
+
+
+def test_bundle_signature_is_not_a_control_signature(signing_key, trusted):
+    from overlay.bundle import SIGNATURE_DOMAIN
+    from overlay.control import control_message
+    import base64
+
+    headers = sign_request(signing_key, "POST", "/_habanero/rollback", "app", b"", now=NOW)
+    message = control_message("POST", "/_habanero/rollback", "app", headers["X-Habanero-Timestamp"],
+                              headers["X-Habanero-Nonce"], b"")
+    forged = signing_key.sign(SIGNATURE_DOMAIN + message[len(b"habanero-control-v1\0"):])
+    headers["X-Habanero-Signature"] = base64.b64encode(forged).decode()
+    assert _code(RequestVerifier(trusted, "app"), headers, body=b"") == "bad_request_signature"

@@ -37,7 +37,8 @@ from .errors import (
 )
 from .keys import SigningKey, TrustedKeys
 
-__all__ = ["Bundle", "Entry", "Limits", "build_bundle", "open_bundle", "read_unverified"]
+__all__ = ["Bundle", "Entry", "Limits", "build_bundle", "bundle_digest", "manifest_bytes_of", "open_bundle",
+           "read_unverified"]
 
 MAGIC = b"HABANERO"
 FORMAT = 1
@@ -306,6 +307,19 @@ def open_bundle(
             raise CorruptPayload(f"entry {entry.name!r} does not match its hash in the manifest",
                                  code="entry_hash_mismatch", name=entry.name)
     return Bundle(manifest, parts.manifest_bytes, data, key_ids, entries, payload)
+
+
+def bundle_digest(data: bytes) -> str:
+    """The digest (sha256 of the manifest bytes) of a bundle, without verifying anything."""
+    return hashlib.sha256(manifest_bytes_of(data)).hexdigest()
+
+
+def manifest_bytes_of(data: bytes) -> bytes:
+    """The manifest section of a bundle, cut by its header; for the builder's own bytes."""
+    if len(data) < _HEADER.size or not data.startswith(MAGIC):
+        raise UnknownFormat("this is not a habanero bundle (bad magic)")
+    manifest_len = _HEADER.unpack_from(data)[3]
+    return data[_HEADER.size : _HEADER.size + manifest_len]
 
 
 def read_unverified(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[dict[str, Any], tuple[str, ...]]:

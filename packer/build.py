@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay import __version__
-from overlay.bundle import DEFAULT_LIMITS, Limits, build_bundle, open_bundle, read_unverified
+from overlay.bundle import DEFAULT_LIMITS, Limits, build_bundle, manifest_bytes_of, open_bundle, read_unverified
 from overlay.errors import BundleRejected
 from overlay.keys import SigningKey, TrustedKeys
 
@@ -107,7 +106,7 @@ def build(
     data = build_bundle(files, app_id=config.app_id, version=version, signers=[signer], parent=parent,
                         builder=meta, level=level, limits=limits)
     # Our own bytes, checked by build_bundle a moment ago: parse without checking them again.
-    manifest_bytes = _manifest_bytes(data)
+    manifest_bytes = manifest_bytes_of(data)
     manifest = json.loads(manifest_bytes)
     done = time.perf_counter()
     timings = {"collect": collected - start, "metadata": described - collected,
@@ -170,16 +169,6 @@ def _git(root: Path, *args: str) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-# Header: magic 8s | format u16 | flags u16 | manifest_len u32 | sigblock_len u32 (big-endian),
-# then the manifest (docs/bundle-format.md). Only read after read_unverified or build_bundle.
-_HEADER = struct.Struct(">8sHHII")
-
-
-def _manifest_bytes(data: bytes) -> bytes:
-    manifest_len = _HEADER.unpack_from(data)[3]
-    return data[_HEADER.size : _HEADER.size + manifest_len]
-
-
 # ------------------------------------------------------------------------------------ inspect
 
 
@@ -222,7 +211,7 @@ def inspect_bundle(data: bytes, trusted: TrustedKeys | None = None) -> Inspectio
         if refusal is not None:
             raise refusal from None  # the verdict that came first: signature before parsing
         raise
-    digest = hashlib.sha256(_manifest_bytes(data)).hexdigest()  # as Bundle.digest, unverified
+    digest = hashlib.sha256(manifest_bytes_of(data)).hexdigest()  # as Bundle.digest, unverified
     return Inspection(manifest=manifest, digest=digest, size=len(data),
                       claimed_key_ids=claimed, checked=trusted is not None,
                       verified_by=tuple(verified_by), refusal=refusal)

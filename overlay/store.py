@@ -1,0 +1,464 @@
+"""The store: every accepted version of an app's code, on disk, surviving ``kill -9``.
+
+Layout (the directory is created with mode 0700: whoever can write it decides what code runs)::
+
+    <store>/
+      state.json      the pointer, the single source of truth, replaced atomically:
+                      {"format": 1, "app_id": "shop", "active": {"version": 7, "digest": "<sha256>"}
+                       | null, "highest": 9}
+      bundles/        0000000007-<digest>.hbn: accepted bundles, byte for byte, read-only
+      staged/         0000000008-<digest>.hbn: written by stage(), moved to bundles/ by commit()
+      trees/          0000000007-<digest>/myapp/__init__.py ...: a read-only source tree per version
+      objects/        ab/<sha256>: file bodies by content, written once, hard-linked into trees
+      pycache/        compiled code, owned by the finder
+      history.jsonl   one JSON object per push, rollback, failure or reset; append-only
+      lock            flock()ed by writers only; readers never wait
+      .tmp-*          (anywhere above) what an interrupted write left; open() removes it
+
+Crash safety: every file is written to a temp name, fsynced, renamed into place, and its directory
+fsynced (``overlay._fsutil``). ``commit()`` makes the bundle durable in ``bundles/`` *before* it
+replaces ``state.json``, and that replace is the commit point: a kill at any moment leaves the old
+pointer or the new one. What a crash can leave is recognisable and removed by ``open()``: temp
+files, staged bundles, and a bundle promoted by a commit that died before its pointer flip (its
+version is above ``highest``, which no committed bundle's is: ``reset_highest`` drops those).
+
+Nothing on disk is trusted: ``open()`` re-verifies the active bundle against the current trusted
+keys and, when it fails, serves the newest earlier bundle that verifies, down to none (the code on
+disk). A fallback is reported, not written: the pointer changes only through ``commit()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import _fsutil
+from .bundle import DEFAULT_LIMITS, Bundle, Limits, open_bundle
+from .errors import HabaneroError, StaleVersion, StoreError, WrongApp
+from .keys import TrustedKeys
+
+__all__ = ["Store"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+ACTIONS = ("push", "rollback")
+_NAME = re.compile(r"^(\d{1,30})-([0-9a-f]{64})(\.hbn)?$")  # bundles/ files and trees/ dirs
+Pointer = dict[str, Any]  # {"version": int, "digest": str}, as in state.json
+
+
+def _stem(version: int, digest: str) -> str:
+    return f"{version:010d}-{digest}"
+
+
+def _short(digest: str) -> str:
+    return digest[:12] + "…"
+
+
+def _pointer(bundle: Bundle | None) -> Pointer | None:
+    return None if bundle is None else {"version": bundle.version, "digest": bundle.digest}
+
+
+class Store:
+    """The versions of one app's code on disk; the module docstring has the layout and guarantees.
+
+    Example::
+
+        store = Store.open(".habanero/store", trusted=load_trusted_keys("trusted_keys"), app_id="shop")
+        store.check_fresh(bundle); store.stage(bundle); ...; store.commit(bundle)
+    """
+
+    def __init__(self, path: Path, *, trusted: TrustedKeys, app_id: str, limits: Limits, keep: int,
+                 max_version_jump: int, lock: _fsutil.FileLock) -> None:
+        self.path, self.app_id, self.trusted, self.limits = path, app_id, trusted, limits
+        self.keep, self.max_version_jump = keep, max_version_jump
+        self.active: Bundle | None = None
+        self.highest = 0
+        self.startup_problems: list[str] = []
+        self._lock = lock
+        self._bundles, self._staged, self._trees, self._objects = (
+            path / "bundles", path / "staged", path / "trees", path / "objects")
+
+    # ------------------------------------------------------------------------------- opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, trusted: TrustedKeys, app_id: str,
+             limits: Limits = DEFAULT_LIMITS, keep: int = 20, max_version_jump: int = 1000,
+             lock_timeout: float = 60.0) -> Store:
+        """Open (or create) the store, repair what a crash left, and pick the bundle to serve.
+
+        Never raises for a damaged store: problems land in ``startup_problems`` and the error log.
+        Raises :class:`StoreError` when the directory cannot be used at all.
+        """
+        if keep < 0 or max_version_jump < 1:
+            raise ValueError("keep must be >= 0 and max_version_jump >= 1")
+        root = Path(path).absolute()
+        try:
+            for directory in (root, *(root / d for d in ("bundles", "staged", "trees", "objects"))):
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            lock = _fsutil.FileLock(root / "lock", timeout=lock_timeout)
+        except OSError as exc:
+            raise StoreError(f"cannot use {root} as the habanero store ({exc.strerror or exc}); point "
+                             "it at a directory this process can create and write", path=str(root)) from None
+        if root.stat().st_mode & 0o022:
+            logger.warning("store %s is writable by other users, who could change what code runs: "
+                           "chmod 700 it", root)
+        store = cls(root, trusted=trusted, app_id=app_id, limits=limits, keep=keep,
+                    max_version_jump=max_version_jump, lock=lock)
+        try:
+            with store._io("repair the store"):
+                store._recover()
+        except BaseException:
+            lock.close()
+            raise
+        return store
+
+    def _recover(self) -> None:
+        # Leftovers are leftovers only while no writer runs: clean up if the lock is free right
+        # now, else leave it to a later open (starting the app never waits for a deploy).
+        with self._lock.attempt() as idle:
+            if idle:
+                objects = [d for d in self._objects.iterdir() if d.is_dir()]
+                dirs = [self.path, self._bundles, self._staged, self._trees, self._objects, *objects]
+                for path in _fsutil.remove_orphans(dirs):
+                    logger.warning("removed %s, left by an interrupted write", path)
+                for name in os.listdir(self._staged):
+                    logger.info("removed staged bundle %s: its push never committed", name)
+                    (self._staged / name).unlink()
+            state, why = self._read_state()
+            if idle and why == "missing" and not self.stored() and not self.history():
+                # A new store gets its state file now, so a crash during the first commit leaves a
+                # pointer to "nothing" and an unreferenced bundle, never a store without a pointer.
+                self._write_state(None, 0)
+                state, why = self._read_state()
+            if idle and state is not None:
+                self._drop_above(state["highest"], keep=state["active"], reason="its commit did not finish")
+        if state is not None:
+            pointer = state["active"]
+            self.highest = max(state["highest"], pointer["version"] if pointer else 0)
+            if pointer is not None:
+                self.active, why = self._verify_file(pointer["version"], pointer["digest"])
+                if self.active is None:
+                    self._fall_back(f"active bundle v{pointer['version']} ({_short(pointer['digest'])}) "
+                                    f"cannot be served: {why}", below=pointer["version"])
+            return
+        # No usable pointer: rebuild the mark from what is on disk, never lower than it was.
+        commits = [e for e in self.history() if e.get("outcome") == "ok" and e.get("action") in ACTIONS
+                   and type(e.get("version")) is int]
+        self.highest = max([v for v, _ in self.stored()] + [e["version"] for e in commits], default=0)
+        if why == "missing" and self.highest == 0:
+            return  # a new store
+        # After a rollback the last commit is not the newest bundle: prefer what history says.
+        self._fall_back(f"state file {self.path / 'state.json'} is {why}", below=None,
+                        prefer=commits[-1].get("digest") if commits else None)
+
+    def _fall_back(self, problem: str, *, below: int | None, prefer: str | None = None) -> None:
+        self.active, skipped = self._newest_verifying(lambda v: below is None or v < below, prefer)
+        serving = ("no stored bundle verifies: serving the code on disk" if self.active is None else
+                   f"serving v{self.active.version} ({_short(self.active.digest)}) instead")
+        for message in (f"{problem}; {serving}", *skipped):
+            logger.error("habanero store %s: %s", self.path, message)
+            self.startup_problems.append(message)
+
+    # ---------------------------------------------------------------------------- reading
+
+    def _read_state(self) -> tuple[dict[str, Any] | None, str]:
+        """The state file, or None and what is wrong with it (``"missing"``, ``"empty"``, ...)."""
+        path = self.path / "state.json"
+        state, why = _fsutil.read_json(path)
+        if why or not _valid_state(state):
+            return None, why or "corrupt (not the shape of a state file)"
+        if state["format"] > STATE_FORMAT:
+            raise StoreError(f"{path} has format {state['format']}, written by a newer habanero; "
+                             "upgrade habanero here or use another store directory", code="store_format")
+        if state["app_id"] != self.app_id:
+            raise StoreError(f"{path} belongs to app {state['app_id']!r}, not {self.app_id!r}; give "
+                             "each app its own store directory", code="store_app_mismatch")
+        return state, ""
+
+    def _verify_file(self, version: int, digest: str) -> tuple[Bundle | None, str]:
+        path = self._bundles / f"{_stem(version, digest)}.hbn"
+        try:
+            if path.stat().st_size > self.limits.max_bundle_bytes:  # never read a planted huge file
+                return None, f"{path.name} is larger than any bundle may be"
+            bundle = open_bundle(path.read_bytes(), self.trusted, app_id=self.app_id, limits=self.limits)
+        except FileNotFoundError:
+            return None, f"{path.name} is missing"
+        except OSError as exc:
+            return None, f"cannot read {path.name} ({exc.strerror})"
+        except HabaneroError as exc:
+            return None, f"{exc.code}: {exc.message}"
+        if (bundle.version, bundle.digest) != (version, digest):
+            return None, (f"{path.name} holds v{bundle.version} ({_short(bundle.digest)}), not what its "
+                          "name says")
+        return bundle, ""
+
+    def _newest_verifying(self, which: Callable[[int], bool],
+                          prefer: str | None = None) -> tuple[Bundle | None, list[str]]:
+        """The newest stored bundle (``prefer`` first) whose version passes ``which`` and that
+        verifies, and why each one skipped did not."""
+        candidates = [(v, d) for v, d in reversed(self.stored()) if which(v)]
+        candidates.sort(key=lambda vd: vd[1] != prefer)  # stable: newest first otherwise
+        skipped = []
+        for version, digest in candidates:
+            bundle, why = self._verify_file(version, digest)
+            if bundle is not None:
+                return bundle, skipped
+            skipped.append(f"stored bundle v{version} ({_short(digest)}) does not verify: {why}")
+        return None, skipped
+
+    def stored(self) -> list[tuple[int, str]]:
+        """``(version, digest)`` of every stored bundle, ascending."""
+        found = (_NAME.match(name) for name in os.listdir(self._bundles) if name.endswith(".hbn"))
+        return sorted((int(m[1]), m[2]) for m in found if m)
+
+    def load(self, version: int) -> Bundle:
+        """The stored, verified bundle of ``version``; ``StoreError(code="unknown_version")`` if none."""
+        if self.active is not None and self.active.version == version:
+            return self.active
+        bundle, skipped = self._newest_verifying(lambda v: v == version)
+        if bundle is not None:
+            return bundle
+        known = ", ".join(str(v) for v, _ in self.stored()[-10:]) or "none"
+        detail = f" that verifies ({'; '.join(skipped)})" if skipped else ""
+        raise StoreError(f"version {version} is not in the store{detail}; stored versions: {known}",
+                         code="unknown_version", version=version)
+
+    def previous(self) -> Bundle | None:
+        """The rollback target: the newest stored bundle older than the active one that verifies."""
+        if self.active is None:
+            return None
+        active = self.active.version
+        bundle, skipped = self._newest_verifying(lambda v: v < active)
+        for why in skipped:
+            logger.warning("rollback candidate skipped: %s", why)
+        return bundle
+
+    def history(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """History entries, oldest first (only the last ``limit``); a torn line is skipped."""
+        entries = _fsutil.read_records(self.path / "history.jsonl")
+        return entries if limit is None else entries[-limit:] if limit > 0 else []
+
+    def check_fresh(self, bundle: Bundle) -> None:
+        """Refuse a replayed or old version, and an absurd jump forward (SECURITY.md fast-forward)."""
+        highest, version = self._current_highest(), bundle.version
+        if version <= highest:
+            raise StaleVersion(
+                f"version {version} is not newer than {highest}, the highest version this server has "
+                f"accepted (old bundles cannot be replayed); push version {highest + 1} or later; "
+                "habanero-pack picks it for you", code="stale_version", version=version, highest=highest)
+        if version > highest + self.max_version_jump:
+            raise StaleVersion(
+                f"version {version} jumps more than {self.max_version_jump} past {highest}, the highest "
+                f"accepted version, and would block every later push; push version {highest + 1}, or if "
+                f"the jump is intended, have an admin on the server run Store.reset_highest({version - 1})",
+                code="version_jump_too_large", version=version, highest=highest)
+
+    def _current_highest(self) -> int:
+        """The mark as on disk now (another process may have pushed), else the one in memory."""
+        state, _ = self._read_state()
+        if state is not None:
+            self.highest = state["highest"]
+        return self.highest
+
+    # ---------------------------------------------------------------------------- writing
+
+    def stage(self, bundle: Bundle) -> Path:
+        """Write the bundle durably, not active yet. An already stored bundle is not written again."""
+        self._check_app(bundle)
+        name = f"{_stem(bundle.version, bundle.digest)}.hbn"
+        with self._lock, self._io(f"stage v{bundle.version}"):
+            if (self._bundles / name).exists():
+                return self._bundles / name
+            self.check_fresh(bundle)
+            if not (self._staged / name).exists():
+                _fsutil.write_atomic(self._staged / name, bundle.raw, mode=0o444)
+            return self._staged / name
+
+    def commit(self, bundle: Bundle, *, action: str = "push") -> None:
+        """Make ``bundle`` active and raise ``highest``, in one atomic replace of the state file.
+
+        A push is re-checked for freshness under the lock (another process may have pushed since);
+        a rollback target must already be stored. Then a history entry, then retention.
+        """
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, not {action!r}")
+        self._check_app(bundle)
+        name = f"{_stem(bundle.version, bundle.digest)}.hbn"
+        final, staged = self._bundles / name, self._staged / name
+        with self._lock:
+            with self._io(f"commit v{bundle.version}"):
+                if action == "push":
+                    self.check_fresh(bundle)
+                elif not final.exists():
+                    raise StoreError(f"rollback target v{bundle.version} ({_short(bundle.digest)}) is not "
+                                     "in the store; roll back to a stored version", code="unknown_version")
+                if not final.exists():  # bundle before pointer
+                    if staged.exists():
+                        os.replace(staged, final)
+                    else:  # another process's open() cleared staged/ meanwhile
+                        _fsutil.write_atomic(final, bundle.raw, mode=0o444, sync_dir=False)
+                    _fsutil.fsync_dir(self._bundles)
+                highest = max(self._current_highest(), bundle.version)
+                self._write_state(_pointer(bundle), highest)  # the commit point
+            self.active, self.highest = bundle, highest
+            # Past the commit point nothing may raise: the caller would undo what disk says is live.
+            try:
+                self._append_history(action, bundle.version, bundle.digest, bundle.key_ids, "ok", None, "")
+                self.prune()
+            except (OSError, HabaneroError):
+                logger.exception("v%d is committed, but its history entry or retention failed",
+                                 bundle.version)
+
+    def record_failure(self, *, action: str, version: int | None, digest: str | None,
+                       key_ids: Sequence[str], code: str, reason: str) -> None:
+        """Append a failed push or rollback to the history; nothing else changes."""
+        with self._lock, self._io("record a failure in the history"):
+            self._append_history(action, version, digest, key_ids, "failed", code, reason)
+
+    def reset_highest(self, value: int) -> None:
+        """Set the highest accepted version: a local admin action, never reachable over HTTP.
+
+        Used after a mistaken jump forward. It cannot go below the active version; stored bundles
+        above the new mark are removed (they could never be pushed again).
+        """
+        if type(value) is not int or value < 0:
+            raise StoreError(f"highest must be a non-negative integer, not {value!r}", code="bad_highest")
+        with self._lock, self._io("reset the highest version"):
+            state, _ = self._read_state()
+            pointer = state["active"] if state is not None else _pointer(self.active)
+            if pointer and value < pointer["version"]:
+                raise StoreError(f"cannot set highest to {value}: active version {pointer['version']} is "
+                                 "above it; roll back first", code="bad_highest")
+            old = state["highest"] if state is not None else self.highest
+            self._write_state(pointer, value)
+            self.highest = value
+            self._drop_above(value, keep=pointer, reason=f"highest was reset to {value}")
+            self._append_history("reset_highest", value, None, (), "ok", None, f"highest {old} -> {value}")
+
+    def _write_state(self, pointer: Pointer | None, highest: int) -> None:
+        state = {"format": STATE_FORMAT, "app_id": self.app_id, "active": pointer, "highest": highest}
+        data = json.dumps(state, indent=2, sort_keys=True).encode("ascii") + b"\n"
+        _fsutil.write_atomic(self.path / "state.json", data)
+
+    def _append_history(self, action: str, version: int | None, digest: str | None,
+                        key_ids: Sequence[str], outcome: str, code: str | None, reason: str) -> None:
+        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        _fsutil.append_record(self.path / "history.jsonl", {
+            "time": now, "action": action, "version": version, "digest": digest,
+            "key_ids": list(key_ids), "outcome": outcome, "code": code, "reason": reason})
+
+    def _drop_above(self, highest: int, *, keep: Pointer | None, reason: str) -> None:
+        for version, digest in self.stored():
+            if version > highest and keep != {"version": version, "digest": digest}:
+                logger.warning("removed bundle v%d (%s): %s", version, _short(digest), reason)
+                self._remove_version(version, digest)
+
+    def _remove_version(self, version: int, digest: str) -> None:
+        tree = self._trees / _stem(version, digest)
+        if tree.exists():
+            _fsutil.remove_tree(tree)  # tree first: a bundle without a tree is rebuilt on demand
+        (self._bundles / f"{_stem(version, digest)}.hbn").unlink(missing_ok=True)
+
+    def _check_app(self, bundle: Bundle) -> None:
+        if bundle.app_id != self.app_id:
+            raise WrongApp(f"bundle is for app {bundle.app_id!r}; this store holds {self.app_id!r}",
+                           expected=self.app_id, got=bundle.app_id)
+
+    @contextlib.contextmanager
+    def _io(self, what: str) -> Iterator[None]:
+        """Turn an OSError (disk full, permissions) into a StoreError that says what to do."""
+        try:
+            yield
+        except OSError as exc:
+            raise StoreError(f"could not {what} in {self.path}: {exc.strerror or exc}; the active "
+                             "version did not change: fix the disk (space, permissions) and retry") from exc
+
+    # ---------------------------------------------------------------------------- retention
+
+    def prune(self) -> None:
+        """Keep the last ``keep`` bundles plus the active one and the one before it; drop the rest.
+
+        Also drops the trees of versions no longer stored, staged bundles that can no longer be
+        committed, and objects no tree links to any more.
+        """
+        with self._lock, self._io("prune old versions"):
+            stored = self.stored()
+            kept = set(stored[-self.keep:]) if self.keep else set()
+            state, _ = self._read_state()
+            for p in filter(None, (_pointer(self.active), state and state["active"])):
+                kept.add((p["version"], p["digest"]))  # ours, and the one on disk if another's
+                kept.update([s for s in stored if s[0] < p["version"]][-1:])
+            dropped = [s for s in stored if s not in kept]
+            for version, digest in dropped:
+                logger.info("retention: removing v%d (%s)", version, _short(digest))
+                self._remove_version(version, digest)
+            for name in os.listdir(self._trees):  # a failed push's tree, or a crash's
+                m = _NAME.match(name)
+                if m and (int(m[1]), m[2]) not in kept and int(m[1]) <= self.highest:
+                    _fsutil.remove_tree(self._trees / name)
+                    dropped.append((int(m[1]), m[2]))
+            for name in os.listdir(self._staged):  # stale: can never be committed as a push
+                if (m := _NAME.match(name)) and int(m[1]) <= self.highest:
+                    (self._staged / name).unlink(missing_ok=True)
+            if dropped:
+                _fsutil.sweep_objects(self._objects)
+
+    # ---------------------------------------------------------------------------- trees
+
+    def tree(self, bundle: Bundle) -> Path:
+        """A read-only source tree of ``bundle`` (``tree/<entry.path>``), built once, then reused.
+
+        Bodies live once in ``objects/`` and are hard-linked in, so a push that changes one file of
+        1,000 writes one object and makes 1,000 links. Built in a temp dir and renamed into place.
+        """
+        root = self._trees / _stem(bundle.version, bundle.digest)
+        if root.is_dir():
+            return root
+        with self._lock, self._io(f"build the source tree of v{bundle.version}"):
+            if not root.is_dir():  # another process may have built it while we waited
+                rows = [(e.path, e.sha256, e.size, functools.partial(bundle.read, e.name))
+                        for e in bundle.entries.values()]
+                _fsutil.build_tree(root, rows, self._objects)
+        return root
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where the finder keeps compiled code (``<store>/pycache``), created on demand."""
+        path = self.path / "pycache"
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+    def close(self) -> None:
+        """Release the lock file; this Store must not write afterwards."""
+        self._lock.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _positive(value: Any) -> bool:
+    return type(value) is int and value >= 1
+
+
+def _valid_state(state: Any) -> bool:
+    """The exact shape ``_write_state`` writes: a bit flip or a bad hand edit must not slip through."""
+    if not isinstance(state, dict) or set(state) != {"format", "app_id", "active", "highest"}:
+        return False
+    active = state["active"]
+    return (_positive(state["format"]) and isinstance(state["app_id"], str)
+            and (state["highest"] == 0 and type(state["highest"]) is int or _positive(state["highest"]))
+            and (active is None or (isinstance(active, dict) and set(active) == {"version", "digest"}
+                                    and _positive(active["version"]) and isinstance(active["digest"], str)
+                                    and re.fullmatch(r"[0-9a-f]{64}", active["digest"]) is not None)))

@@ -1,0 +1,596 @@
+"""The store: durable versions, the never-decreasing mark, fallbacks at start, retention, trees."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from overlay.bundle import Bundle, build_bundle, open_bundle
+from overlay.errors import BadEntryName, StaleVersion, StoreError, WrongApp
+from overlay.keys import SigningKey, TrustedKeys, generate_signing_key
+from overlay.store import Store
+
+APP = "shop"
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> SigningKey:
+    return generate_signing_key(tmp_path / "keys" / "dev")
+
+
+@pytest.fixture
+def other_key(tmp_path: Path) -> SigningKey:
+    return generate_signing_key(tmp_path / "keys" / "other")
+
+
+@pytest.fixture
+def trusted(key: SigningKey, other_key: SigningKey) -> TrustedKeys:
+    return TrustedKeys([key.public, other_key.public], source="test keys")
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def opener(store_dir: Path, trusted: TrustedKeys) -> Iterator[Callable[..., Store]]:
+    """Open the store under test (as many times as a test likes); close them all afterwards."""
+    opened: list[Store] = []
+
+    def open_store(**kwargs: object) -> Store:
+        kwargs.setdefault("trusted", trusted)
+        kwargs.setdefault("app_id", APP)
+        store = Store.open(store_dir, **kwargs)  # type: ignore[arg-type]
+        opened.append(store)
+        return store
+
+    yield open_store
+    for store in opened:
+        store.close()
+
+
+def make(key: SigningKey, version: int, files: dict[str, tuple[str, bytes]] | None = None,
+         app_id: str = APP) -> Bundle:
+    files = files or {
+        "shop": ("package", f"VERSION = {version}\n".encode()),
+        "shop.mod": ("module", b"def f():\n    return 1\n"),
+        "shop/templates/x.html": ("data", b"<p>hi</p>\n"),
+    }
+    data = build_bundle(files, app_id=app_id, version=version, signers=[key])
+    return open_bundle(data, TrustedKeys([key.public]), app_id=app_id)
+
+
+def push(store: Store, bundle: Bundle) -> None:
+    store.check_fresh(bundle)
+    store.stage(bundle)
+    store.commit(bundle)
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its content (None for directories): to prove nothing changed."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes())
+            for p in sorted(root.rglob("*"))}
+
+
+def bundle_file(store_dir: Path, bundle: Bundle) -> Path:
+    (path,) = (store_dir / "bundles").glob(f"*{bundle.version}-{bundle.digest}.hbn")
+    return path
+
+
+def flip_last_byte(path: Path) -> None:
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+# ------------------------------------------------------------------------------ round trip
+
+
+def test_committed_bundle_is_active_after_reopen_with_same_highest(opener, store_dir, key):
+    store = opener()
+    assert store.active is None and store.highest == 0 and store.startup_problems == []
+    bundle = make(key, 1)
+    staged = store.stage(bundle)
+    assert staged.read_bytes() == bundle.raw
+    assert store.active is None, "stage() must not activate"
+    store.commit(bundle)
+    store.close()
+
+    again = opener()
+    assert again.active is not None
+    assert (again.active.version, again.active.digest) == (1, bundle.digest)
+    assert again.highest == 1
+    assert again.startup_problems == []
+    assert again.stored() == [(1, bundle.digest)]
+    file = bundle_file(store_dir, bundle)
+    assert f"{bundle.version:010d}" in file.name and bundle.digest in file.name
+    state = json.loads((store_dir / "state.json").read_text())
+    assert state == {"format": 1, "app_id": APP, "active": {"version": 1, "digest": bundle.digest},
+                     "highest": 1}
+
+
+def test_store_directory_is_private_and_documented_parts_exist(opener, store_dir):
+    opener()
+    assert store_dir.stat().st_mode & 0o777 == 0o700
+    for part in ("bundles", "trees", "objects", "lock"):
+        assert (store_dir / part).exists()
+
+
+def test_open_refuses_a_path_that_cannot_be_a_directory(tmp_path, trusted):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError) as info:
+        Store.open(blocker / "store", trusted=trusted, app_id=APP)
+    assert info.value.code == "store_error"
+    assert str(blocker / "store") in info.value.message
+
+
+def test_store_of_another_app_is_refused_at_open(opener, key):
+    push(opener(), make(key, 1))
+    with pytest.raises(StoreError) as info:
+        opener(app_id="billing")
+    assert info.value.code == "store_app_mismatch"
+
+
+def test_bundle_of_another_app_is_refused_by_stage(opener, key):
+    with pytest.raises(WrongApp):
+        opener().stage(make(key, 1, app_id="billing"))
+
+
+# ------------------------------------------------------------------------------ freshness
+
+
+@pytest.mark.parametrize("version", [3, 2, 1])
+def test_replayed_or_older_version_is_refused_and_nothing_written(opener, store_dir, key, version):
+    store = opener()
+    push(store, make(key, 1))
+    push(store, make(key, 3))
+    before = snapshot(store_dir)
+    replay = make(key, version) if version != 3 else open_bundle(
+        bundle_file(store_dir, store.active).read_bytes(), store.trusted, app_id=APP)
+
+    for attempt in (store.check_fresh, store.commit):
+        with pytest.raises(StaleVersion) as info:
+            attempt(replay)
+        assert info.value.code == "stale_version"
+        assert f"version {version} is not newer than 3" in info.value.message
+        assert "push version 4 or later" in info.value.message
+    if version == 3:  # the very bundle already stored: stage() has nothing to write
+        assert store.stage(replay) == bundle_file(store_dir, replay)
+    else:
+        with pytest.raises(StaleVersion):
+            store.stage(replay)
+    assert snapshot(store_dir) == before
+    assert store.highest == 3
+
+
+def test_version_jump_past_the_cap_is_refused(opener, store_dir, key):
+    store = opener(max_version_jump=10)
+    push(store, make(key, 1))
+    before = snapshot(store_dir)
+    with pytest.raises(StaleVersion) as info:
+        store.check_fresh(make(key, 12))
+    assert info.value.code == "version_jump_too_large"
+    assert "reset_highest" in info.value.message
+    with pytest.raises(StaleVersion):
+        store.stage(make(key, 10**18))
+    assert snapshot(store_dir) == before
+    store.check_fresh(make(key, 11))  # exactly at the cap is fine
+
+
+def test_a_push_committed_by_another_store_object_makes_ours_stale(opener, key):
+    first, second = opener(), opener()
+    push(first, make(key, 1))
+    late = make(key, 1, files={"shop": ("package", b"other = True\n")})
+    with pytest.raises(StaleVersion):
+        second.check_fresh(late)
+    second.check_fresh(make(key, 2))
+    stage_then_lose = make(key, 2)
+    second.stage(stage_then_lose)
+    push(first, make(key, 2, files={"shop": ("package", b"first = True\n")}))
+    with pytest.raises(StaleVersion):  # re-checked under the lock at commit
+        second.commit(stage_then_lose)
+
+
+def test_reset_highest_is_recorded_and_reopens_with_the_new_mark(opener, key):
+    store = opener()
+    push(store, make(key, 1))
+    store.reset_highest(500)
+    store.check_fresh(make(key, 501))
+    store.reset_highest(1)
+    assert opener().highest == 1
+    entry = store.history()[-1]
+    assert entry["action"] == "reset_highest" and entry["version"] == 1 and entry["outcome"] == "ok"
+    assert "500 -> 1" in entry["reason"]
+
+
+def test_reset_highest_refuses_to_go_below_the_active_version(opener, key):
+    store = opener()
+    push(store, make(key, 1))
+    push(store, make(key, 2))
+    with pytest.raises(StoreError) as info:
+        store.reset_highest(1)
+    assert info.value.code == "bad_highest"
+    assert store.highest == 2
+
+
+def test_reset_highest_drops_bundles_above_the_new_mark(opener, key):
+    store = opener()
+    push(store, make(key, 1))
+    push(store, make(key, 900))
+    store.commit(store.load(1), action="rollback")
+    store.reset_highest(1)
+    assert [v for v, _ in store.stored()] == [1]
+    push(store, make(key, 2))
+    assert opener().active.version == 2
+
+
+def test_highest_never_decreases_on_rollback(opener, key):
+    store = opener()
+    for version in (1, 2, 3):
+        push(store, make(key, version))
+    store.commit(store.previous(), action="rollback")
+    assert (store.active.version, store.highest) == (2, 3)
+    reopened = opener()
+    assert (reopened.active.version, reopened.highest) == (2, 3)
+    with pytest.raises(StaleVersion):
+        reopened.check_fresh(make(key, 3))
+
+
+def test_rollback_target_must_already_be_stored(opener, key):
+    store = opener()
+    push(store, make(key, 2))
+    with pytest.raises(StoreError) as info:
+        store.commit(make(key, 1), action="rollback")
+    assert info.value.code == "unknown_version"
+
+
+def test_load_of_an_absent_version_says_which_are_stored(opener, key):
+    store = opener()
+    push(store, make(key, 1))
+    with pytest.raises(StoreError) as info:
+        store.load(7)
+    assert info.value.code == "unknown_version"
+    assert "stored versions: 1" in info.value.message
+
+
+# ------------------------------------------------------------------------------ history
+
+
+def test_history_records_push_rollback_and_failure_with_key_ids(opener, key, other_key):
+    store = opener()
+    v1, v2 = make(key, 1), make(other_key, 2)
+    push(store, v1)
+    push(store, v2)
+    store.commit(store.previous(), action="rollback")
+    store.record_failure(action="push", version=3, digest="ab" * 32, key_ids=[key.key_id],
+                         code="activation_failed", reason="ImportError in shop.mod")
+
+    entries = opener().history()
+    assert [(e["action"], e["version"], e["outcome"]) for e in entries] == [
+        ("push", 1, "ok"), ("push", 2, "ok"), ("rollback", 1, "ok"), ("push", 3, "failed")]
+    assert entries[1]["key_ids"] == [other_key.key_id] and entries[1]["digest"] == v2.digest
+    assert entries[2]["key_ids"] == [key.key_id] and entries[2]["digest"] == v1.digest
+    assert entries[3]["code"] == "activation_failed" and "ImportError" in entries[3]["reason"]
+    assert all(e["time"].endswith("Z") and "T" in e["time"] for e in entries)
+    assert store.history(limit=1) == entries[-1:]
+
+
+def test_record_failure_changes_nothing_but_the_history(opener, store_dir, key):
+    store = opener()
+    push(store, make(key, 1))
+    state = (store_dir / "state.json").read_bytes()
+    store.record_failure(action="push", version=2, digest=None, key_ids=[], code="syntax_error",
+                         reason="bad")
+    assert (store_dir / "state.json").read_bytes() == state and store.stored() == [(1, store.active.digest)]
+
+
+def test_torn_history_line_is_skipped_and_the_next_entry_survives(opener, store_dir, key):
+    store = opener()
+    push(store, make(key, 1))
+    with open(store_dir / "history.jsonl", "ab") as fh:
+        fh.write(b'{"time": "2024-01-01T00:00:00Z", "act')  # a crash mid-append
+    assert [e["version"] for e in store.history()] == [1]
+    push(store, make(key, 2))
+    assert [e["version"] for e in opener().history()] == [1, 2]
+
+
+# ------------------------------------------------------------------------------ recovery at start
+
+
+def test_corrupt_active_bundle_falls_back_to_the_previous_that_verifies(opener, store_dir, key, caplog):
+    store = opener()
+    bundles = [make(key, v) for v in (1, 2, 3)]
+    for bundle in bundles:
+        push(store, bundle)
+    store.close()
+    flip_last_byte(bundle_file(store_dir, bundles[2]))
+    flip_last_byte(bundle_file(store_dir, bundles[1]))
+
+    reopened = opener()
+    assert reopened.active is not None and reopened.active.digest == bundles[0].digest
+    assert reopened.highest == 3
+    assert "v3" in reopened.startup_problems[0] and "serving v1" in reopened.startup_problems[0]
+    assert any("v2" in p for p in reopened.startup_problems[1:])
+    assert any(r.levelname == "ERROR" and "v3" in r.getMessage() for r in caplog.records)
+    with pytest.raises(StaleVersion):  # the mark did not move back with the fallback
+        reopened.check_fresh(make(key, 3))
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "garbage", "torn", "duplicate keys", "wrong type"])
+def test_damaged_state_file_falls_back_to_the_newest_bundle_that_verifies(opener, store_dir, key, damage):
+    store = opener()
+    for version in (1, 2, 3):
+        push(store, make(key, version))
+    store.close()
+    state = store_dir / "state.json"
+    good = state.read_text()
+    state.write_text({
+        "missing": "", "empty": "", "garbage": "\x00\x01not json",
+        "torn": good[: len(good) // 2],
+        "duplicate keys": good.replace('"highest": 3', '"highest": 3, "highest": 0'),
+        "wrong type": good.replace('"highest": 3', '"highest": "3"'),
+    }[damage])
+    if damage == "missing":
+        state.unlink()
+
+    reopened = opener()
+    assert reopened.active is not None and reopened.active.version == 3
+    assert reopened.highest == 3
+    assert len(reopened.startup_problems) == 1 and "state file" in reopened.startup_problems[0]
+
+
+def test_missing_state_after_a_rollback_serves_the_rolled_back_to_version(opener, store_dir, key):
+    store = opener()
+    for version in (1, 2):
+        push(store, make(key, version))
+    store.commit(store.previous(), action="rollback")
+    store.close()
+    (store_dir / "state.json").unlink()
+    reopened = opener()
+    assert (reopened.active.version, reopened.highest) == (1, 2)
+
+
+def test_every_bundle_corrupt_serves_the_code_on_disk_and_still_starts(opener, store_dir, key):
+    store = opener()
+    for version in (1, 2):
+        push(store, make(key, version))
+    store.close()
+    for path in (store_dir / "bundles").iterdir():
+        flip_last_byte(path)
+    (store_dir / "state.json").write_text("{")
+
+    reopened = opener()
+    assert reopened.active is None
+    assert reopened.highest == 2
+    assert "serving the code on disk" in reopened.startup_problems[0]
+    push(reopened, make(key, 3))  # and a new push repairs the store
+    assert opener().startup_problems == []
+
+
+def test_bundles_signed_by_a_removed_key_are_no_longer_served(opener, key, other_key):
+    store = opener()
+    push(store, make(other_key, 1))
+    push(store, make(key, 2))
+    only_other = opener(trusted=TrustedKeys([other_key.public]))
+    assert only_other.active.version == 1
+    assert "unknown_key" in only_other.startup_problems[0]
+    nobody = opener(trusted=TrustedKeys([]))
+    assert nobody.active is None and nobody.highest == 2
+
+
+def test_fresh_store_opens_without_problems(opener):
+    store = opener()
+    assert (store.active, store.highest, store.startup_problems, store.stored()) == (None, 0, [], [])
+
+
+def test_leftovers_of_interrupted_writes_are_removed_at_open(opener, store_dir, key):
+    store = opener()
+    push(store, make(key, 1))
+    unfinished = make(key, 2)
+    store.stage(unfinished)
+    store.close()
+    (store_dir / ".tmp-abc123").write_bytes(b"half a state file")
+    (store_dir / "bundles" / ".tmp-def456").write_bytes(b"half a bundle")
+    (store_dir / "trees" / ".tmp-tree").mkdir()
+    (store_dir / "trees" / ".tmp-tree" / "x.py").write_text("")
+    promoted = make(key, 3)  # promoted to bundles/ by a commit killed before its pointer flip
+    (store_dir / "bundles" / f"{3:010d}-{promoted.digest}.hbn").write_bytes(promoted.raw)
+
+    reopened = opener()
+    assert reopened.startup_problems == []
+    assert reopened.active.version == 1 and reopened.stored() == [(1, reopened.active.digest)]
+    names = {p.name for p in store_dir.rglob("*")}
+    assert not any(name.startswith(".tmp-") for name in names)
+    assert list((store_dir / "staged").iterdir()) == []
+    push(reopened, make(key, 2))  # the interrupted version number is still free
+
+
+def test_commit_works_when_the_staged_file_vanished(opener, key):
+    first = opener()
+    bundle = make(key, 1)
+    first.stage(bundle)
+    opener()  # another process starting up clears staged/
+    first.commit(bundle)
+    assert opener().active.digest == bundle.digest
+
+
+# ------------------------------------------------------------------------------ retention
+
+
+def test_retention_keeps_the_last_n_and_always_the_active_and_the_one_before(opener, store_dir, key):
+    store = opener(keep=1)
+    bundles = {v: make(key, v, files={"shop": ("package", f"V = {v}\n".encode()),
+                                      "shop.same": ("module", b"SAME = 1\n")}) for v in range(1, 6)}
+    for version in (1, 2, 3, 4):
+        push(store, bundles[version])
+        store.tree(bundles[version])
+    assert [v for v, _ in store.stored()] == [3, 4]  # the last 1, plus the one before the active
+    assert sorted(p.name[:10] for p in (store_dir / "trees").iterdir()) == [f"{3:010d}", f"{4:010d}"]
+
+    store.commit(store.previous(), action="rollback")
+    assert [v for v, _ in store.stored()] == [3, 4]  # active 3 is not among the last 1, but kept
+    push(store, bundles[5])
+    assert [v for v, _ in store.stored()] == [4, 5]
+    assert [p.name[:10] for p in (store_dir / "trees").iterdir()] == [f"{4:010d}"]
+
+    objects = {p.name for p in (store_dir / "objects").rglob("*") if p.is_file()}
+    live = {e.sha256 for e in bundles[4].entries.values()}
+    assert live <= objects
+    gone = {e.sha256 for v in (1, 2, 3) for e in bundles[v].entries.values()} - live
+    assert gone and not gone & objects, "objects that only pruned trees linked must be swept"
+
+
+def test_default_retention_keeps_twenty(opener, key):
+    store = opener()
+    for version in range(1, 24):
+        push(store, make(key, version))
+    assert [v for v, _ in store.stored()] == list(range(4, 24))
+
+
+# ------------------------------------------------------------------------------ trees
+
+
+def test_tree_lays_out_every_entry_read_only(opener, key):
+    store = opener()
+    bundle = make(key, 1, files={
+        "shop": ("package", b"A = 1\n"),
+        "shop.mod": ("module", b"B = 2\n"),
+        "shop.sub": ("package", b""),
+        "shop.sub.deep": ("module", b"C = 3\n"),
+        "shop/templates/x.html": ("data", b"<p>x</p>\n"),
+    })
+    push(store, bundle)
+    root = store.tree(bundle)
+    expected = {"shop/__init__.py": b"A = 1\n", "shop/mod.py": b"B = 2\n", "shop/sub/__init__.py": b"",
+                "shop/sub/deep.py": b"C = 3\n", "shop/templates/x.html": b"<p>x</p>\n"}
+    files = {str(p.relative_to(root)): p for p in root.rglob("*") if p.is_file()}
+    assert {name: p.read_bytes() for name, p in files.items()} == expected
+    assert all(p.stat().st_mode & 0o777 == 0o444 for p in files.values())
+    assert all(d.stat().st_mode & 0o222 == 0 for d in [root, *root.rglob("*")] if d.is_dir())
+    assert store.tree(bundle) == root
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_tree_of_a_one_file_change_links_every_unchanged_file(opener, key):
+    store = opener()
+    files = {"shop": ("package", b"")} | {f"shop.m{i}": ("module", f"X = {i}\n".encode()) for i in range(50)}
+    v1 = make(key, 1, files=files)
+    v2 = make(key, 2, files=files | {"shop.m7": ("module", b"X = 'changed'\n")})
+    old, new = store.tree(v1), store.tree(v2)
+    assert (new / "shop/m8.py").stat().st_ino == (old / "shop/m8.py").stat().st_ino
+    assert (new / "shop/m7.py").stat().st_ino != (old / "shop/m7.py").stat().st_ino
+    assert (new / "shop/m7.py").read_bytes() == b"X = 'changed'\n"
+
+
+@pytest.mark.parametrize("evil", ["shop/../../escaped.py", "{tmp}/escaped.py", "../escaped.py", "."])
+def test_tree_refuses_an_entry_path_outside_the_tree(opener, store_dir, tmp_path, key, evil):
+    """bundle.py refuses such names; the store must not trust that alone (defence in depth)."""
+    evil = evil.format(tmp=tmp_path)
+    store = opener()
+    bundle = make(key, 1)
+    entry = dataclasses.replace(bundle.entries["shop.mod"], name=evil, kind="data")
+    forged = dataclasses.replace(bundle, entries={**bundle.entries, evil: entry})
+    with pytest.raises(BadEntryName):
+        store.tree(forged)
+    assert not list(tmp_path.rglob("escaped.py"))
+    assert list((store_dir / "trees").iterdir()) == []
+
+
+def test_cache_dir_is_created_inside_the_store(opener, store_dir):
+    assert opener().cache_dir == store_dir / "pycache" and (store_dir / "pycache").is_dir()
+
+
+# ------------------------------------------------------------------------------ two writers
+
+
+@pytest.fixture
+def held_lock(store_dir: Path) -> Iterator[Callable[[float], threading.Thread]]:
+    """Hold <store>/lock from another open file description (as another process would)."""
+    threads: list[threading.Thread] = []
+
+    def hold(seconds: float) -> threading.Thread:
+        locked = threading.Event()
+
+        def run() -> None:
+            fd = os.open(store_dir / "lock", os.O_RDWR)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            locked.set()
+            time.sleep(seconds)
+            os.close(fd)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        threads.append(thread)
+        assert locked.wait(5)
+        return thread
+
+    yield hold
+    for thread in threads:
+        thread.join()
+
+
+def test_a_second_writer_waits_for_the_lock(opener, key, held_lock):
+    store = opener()
+    push(store, make(key, 1))
+    held_lock(0.4)
+    started = time.monotonic()
+    push(store, make(key, 2))
+    assert time.monotonic() - started >= 0.3
+    assert opener().active.version == 2
+
+
+def test_a_writer_gives_up_with_store_locked_after_its_timeout(opener, key, held_lock):
+    store = opener(lock_timeout=0.1)
+    held_lock(0.5)
+    with pytest.raises(StoreError) as info:
+        store.record_failure(action="push", version=1, digest=None, key_ids=[], code="x", reason="y")
+    assert info.value.code == "store_locked" and "lock" in info.value.message
+
+
+def test_readers_and_open_never_wait_for_a_writer(opener, key, held_lock):
+    store = opener()
+    push(store, make(key, 1))
+    store.tree(store.active)
+    held_lock(1.0)
+    started = time.monotonic()
+    other = opener()
+    assert other.active.version == 1
+    assert other.history() and other.stored() and other.load(1) and other.tree(other.active)
+    assert time.monotonic() - started < 0.5
+
+
+def test_two_store_objects_racing_for_each_version_accept_exactly_one(opener, key):
+    stores = [opener(), opener()]
+    winners: dict[int, list[int]] = {}
+    barrier = threading.Barrier(2, timeout=10)
+
+    def run(i: int) -> None:
+        for version in range(1, 7):
+            bundle = make(key, version, files={"shop": ("package", f"WRITER = {i}\n".encode())})
+            barrier.wait()
+            try:
+                push(stores[i], bundle)
+                winners.setdefault(version, []).append(i)
+            except StaleVersion:
+                pass
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {v: len(w) for v, w in winners.items()} == {v: 1 for v in range(1, 7)}
+    final = opener()
+    assert final.highest == 6 and final.startup_problems == []
+    assert [e["version"] for e in final.history()] == [1, 2, 3, 4, 5, 6]

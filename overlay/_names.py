@@ -9,6 +9,7 @@ the same to a reviewer.
 from __future__ import annotations
 
 import keyword
+import re
 
 from .errors import BadEntryName
 
@@ -78,15 +79,20 @@ def module_path(name: str, kind: str) -> str:
     return f"{base}/__init__.py" if kind == "package" else f"{base}.py"
 
 
+# Fast path: printable ASCII without backslash. Anything else goes through the precise checks below.
+_PLAIN = re.compile(r"[\x20-\x5b\x5d-\x7e]+")
+
+
 def _check_common(name: str) -> None:
     if not isinstance(name, str) or not name:
         raise BadEntryName("an entry has an empty or non-string name", name=str(name))
     if len(name) > MAX_NAME_LENGTH:
         raise BadEntryName(f"entry name is longer than {MAX_NAME_LENGTH} characters", name=name[:80])
+    if _PLAIN.fullmatch(name):
+        return
     if not name.isascii():
         raise BadEntryName(f"entry {name!r} has non-ASCII characters; names must be plain ASCII "
                            "(look-alike letters are refused)", name=name)
-    if "\x00" in name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise BadEntryName(f"entry {name!r} contains a NUL or control character", name=name)
     if "\\" in name:
         raise BadEntryName(f"entry {name!r} contains a backslash; use '/' in data paths", name=name)
+    raise BadEntryName(f"entry {name!r} contains a NUL or control character", name=name)

@@ -1,0 +1,108 @@
+"""Where ``install()``'s settings come from: the argument, then ``HABANERO_*``, then a default.
+
+One order for every setting, documented once:
+
+=================  ========================  ============================================
+keyword            environment               default
+=================  ========================  ============================================
+``packages``       ``HABANERO_PACKAGES``     required (comma-separated in the environment)
+``trusted_keys``   ``HABANERO_TRUSTED_KEYS`` required (path to an authorized_keys-style file)
+``store``          ``HABANERO_STORE``        ``.habanero`` (relative to the working directory)
+``listen``         ``HABANERO_LISTEN``       none (``host:port``; the control plane's address)
+``app_id``         ``HABANERO_APP_ID``       the first declared package
+``code_cache``     ``HABANERO_CODE_CACHE``   on (compiled code kept in the store)
+``tls_cert``       ``HABANERO_TLS_CERT``     none (with ``tls_key``: the standalone server speaks TLS)
+``tls_key``        ``HABANERO_TLS_KEY``      none
+``public_status``  ``HABANERO_PUBLIC_STATUS`` off (``GET status`` needs a signed request)
+(none)             ``HABANERO_DISABLE``      off; ``1`` makes ``install()`` a no-op
+=================  ========================  ============================================
+
+Flags read ``1/true/yes/on`` as on and ``0/false/no/off`` or empty as off. An empty environment
+variable counts as unset.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import ConfigError
+from .keys import TrustedKeys, load_trusted_keys
+
+DEFAULT_STORE = ".habanero"
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.\-]*)):(?P<port>\d{1,5})$")
+
+
+def env(name: str) -> str | None:
+    """The variable's value, stripped; None when unset or empty."""
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def _missing(keyword: str, variable: str, what: str) -> ConfigError:
+    return ConfigError(f"install() needs {what}: pass {keyword}=... or set {variable}", code="bad_config")
+
+
+def disabled() -> bool:
+    """``HABANERO_DISABLE``: anything but an explicit off value disables, so a typo still rescues."""
+    return (os.environ.get("HABANERO_DISABLE", "").strip().lower()) not in _FALSE
+
+
+def resolve_packages(packages: str | Iterable[str] | None) -> list[str]:
+    if packages is None:
+        packages = env("HABANERO_PACKAGES")
+        if packages is None:
+            raise _missing("packages", "HABANERO_PACKAGES", "the top-level packages to serve")
+    if isinstance(packages, str):
+        return [p.strip() for p in packages.split(",") if p.strip()]
+    return list(packages)
+
+
+def resolve_trusted_keys(trusted_keys: object) -> TrustedKeys:
+    if trusted_keys is None:
+        trusted_keys = env("HABANERO_TRUSTED_KEYS")
+        if trusted_keys is None:
+            raise _missing("trusted_keys", "HABANERO_TRUSTED_KEYS",
+                           "the keys allowed to deploy (an authorized_keys-style file)")
+    return load_trusted_keys(trusted_keys)  # type: ignore[arg-type]
+
+
+def resolve_store(store: str | os.PathLike[str] | None) -> Path:
+    """Absolute, so ``__file__`` and tracebacks stay right after the app changes directory."""
+    return Path(os.path.abspath(os.fspath(store or env("HABANERO_STORE") or DEFAULT_STORE)))
+
+
+def resolve_app_id(app_id: str | None, packages: list[str] | tuple[str, ...]) -> str:
+    value = app_id or env("HABANERO_APP_ID") or packages[0]
+    if not isinstance(value, str) or not value.isascii() or not 0 < len(value) <= 128:
+        raise ConfigError(f"app_id {value!r} must be 1-128 ASCII characters", code="bad_config")
+    return value
+
+
+def resolve_listen(listen: str | None) -> str | None:
+    """``host:port`` (``[::1]:8765`` for IPv6); validated now, served by the control plane."""
+    value = listen if listen is not None else env("HABANERO_LISTEN")
+    if value is None:
+        return None
+    match = _LISTEN.match(value.strip()) if isinstance(value, str) else None
+    if match is None or not 0 <= int(match["port"]) <= 65535:
+        raise ConfigError(f"listen={value!r} is not host:port (e.g. '127.0.0.1:8765' or '[::1]:8765'); "
+                          "set it with listen= or HABANERO_LISTEN", code="bad_config")
+    return value.strip()
+
+
+def resolve_flag(value: bool | None, variable: str, default: bool) -> bool:
+    if value is not None:
+        return bool(value)
+    raw = env(variable)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ConfigError(f"{variable}={raw!r}: expected 1/0, true/false, yes/no or on/off", code="bad_config")

@@ -1,0 +1,288 @@
+"""The ``sys.meta_path`` finder that serves the app's declared packages from the active bundle.
+
+It follows the import protocol the way CPython's ``zipimport`` does: ``find_spec`` answers with
+``importlib.util.spec_from_loader(...)`` or ``None``, and the loader implements ``exec_module``,
+``get_code``, ``get_source``, ``is_package``, ``get_filename``, ``get_data`` and a resource reader.
+``__file__``, ``__path__``, ``__package__``, ``__spec__`` and ``__loader__`` all come from the spec,
+set by the import machinery; nothing here builds module attributes by hand.
+
+``find_spec`` is one dict lookup on an immutable :class:`BundleIndex`: no disk or network I/O, no
+lock, and never an exception for a name that is not ours. Switching versions is one attribute
+assignment (:meth:`OverlayFinder.set_index`), so an import sees either the old index or the new one.
+
+Each index points at the store's immutable per-version tree, so ``__file__`` is a real file whose
+content is that version's entry, data files sit beside it, and code compiled as that file keeps
+showing that version's lines in tracebacks even after a newer version is active. Code is compiled
+from the bundle in memory, never from the tree.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import keyword
+import logging
+import os
+import sys
+import types
+from collections.abc import Iterable
+from importlib.machinery import ModuleSpec
+from importlib.resources.abc import Traversable, TraversableResources
+from pathlib import Path
+from typing import NamedTuple
+
+from ._codecache import CodeCache
+from .bundle import Bundle, Entry
+from .errors import ConfigError, HabaneroError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BundleIndex", "BundleLoader", "OverlayFinder", "OverlayImportError", "check_packages"]
+
+# Names the overlay never serves, whatever the configuration says: habanero itself, and the modules
+# site.py runs at start-up (they are not in sys.stdlib_module_names but a bundle must not ship them).
+_RESERVED = frozenset({"overlay", "packer", "habanero", "__main__", "sitecustomize", "usercustomize"})
+
+
+_UNCACHED = CodeCache(None)  # for an index not (yet) attached to a finder: memory only
+
+
+class OverlayImportError(HabaneroError, ImportError):
+    """Raised during an import; also an ``ImportError`` (with ``name=``) so ``except ImportError`` works."""
+
+    default_code = "import_failed"
+
+    def __init__(self, message: str, *, name: str, path: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, code=code, module=name)
+        self.name = name
+        self.path = path
+
+
+def check_packages(packages: Iterable[object]) -> tuple[str, ...]:
+    """Validate the declared top-level packages; refuse anything that would shadow Python or habanero."""
+    names: list[str] = []
+    for name in packages:
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"packages: {name!r} is not a package name", code="bad_config")
+        name = name.strip()
+        if "." in name:
+            raise ConfigError(f"packages: {name!r} is a dotted name; declare the top-level package "
+                              f"{name.partition('.')[0]!r} instead", code="bad_config")
+        if not name.isascii() or not name.isidentifier() or keyword.iskeyword(name):
+            hint = f" (did you mean {name.replace('-', '_')!r}?)" if "-" in name else ""
+            raise ConfigError(f"packages: {name!r} is not an importable package name{hint}; use the "
+                              "name you write after `import`, not the distribution name", code="bad_config")
+        if name in sys.stdlib_module_names or name in sys.builtin_module_names:
+            raise ConfigError(f"packages: {name!r} is part of the standard library; the overlay never "
+                              "shadows it (rename your package)", code="bad_config")
+        if name in _RESERVED:
+            raise ConfigError(f"packages: {name!r} is reserved (habanero's own code or a module site.py "
+                              "runs); the overlay never serves it", code="bad_config")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ConfigError("packages: declare at least one top-level package to serve", code="bad_config")
+    return tuple(names)
+
+
+def _top(entry: Entry) -> str:
+    """The top-level package an entry belongs to (``a`` for ``a.b`` and for ``a/data/x.txt``)."""
+    return entry.name.partition("/" if entry.kind == "data" else ".")[0]
+
+
+class _Module(NamedTuple):
+    entry: Entry
+    filename: str          # the file in this version's tree: __file__ and co_filename
+    search: str | None     # the package's directory (its __path__), None for a plain module
+
+
+class BundleIndex:
+    """One bundle version as the import system sees it: module name -> entry, file and ``__path__``.
+
+    Entries outside ``packages`` are left out (and logged), so the index only answers for names
+    the app declared. Without ``packages`` it serves the bundle's own top-level packages minus the
+    standard library and habanero's; ``OverlayFinder.set_index`` then refuses it unless the finder
+    declared them all. Immutable once built, except that an index built without a code cache adopts
+    the finder's when it goes live. Prefer ``OverlayFinder.index_for``, which passes both.
+    """
+
+    def __init__(self, bundle: Bundle, tree_root: str | os.PathLike[str], *,
+                 packages: Iterable[str] | None = None, code_cache: CodeCache | None = None) -> None:
+        self.bundle = bundle
+        self.root = os.path.abspath(os.fspath(tree_root))
+        tops = {_top(e) for e in bundle.entries.values()}
+        # Without a declared list, serve the bundle's own top-level packages, but never Python's or
+        # habanero's: a finder only accepts an index whose packages it declared (set_index checks).
+        self.packages = frozenset(packages if packages is not None else
+                                  (t for t in tops if t not in _RESERVED and t not in sys.stdlib_module_names))
+        self.code_cache = code_cache  # None: the finder's cache is adopted when the index goes live
+        modules: dict[str, _Module] = {}
+        for name, entry in bundle.entries.items():
+            if entry.kind != "data" and _top(entry) in self.packages:
+                filename = os.path.join(self.root, *entry.path.split("/"))
+                search = os.path.dirname(filename) if entry.kind == "package" else None
+                modules[name] = _Module(entry, filename, search)
+        self.modules: dict[str, _Module] = modules
+        self.ignored = frozenset(tops - self.packages)
+        self.loader = BundleLoader(self)
+        self._by_path: dict[str, Entry] | None = None
+        if self.ignored:
+            logger.warning("bundle v%s carries %s, outside the served packages %s; they are not served",
+                           bundle.version, ", ".join(sorted(self.ignored)), ", ".join(sorted(self.packages)))
+
+    @property
+    def version(self) -> int:
+        return self.bundle.version
+
+    def module_names(self) -> list[str]:
+        """Every module and package this index serves, sorted."""
+        return sorted(self.modules)
+
+    def spec(self, name: str) -> ModuleSpec:
+        """The spec ``find_spec`` gives for ``name`` (raises ``OverlayImportError`` if not served)."""
+        return self._spec(name, self._module(name))
+
+    def _spec(self, name: str, mod: _Module) -> ModuleSpec:
+        spec = importlib.util.spec_from_loader(name, self.loader, origin=mod.filename,
+                                               is_package=mod.search is not None)
+        assert spec is not None
+        spec.has_location = True  # the machinery then sets __file__ (and __cached__) from the spec
+        cached = self.code_cache.path_for(mod.entry.sha256) if self.code_cache is not None else None
+        if cached is not None:
+            spec.cached = cached
+        if mod.search is not None:
+            spec.submodule_search_locations = [mod.search]
+        return spec
+
+    def filename(self, name: str) -> str:
+        """The tree file a module compiles as (for the upgrade planner's ``filename_of``)."""
+        return self._module(name).filename
+
+    def entry_at(self, path: str) -> Entry | None:
+        """The entry whose tree file is ``path`` (absolute), or None."""
+        if self._by_path is None:  # built on first use: most processes never call get_data
+            self._by_path = {os.path.join(self.root, *e.path.split("/")): e
+                             for e in self.bundle.entries.values()
+                             if _top(e) in self.packages}
+        return self._by_path.get(os.path.abspath(path))
+
+    def _module(self, name: str) -> _Module:
+        mod = self.modules.get(name)
+        if mod is None:
+            raise OverlayImportError(f"{name!r} is not in bundle v{self.version} of {self.bundle.app_id!r}",
+                                     name=name, code="not_in_bundle")
+        return mod
+
+    def __repr__(self) -> str:
+        return f"<BundleIndex {self.bundle.app_id} v{self.version}: {len(self.modules)} modules at {self.root}>"
+
+
+class BundleLoader:
+    """Loads modules of one bundle version; a module's ``__loader__`` names the version it came from."""
+
+    def __init__(self, index: BundleIndex) -> None:
+        self.index = index
+
+    def create_module(self, spec: ModuleSpec) -> None:
+        return None  # the default module object is right
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        spec = module.__spec__
+        name = spec.name if spec is not None else module.__name__
+        exec(self.get_code(name), module.__dict__)
+
+    def get_code(self, fullname: str) -> types.CodeType:
+        mod = self.index._module(fullname)
+        bundle, entry = self.index.bundle, mod.entry
+        cache = self.index.code_cache or _UNCACHED
+        return cache.get(entry.sha256, mod.filename, lambda: bundle.read(entry.name))
+
+    def get_source(self, fullname: str) -> str:
+        mod = self.index._module(fullname)
+        return importlib.util.decode_source(self.index.bundle.read(mod.entry.name))
+
+    def is_package(self, fullname: str) -> bool:
+        return self.index._module(fullname).search is not None
+
+    def get_filename(self, fullname: str) -> str:
+        return self.index._module(fullname).filename
+
+    def get_data(self, path: str | os.PathLike[str]) -> bytes:
+        """Bytes of a file of this version (``pkgutil.get_data``), from the verified bundle in memory."""
+        entry = self.index.entry_at(os.fspath(path))
+        if entry is None:
+            raise FileNotFoundError(f"{os.fspath(path)} is not a file of bundle v{self.index.version}")
+        return self.index.bundle.read(entry.name)
+
+    def get_resource_reader(self, fullname: str) -> TraversableResources | None:
+        mod = self.index.modules.get(fullname)
+        if mod is None or mod.search is None:
+            return None
+        return _TreeReader(Path(mod.search))
+
+    def __repr__(self) -> str:
+        return f"<BundleLoader {self.index.bundle.app_id} v{self.index.version}>"
+
+
+class _TreeReader(TraversableResources):
+    """Resources of a package: its directory in the version's immutable tree (real files)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def files(self) -> Traversable:
+        return self._directory
+
+
+class OverlayFinder:
+    """First on ``sys.meta_path``; answers for declared packages' modules in the active index.
+
+    Everything else (the standard library, third-party packages, names the bundle lacks, and all
+    imports while no bundle is active) returns ``None`` and falls through to the usual finders.
+    """
+
+    def __init__(self, packages: Iterable[str], *, code_cache: CodeCache | None = None) -> None:
+        self.packages = check_packages(packages)
+        self.code_cache = code_cache if code_cache is not None else CodeCache(None)
+        self._index: BundleIndex | None = None
+
+    @property
+    def index(self) -> BundleIndex | None:
+        return self._index
+
+    def index_for(self, bundle: Bundle, tree_root: str | os.PathLike[str]) -> BundleIndex:
+        """An index over ``bundle`` laid out at ``tree_root``, sharing this finder's code cache."""
+        return BundleIndex(bundle, tree_root, packages=self.packages, code_cache=self.code_cache)
+
+    def set_index(self, index: BundleIndex | None) -> BundleIndex | None:
+        """Make ``index`` the active one (None: serve the code on disk); return the previous one.
+
+        One assignment, so concurrent imports see the old index or the new one, never a mix. The
+        upgrade transaction records ``set_index(previous)`` as the undo.
+        """
+        if index is not None:
+            extra = index.packages - set(self.packages)
+            if extra:
+                raise ConfigError(f"bundle v{index.version} would serve {', '.join(sorted(extra))}, outside "
+                                  f"the declared packages {', '.join(self.packages)}; build it with "
+                                  "finder.index_for() or declare the package in install()", code="bad_config")
+            if index.code_cache is None:
+                index.code_cache = self.code_cache
+        previous, self._index = self._index, index
+        return previous
+
+    def find_spec(self, fullname: str, path: object = None, target: types.ModuleType | None = None,
+                  ) -> ModuleSpec | None:
+        index = self._index  # read once: a concurrent set_index cannot tear this lookup
+        if index is None:
+            return None
+        mod = index.modules.get(fullname)
+        if mod is None:
+            return None
+        return index._spec(fullname, mod)
+
+    def invalidate_caches(self) -> None:
+        """Nothing to drop: the index is immutable and replaced whole by ``set_index``."""
+
+    def __repr__(self) -> str:
+        version = self._index.version if self._index is not None else None
+        return f"<OverlayFinder packages={list(self.packages)} version={version}>"

@@ -1,0 +1,266 @@
+"""Apply a new version of a module's source to the live module, keeping its state.
+
+``update_module`` is the in-process half of a push: the transaction layer verifies, plans
+and orders modules, then calls it once per changed module with one ``Journal`` for the
+whole push, and undoes that journal if anything raises.
+
+What it does to one module:
+
+* Top-level statements whose source did not change do not run again, so caches, pools,
+  registries and counters survive. Changed and new statements run, one by one and in source
+  order, in the module's existing namespace, each compiled on its own with the real file
+  name and line numbers. Names whose definitions were deleted are removed.
+* A ``def`` or ``class`` that ran again is paired with the old object of the same module,
+  qualified name and kind, which is patched in place and stays in the namespace (see
+  ``_conform`` and ``_classes``). If only the body of a decorated function changed, its
+  decorators do not run again: the undecorated function is compiled and patched into the
+  function the old decorators wrapped, so a registration made by a decorator is not repeated.
+* Unchanged definitions that moved get their code objects' line numbers fixed, without
+  running, so tracebacks point at the right lines of the new file.
+* Closures made at run time from changed nested code are found in one heap pass per push
+  (``one_heap_pass``), or one per call when there is no batch.
+* ``__habanero_migrate__(old_namespace)``, if the module defines it, runs last.
+
+What other threads can observe: each statement's effect lands as it runs, a function's code
+swap is a single atomic store, and a class is patched attribute by attribute. A thread
+calling into the module during ``update_module`` may run a mix of old and new functions; it
+never sees a module-level name vanish and reappear. The caller holds the import lock so no
+thread imports a half-applied module; draining requests around the apply is the caller's job.
+
+Known limits: side effects of re-run statements on other objects (appending to another
+module's list) are not undone by the journal; only this module's namespace and the objects
+patched here are. A class statement's decorators run again when the class changed.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import contextvars
+import linecache
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from . import _codes
+from ._codes import HeapPass, children, is_function_code, makes_functions, moved, pair_nested
+from ._conform import Context, find_inner, owned_functions
+from ._journal import MISSING, Journal
+from ._reexec import Runner
+from ._statements import Diff, Parsed, Stmt, describe, normalize, plan
+
+__all__ = ["ModuleReport", "update_module", "one_heap_pass", "HeapPass"]
+
+# Never removed from a module even if no statement binds them: the import system set them.
+_MODULE_SPECIALS = frozenset({"__name__", "__file__", "__spec__", "__loader__", "__package__",
+                              "__path__", "__builtins__", "__cached__", "__doc__",
+                              "__annotations__"})
+
+_ACTIVE_PASS: contextvars.ContextVar[HeapPass | None] = contextvars.ContextVar(
+    "habanero_heap_pass", default=None)
+
+
+@dataclass
+class ModuleReport:
+    """What a push did to one module. Nothing that was not applied is left out."""
+
+    module: str
+    reran: list[str] = field(default_factory=list)  # "def handler (line 12)"
+    patched: list[str] = field(default_factory=list)  # qualified names patched in place
+    replaced: list[tuple[str, str]] = field(default_factory=list)  # (qualname, reason)
+    removed: list[str] = field(default_factory=list)  # names whose definition was deleted
+    notes: list[str] = field(default_factory=list)  # everything else, with its reason
+
+
+@contextlib.contextmanager
+def one_heap_pass(journal: Journal, *, budget_s: float = _codes.DEFAULT_BUDGET_S,
+                  stop_at_budget: bool = False) -> Iterator[HeapPass]:
+    """Batch the search for run-time closures of every ``update_module`` call inside.
+
+    The transaction layer wraps the apply step of a push in this block; the heap is then
+    walked once, when the block exits without an exception, and what it found is added to
+    the reports of the modules concerned::
+
+        with one_heap_pass(journal):
+            reports = [update_module(m, src, ..., journal=journal) for m, src in todo]
+
+    The pass is complete and reports going over ``budget_s``; ``stop_at_budget=True`` stops
+    it at the budget instead (see ``HeapPass``).
+    """
+    batch = HeapPass(journal, budget_s, stop_at_budget)
+    token = _ACTIVE_PASS.set(batch)
+    try:
+        yield batch
+    finally:
+        _ACTIVE_PASS.reset(token)
+    batch.run()
+
+
+def update_module(module: types.ModuleType, new_source: str | bytes, *, filename: str,
+                  old_source: str | bytes | None, journal: Journal, version: int | None = None,
+                  code: types.CodeType | None = None, migrate: bool = True) -> ModuleReport:
+    """Bring the live ``module`` to ``new_source``, recording every mutation in ``journal``.
+
+    ``old_source`` is the source the module currently runs. When it is None (unknown), every
+    top-level statement runs again, one by one, and every definition is paired with the old
+    object of the same qualified name; nothing can be known to be deleted, so nothing is
+    removed, and module-level state is reset by its statements running again.
+    ``code`` (the whole module compiled by the caller) is accepted but not needed: only the
+    statements that changed are compiled, each on its own.
+
+    Exceptions from the module's own code (a re-run statement, the migration hook) propagate
+    unchanged; the caller undoes the journal. A ``SyntaxError`` is raised before anything is
+    changed.
+
+    Example::
+
+        journal = Journal()
+        report = update_module(sys.modules["app.views"], new_text, filename=path,
+                               old_source=old_text, journal=journal, version=7)
+        report.patched      # ['handler', 'Greeter.hello']
+    """
+    del code  # see the docstring: statements are compiled one by one
+    namespace = module.__dict__
+    report = ModuleReport(module.__name__)
+    new_text = normalize(new_source)
+    old_text = normalize(old_source) if old_source is not None else None
+    diff = plan(module.__name__, old_text, new_text, filename)
+    ctx = Context(journal, namespace, report, version)
+
+    previous = journal.snapshot(namespace)
+    journal.setitem(linecache.cache, filename,
+                    (len(new_text), None, new_text.splitlines(True), filename))
+    if diff.rerun_all:
+        report.notes.append(f"every top-level statement ran again: {diff.reason}")
+    _remove_deleted(diff, ctx)
+    _fix_moved(diff, ctx, filename, _file_moved(diff, ctx, filename), diff.table.future)
+    runner = Runner(ctx, filename, diff.table.future,
+                    diff.table.stmts[0] if diff.table.stmts else None, old_text, new_text)
+    for new, old in diff.changed:
+        runner.run(new, old, diff.rerun_all)
+    _queue_heap_pass(ctx)
+    hook = namespace.get("__habanero_migrate__")
+    if migrate and callable(hook):
+        hook(dict(previous))  # a copy: the hook must not edit what undo restores
+        report.notes.append("ran __habanero_migrate__ with the previous namespace")
+    return report
+
+
+def _queue_heap_pass(ctx: Context) -> None:
+    batch = _ACTIVE_PASS.get()
+    own = batch is None or batch.journal is not ctx.journal
+    if own:
+        batch = HeapPass(ctx.journal)
+    batch.add(ctx.required, ctx.report, required=True)
+    batch.add(ctx.optional, ctx.report, required=False)
+    if own:
+        batch.run()
+
+
+def _remove_deleted(diff: Diff, ctx: Context) -> None:
+    """Remove names only deleted statements bound; before new code runs, as a fresh import."""
+    candidates: set[str] = set()
+    namespace = ctx.namespace
+    for gone in diff.gone:
+        candidates |= gone.stmt.binds
+        node = gone.node
+        if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str) and namespace.get("__doc__") == node.value.value):
+            ctx.journal.setitem(namespace, "__doc__", None)  # the docstring was deleted or edited
+        if gone.stmt.star:
+            ctx.report.notes.append(
+                f"{describe(gone.node)} was deleted; the names it bound were kept, since "
+                "which ones they are cannot be known from the source")
+    candidates -= _MODULE_SPECIALS
+    if not candidates:
+        return
+    for stmt in diff.table.stmts:
+        candidates -= stmt.binds
+    for name in sorted(candidates):
+        if name in namespace:
+            ctx.journal.delitem(namespace, name)
+            ctx.report.removed.append(name)
+
+
+def _file_moved(diff: Diff, ctx: Context, filename: str) -> bool:
+    """Whether the live code objects carry another file name than the new version's.
+
+    Known from the previous push when there was one; otherwise (a module first imported from
+    disk) one of its functions says. Not ``__file__``: the caller may have updated it already.
+    """
+    if diff.old_filename is not None:
+        return diff.old_filename != filename
+    for old, _ in diff.same:
+        if old.kind == "def":
+            found = find_inner(ctx.namespace.get(old.name), old.name, ctx.namespace)
+            if found is not None:
+                return found[0].__code__.co_filename != filename
+    return False
+
+
+def _fix_moved(diff: Diff, ctx: Context, filename: str, refile: bool, flags: int) -> None:
+    """Give unchanged definitions that moved the line numbers of the new file, without running."""
+    done: set[int] = set()
+    memo: dict[int, types.CodeType] = {}
+    for old, new in diff.same:
+        lines = new.start - old.start
+        if lines or refile:
+            for fn in _functions_in(old, ctx, done):
+                code = fn.__code__
+                shifted = moved(code, lines, filename, memo)
+                ctx.journal.setattr(fn, "__code__", shifted)
+                if makes_functions(code):
+                    _pair_tree(code, shifted, ctx)
+    for old, new in diff.relayout:
+        _relayout(old, new, ctx, filename, flags, done)
+
+
+def _functions_in(stmt: Stmt, ctx: Context, done: set[int]) -> Iterator[types.FunctionType]:
+    """Live functions whose code an (old) top-level statement compiled."""
+    for name in stmt.binds:
+        value = ctx.namespace.get(name, MISSING)
+        if value is MISSING:
+            continue
+        for fn in owned_functions(value, ctx.namespace):
+            code = fn.__code__
+            if (id(fn) not in done and stmt.start <= code.co_firstlineno <= stmt.end
+                    and not code.co_filename.startswith("<")):
+                done.add(id(fn))
+                yield fn
+
+
+def _pair_tree(old: types.CodeType, new: types.CodeType, ctx: Context) -> None:
+    for o, n in zip(children(old), children(new)):
+        if is_function_code(o):
+            ctx.optional[id(o)] = (o, n)
+        _pair_tree(o, n, ctx)
+
+
+def _relayout(old: Stmt, new: Parsed, ctx: Context, filename: str, flags: int,
+              done: set[int]) -> None:
+    """Same AST, other comments or blank lines: recompile (not run) and take the line tables."""
+    live = list(_functions_in(old, ctx, done))
+    if not live:
+        return
+    compiled = compile(ast.Module(body=[new.node], type_ignores=[]), filename, "exec",
+                       flags=flags, dont_inherit=True)
+    fresh: dict[str, list[types.CodeType]] = {}
+    stack = list(children(compiled))
+    while stack:
+        code = stack.pop(0)
+        fresh.setdefault(code.co_qualname, []).append(code)
+        stack.extend(children(code))
+    by_name: dict[str, list[types.FunctionType]] = {}
+    for fn in live:
+        by_name.setdefault(fn.__code__.co_qualname, []).append(fn)
+    for qualname, fns in by_name.items():
+        fns.sort(key=lambda f: f.__code__.co_firstlineno)
+        codes = fresh.get(qualname, [])
+        if len(codes) != len(fns):
+            ctx.report.notes.append(f"line numbers of {qualname} were not updated: its code "
+                                    "objects could not be paired one to one")
+            continue
+        for fn, code in zip(fns, codes):
+            if _codes.same_logic(fn.__code__, code):
+                pair_nested(fn.__code__, code, ctx.optional, ctx.optional)
+                ctx.journal.setattr(fn, "__code__", code)

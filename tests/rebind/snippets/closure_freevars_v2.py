@@ -1,0 +1,8 @@
+def make_adder(n, bonus=1000):
+    def add(x):
+        return x + n + bonus
+
+    return add
+
+
+add5 = make_adder(5)

@@ -1,0 +1,5 @@
+SESSIONS = {}
+
+
+def __habanero_migrate__(old):
+    raise LookupError("cannot migrate sessions")

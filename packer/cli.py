@@ -137,8 +137,13 @@ def _push(args: argparse.Namespace) -> int:
         raise UsageError(f"--push builds and deploys by itself; drop the {args.command!r} command")
     if args.push is None:
         raise UsageError("--watch goes with --push: habanero-pack --push --watch [URL]")
-    return _fail("--push arrives with the control plane; until then `habanero-pack build` writes "
-                 "a signed bundle file", 2)
+    if args.watch:
+        from .watch import run_watch
+
+        return run_watch(args)
+    from .deploy import run_push
+
+    return run_push(args)
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -403,3 +408,7 @@ def _detach_log_handler(state: tuple[logging.Handler, list[int]]) -> None:
         logger = logging.getLogger(name)
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+# The deploy commands (status, history, rollback) register themselves; kept in their own module.
+from . import deploy as _deploy  # noqa: E402,F401

@@ -154,10 +154,11 @@ class Remote:
         return self.request("POST", "rollback", body)
 
 
-_TREE_PATH = re.compile(r'File "[^"]*?/trees/[0-9a-f]{64}/')
+# A file in one version's tree in the app's store: <store>/trees/<version>-<digest>/<relative path>
+_TREE_PATH = re.compile(r'[^\s"\'(]*/trees/\d+-[0-9a-f]{64}/')
 
 
 def map_traceback(text: str, project_root: str) -> str:
-    """Point a remote traceback's bundle-tree paths at the developer's own files."""
+    """Point the bundle-tree paths in a server message or traceback at the developer's own files."""
     root = project_root.rstrip("/")
-    return _TREE_PATH.sub(f'File "{root}/', text)
+    return _TREE_PATH.sub(lambda _: f"{root}/", text)

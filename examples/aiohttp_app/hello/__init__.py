@@ -1,0 +1,1 @@
+"""A tiny aiohttp app whose code is hot-deployed by habanero."""

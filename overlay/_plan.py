@@ -1,0 +1,181 @@
+"""What a push changes, decided before anything runs.
+
+The plan diffs the target bundle against what the process runs now, entry hash by entry hash,
+compiles every module that will run again (a ``SyntaxError`` anywhere refuses the whole bundle),
+refuses a bundle that removes a module other modules still import, and orders the modules to
+re-execute so that a module runs after the modules whose new names it needs.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .bundle import Bundle
+from .errors import BundleRejected, CompileFailed
+
+Compiler = Callable[[str, bytes, str], types.CodeType]
+
+
+@dataclass
+class ModuleChange:
+    name: str
+    kind: str                  # "module" or "package"
+    new_source: bytes
+    old_source: bytes | None   # None: the module is not live, or its old source is unknown
+    filename: str              # the new version's file for tracebacks
+    code: types.CodeType | None = None
+
+
+@dataclass
+class Plan:
+    target: Bundle
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    data_changed: list[str] = field(default_factory=list)
+    rerun: list[ModuleChange] = field(default_factory=list)  # live modules to update, in order
+
+    def summary(self) -> dict[str, list[str]]:
+        return {"added": self.added, "changed": self.changed, "removed": self.removed,
+                "data_changed": self.data_changed}
+
+
+def _modules(bundle: Bundle | None) -> dict[str, str]:
+    if bundle is None:
+        return {}
+    return {n: e.sha256 for n, e in bundle.entries.items() if e.kind != "data"}
+
+
+def _data(bundle: Bundle | None) -> dict[str, str]:
+    if bundle is None:
+        return {}
+    return {n: e.sha256 for n, e in bundle.entries.items() if e.kind == "data"}
+
+
+def make_plan(
+    current: Bundle | None,
+    target: Bundle,
+    *,
+    live: Mapping[str, types.ModuleType],
+    old_source_of: Callable[[types.ModuleType], bytes | None],
+    filename_of: Callable[[str], str],
+    compile_module: Compiler,
+) -> Plan:
+    """Diff, compile and order. Raises ``CompileFailed`` or ``BundleRejected``; runs nothing."""
+    old, new = _modules(current), _modules(target)
+    plan = Plan(target)
+    plan.added = sorted(n for n in new if n not in old)
+    plan.changed = sorted(n for n in new if n in old and old[n] != new[n])
+    plan.removed = sorted(n for n in old if n not in new)
+    old_data, new_data = _data(current), _data(target)
+    plan.data_changed = sorted(n for n in old_data.keys() | new_data.keys() if old_data.get(n) != new_data.get(n))
+    _refuse_removed_in_use(plan.removed, target)
+
+    changes: dict[str, ModuleChange] = {}
+    for name in sorted(new):
+        module = live.get(name)
+        source = target.read(name)
+        if name in old:
+            if old[name] == new[name]:
+                continue
+            old_source = current.read(name) if current is not None else None
+        elif module is not None:
+            # Live but not in the current bundle: imported from disk before the first push.
+            old_source = old_source_of(module)
+            if old_source is not None and hashlib.sha256(old_source).hexdigest() == new[name]:
+                continue
+        else:
+            old_source = None
+        filename = filename_of(name)
+        change = ModuleChange(name, target.entries[name].kind, source, old_source, filename)
+        change.code = _compile(compile_module, name, source, filename)
+        if module is not None:
+            changes[name] = change
+    plan.rerun = [changes[n] for n in dependency_order(changes, target)]
+    return plan
+
+
+def _compile(compile_module: Compiler, name: str, source: bytes, filename: str) -> types.CodeType:
+    try:
+        return compile_module(name, source, filename)
+    except SyntaxError as exc:
+        where = f"{exc.filename or filename}, line {exc.lineno}"
+        raise CompileFailed(
+            f"{name} does not compile: {exc.msg} ({where}); fix it and push again — nothing ran",
+            module=name, file=exc.filename or filename, line=exc.lineno, text=(exc.text or "").rstrip(),
+        ) from None
+    except (ValueError, UnicodeDecodeError) as exc:  # NUL bytes, bad encoding cookie
+        raise CompileFailed(f"{name} does not compile: {exc}; nothing ran", module=name) from None
+
+
+def imported_names(name: str, is_package: bool, source: bytes) -> set[str]:
+    """Absolute names of the modules a module's source imports (relative imports resolved)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return set()
+    package = name if is_package else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                found.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".") if package else []
+                if node.level - 1 > len(anchor):
+                    continue
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            if not base:
+                continue
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _refuse_removed_in_use(removed: Iterable[str], target: Bundle) -> None:
+    removed = set(removed)
+    if not removed:
+        return
+    users: dict[str, list[str]] = {}
+    for name, entry in target.entries.items():
+        if entry.kind == "data":
+            continue
+        for dep in imported_names(name, entry.kind == "package", target.read(name)) & removed:
+            users.setdefault(dep, []).append(name)
+    for dep in sorted(users):
+        raise BundleRejected(
+            f"module {dep} was removed from the bundle but {', '.join(sorted(users[dep]))} still "
+            "import it; remove those imports or keep the module — nothing ran",
+            code="removed_module_in_use", module=dep, importers=sorted(users[dep]),
+        )
+
+
+def dependency_order(changes: Mapping[str, ModuleChange], target: Bundle) -> list[str]:
+    """Order modules so that each runs after the changed modules it imports (cycles: by name)."""
+    deps = {
+        name: imported_names(name, change.kind == "package", change.new_source) & changes.keys() - {name}
+        for name, change in changes.items()
+    }
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(name: str) -> None:
+        if state.get(name) == 2 or state.get(name) == 1:
+            return  # done, or a cycle: leave the rest of the cycle in name order
+        state[name] = 1
+        for dep in sorted(deps[name]):
+            visit(dep)
+        state[name] = 2
+        order.append(name)
+
+    for name in sorted(changes):
+        visit(name)
+    return order

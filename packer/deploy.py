@@ -1,0 +1,224 @@
+"""Deploying to a running app: ``--push``, ``status``, ``history`` and ``rollback``.
+
+A push asks the app for its highest accepted version and active bundle, builds version
+``highest + 1`` on top of the active one, signs and sends it, then reads the status back and fails
+loudly unless the active bundle is the one it pushed: a "200 OK" that hides a failed deploy (TUF's
+indefinite freeze) does not pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+from .cli import APP_ID, KEY, PROJECT, arg, command
+
+if TYPE_CHECKING:  # the client pulls in cryptography: imported when a command runs, not at start-up
+    from overlay.errors import HabaneroError
+
+    from .client import Remote
+
+
+@dataclass
+class PushResult:
+    version: int
+    digest: str
+    url: str
+    response: dict[str, Any]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.response["report"]
+
+
+def _target(args: argparse.Namespace, *, need_packages: bool) -> tuple[Any, str]:
+    """The project config and the URL to talk to, or a ConfigError that says what is missing."""
+    from overlay.errors import ConfigError
+
+    from .cli import _load_config
+
+    url_flag = getattr(args, "url", None) or (getattr(args, "push", None) or None)
+    args.push = url_flag
+    config = _load_config(args)
+    url = url_flag or config.url
+    if not url:
+        raise ConfigError("no URL: pass it (habanero-pack --push http://127.0.0.1:8765), set HABANERO_URL, "
+                          "or `url` in [tool.habanero]")
+    return config, url
+
+
+def _remote(config: Any, url: str, args: argparse.Namespace, *, signed: bool = True) -> Remote:
+    from overlay.keys import load_signing_key
+
+    from .client import Remote
+
+    key = load_signing_key(config.require_key()) if signed else None
+    return Remote(url, app_id=config.app_id, key=key, ca_file=getattr(args, "ca_file", None))
+
+
+def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int = 3) -> PushResult:
+    """Build the next version on top of what the app runs, push it, and confirm it is live."""
+    from .build import build
+    from .client import RemoteError
+
+    started = time.perf_counter()
+    before = remote.status()
+    asked = time.perf_counter()
+    version = int(before.get("highest") or 0) + 1
+    active = before.get("active") or {}
+    built = build(config, version=version, signer=remote.key, parent=active.get("digest"),
+                  snapshot=snapshot, level=level)
+    made = time.perf_counter()
+    response = remote.push(built.data)
+    sent = time.perf_counter()
+    after = remote.status()
+    confirmed = time.perf_counter()
+    live = (after.get("active") or {}).get("digest")
+    if live != built.digest:
+        raise RemoteError(
+            f"the server answered OK to version {version} but its active bundle is "
+            f"{(after.get('active') or {}).get('version', 'none')} ({(live or 'none')[:12]}); the push did "
+            "not take effect — check the app's log", code="not_confirmed")
+    server_ms = float(response.get("server_ms", 0.0))
+    timings = {
+        "status": (asked - started) * 1000,
+        "build": (made - asked) * 1000,
+        "transfer": max(0.0, (sent - made) * 1000 - server_ms),
+        "server": server_ms,
+        "confirm": (confirmed - sent) * 1000,
+        "total": (confirmed - started) * 1000,
+    }
+    return PushResult(version, built.digest, str(remote.endpoint), response,
+                      {k: round(v, 2) for k, v in timings.items()}, len(built.data))
+
+
+def describe_push(result: PushResult) -> str:
+    """One readable summary of a push: version, what changed, what was patched, and timings."""
+    r = result.report
+    t = result.timings_ms
+    lines = [f"pushed version {r['version']} to {result.url} ({result.digest[:12]}, {result.bytes_sent} bytes) in "
+             f"{t['total']:.0f} ms: build {t['build']:.0f}, transfer {t['transfer']:.0f}, server "
+             f"{t['server']:.1f} (verify {r['timings_ms'].get('verify', 0):.1f}, apply "
+             f"{r['timings_ms'].get('apply', 0):.1f})"]
+    for label in ("changed", "added", "removed", "data_changed"):
+        if r.get(label):
+            lines.append(f"  {label.replace('_', ' ')}: {', '.join(r[label])}")
+    for module in r.get("modules", []):
+        if module.get("patched"):
+            lines.append(f"  patched in {module['module']}: {', '.join(module['patched'])}")
+        for name, reason in module.get("replaced", []):
+            lines.append(f"  replaced {module['module']}.{name}: {reason}")
+        for name in module.get("removed", []):
+            lines.append(f"  removed {module['module']}.{name}")
+        for note in module.get("notes", []):
+            lines.append(f"  note ({module['module']}): {note}")
+    if not any(r.get(k) for k in ("changed", "added", "removed", "data_changed")):
+        lines.append("  nothing changed in the code; the version number moved on")
+    return "\n".join(lines)
+
+
+def describe_failure(exc: HabaneroError, project_root: str) -> str:
+    """The server's reason, and its traceback mapped onto the developer's files."""
+    from .client import map_traceback
+
+    text = f"{exc.code}: {map_traceback(exc.message, project_root)}"
+    remote_tb = getattr(exc, "remote_traceback", "")
+    if remote_tb:
+        text += "\n--- traceback in the app (paths mapped to this project) ---\n"
+        text += map_traceback(remote_tb, project_root).rstrip()
+    return text
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """``habanero-pack --push [URL]``."""
+    import sys
+
+    from .cli import PROG
+    from .client import RemoteError
+
+    config, url = _target(args, need_packages=True)
+    with _remote(config, url, args) as remote:
+        try:
+            result = push_once(remote, config)
+        except RemoteError as exc:
+            if not exc.status or exc.code == "not_habanero":  # one line from main()
+                raise
+            print(f"{PROG}: push refused: {describe_failure(exc, str(config.root))}", file=sys.stderr)
+            print(f"{PROG}: the app still serves its previous version", file=sys.stderr)
+            return 1
+    print(describe_push(result))
+    return 0
+
+
+URL = arg("url", nargs="?", metavar="URL", help="the app's URL (default: HABANERO_URL, [tool.habanero] url)")
+CA_FILE = arg("--ca-file", metavar="FILE", help="CA bundle to trust for an https:// URL")
+JSON = arg("--json", action="store_true", help="print JSON")
+
+
+@command("status", URL, CA_FILE, JSON, KEY, PROJECT, APP_ID, help="show the version a running app serves")
+def _status(args: argparse.Namespace) -> int:
+    config, url = _target(args, need_packages=False)
+    with _remote(config, url, args) as remote:
+        status = remote.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    active = status.get("active") or {}
+    print(f"app        {status.get('app_id')} at {url} (pid {status.get('pid')}, up "
+          f"{status.get('uptime_s', 0):.0f} s)")
+    if active:
+        builder = active.get("builder") or {}
+        print(f"active     version {active['version']} ({active['digest'][:12]}), {active['entries']} entries, "
+              f"built {active['created']} by {builder.get('user', '?')}@{builder.get('host', '?')}")
+    else:
+        print("active     none: the app runs the code on disk")
+    print(f"highest    {status.get('highest')}")
+    failure = status.get("last_failure")
+    if failure:
+        print(f"last fail  {failure.get('action')} v{failure.get('version')}: {failure.get('code')}: "
+              f"{failure.get('message')}")
+    for problem in status.get("startup_problems") or []:
+        print(f"problem    {problem}")
+    return 0
+
+
+@command("history", URL, CA_FILE, JSON, KEY, PROJECT, APP_ID,
+         arg("--limit", type=int, default=20, help="how many entries (default 20)"),
+         help="show a running app's deploy history")
+def _history(args: argparse.Namespace) -> int:
+    config, url = _target(args, need_packages=False)
+    with _remote(config, url, args) as remote:
+        entries = remote.history(args.limit)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    for e in entries:
+        reason = f"  {e.get('code')}: {e.get('reason')}" if e.get("outcome") != "ok" else ""
+        print(f"{e.get('time', '?'):<27} {e.get('action', '?'):<9} v{e.get('version')!s:<5} "
+              f"{e.get('outcome', '?'):<7} {(e.get('digest') or '')[:12]:<12}{reason}")
+    if not entries:
+        print("no deploys yet")
+    return 0
+
+
+@command("rollback", URL, CA_FILE, KEY, PROJECT, APP_ID,
+         arg("--to", type=int, metavar="VERSION", help="roll back to this stored version (default: the "
+             "one before the active version)"),
+         help="return a running app to its previous version")
+def _rollback(args: argparse.Namespace) -> int:
+    config, url = _target(args, need_packages=False)
+    with _remote(config, url, args) as remote:
+        before = remote.status()
+        expect = (before.get("active") or {}).get("version")
+        response = remote.rollback(args.to, expect=expect)
+    r = response["report"]
+    print(f"rolled back {url} from version {r['previous_version']} to {r['version']} in "
+          f"{r['timings_ms'].get('total', 0):.1f} ms")
+    return 0

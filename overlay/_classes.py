@@ -42,7 +42,8 @@ def _slots(cls: type) -> tuple[str, ...] | None:
 
 
 def _names(classes: tuple[type, ...]) -> str:
-    return "(" + ", ".join(c.__qualname__ for c in classes) + ("," if len(classes) == 1 else "") + ")"
+    """``(A,)`` or ``(A, B)``: a tuple of class names, written as Python writes tuples."""
+    return repr(tuple(c.__qualname__ for c in classes)).replace("'", "")
 
 
 def refusal(old: type, new: type, ctx: Context) -> str | None:

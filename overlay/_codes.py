@@ -28,9 +28,8 @@ from typing import Any
 
 from ._journal import Journal
 
-__all__ = ["Pairs", "children", "makes_functions", "pair_nested", "same_logic", "moved",
-           "is_function_code",
-           "HeapPass"]
+__all__ = ["Pairs", "children", "makes_functions", "is_function_code", "pair_nested",
+           "same_logic", "moved", "HeapPass"]
 
 DEFAULT_BUDGET_S = 0.050
 _CHUNK = 1 << 16  # objects checked between two looks at the clock
@@ -162,9 +161,6 @@ class HeapPass:
         for key, (old, new) in pairs.items():
             if old is not new and (required or key not in self._targets):
                 self._targets[key] = _Target(old, new, sink, required)
-
-    def needed(self) -> bool:
-        return any(t.required for t in self._targets.values())
 
     def run(self) -> None:
         """Retarget every live function running a queued old code object, then report."""

@@ -217,6 +217,7 @@ def install(
             opened.close()
             raise
         preimported = _preimported(names)
+        _record_preimported(preimported, finder)
         warnings = [_preimported_warning(preimported, finder)] if preimported else []
         for problem in opened.startup_problems:
             logger.warning("store %s: %s", store_path, problem)
@@ -275,6 +276,18 @@ def _preimported(packages: tuple[str, ...]) -> list[str]:
             if not isinstance(getattr(getattr(module, "__spec__", None), "loader", None), BundleLoader):
                 found.append(name)
     return sorted(found)
+
+
+def _record_preimported(names: list[str], finder: OverlayFinder) -> None:
+    """Best effort: the source of modules imported before install(), read now (they ran it moments ago)."""
+    for name in names:
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if path and path.endswith(".py"):
+            try:
+                with open(path, "rb") as fh:
+                    finder.disk_sources[name] = fh.read()
+            except OSError:
+                pass
 
 
 def _preimported_warning(names: list[str], finder: OverlayFinder) -> str:

@@ -145,7 +145,7 @@ class Journal:
     # -- recording mutations ---------------------------------------------------------------
 
     def setattr(self, obj: Any, name: str, value: Any) -> None:
-        """Set ``obj.name = value`` (``type.__setattr__`` for classes), remembering the old value."""
+        """Set ``obj.name = value`` (``type.__setattr__`` on classes), remembering the old value."""
         prior = _current_attr(obj, name)
         _set(obj, name, value)
         self._entries.append(("attr", obj, name, prior))

@@ -21,7 +21,7 @@ from typing import Any
 from ._classes import conform_class
 from ._conform import Context, clear_caches, conform_function, find_inner
 from ._journal import MISSING
-from ._statements import Parsed, Region, Stmt, binds_of, describe
+from ._statements import Diff, Parsed, Region, binds_of, describe
 
 __all__ = ["Runner"]
 
@@ -33,20 +33,26 @@ _PURE_CLASS_DECORATORS = frozenset({"dataclass", "total_ordering", "unique", "fi
 class Runner:
     """Runs changed top-level statements and pairs what they define with the old objects."""
 
-    def __init__(self, ctx: Context, filename: str, future: int, first: Stmt | None,
-                 old_text: str | None, new_text: str) -> None:
+    def __init__(self, ctx: Context, filename: str, diff: Diff, old_text: str | None,
+                 new_text: str) -> None:
         self.ctx = ctx
         self.filename = filename
-        self.future = future
-        self.first = first
+        self.future = diff.table.future
+        self.stmts = diff.table.stmts
+        self.rerun_all = diff.rerun_all
+        # Without the old source there are no old line ranges: pair by qualified name alone.
+        self.by_name = old_text is None
         self.old_text = old_text
         self.new_text = new_text
+        self._index: dict[int, int] | None = None
 
-    def run(self, new: Parsed, old: Parsed | None, rerun_all: bool) -> None:
+    def run(self, new: Parsed, old: Parsed | None) -> None:
+        """Run one changed statement (``old`` is its previous version, if it has one)."""
         node = new.node
         self.ctx.report.reran.append(describe(node))
+        self.current, self.previous = new, old
         old_node = old.node if old is not None and type(old.node) is type(node) else None
-        if rerun_all:
+        if self.rerun_all:
             old_node = None  # compile flags may have changed: every definition is new code
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             self._def(node, old_node)
@@ -57,7 +63,38 @@ class Runner:
                            Region(self.new_text, new.stmt.lo, new.stmt.hi, new.stmt.start))
             self._class(node, old_node, regions)
         else:
-            self._other(node, new.stmt is self.first)
+            self._other(node, new.stmt is self.stmts[0])
+
+    # -- which objects belong to this statement ----------------------------------------------
+
+    def _find_old(self, obj: Any, name: str) -> tuple[types.FunctionType, list[Any]] | None:
+        """The function the old version of this statement defined, found inside ``obj``.
+
+        Its code must lie within that statement's old lines: two statements may define the
+        same name (``@f.register def _``), and the name then holds the other one's function.
+        """
+        found = find_inner(obj, name, self.ctx.namespace) if obj is not MISSING else None
+        if found is None or self.by_name:
+            return found
+        old = self.previous
+        first = found[0].__code__.co_firstlineno
+        return found if old is not None and old.stmt.start <= first <= old.stmt.end else None
+
+    def _bind(self, name: str, value: Any) -> None:
+        """Bind a name as the statement would, unless a later, unchanged statement binds it
+        again: in a fresh import that later binding is what the name ends up holding."""
+        if not self.rerun_all:
+            if self._index is None:
+                self._index = {id(s): i for i, s in enumerate(self.stmts)}
+            later = self.stmts[self._index[id(self.current.stmt)] + 1:]
+            shadow = next((s for s in later if name in s.binds), None)
+            if shadow is not None:
+                self.ctx.report.notes.append(
+                    f"{name} keeps the object bound by the later statement at line "
+                    f"{shadow.start}, which did not change; the one from line "
+                    f"{self.current.node.lineno} was not bound")
+                return
+        self.ctx.journal.setitem(self.ctx.namespace, name, value)
 
     # -- compiling and running ---------------------------------------------------------------
 
@@ -92,7 +129,7 @@ class Runner:
         same_defaults = old_node is not None and _defaults(old_node) == _defaults(node)
         refused = None
         if same_decorators and node.decorator_list:
-            found = find_inner(old_obj, name, ctx.namespace)
+            found = self._find_old(old_obj, name)
             if found is not None:
                 bare = _undecorated(node)
                 refused = conform_function(found[0], self._scratch(bare)[name], ctx,
@@ -106,12 +143,20 @@ class Runner:
 
     def _bind_function(self, name: str, old_obj: Any, new_obj: Any, same_defaults: bool,
                        refused: str | None) -> None:
-        ctx, journal, report = self.ctx, self.ctx.journal, self.ctx.report
-        found_old = find_inner(old_obj, name, ctx.namespace) if old_obj is not MISSING else None
+        ctx, report = self.ctx, self.ctx.report
+        found_old = self._find_old(old_obj, name)
         found_new = find_inner(new_obj, name, ctx.namespace)
         if found_old is None or found_new is None:
-            journal.setitem(ctx.namespace, name, new_obj)
-            if isinstance(old_obj, type):
+            self._bind(name, new_obj)
+            other = find_inner(old_obj, name, ctx.namespace) if old_obj is not MISSING else None
+            if other is not None and self.previous is not None:
+                report.replaced.append((name, (
+                    f"the {name} bound in the module was defined at line "
+                    f"{other[0].__code__.co_firstlineno}, not by this statement's previous "
+                    f"version (lines {self.previous.stmt.start}-{self.previous.stmt.end}), so "
+                    "it was left alone and this statement's decorators ran again; references to "
+                    "the function this statement made before the push keep the old code")))
+            elif isinstance(old_obj, type):
                 _report_kind_change(name, old_obj, new_obj, ctx)
             elif old_obj is not MISSING and name in (getattr(old_obj, "__qualname__", None),
                                                      getattr(old_obj, "__name__", None)):
@@ -123,14 +168,14 @@ class Runner:
         reason = refused or conform_function(found_old[0], found_new[0], ctx,
                                              same_defaults=same_defaults)
         if reason is not None:
-            journal.setitem(ctx.namespace, name, new_obj)
+            self._bind(name, new_obj)
             report.replaced.append((name, reason))
             return
         clear_caches(found_old[1], name, ctx)
         report.patched.append(name)
         if old_obj is found_old[0] and new_obj is found_new[0]:
             return  # no wrapper on either side: the old function stays, now running new code
-        journal.setitem(ctx.namespace, name, new_obj)
+        self._bind(name, new_obj)
         report.replaced.append((name, (
             "its decorators changed and ran again, so the name now refers to the newly "
             "decorated object; references taken before the push keep the old decorated "
@@ -149,7 +194,7 @@ class Runner:
                 "registering the class, happened again with the new class object")
         old_obj = ctx.namespace.get(name, MISSING)
         if not (_ours(old_obj, name, ctx) and _ours(new_obj, name, ctx)):
-            ctx.journal.setitem(ctx.namespace, name, new_obj)
+            self._bind(name, new_obj)
             if not isinstance(old_obj, type):
                 _report_kind_change(name, old_obj, new_obj, ctx)
             return
@@ -158,7 +203,7 @@ class Runner:
         if reason is None:
             ctx.report.patched.insert(at, name)
             return
-        ctx.journal.setitem(ctx.namespace, name, new_obj)
+        self._bind(name, new_obj)
         ctx.report.replaced.append((name, reason))
         for sub in old_obj.__subclasses__():
             ctx.report.notes.append(

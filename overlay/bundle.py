@@ -17,19 +17,19 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import zstandard
 
-from ._names import check_entry_name, module_path
+from ._manifest import CODECS, FORMAT, check_manifest, parse_manifest
+from ._names import module_path
 from .errors import (
-    BadEntryName,
-    BadManifest,
     BadSignature,
     CorruptPayload,
+    ParentMissing,
     TooLarge,
     UnknownFormat,
     UntrustedKey,
@@ -37,13 +37,14 @@ from .errors import (
 )
 from .keys import SigningKey, TrustedKeys
 
-__all__ = ["Bundle", "Entry", "Limits", "build_bundle", "bundle_digest", "manifest_bytes_of", "open_bundle",
-           "read_unverified"]
+__all__ = ["Base", "Bundle", "Entry", "Limits", "build_bundle", "bundle_digest", "manifest_bytes_of",
+           "open_bundle", "read_unverified", "CODECS"]
+
+ContentLookup = Callable[[str], "bytes | None"]  # sha256 -> an entry body the server already holds
 
 MAGIC = b"HABANERO"
-FORMAT = 1
 SIGNATURE_DOMAIN = b"habanero-bundle-v1\x00"
-CODECS = ("zstd",)
+FLAG_PACKED = 1  # transport form: manifest compressed against the parent's (see overlay._delta)
 _HEADER = struct.Struct(">8sHHII")
 _SIG_LEN = 64
 _MAX_SIGNATURES = 8
@@ -127,6 +128,22 @@ class Bundle:
         }
 
 
+@dataclass(frozen=True)
+class Base:
+    """What a delta is built against: the server's active bundle, known by its manifest."""
+
+    digest: str
+    manifest_bytes: bytes
+    hashes: frozenset[str]
+
+    @classmethod
+    def from_manifest(cls, manifest_bytes: bytes) -> Base:
+        """From a manifest this side built or verified earlier (trusted input)."""
+        entries = json.loads(manifest_bytes)["entries"]
+        return cls(hashlib.sha256(manifest_bytes).hexdigest(), bytes(manifest_bytes),
+                   frozenset(e["sha256"] for e in entries))
+
+
 # --------------------------------------------------------------------------------------- writing
 
 
@@ -141,8 +158,12 @@ def build_bundle(
     created: str | None = None,
     level: int = 3,
     limits: Limits = DEFAULT_LIMITS,
+    base: Base | None = None,
 ) -> bytes:
     """Build and sign a bundle from ``{name: (kind, content)}`` (or ``(name, kind, content)`` rows).
+
+    With ``base`` (the bundle the server runs now), the payload carries only the entries whose
+    bodies the base lacks (codec ``zstd-delta``); the manifest still lists every entry.
 
     Example::
 
@@ -158,8 +179,17 @@ def build_bundle(
                         "sha256": hashlib.sha256(content).hexdigest()})
         chunks.append(content)
         offset += len(content)
-    uncompressed = b"".join(chunks)
-    frame = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(uncompressed)
+    total = offset
+    if base is not None:
+        parent = base.digest
+        included = [e["name"] for e in entries if e["sha256"] not in base.hashes]
+        carried = {e["name"] for e in entries if e["sha256"] not in base.hashes}
+        chunks = [content for (name, _, content) in items if name in carried]
+    frame = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(b"".join(chunks))
+    payload = {"codec": "zstd", "size": len(frame), "uncompressed_size": total,
+               "sha256": hashlib.sha256(frame).hexdigest()}
+    if base is not None:
+        payload.update(codec="zstd-delta", included=included)
     manifest = {
         "format": FORMAT,
         "app_id": app_id,
@@ -167,11 +197,10 @@ def build_bundle(
         "parent": parent,
         "created": created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "builder": dict(builder or {}),
-        "payload": {"codec": "zstd", "size": len(frame), "uncompressed_size": len(uncompressed),
-                    "sha256": hashlib.sha256(frame).hexdigest()},
+        "payload": payload,
         "entries": entries,
     }
-    _check_manifest(manifest, limits)  # never write what a server would refuse
+    check_manifest(manifest, limits)  # never write what a server would refuse
     manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode("ascii")
     if len(manifest_bytes) > limits.max_manifest_bytes:
         raise TooLarge(f"manifest is {len(manifest_bytes)} bytes, over the {limits.max_manifest_bytes} "
@@ -186,12 +215,17 @@ def build_bundle(
 
 
 def _sign(manifest_bytes: bytes, signers: Sequence[SigningKey]) -> bytes:
+    return sign_block(SIGNATURE_DOMAIN + manifest_bytes, signers)
+
+
+def sign_block(message: bytes, signers: Sequence[SigningKey]) -> bytes:
+    """A signature block: ``count``, then per key its id and its Ed25519 signature of ``message``."""
     if len(signers) > _MAX_SIGNATURES:
         raise BadSignature(f"at most {_MAX_SIGNATURES} signatures fit in a bundle", code="unsigned")
     out = [bytes([len(signers)])]
     for key in signers:
         kid = key.key_id.encode("ascii")
-        out += [bytes([len(kid)]), kid, key.sign(SIGNATURE_DOMAIN + manifest_bytes)]
+        out += [bytes([len(kid)]), kid, key.sign(message)]
     return b"".join(out)
 
 
@@ -227,10 +261,10 @@ def _split(data: bytes, limits: Limits) -> _Parts:
                              code="truncated")
     manifest_bytes = data[start : start + manifest_len]
     sigblock = data[start + manifest_len : start + manifest_len + sig_len]
-    return _Parts(manifest_bytes, _parse_sigblock(sigblock), data[start + manifest_len + sig_len :])
+    return _Parts(manifest_bytes, parse_sigblock(sigblock), data[start + manifest_len + sig_len :])
 
 
-def _parse_sigblock(block: bytes) -> tuple[tuple[str, bytes], ...]:
+def parse_sigblock(block: bytes) -> tuple[tuple[str, bytes], ...]:
     if not block or block[0] == 0:
         raise BadSignature("bundle is not signed; sign it with a trusted key (habanero-pack signs "
                            "every bundle it builds)", code="unsigned")
@@ -258,14 +292,17 @@ def _parse_sigblock(block: bytes) -> tuple[tuple[str, bytes], ...]:
 
 def _verify(parts: _Parts, trusted: TrustedKeys) -> tuple[str, ...]:
     """Return the ids of trusted keys whose signature holds; refuse otherwise."""
-    message = SIGNATURE_DOMAIN + parts.manifest_bytes
-    known = [(kid, sig) for kid, sig in parts.signatures if kid in trusted]
+    return verify_block(parts.signatures, SIGNATURE_DOMAIN + parts.manifest_bytes, trusted)
+
+
+def verify_block(signatures: Sequence[tuple[str, bytes]], message: bytes, trusted: TrustedKeys) -> tuple[str, ...]:
+    known = [(kid, sig) for kid, sig in signatures if kid in trusted]
     if not known:
-        kids = ", ".join(kid for kid, _ in parts.signatures)
+        kids = ", ".join(kid for kid, _ in signatures)
         raise UntrustedKey(
             f"key {kids} is not trusted by this server; add its public key line (the signing key's "
             f".pub file) to {trusted.source}, then restart the app",
-            key_ids=[kid for kid, _ in parts.signatures],
+            key_ids=[kid for kid, _ in signatures],
         )
     good = tuple(kid for kid, sig in known if trusted.get(kid).verify(sig, message))  # type: ignore[union-attr]
     if not good:
@@ -283,30 +320,70 @@ def open_bundle(
     *,
     app_id: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    content: ContentLookup | None = None,
+    base_manifest: Callable[[str], bytes | None] | None = None,
 ) -> Bundle:
     """Verify and open a bundle, or raise the :class:`BundleRejected` that says why not.
+
+    A delta bundle (codec ``zstd-delta``) takes the entries it does not carry from ``content``, a
+    lookup by sha256 into what the server already holds; a packed one (the transport form, see
+    ``overlay._delta``) needs ``base_manifest``, a lookup of the parent's manifest by digest. What
+    is missing raises ``ParentMissing``. ``Bundle.raw`` is always the unpacked form.
 
     Example::
 
         bundle = open_bundle(Path("v3.hbn").read_bytes(), load_trusted_keys("trusted_keys"), app_id="shop")
     """
     data = bytes(data)
+    if len(data) >= _HEADER.size and data.startswith(MAGIC) and _HEADER.unpack_from(data)[2] == FLAG_PACKED:
+        from ._delta import unpack
+
+        data = unpack(data, trusted, base_manifest, limits)
     parts = _split(data, limits)
     key_ids = _verify(parts, trusted)  # before the manifest is parsed or anything decompressed
-    manifest = _parse_manifest(parts.manifest_bytes)
-    _check_manifest(manifest, limits)
+    manifest = parse_manifest(parts.manifest_bytes)
+    check_manifest(manifest, limits)
     if app_id is not None and manifest["app_id"] != app_id:
         raise WrongApp(f"this bundle is for app {manifest['app_id']!r} but this server runs "
                        f"{app_id!r}; push to the right server or set app_id in [tool.habanero]",
                        expected=app_id, got=manifest["app_id"])
-    payload = _decompress(parts.frame, manifest["payload"], limits)
     entries = {e["name"]: Entry(**e) for e in manifest["entries"]}
+    declared = manifest["payload"]
+    if declared["codec"] == "zstd-delta":
+        carried = [entries[name] for name in declared["included"]]
+        body = _decompress(parts.frame, declared, sum(e.size for e in carried))
+        payload = _assemble(entries, carried, body, content, manifest["parent"])
+    else:
+        payload = _decompress(parts.frame, declared, declared["uncompressed_size"])
     view = memoryview(payload)
     for entry in entries.values():
         if hashlib.sha256(view[entry.offset : entry.offset + entry.size]).hexdigest() != entry.sha256:
             raise CorruptPayload(f"entry {entry.name!r} does not match its hash in the manifest",
                                  code="entry_hash_mismatch", name=entry.name)
     return Bundle(manifest, parts.manifest_bytes, data, key_ids, entries, payload)
+
+
+def _assemble(entries: Mapping[str, Entry], carried: list[Entry], body: bytes,
+              content: ContentLookup | None, parent: str) -> bytes:
+    """The whole snapshot: carried entries from the delta, the rest by hash from what we hold."""
+    carried_names = {e.name for e in carried}
+    pieces, pos, missing = [], 0, 0
+    for entry in entries.values():  # in offset order: entries are sorted and contiguous
+        if entry.name in carried_names:
+            pieces.append(body[pos : pos + entry.size])
+            pos += entry.size
+            continue
+        held = content(entry.sha256) if content is not None else None
+        if held is None:
+            missing += 1
+            continue
+        pieces.append(held)
+    if missing:
+        raise ParentMissing(
+            f"this delta bundle is built on {parent[:12]}, and {missing} of its entries are not held "
+            "here (another version is active, or it was pruned); push the full bundle instead "
+            "(habanero-pack does this by itself)", parent=parent, missing=missing)
+    return b"".join(pieces)
 
 
 def bundle_digest(data: bytes) -> str:
@@ -325,12 +402,12 @@ def manifest_bytes_of(data: bytes) -> bytes:
 def read_unverified(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The manifest and signing key ids, *without* checking signatures: for ``inspect`` only."""
     parts = _split(bytes(data), limits)
-    manifest = _parse_manifest(parts.manifest_bytes)
-    _check_manifest(manifest, limits)
+    manifest = parse_manifest(parts.manifest_bytes)
+    check_manifest(manifest, limits)
     return manifest, tuple(kid for kid, _ in parts.signatures)
 
 
-def _decompress(frame: bytes, declared: Mapping[str, Any], limits: Limits) -> bytes:
+def _decompress(frame: bytes, declared: Mapping[str, Any], want: int) -> bytes:
     if len(frame) != declared["size"]:
         if len(frame) < declared["size"]:
             raise CorruptPayload(f"payload is truncated: {len(frame)} of {declared['size']} bytes",
@@ -340,7 +417,6 @@ def _decompress(frame: bytes, declared: Mapping[str, Any], limits: Limits) -> by
     if hashlib.sha256(frame).hexdigest() != declared["sha256"]:
         raise CorruptPayload("payload does not match its sha256 in the manifest",
                              code="payload_hash_mismatch")
-    want = declared["uncompressed_size"]
     try:
         content_size = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as exc:
@@ -370,125 +446,3 @@ def _decompress(frame: bytes, declared: Mapping[str, Any], limits: Limits) -> by
         raise CorruptPayload(f"payload is truncated: decompressed {total} of {want} bytes",
                              code="truncated")
     return b"".join(out)
-
-
-# ------------------------------------------------------------------------------------ manifest
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise BadManifest(f"manifest repeats the key {key!r}; a manifest must be unambiguous")
-        seen[key] = value
-    return seen
-
-
-def _no_constants(name: str) -> Any:
-    raise BadManifest(f"manifest contains {name}, which is not valid JSON")
-
-
-def _parse_manifest(raw: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                           parse_constant=_no_constants)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise BadManifest(f"manifest is not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise BadManifest("manifest must be a JSON object")
-    return value
-
-
-_TOP = {"format": int, "app_id": str, "version": int, "parent": (str, type(None)), "created": str,
-        "builder": dict, "payload": dict, "entries": list}
-_PAYLOAD = {"codec": str, "size": int, "uncompressed_size": int, "sha256": str}
-_ENTRY = {"name": str, "kind": str, "offset": int, "size": int, "sha256": str}
-
-
-def _check_fields(obj: Any, schema: Mapping[str, Any], where: str) -> None:
-    if not isinstance(obj, dict):
-        raise BadManifest(f"{where} must be an object")
-    missing = schema.keys() - obj.keys()
-    extra = obj.keys() - schema.keys()
-    if missing or extra:
-        raise BadManifest(f"{where}: missing {sorted(missing)} / unknown {sorted(extra)} fields")
-    for key, kind in schema.items():
-        value = obj[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise BadManifest(f"{where}.{key} has the wrong type ({type(value).__name__})")
-        if isinstance(value, int) and value < 0:
-            raise BadManifest(f"{where}.{key} must not be negative")
-
-
-def _is_sha256(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
-
-
-def _check_manifest(m: Any, limits: Limits) -> None:
-    """Schema, limits and entry-table consistency; everything a reader relies on later."""
-    _check_fields(m, _TOP, "manifest")
-    if m["format"] != FORMAT:
-        raise UnknownFormat(f"manifest format {m['format']} is not supported (expected {FORMAT})")
-    if not m["app_id"] or not m["app_id"].isascii() or len(m["app_id"]) > 128:
-        raise BadManifest("manifest.app_id must be 1-128 ASCII characters")
-    if m["version"] < 1:
-        raise BadManifest("manifest.version must be a positive integer")
-    if m["parent"] is not None and not _is_sha256(m["parent"]):
-        raise BadManifest("manifest.parent must be a bundle digest (64 hex digits) or null")
-    payload = m["payload"]
-    _check_fields(payload, _PAYLOAD, "manifest.payload")
-    if payload["codec"] not in CODECS:
-        raise UnknownFormat(f"payload codec {payload['codec']!r} is not supported (expected one of {CODECS})")
-    if not _is_sha256(payload["sha256"]):
-        raise BadManifest("manifest.payload.sha256 must be 64 lowercase hex digits")
-    if payload["uncompressed_size"] > limits.max_total_bytes:
-        raise TooLarge(f"bundle unpacks to {payload['uncompressed_size']} bytes, over the "
-                       f"{limits.max_total_bytes} byte limit", code="decompressed_too_large")
-    if payload["size"] > limits.max_bundle_bytes:
-        raise TooLarge(f"payload declares {payload['size']} bytes, over the bundle limit",
-                       code="bundle_too_large")
-    entries = m["entries"]
-    if len(entries) > limits.max_entries:
-        raise TooLarge(f"bundle has {len(entries)} entries, over the {limits.max_entries} limit",
-                       code="too_many_entries")
-    _check_entries(entries, payload["uncompressed_size"], limits)
-
-
-def _check_entries(entries: list[Any], total: int, limits: Limits) -> None:
-    offset, previous = 0, None
-    names: dict[str, str] = {}
-    for i, e in enumerate(entries):
-        _check_fields(e, _ENTRY, f"manifest.entries[{i}]")
-        name, kind = e["name"], e["kind"]
-        check_entry_name(name, kind)
-        if previous is not None and name <= previous:
-            raise BadEntryName(f"entry {name!r} is a duplicate or out of order; entries are unique and "
-                               "sorted by name", name=name)
-        previous = name
-        if e["size"] > limits.max_entry_bytes:
-            raise TooLarge(f"entry {name!r} is {e['size']} bytes, over the {limits.max_entry_bytes} "
-                           "byte limit", code="entry_too_large", name=name)
-        if e["offset"] != offset:
-            raise BadManifest(f"entry {name!r} starts at {e['offset']}, expected {offset}: offsets "
-                              "must be contiguous")
-        if not _is_sha256(e["sha256"]):
-            raise BadManifest(f"entry {name!r} has a malformed sha256")
-        offset += e["size"]
-        names[name] = kind
-    if offset != total:
-        raise BadManifest(f"entries add up to {offset} bytes but the payload declares {total}")
-    _check_tree(names)
-
-
-def _check_tree(names: Mapping[str, str]) -> None:
-    """Every module's parent is a package in the bundle; no data file shadows a module's file."""
-    files = {module_path(n, k) for n, k in names.items() if k != "data"}
-    for name, kind in names.items():
-        if kind == "data":
-            if name in files:
-                raise BadEntryName(f"data entry {name!r} collides with a module's file", name=name)
-            continue
-        parent = name.rpartition(".")[0]
-        if parent and names.get(parent) != "package":
-            raise BadEntryName(f"module {name!r} is inside {parent!r}, which is not a package in this "
-                               "bundle (is its __init__.py missing?)", name=name)

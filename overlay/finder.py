@@ -25,7 +25,7 @@ import os
 import sys
 import types
 from collections.abc import Iterable
-from importlib.machinery import ModuleSpec
+from importlib.machinery import ModuleSpec, PathFinder, SourceFileLoader
 from importlib.resources.abc import Traversable, TraversableResources
 from pathlib import Path
 from typing import NamedTuple
@@ -223,6 +223,18 @@ class BundleLoader:
         return f"<BundleLoader {self.index.bundle.app_id} v{self.index.version}>"
 
 
+class _RecordingLoader(SourceFileLoader):
+    """A plain source loader that keeps the bytes of the source it executes."""
+
+    def __init__(self, fullname: str, path: str, record: dict[str, bytes]) -> None:
+        super().__init__(fullname, path)
+        self._record = record
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._record[module.__name__] = self.get_data(self.path)
+        super().exec_module(module)
+
+
 class _TreeReader(TraversableResources):
     """Resources of a package: its directory in the version's immutable tree (real files)."""
 
@@ -244,6 +256,10 @@ class OverlayFinder:
         self.packages = check_packages(packages)
         self.code_cache = code_cache if code_cache is not None else CodeCache(None)
         self._index: BundleIndex | None = None
+        self._declared = frozenset(self.packages)
+        # The exact source each declared module ran when it came from disk, by module name: the
+        # first push diffs against what runs, not against a file the developer has since edited.
+        self.disk_sources: dict[str, bytes] = {}
 
     @property
     def index(self) -> BundleIndex | None:
@@ -273,12 +289,23 @@ class OverlayFinder:
     def find_spec(self, fullname: str, path: object = None, target: types.ModuleType | None = None,
                   ) -> ModuleSpec | None:
         index = self._index  # read once: a concurrent set_index cannot tear this lookup
-        if index is None:
+        mod = index.modules.get(fullname) if index is not None else None
+        if mod is not None:
+            return index._spec(fullname, mod)  # type: ignore[union-attr]
+        if fullname.partition(".")[0] not in self._declared:
             return None
-        mod = index.modules.get(fullname)
-        if mod is None:
-            return None
-        return index._spec(fullname, mod)
+        return self._from_disk(fullname, path)
+
+    def _from_disk(self, fullname: str, path: object) -> ModuleSpec | None:
+        """A declared module the bundle lacks: what the path finder finds, remembering its source.
+
+        The spec is the one the next finder would return; only its loader records the source bytes
+        it executes, which costs one read of a file the import reads anyway.
+        """
+        spec = PathFinder.find_spec(fullname, path)  # type: ignore[arg-type]
+        if spec is not None and type(spec.loader) is SourceFileLoader:
+            spec.loader = _RecordingLoader(spec.loader.name, spec.loader.path, self.disk_sources)
+        return spec
 
     def invalidate_caches(self) -> None:
         """Nothing to drop: the index is immutable and replaced whole by ``set_index``."""

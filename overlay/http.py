@@ -45,12 +45,20 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(data, default=str), status=status, content_type="application/json")
 
 
+# Codes whose error class's default status would misstate what happened over HTTP: a rollback that
+# finds another version active, or nothing to go back to, conflicts with the server's state (409);
+# it is not a failed authentication (ControlRejected's 401). A version the store lacks is a 404, not
+# a server fault (StoreError's 500); a body that missed its deadline is a 408.
+_STATUS_BY_CODE = {"version_mismatch": 409, "nothing_to_roll_back": 409, "unknown_version": 404,
+                   "upload_timeout": 408}
+
+
 @web.middleware
 async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
     except HabaneroError as exc:
-        return _json(exc.to_dict(), exc.http_status)
+        return _json(exc.to_dict(), _STATUS_BY_CODE.get(exc.code, exc.http_status))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

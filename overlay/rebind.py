@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from . import _codes
 from ._codes import HeapPass, children, is_function_code, makes_functions, moved, pair_nested
-from ._conform import Context, find_inner, owned_functions
+from ._conform import Context, owned_functions
 from ._journal import MISSING, Journal
 from ._reexec import Runner
 from ._statements import Diff, Parsed, Stmt, describe, normalize, plan
@@ -134,10 +134,9 @@ def update_module(module: types.ModuleType, new_source: str | bytes, *, filename
         report.notes.append(f"every top-level statement ran again: {diff.reason}")
     _remove_deleted(diff, ctx)
     _fix_moved(diff, ctx, filename, _file_moved(diff, ctx, filename), diff.table.future)
-    runner = Runner(ctx, filename, diff.table.future,
-                    diff.table.stmts[0] if diff.table.stmts else None, old_text, new_text)
+    runner = Runner(ctx, filename, diff, old_text, new_text)
     for new, old in diff.changed:
-        runner.run(new, old, diff.rerun_all)
+        runner.run(new, old)
     _queue_heap_pass(ctx)
     hook = namespace.get("__habanero_migrate__")
     if migrate and callable(hook):
@@ -164,8 +163,9 @@ def _remove_deleted(diff: Diff, ctx: Context) -> None:
     for gone in diff.gone:
         candidates |= gone.stmt.binds
         node = gone.node
-        if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-                and isinstance(node.value.value, str) and namespace.get("__doc__") == node.value.value):
+        text = node.value.value if isinstance(node, ast.Expr) and isinstance(
+            node.value, ast.Constant) else None
+        if isinstance(text, str) and namespace.get("__doc__") == text:
             ctx.journal.setitem(namespace, "__doc__", None)  # the docstring was deleted or edited
         if gone.stmt.star:
             ctx.report.notes.append(
@@ -191,10 +191,9 @@ def _file_moved(diff: Diff, ctx: Context, filename: str) -> bool:
     if diff.old_filename is not None:
         return diff.old_filename != filename
     for old, _ in diff.same:
-        if old.kind == "def":
-            found = find_inner(ctx.namespace.get(old.name), old.name, ctx.namespace)
-            if found is not None:
-                return found[0].__code__.co_filename != filename
+        if old.kind != "other":
+            for fn in _functions_in(old, ctx, set()):
+                return fn.__code__.co_filename != filename
     return False
 
 

@@ -189,7 +189,8 @@ class Store:
         try:
             if path.stat().st_size > self.limits.max_bundle_bytes:  # never read a planted huge file
                 return None, f"{path.name} is larger than any bundle may be"
-            bundle = open_bundle(path.read_bytes(), self.trusted, app_id=self.app_id, limits=self.limits)
+            bundle = open_bundle(path.read_bytes(), self.trusted, app_id=self.app_id, limits=self.limits,
+                                 content=self.object)
         except FileNotFoundError:
             return None, f"{path.name} is missing"
         except OSError as exc:
@@ -414,13 +415,41 @@ class Store:
 
     # ---------------------------------------------------------------------------- trees
 
+    def object(self, sha256: str) -> bytes | None:
+        """An entry body this store holds (for delta bundles), or None. Its hash is checked by the reader."""
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            return None
+        try:
+            return (self._objects / sha256[:2] / sha256).read_bytes()
+        except OSError:
+            return None
+
+    def tree_path(self, bundle: Bundle) -> Path:
+        """Where ``tree(bundle)`` lays the version out; computing it writes nothing."""
+        return self._trees / _stem(bundle.version, bundle.digest)
+
+    def discard(self, bundle: Bundle) -> None:
+        """Forget a staged bundle whose push failed: its staged file and its tree, if not committed.
+
+        A failed push leaves no trace but its history entry. Objects shared with other versions
+        stay; unreferenced ones go at the next prune.
+        """
+        name = f"{_stem(bundle.version, bundle.digest)}.hbn"
+        if (self._bundles / name).exists():
+            return  # a stored version (a rollback target): never discarded
+        with self._lock, self._io(f"discard v{bundle.version}"):
+            (self._staged / name).unlink(missing_ok=True)
+            root = self.tree_path(bundle)
+            if root.is_dir():
+                _fsutil.remove_tree(root)
+
     def tree(self, bundle: Bundle) -> Path:
         """A read-only source tree of ``bundle`` (``tree/<entry.path>``), built once, then reused.
 
         Bodies live once in ``objects/`` and are hard-linked in, so a push that changes one file of
         1,000 writes one object and makes 1,000 links. Built in a temp dir and renamed into place.
         """
-        root = self._trees / _stem(bundle.version, bundle.digest)
+        root = self.tree_path(bundle)
         if root.is_dir():
             return root
         with self._lock, self._io(f"build the source tree of v{bundle.version}"):

@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -31,9 +31,9 @@ from ._journal import Journal
 from ._plan import Plan, make_plan
 from .bundle import Bundle, Limits, open_bundle
 from .errors import ActivationFailed, ControlRejected, DeployInProgress, HabaneroError
-from .finder import BundleIndex
+from .finder import BundleIndex  # noqa: F401  (type of the index)
 from .keys import TrustedKeys
-from .rebind import ModuleReport, update_module
+from .rebind import ModuleReport, one_heap_pass, update_module
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ def apply(host: _Host, data: bytes) -> UpgradeReport:
     with _deploying(host):
         clock = _Clock()
         try:
-            bundle = open_bundle(data, host.trusted, app_id=host.app_id, limits=host.limits)
+            bundle = open_bundle(data, host.trusted, app_id=host.app_id, limits=host.limits,
+                                 content=_content_lookup(host), base_manifest=_base_manifest(host))
             host.store.check_fresh(bundle)
         except HabaneroError as exc:
             _record(host, "push", None, exc)
@@ -150,18 +151,40 @@ def rollback(host: _Host, to: int | None = None, *, expect: int | None = None) -
         return _transition(host, target, "rollback", clock)
 
 
+def _content_lookup(host: _Host) -> Callable[[str], bytes | None]:
+    """Entry bodies by sha256: from the active bundle in memory, else from the store's objects."""
+    active = host.store.active
+    by_hash = {e.sha256: e for e in active.entries.values()} if active is not None else {}
+
+    def lookup(sha256: str) -> bytes | None:
+        entry = by_hash.get(sha256)
+        if entry is not None:
+            return active.payload[entry.offset : entry.offset + entry.size]  # type: ignore[union-attr]
+        return host.store.object(sha256)
+
+    return lookup
+
+
+def _base_manifest(host: _Host) -> Callable[[str], bytes | None]:
+    """A packed push must be packed against the active bundle's manifest (the CLI asks for it)."""
+    active = host.store.active
+    return lambda digest: active.manifest_bytes if active is not None and active.digest == digest else None
+
+
 def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> UpgradeReport:
     store, finder = host.store, host.finder
     current: Bundle | None = store.active
     try:
-        store.stage(bundle)
-        tree = store.tree(bundle)
-        clock.lap("stage")
-        index = finder.index_for(bundle, tree)
-        live = _live_modules(index)
-        plan = make_plan(current, bundle, live=live, old_source_of=_old_source,
+        # Plan against the paths the version will have, before writing anything: a bundle that
+        # does not compile leaves nothing behind but its history entry.
+        index = finder.index_for(bundle, store.tree_path(bundle))
+        plan = make_plan(current, bundle, live=_live_modules(index),
+                         old_source_of=lambda module: _old_source(module, finder.disk_sources),
                          filename_of=index.filename, compile_module=finder.code_cache.compile_module)
         clock.lap("plan")
+        store.stage(bundle)
+        store.tree(bundle)
+        clock.lap("stage")
     except HabaneroError as exc:
         _record(host, action, bundle, exc)
         raise
@@ -186,6 +209,7 @@ def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> Upgr
                 f"was undone and version {report.previous_version or 'on disk'} is still serving",
                 remote_traceback=tb, version=bundle.version)
             _record(host, action, bundle, failure)
+            _discard(store, bundle)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         raise failure from exc
@@ -193,6 +217,13 @@ def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> Upgr
     log.info("%s to version %s: %d changed, %d added, %d removed in %.1f ms", action, bundle.version,
              len(plan.changed), len(plan.added), len(plan.removed), report.timings_ms["total"])
     return report
+
+
+def _discard(store: Any, bundle: Bundle) -> None:
+    try:
+        store.discard(bundle)
+    except Exception:  # the undo already happened; a leftover file is cleaned at the next open
+        log.exception("could not discard the staged files of failed version %s", bundle.version)
 
 
 def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, report: UpgradeReport,
@@ -206,12 +237,13 @@ def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, r
             parent, _, child = name.rpartition(".")
             if parent in sys.modules and getattr(sys.modules[parent], child, None) is module:
                 journal.delattr(sys.modules[parent], child)
-    for change in plan.rerun:
-        module = sys.modules[change.name]
-        _retarget(module, index, journal)
-        report.modules.append(update_module(
-            module, change.new_source, filename=change.filename, old_source=change.old_source,
-            journal=journal, version=version, code=change.code))
+    with one_heap_pass(journal):  # closures made from changed code: one heap scan for the whole push
+        for change in plan.rerun:
+            module = sys.modules[change.name]
+            _retarget(module, index, journal)
+            report.modules.append(update_module(
+                module, change.new_source, filename=change.filename, old_source=change.old_source,
+                journal=journal, version=version, code=change.code))
 
 
 def _retarget(module: types.ModuleType, index: BundleIndex, journal: Journal) -> None:
@@ -229,8 +261,11 @@ def _live_modules(index: BundleIndex) -> dict[str, types.ModuleType]:
     return {name: sys.modules[name] for name in index.module_names() if name in sys.modules}
 
 
-def _old_source(module: types.ModuleType) -> bytes | None:
-    """The source a live module was loaded from, through its own loader (disk or bundle)."""
+def _old_source(module: types.ModuleType, disk_sources: dict[str, bytes]) -> bytes | None:
+    """The source a live module runs: as recorded when it was imported from disk, else its loader's."""
+    recorded = disk_sources.get(module.__name__)
+    if recorded is not None:
+        return recorded
     loader = getattr(module, "__loader__", None)
     get_source = getattr(loader, "get_source", None)
     if get_source is None:

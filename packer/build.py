@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay import __version__
-from overlay.bundle import DEFAULT_LIMITS, Limits, build_bundle, manifest_bytes_of, open_bundle, read_unverified
+from overlay.bundle import DEFAULT_LIMITS, Base, Limits, build_bundle, manifest_bytes_of, open_bundle, read_unverified
 from overlay.errors import BundleRejected
 from overlay.keys import SigningKey, TrustedKeys
 
@@ -52,6 +52,7 @@ class BuiltBundle:
     uncompressed_size: int
     key_id: str
     timings: dict[str, float]  # milliseconds: collect, metadata, bundle (hash+compress+sign), total
+    manifest_bytes: bytes = field(default=b"", repr=False)
 
     @property
     def version(self) -> int:
@@ -86,12 +87,14 @@ def build(
     builder: Mapping[str, Any] | None = None,
     level: int = LEVEL,
     limits: Limits = DEFAULT_LIMITS,
+    base: Base | None = None,
 ) -> BuiltBundle:
     """Collect, hash, compress and sign the project's packages as bundle ``version``.
 
     Pass a refreshed ``snapshot`` to reuse what it holds instead of reading the packages again,
     and ``builder`` to reuse metadata (watch mode does both; git costs milliseconds per call).
-    ``level`` is the zstd level: lower it when build time matters more than bytes.
+    ``level`` is the zstd level: lower it when build time matters more than bytes. With ``base``
+    (the server's active bundle) the payload carries only what the base lacks (a delta).
 
     Example::
 
@@ -104,7 +107,7 @@ def build(
     meta = dict(builder) if builder is not None else builder_info(config.root)
     described = time.perf_counter()
     data = build_bundle(files, app_id=config.app_id, version=version, signers=[signer], parent=parent,
-                        builder=meta, level=level, limits=limits)
+                        builder=meta, level=level, limits=limits, base=base)
     # Our own bytes, checked by build_bundle a moment ago: parse without checking them again.
     manifest_bytes = manifest_bytes_of(data)
     manifest = json.loads(manifest_bytes)
@@ -120,6 +123,7 @@ def build(
         uncompressed_size=manifest["payload"]["uncompressed_size"],
         key_id=signer.key_id,
         timings={k: round(v * 1000, 2) for k, v in timings.items()},
+        manifest_bytes=manifest_bytes,
     )
 
 

@@ -67,8 +67,11 @@ PACKAGES = arg("--packages", metavar="A,B", help="comma-separated top-level pack
                "(default: HABANERO_PACKAGES, [tool.habanero] packages)")
 KEY = arg("--key", metavar="PATH", help="signing key (default: HABANERO_KEY, [tool.habanero] key, "
           ".habanero/deploy_key, ~/.ssh/id_ed25519)")
-#: Project options the top level takes (for --push) as well as the commands that list them.
-SHARED = (PROJECT, APP_ID, PACKAGES, KEY)
+CA_FILE = arg("--ca-file", metavar="FILE", help="CA certificate(s) to trust for an https:// URL "
+              "(default: HABANERO_CA_FILE, [tool.habanero] ca_file, the system's CAs)")
+JSON = arg("--json", action="store_true", help="print JSON (with --push: the push's result)")
+#: Options the top level takes (for --push) as well as the commands that list them.
+SHARED = (PROJECT, APP_ID, PACKAGES, KEY, CA_FILE, JSON)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +249,7 @@ def _load_config(args: argparse.Namespace):  # -> ProjectConfig
         packages=[p.strip() for p in args.packages.split(",") if p.strip()] if args.packages else None,
         key=args.key,
         url=url,
+        ca_file=args.ca_file,
     )
 
 

@@ -10,12 +10,14 @@ The project is the nearest directory, from the current one upwards, that holds a
     exclude = ["*.psd"]                 # data files never to ship
     key = ".habanero/deploy_key"        # signing key, relative to the project; ~ is expanded
     url = "http://127.0.0.1:8765"       # where --push sends bundles
+    ca_file = "deploy/ca.pem"           # CA to trust for an https:// url (default: the system's)
 
 Every setting resolves in one order, the first that is set wins:
 
 1. the command-line flag (an argument of :func:`load_config`);
 2. the environment: ``HABANERO_APP_ID``, ``HABANERO_PACKAGES`` (comma-separated), ``HABANERO_KEY``,
-   ``HABANERO_URL`` (flag and environment paths are relative to the current directory);
+   ``HABANERO_URL``, ``HABANERO_CA_FILE`` (flag and environment paths are relative to the current
+   directory; pyproject paths to the project);
 3. ``[tool.habanero]`` in ``pyproject.toml``;
 4. the built-in default: ``app_id`` is the first package; the key is ``.habanero/deploy_key`` in
    the project (where ``habanero-pack keygen`` writes it), then ``~/.ssh/id_ed25519``, each only if
@@ -49,7 +51,7 @@ PYPROJECT = "pyproject.toml"
 PROJECT_KEY = Path(".habanero") / "deploy_key"
 HOME_KEY = Path("~") / ".ssh" / "id_ed25519"
 # Every [tool.habanero] setting some feature reads; anything else earns a "did you mean" warning.
-KNOWN_SETTINGS = frozenset({"app_id", "packages", "include", "exclude", "key", "url"})
+KNOWN_SETTINGS = frozenset({"app_id", "packages", "include", "exclude", "key", "url", "ca_file"})
 # Never shippable; the same names overlay.finder refuses to serve.
 RESERVED = frozenset({"overlay", "packer", "habanero", "__main__", "sitecustomize", "usercustomize"})
 _APP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -66,6 +68,7 @@ class ProjectConfig:
     exclude: tuple[str, ...] = ()
     key: Path | None = None
     url: str | None = None
+    ca_file: Path | None = None  # None: the system's CAs
     # The whole [tool.habanero] table, for settings that later features read themselves.
     settings: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -91,6 +94,7 @@ def load_config(
     packages: list[str] | tuple[str, ...] | None = None,
     key: str | os.PathLike[str] | None = None,
     url: str | None = None,
+    ca_file: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ProjectConfig:
     """Resolve the project's settings: flags (the arguments), then environment, then pyproject.
@@ -115,6 +119,7 @@ def load_config(
         exclude=_globs(table, "exclude", pyproject) or (),
         key=_resolve_key(key, env, table, root, pyproject),
         url=_resolve_url(url, env, table, pyproject),
+        ca_file=_resolve_ca_file(ca_file, env, table, root, pyproject),
         settings=table,
     )
 
@@ -223,6 +228,15 @@ def _resolve_key(flag: Any, env: Mapping[str, str], table: Mapping[str, Any], ro
 def _resolve_url(flag: str | None, env: Mapping[str, str], table: Mapping[str, Any],
                  pyproject: Path) -> str | None:
     return flag or _env(env, "HABANERO_URL") or _typed(table, "url", str, pyproject)
+
+
+def _resolve_ca_file(flag: Any, env: Mapping[str, str], table: Mapping[str, Any], root: Path,
+                     pyproject: Path) -> Path | None:
+    chosen = flag or _env(env, "HABANERO_CA_FILE")
+    if chosen:
+        return Path(chosen).expanduser().absolute()
+    configured = _typed(table, "ca_file", str, pyproject)
+    return root / Path(configured).expanduser() if configured else None
 
 
 def _typed(table: Mapping[str, Any], name: str, kind: type, pyproject: Path) -> Any:

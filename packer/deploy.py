@@ -12,11 +12,9 @@ import argparse
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from typing import TYPE_CHECKING
-
-from .cli import APP_ID, KEY, PROJECT, arg, command
+from .cli import APP_ID, CA_FILE, JSON, KEY, PROJECT, arg, command
 
 if TYPE_CHECKING:  # the client pulls in cryptography: imported when a command runs, not at start-up
     from overlay.errors import HabaneroError
@@ -32,6 +30,7 @@ class PushResult:
     response: dict[str, Any]
     timings_ms: dict[str, float] = field(default_factory=dict)
     bytes_sent: int = 0
+    delta: bool = False
 
     @property
     def report(self) -> dict[str, Any]:
@@ -60,11 +59,67 @@ def _remote(config: Any, url: str, args: argparse.Namespace, *, signed: bool = T
     from .client import Remote
 
     key = load_signing_key(config.require_key()) if signed else None
-    return Remote(url, app_id=config.app_id, key=key, ca_file=getattr(args, "ca_file", None))
+    ca_file = str(config.ca_file) if config.ca_file is not None else None
+    return Remote(url, app_id=config.app_id, key=key, ca_file=ca_file)
 
 
-def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int = 3) -> PushResult:
-    """Build the next version on top of what the app runs, push it, and confirm it is live."""
+class BaseCache:
+    """Manifests of bundles this project pushed, so the next push can be a delta against them.
+
+    Kept in memory (watch mode) and in ``<project>/.habanero/pushed/`` (one-off pushes), keyed by
+    digest. Only manifests this side built are cached, so their content is trusted here.
+    """
+
+    KEEP = 8
+
+    def __init__(self, root: Any | None) -> None:
+        from pathlib import Path
+
+        self._memory: dict[str, bytes] = {}
+        self._dir = Path(root) / ".habanero" / "pushed" if root is not None else None
+
+    def get(self, digest: str | None) -> Any:
+        from overlay.bundle import Base
+
+        if not digest:
+            return None
+        manifest = self._memory.get(digest)
+        if manifest is None and self._dir is not None:
+            try:
+                manifest = (self._dir / f"{digest}.json").read_bytes()
+            except OSError:
+                return None
+        try:
+            base = Base.from_manifest(manifest)
+        except ValueError:
+            return None
+        return base if base.digest == digest else None
+
+    def put(self, digest: str, manifest_bytes: bytes) -> None:
+        self._memory = {digest: manifest_bytes}  # the newest is the one the server runs
+        if self._dir is None:
+            return
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._dir / f".{digest}.tmp"
+            tmp.write_bytes(manifest_bytes)
+            tmp.replace(self._dir / f"{digest}.json")
+            for old in sorted(self._dir.glob("*.json"), key=lambda p: p.stat().st_mtime)[: -self.KEEP]:
+                old.unlink(missing_ok=True)
+        except OSError:
+            pass  # a cache: the next push is a full one
+
+
+def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int = 3,
+              bases: BaseCache | None = None, builder: Any = None) -> PushResult:
+    """Build the next version on top of what the app runs, push it, and confirm it is live.
+
+    When ``bases`` holds the manifest of the app's active bundle, the push is a packed delta (only
+    changed entries, manifest compressed against the active one); a server that lacks that parent
+    answers ``parent_missing`` and the push is repeated in full.
+    """
+    from overlay._delta import pack
+
     from .build import build
     from .client import RemoteError
 
@@ -72,11 +127,22 @@ def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int =
     before = remote.status()
     asked = time.perf_counter()
     version = int(before.get("highest") or 0) + 1
-    active = before.get("active") or {}
-    built = build(config, version=version, signer=remote.key, parent=active.get("digest"),
-                  snapshot=snapshot, level=level)
+    parent = (before.get("active") or {}).get("digest")
+    base = bases.get(parent) if bases is not None else None
+    built = build(config, version=version, signer=remote.key, parent=parent, snapshot=snapshot,
+                  level=level, base=base, builder=builder)
+    wire = pack(built.data, base, [remote.key]) if base is not None else built.data
     made = time.perf_counter()
-    response = remote.push(built.data)
+    try:
+        response = remote.push(wire)
+    except RemoteError as exc:
+        if exc.code != "parent_missing" or base is None:
+            raise
+        built = build(config, version=version, signer=remote.key, parent=parent, snapshot=snapshot,
+                      level=level, builder=built.manifest["builder"])
+        wire = built.data
+        made = time.perf_counter()
+        response = remote.push(wire)
     sent = time.perf_counter()
     after = remote.status()
     confirmed = time.perf_counter()
@@ -86,6 +152,8 @@ def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int =
             f"the server answered OK to version {version} but its active bundle is "
             f"{(after.get('active') or {}).get('version', 'none')} ({(live or 'none')[:12]}); the push did "
             "not take effect — check the app's log", code="not_confirmed")
+    if bases is not None:
+        bases.put(built.digest, built.manifest_bytes)
     server_ms = float(response.get("server_ms", 0.0))
     timings = {
         "status": (asked - started) * 1000,
@@ -96,14 +164,17 @@ def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int =
         "total": (confirmed - started) * 1000,
     }
     return PushResult(version, built.digest, str(remote.endpoint), response,
-                      {k: round(v, 2) for k, v in timings.items()}, len(built.data))
+                      {k: round(v, 2) for k, v in timings.items()}, len(wire), delta=base is not None
+                      and wire is not built.data)
 
 
 def describe_push(result: PushResult) -> str:
     """One readable summary of a push: version, what changed, what was patched, and timings."""
     r = result.report
     t = result.timings_ms
-    lines = [f"pushed version {r['version']} to {result.url} ({result.digest[:12]}, {result.bytes_sent} bytes) in "
+    kind = "delta" if result.delta else "full"
+    lines = [f"pushed version {r['version']} to {result.url} ({result.digest[:12]}, {result.bytes_sent} bytes "
+             f"{kind}) in "
              f"{t['total']:.0f} ms: build {t['build']:.0f}, transfer {t['transfer']:.0f}, server "
              f"{t['server']:.1f} (verify {r['timings_ms'].get('verify', 0):.1f}, apply "
              f"{r['timings_ms'].get('apply', 0):.1f})"]
@@ -122,6 +193,19 @@ def describe_push(result: PushResult) -> str:
     if not any(r.get(k) for k in ("changed", "added", "removed", "data_changed")):
         lines.append("  nothing changed in the code; the version number moved on")
     return "\n".join(lines)
+
+
+def push_json(result: PushResult) -> dict[str, Any]:
+    """The push's result for scripts and benchmarks: client timings plus the server's report."""
+    return {"ok": True, "version": result.version, "digest": result.digest, "url": result.url,
+            "bytes": result.bytes_sent, "timings_ms": result.timings_ms, "report": result.report}
+
+
+def failure_json(exc: HabaneroError, project_root: str) -> dict[str, Any]:
+    from .client import map_traceback
+
+    return {"ok": False, "code": exc.code, "message": map_traceback(exc.message, project_root),
+            "remote_traceback": map_traceback(getattr(exc, "remote_traceback", ""), project_root)}
 
 
 def describe_failure(exc: HabaneroError, project_root: str) -> str:
@@ -146,20 +230,20 @@ def run_push(args: argparse.Namespace) -> int:
     config, url = _target(args, need_packages=True)
     with _remote(config, url, args) as remote:
         try:
-            result = push_once(remote, config)
+            result = push_once(remote, config, bases=BaseCache(config.root))
         except RemoteError as exc:
             if not exc.status or exc.code == "not_habanero":  # one line from main()
                 raise
+            if args.json:
+                print(json.dumps(failure_json(exc, str(config.root)), indent=2))
             print(f"{PROG}: push refused: {describe_failure(exc, str(config.root))}", file=sys.stderr)
             print(f"{PROG}: the app still serves its previous version", file=sys.stderr)
             return 1
-    print(describe_push(result))
+    print(json.dumps(push_json(result), indent=2) if args.json else describe_push(result))
     return 0
 
 
 URL = arg("url", nargs="?", metavar="URL", help="the app's URL (default: HABANERO_URL, [tool.habanero] url)")
-CA_FILE = arg("--ca-file", metavar="FILE", help="CA bundle to trust for an https:// URL")
-JSON = arg("--json", action="store_true", help="print JSON")
 
 
 @command("status", URL, CA_FILE, JSON, KEY, PROJECT, APP_ID, help="show the version a running app serves")
@@ -193,6 +277,8 @@ def _status(args: argparse.Namespace) -> int:
          arg("--limit", type=int, default=20, help="how many entries (default 20)"),
          help="show a running app's deploy history")
 def _history(args: argparse.Namespace) -> int:
+    from .client import map_traceback
+
     config, url = _target(args, need_packages=False)
     with _remote(config, url, args) as remote:
         entries = remote.history(args.limit)
@@ -200,7 +286,8 @@ def _history(args: argparse.Namespace) -> int:
         print(json.dumps(entries, indent=2))
         return 0
     for e in entries:
-        reason = f"  {e.get('code')}: {e.get('reason')}" if e.get("outcome") != "ok" else ""
+        reason = (f"  {e.get('code')}: {map_traceback(str(e.get('reason')), str(config.root))}"
+                  if e.get("outcome") != "ok" else "")
         print(f"{e.get('time', '?'):<27} {e.get('action', '?'):<9} v{e.get('version')!s:<5} "
               f"{e.get('outcome', '?'):<7} {(e.get('digest') or '')[:12]:<12}{reason}")
     if not entries:

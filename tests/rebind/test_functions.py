@@ -221,7 +221,8 @@ def test_renamed_keyword_only_parameter_gets_its_default(live):
 
 
 def test_def_inside_a_compound_statement_is_paired_by_its_qualified_name(live):
-    v1 = "try:\n    import no_such_module_xyz\nexcept ImportError:\n    def fallback():\n        return 1\n"
+    v1 = ("try:\n    import no_such_module_xyz\nexcept ImportError:\n"
+          "    def fallback():\n        return 1\n")
     m = live(v1)
     fallback = m.ns["fallback"]
 
@@ -258,3 +259,16 @@ def test_successive_pushes_to_the_same_function_each_apply(live):
     for n in range(2, 6):
         m.push(f"def f():\n    return {n}\n")
         assert f() == n
+
+
+def test_functions_sharing_a_name_are_paired_by_their_own_statement(live):
+    v1 = ("import functools\n\n@functools.singledispatch\ndef show(x):\n    return 'any'\n\n"
+          "@show.register\ndef _(x: int):\n    return 'int'\n\n"
+          "@show.register\ndef _(x: str):\n    return 'str'\n")
+    m = live(v1)
+    last = m.ns["_"]
+
+    m.push(v1.replace("return 'int'", "return 'INT'"))
+
+    assert m.module.show(1) == "INT" and m.module.show("s") == "str"
+    assert m.module._ is last and last("s") == "str"  # the later definition still owns `_`

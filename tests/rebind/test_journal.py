@@ -104,7 +104,8 @@ def test_class_dict_cannot_be_used_as_a_mapping():
 def test_call_records_its_undo_only_when_the_action_succeeded():
     log = []
     journal = Journal()
-    assert journal.call(lambda: log.append("do") or "result", lambda: log.append("undo")) == "result"
+    result = journal.call(lambda: log.append("do") or "result", lambda: log.append("undo"))
+    assert result == "result"
     with pytest.raises(ZeroDivisionError):
         journal.call(lambda: 1 / 0, lambda: log.append("never"))
 

@@ -59,7 +59,8 @@ def test_comment_only_change_runs_nothing(live):
 
 
 def test_unknown_old_source_runs_everything_and_still_pairs_definitions(live):
-    m = live("COUNT = 1\n\ndef f():\n    return 'v1'\n\nclass K:\n    def g(self):\n        return 1\n")
+    m = live("COUNT = 1\n\ndef f():\n    return 'v1'\n\n"
+             "class K:\n    def g(self):\n        return 1\n")
     f, K = m.ns["f"], m.ns["K"]
     k = K()
 
@@ -161,7 +162,7 @@ def test_changed_string_statement_in_the_middle_does_not_become_the_module_doc(l
 
 def test_module_first_imported_from_disk_gets_the_new_file_name_even_if_file_was_updated(
         live, tmp_path):
-    v1 = "def steady():\n    raise ValueError('x')\n\ndef other():\n    return 1\n"
+    v1 = "class Steady:\n    def boom(self):\n        raise ValueError\n\ndef other():\n    return 1\n"
     m = live(v1)
     target = tmp_path / "bundle_copy.py"
     new = v1.replace("return 1", "return 2")
@@ -171,7 +172,7 @@ def test_module_first_imported_from_disk_gets_the_new_file_name_even_if_file_was
     from overlay.rebind import update_module
     update_module(m.module, new, filename=str(target), old_source=v1, journal=m.journal)
 
-    assert m.module.steady.__code__.co_filename == str(target)
+    assert m.module.Steady.boom.__code__.co_filename == str(target)
 
 
 def test_comment_inside_a_decorated_class_reruns_nothing(live):
@@ -182,3 +183,16 @@ def test_comment_inside_a_decorated_class_reruns_nothing(live):
     report = m.push(v1.replace("    def f(self):", "    # a comment\n    def f(self):"))
 
     assert report.reran == [] and m.module.SEEN == [m.module.K]
+
+
+def test_sources_given_as_bytes_are_decoded_like_imports(live, tmp_path):
+    from overlay.rebind import update_module
+
+    m = live("def f():\n    return 'v1'\n")
+    f = m.ns["f"]
+
+    update_module(m.module, "# -*- coding: latin-1 -*-\r\ndef f():\r\n    return '\xe9'\r\n"
+                  .encode("latin-1"), filename=str(tmp_path / "f.py"),
+                  old_source=m.source.encode(), journal=m.journal)
+
+    assert m.module.f is f and f() == "\u00e9"

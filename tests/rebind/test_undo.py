@@ -109,3 +109,40 @@ def test_undo_twice_is_harmless(live, snippet):
     m.undo()
 
     assert_identical(before, fingerprint(m.module))
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=list(KINDS))
+def test_pushing_the_previous_source_back_restores_the_previous_behaviour(live, snippet, kind):
+    v1, v2, use = KINDS[kind]
+    m = live(snippet(v1))
+    answer = use(m.module)
+
+    m.push(snippet(v2))
+    m.push(snippet(v1))
+
+    assert use(m.module) == answer
+
+
+def test_class_body_raising_half_way_is_undone_identically(live, snippet):
+    m = live(snippet("greeter_v1"))
+    before = fingerprint(m.module)
+    broken = snippet("greeter_v2").replace(
+        "    def wave(self):", "    raise KeyError('in body')\n\n    def wave(self):")
+
+    with pytest.raises(KeyError, match="in body"):
+        m.push(broken)
+    m.undo()
+
+    assert_identical(before, fingerprint(m.module))
+
+
+def test_decorator_raising_is_undone_identically(live, snippet):
+    m = live(snippet("decorated_v1"))
+    before = fingerprint(m.module)
+    broken = snippet("decorated_v2").replace("@traced\ndef double", "@traced(1)\ndef double")
+
+    with pytest.raises(AttributeError):  # traced(1) asks for (1).__name__
+        m.push(broken)
+    m.undo()
+
+    assert_identical(before, fingerprint(m.module))

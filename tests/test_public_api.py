@@ -1,0 +1,42 @@
+"""The public face of ``overlay`` is one screen; pin it so a change to it is a decision."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import overlay
+
+EXPECTED = {
+    "install", "Overlay", "HabaneroError", "BundleRejected", "UnknownFormat", "BadSignature",
+    "UntrustedKey", "WrongApp", "StaleVersion", "TooLarge", "CorruptPayload", "BadManifest",
+    "BadEntryName", "ParentMissing", "CompileFailed", "KeyProblem", "StoreError", "ConfigError",
+    "ActivationFailed", "ControlRejected", "DeployInProgress", "__version__",
+}
+
+
+def test_public_names_are_exactly_the_documented_ones():
+    assert set(overlay.__all__) == EXPECTED
+    for name in overlay.__all__:
+        assert getattr(overlay, name) is not None
+
+
+def test_install_keeps_the_keyword_names_tools_and_docs_rely_on():
+    params = inspect.signature(overlay.install).parameters
+    assert list(params)[:5] == ["packages", "trusted_keys", "store", "listen", "app"]
+    for name in ("app_id", "limits", "tls_cert", "tls_key", "public_status"):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_every_error_is_a_habanero_error_with_a_code():
+    for name in EXPECTED - {"install", "Overlay", "__version__"}:
+        cls = getattr(overlay, name)
+        assert issubclass(cls, overlay.HabaneroError)
+        assert cls("x").code and 400 <= cls("x").http_status < 600
+
+
+def test_importing_overlay_does_not_load_the_run_time_machinery():
+    code = "import sys, overlay; print(sorted({'overlay._install', 'overlay.store', 'aiohttp'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

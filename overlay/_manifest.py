@@ -7,7 +7,9 @@ so ``{"version": 1, "version": 999}`` could read differently to two parsers), as
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -56,20 +58,27 @@ _ENTRY = {"name": str, "kind": str, "offset": int, "size": int, "sha256": str}
 def _check_fields(obj: Any, schema: Mapping[str, Any], where: str) -> None:
     if not isinstance(obj, dict):
         raise BadManifest(f"{where} must be an object")
-    missing = schema.keys() - obj.keys()
-    extra = obj.keys() - schema.keys()
-    if missing or extra:
-        raise BadManifest(f"{where}: missing {sorted(missing)} / unknown {sorted(extra)} fields")
+    if len(obj) != len(schema) or obj.keys() != schema.keys():
+        _report_fields(obj, schema, where)
     for key, kind in schema.items():
         value = obj[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if value.__class__ is bool or not isinstance(value, kind):
             raise BadManifest(f"{where}.{key} has the wrong type ({type(value).__name__})")
-        if isinstance(value, int) and value < 0:
+        if value.__class__ is int and value < 0:
             raise BadManifest(f"{where}.{key} must not be negative")
 
 
+def _report_fields(obj: dict[str, Any], schema: Mapping[str, Any], where: str) -> None:
+    missing = schema.keys() - obj.keys()
+    extra = obj.keys() - schema.keys()
+    raise BadManifest(f"{where}: missing {sorted(missing)} / unknown {sorted(extra)} fields")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def _is_sha256(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+    return _SHA256.fullmatch(text) is not None
 
 
 def check_manifest(m: Any, limits: Limits) -> None:
@@ -123,10 +132,15 @@ def _check_included(included: list[Any], entries: list[dict[str, Any]]) -> None:
 def _check_entries(entries: list[Any], total: int, limits: Limits) -> None:
     offset, previous = 0, None
     names: dict[str, str] = {}
+    entry_keys = _ENTRY.keys()
     for i, e in enumerate(entries):
-        _check_fields(e, _ENTRY, f"manifest.entries[{i}]")
+        # Fast path for the common, well-formed entry; anything odd gets the precise check.
+        if not (e.__class__ is dict and e.keys() == entry_keys and e["name"].__class__ is str
+                and e["kind"].__class__ is str and e["offset"].__class__ is int
+                and e["size"].__class__ is int and e["sha256"].__class__ is str and e["size"] >= 0):
+            _check_fields(e, _ENTRY, f"manifest.entries[{i}]")
         name, kind = e["name"], e["kind"]
-        check_entry_name(name, kind)
+        _check_name(name, kind)
         if previous is not None and name <= previous:
             raise BadEntryName(f"entry {name!r} is a duplicate or out of order; entries are unique and "
                                "sorted by name", name=name)
@@ -144,6 +158,12 @@ def _check_entries(entries: list[Any], total: int, limits: Limits) -> None:
     if offset != total:
         raise BadManifest(f"entries add up to {offset} bytes but the payload declares {total}")
     _check_tree(names)
+
+
+@functools.lru_cache(maxsize=65536)
+def _check_name(name: str, kind: str) -> None:
+    """Names are checked by a pure function: a name seen valid once (last push) is valid again."""
+    check_entry_name(name, kind)
 
 
 def _check_tree(names: Mapping[str, str]) -> None:

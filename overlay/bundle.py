@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import zstandard
 
@@ -66,8 +66,9 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
+    """One file of a bundle. A tuple, not a dataclass: a bundle makes thousands of them per open."""
+
     name: str
     kind: str  # "module", "package" (an __init__) or "data"
     offset: int
@@ -347,7 +348,8 @@ def open_bundle(
         raise WrongApp(f"this bundle is for app {manifest['app_id']!r} but this server runs "
                        f"{app_id!r}; push to the right server or set app_id in [tool.habanero]",
                        expected=app_id, got=manifest["app_id"])
-    entries = {e["name"]: Entry(**e) for e in manifest["entries"]}
+    entries = {e["name"]: Entry(e["name"], e["kind"], e["offset"], e["size"], e["sha256"])
+               for e in manifest["entries"]}
     declared = manifest["payload"]
     if declared["codec"] == "zstd-delta":
         carried = [entries[name] for name in declared["included"]]

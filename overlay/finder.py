@@ -302,6 +302,8 @@ class OverlayFinder:
         The spec is the one the next finder would return; only its loader records the source bytes
         it executes, which costs one read of a file the import reads anyway.
         """
+        if path is None and "." in fullname:
+            return None  # a submodule is always looked up in its parent's __path__
         spec = PathFinder.find_spec(fullname, path)  # type: ignore[arg-type]
         if spec is not None and type(spec.loader) is SourceFileLoader:
             spec.loader = _RecordingLoader(spec.loader.name, spec.loader.path, self.disk_sources)

@@ -499,7 +499,7 @@ def test_tree_refuses_an_entry_path_outside_the_tree(opener, store_dir, tmp_path
     evil = evil.format(tmp=tmp_path)
     store = opener()
     bundle = make(key, 1)
-    entry = dataclasses.replace(bundle.entries["shop.mod"], name=evil, kind="data")
+    entry = bundle.entries["shop.mod"]._replace(name=evil, kind="data")
     forged = dataclasses.replace(bundle, entries={**bundle.entries, evil: entry})
     with pytest.raises(BadEntryName):
         store.tree(forged)

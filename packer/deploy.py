@@ -89,9 +89,11 @@ class BaseCache:
                 manifest = (self._dir / f"{digest}.json").read_bytes()
             except OSError:
                 return None
+        if manifest is None:
+            return None
         try:
             base = Base.from_manifest(manifest)
-        except ValueError:
+        except (ValueError, KeyError, TypeError):
             return None
         return base if base.digest == digest else None
 

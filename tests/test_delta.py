@@ -1,0 +1,180 @@
+"""Delta pushes: only what changed travels, and the server rebuilds and verifies the whole snapshot."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from overlay._delta import pack
+from overlay.bundle import Base, build_bundle, open_bundle
+from overlay.errors import BundleRejected, ParentMissing
+
+BIG = {"app": ("package", b"")}
+for _p in range(20):
+    BIG[f"app.p{_p}"] = ("package", b"")
+    for _m in range(50):
+        BIG[f"app.p{_p}.m{_m}"] = ("module", "".join(
+            f"def handler_{i}(request, limit={_m}):\n    return request.get('k{i}', {i}) + limit\n\n"
+            for i in range(12)).encode())
+
+
+def _one_line_change(files: dict) -> dict:
+    changed = dict(files)
+    kind, body = files["app.p7.m13"]
+    changed["app.p7.m13"] = (kind, body.replace(b"return request.get('k3', 3)", b"return request.get('k3', 4)"))
+    return changed
+
+
+@pytest.fixture
+def v1(signing_key, trusted):
+    return open_bundle(build_bundle(BIG, app_id="app", version=1, signers=[signing_key]), trusted)
+
+
+def _held(bundle):
+    by_hash = {e.sha256: bundle.read(n) for n, e in bundle.entries.items()}
+    return by_hash.get
+
+
+def test_one_line_change_in_1000_modules_sends_under_4_kb(v1, signing_key, trusted):
+    base = Base.from_manifest(v1.manifest_bytes)
+    canonical = build_bundle(_one_line_change(BIG), app_id="app", version=2, signers=[signing_key], base=base)
+    wire = pack(canonical, base, [signing_key])
+    assert len(v1.raw) > 100_000  # the full bundle: mostly manifest
+    assert len(wire) < 4096
+    opened = open_bundle(wire, trusted, app_id="app", content=_held(v1),
+                         base_manifest={v1.digest: v1.manifest_bytes}.get)
+    assert opened.manifest["payload"]["included"] == ["app.p7.m13"]
+    assert opened.read("app.p7.m13") == _one_line_change(BIG)["app.p7.m13"][1]
+    assert opened.read("app.p1.m1") == BIG["app.p1.m1"][1]
+    assert opened.raw == canonical  # the store keeps the unpacked form
+
+
+def test_delta_without_the_parent_content_is_refused_as_parent_missing(v1, signing_key, trusted):
+    base = Base.from_manifest(v1.manifest_bytes)
+    canonical = build_bundle(_one_line_change(BIG), app_id="app", version=2, signers=[signing_key], base=base)
+    with pytest.raises(ParentMissing) as info:
+        open_bundle(canonical, trusted, content={}.get)
+    assert info.value.code == "parent_missing" and info.value.http_status == 409
+    with pytest.raises(ParentMissing):
+        open_bundle(pack(canonical, base, [signing_key]), trusted, content=_held(v1), base_manifest={}.get)
+
+
+def test_packed_push_from_an_untrusted_key_is_refused_before_inflating(v1, signing_key, other_key, trusted):
+    base = Base.from_manifest(v1.manifest_bytes)
+    canonical = build_bundle(_one_line_change(BIG), app_id="app", version=2, signers=[other_key], base=base)
+    wire = pack(canonical, base, [other_key])
+    inflated = []
+
+    def lookup(digest):
+        inflated.append(digest)
+        return v1.manifest_bytes
+
+    with pytest.raises(BundleRejected) as info:
+        open_bundle(wire, trusted, content=_held(v1), base_manifest=lookup)
+    assert info.value.code == "unknown_key" and inflated == []
+
+
+def test_tampered_packed_manifest_fails_the_transport_signature(v1, signing_key, trusted):
+    base = Base.from_manifest(v1.manifest_bytes)
+    wire = bytearray(pack(build_bundle(_one_line_change(BIG), app_id="app", version=2, signers=[signing_key],
+                                       base=base), base, [signing_key]))
+    wire[-20] ^= 1
+    with pytest.raises(BundleRejected) as info:
+        open_bundle(bytes(wire), trusted, content=_held(v1), base_manifest={v1.digest: v1.manifest_bytes}.get)
+    assert info.value.code == "bad_signature"
+
+
+def test_packed_manifest_declaring_more_than_the_cap_is_refused(v1, signing_key, trusted):
+    from overlay import _delta
+    from overlay.bundle import _HEADER, FLAG_PACKED, FORMAT, MAGIC, sign_block
+
+    bomb = zstandard.ZstdCompressor(write_content_size=True).compress(b"{" * (16 << 20))
+    base_raw = bytes.fromhex(v1.digest)
+    body = bomb + b"\x00"
+    sigs = sign_block(_delta.TRANSPORT_DOMAIN + base_raw + body, [signing_key])
+    wire = (_HEADER.pack(MAGIC, FORMAT, FLAG_PACKED, len(bomb), 1) + base_raw + struct.pack(">I", len(sigs))
+            + sigs + body)
+    with pytest.raises(BundleRejected) as info:
+        open_bundle(wire, trusted, base_manifest={v1.digest: v1.manifest_bytes}.get)
+    assert info.value.code == "manifest_too_large"
+
+
+def test_every_entry_hash_is_still_checked_after_rebuilding(v1, signing_key, trusted):
+    base = Base.from_manifest(v1.manifest_bytes)
+    canonical = build_bundle(_one_line_change(BIG), app_id="app", version=2, signers=[signing_key], base=base)
+    lying = {e.sha256: b"not what you think" for e in v1.entries.values()}.get
+    with pytest.raises(BundleRejected) as info:
+        open_bundle(canonical, trusted, content=lying)
+    assert info.value.code == "entry_hash_mismatch"
+
+
+# ------------------------------------------------------------------ through the real endpoint
+
+
+@pytest.fixture
+def served(tmp_path: Path, trusted_keys_file, signing_key, import_state, monkeypatch):
+    """An app package on disk, an overlay serving it with a real loopback endpoint, and its project."""
+    from packer.config import load_config
+
+    from _project import make_project
+
+    monkeypatch.delenv("HABANERO_DISABLE", raising=False)
+    files = {"dapp/__init__.py": "", **{f"dapp/m{i}.py": f"def f():\n    return {i}\n" for i in range(30)}}
+    project = make_project(tmp_path / "proj", files, table='packages = ["dapp"]\n')
+    import overlay
+
+    ov = overlay.install(packages=["dapp"], trusted_keys=str(trusted_keys_file), store=str(tmp_path / "store"),
+                         listen="127.0.0.1:0", code_cache=False)
+    try:
+        config = load_config(project, key=str(Path(signing_key.path)))
+        yield ov, config, f"http://127.0.0.1:{ov.address[1]}"
+    finally:
+        ov.uninstall()
+
+
+def test_second_push_is_a_small_delta_and_goes_live(served, signing_key):
+    from packer.client import Remote
+    from packer.deploy import BaseCache, push_once
+
+    ov, config, url = served
+    bases = BaseCache(None)
+    with Remote(url, app_id=config.app_id, key=signing_key) as remote:
+        first = push_once(remote, config, bases=bases)
+        (config.root / "dapp" / "m3.py").write_text("def f():\n    return 'three'\n")
+        second = push_once(remote, config, bases=bases)
+    assert not first.delta and second.delta
+    assert second.bytes_sent < first.bytes_sent
+    assert second.report["changed"] == ["dapp.m3"]
+    import dapp.m3
+
+    assert dapp.m3.f() == "three" and ov.version == 2
+
+
+def test_push_against_a_parent_the_server_does_not_run_falls_back_to_full(served, signing_key):
+    from packer.client import Remote
+    from packer.deploy import BaseCache, push_once
+
+    ov, config, url = served
+    with Remote(url, app_id=config.app_id, key=signing_key) as remote:
+        push_once(remote, config, bases=BaseCache(None))
+        (config.root / "dapp" / "m4.py").write_text("def f():\n    return 'four'\n")
+        second = push_once(remote, config, bases=BaseCache(None))
+
+        class OutOfDate(BaseCache):
+            """A cache that hands out the manifest of version 1, whatever the server runs now."""
+
+            def get(self, digest):
+                return Base.from_manifest(ov.store.load(1).manifest_bytes)
+
+        (config.root / "dapp" / "m5.py").write_text("def f():\n    return 'five'\n")
+        third = push_once(remote, config, bases=OutOfDate(None))
+    assert second.version == 2 and third.version == 3
+    assert not third.delta  # packed against v1, refused as parent_missing, sent again in full
+    history = [(e["version"], e["outcome"], e["code"]) for e in ov.history()]
+    assert (None, "failed", "parent_missing") in history and history[-1][:2] == (3, "ok")
+    import dapp.m5
+
+    assert dapp.m5.f() == "five"

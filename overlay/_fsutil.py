@@ -63,10 +63,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool = True,
+                 sync: bool = True) -> None:
     """Replace ``path`` with ``data``: after a crash it holds the old content or the new, never a mix.
 
-    ``sync_dir=False`` lets a caller writing many files fsync their directories once at the end.
+    ``sync_dir=False`` lets a caller writing many files fsync their directories once at the end;
+    ``sync=False`` is for derived data that is checked and rebuilt after a crash (source trees).
     """
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
@@ -74,7 +76,8 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool =
             fh.write(data)
             fh.flush()
             os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())  # data before name: a rename must never expose unwritten blocks
+            if sync:
+                os.fsync(fh.fileno())  # data before name: a rename must never expose unwritten blocks
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -86,19 +89,53 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool =
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a file written by :func:`append_record`, skipping torn or corrupt lines."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in raw.splitlines():
+    return RecordLog(path).read()
+
+
+class RecordLog:
+    """An append-only JSON-lines file, read incrementally: only bytes appended since the last read.
+
+    Status pages read the history on every request; re-parsing a file that grows with every push
+    would make them slower with each deploy. Another process's appends are picked up (the file
+    grew); a file that shrank or was replaced is read again from the start.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._records: list[dict[str, Any]] = []
+        self._size = 0
+        self._inode = -1
+        self._pending = b""  # a last line without its newline yet (being appended, or torn)
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if st.st_ino != self._inode or st.st_size < self._size:
+                    self._records, self._size, self._inode, self._pending = [], 0, st.st_ino, b""
+                if st.st_size > self._size:
+                    fh.seek(self._size)
+                    chunk = self._pending + fh.read(st.st_size - self._size)
+                    self._size = st.st_size
+                    lines = chunk.split(b"\n")
+                    self._pending = lines.pop()  # b"" when the chunk ended with a newline
+                    self._records.extend(_parse_lines(lines))
+        except FileNotFoundError:
+            self._records, self._size, self._inode, self._pending = [], 0, -1, b""
+        tail = list(_parse_lines([self._pending])) if self._pending else []
+        return self._records + tail
+
+
+def _parse_lines(lines: list[bytes]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except (ValueError, RecursionError):
             continue  # a crash mid-append tore it; append_record kept it on a line of its own
         if isinstance(record, dict):
-            records.append(record)
-    return records
+            yield record
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
@@ -144,23 +181,25 @@ TreeRow = tuple[str, str, int, Callable[[], bytes]]  # relative path, sha256, si
 def build_tree(root: Path, rows: Iterable[TreeRow], objects: Path) -> None:
     """Build a read-only tree at ``root``: every row's body at ``root/<relative path>``.
 
-    Each body is stored once as ``objects/<sha256[:2]>/<sha256>`` (0444, fsynced) and hard-linked
-    in, so a tree whose files mostly exist already costs about one link per file. The tree is put
-    together under a temp name and renamed into place: a reader sees no tree or a whole one.
+    Each body is stored once as ``objects/<sha256[:2]>/<sha256>`` (0444) and hard-linked in, so a
+    tree whose files mostly exist already costs about one link per file. The tree is put together
+    under a temp name and renamed into place: a reader sees no tree or a whole one.
+
+    Nothing here is fsynced: a tree is derived from a bundle that is, and the store checks the
+    active tree against its bundle when it opens and rebuilds it if a power cut damaged it. The
+    fsyncs cost more than the rest of a push (about 20 directories and every new object).
     """
     tmp = root.with_name(f"{TMP_PREFIX}{root.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(mode=0o700)
     try:
         dirs = _fill_tree(os.fspath(tmp), rows, os.fspath(objects))
         for directory in sorted(dirs, key=lambda d: d.count(os.sep), reverse=True):
-            fsync_dir(Path(directory))
             os.chmod(directory, 0o555)  # read-only: not even a __pycache__ can appear in a tree
         os.rename(tmp, root)
     except BaseException:
         if tmp.exists():
             _rmtree(tmp)
         raise
-    fsync_dir(root.parent)
 
 
 def _fill_tree(base: str, rows: Iterable[TreeRow], objects: str) -> set[str]:
@@ -168,7 +207,7 @@ def _fill_tree(base: str, rows: Iterable[TreeRow], objects: str) -> set[str]:
 
     Plain ``os.path`` strings, not ``Path``: this loop runs once per file of every push.
     """
-    dirs, touched = {base}, set()
+    dirs = {base}
     real_base = os.path.realpath(base)
     for relative, sha256, size, read in rows:
         target = _inside(base, relative)
@@ -188,11 +227,8 @@ def _fill_tree(base: str, rows: Iterable[TreeRow], objects: str) -> set[str]:
             stored_size = -1
         if stored_size != size:  # absent, or torn by a power cut: (re)write it
             os.makedirs(shard, mode=0o700, exist_ok=True)
-            write_atomic(Path(obj), read(), mode=0o444, sync_dir=False)
-            touched.add(shard)
+            write_atomic(Path(obj), read(), mode=0o444, sync_dir=False, sync=False)
         link_or_copy(obj, target)
-    for directory in touched:
-        fsync_dir(Path(directory))
     return dirs
 
 

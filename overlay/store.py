@@ -81,6 +81,7 @@ class Store:
         self.path, self.app_id, self.trusted, self.limits = path, app_id, trusted, limits
         self.keep, self.max_version_jump = keep, max_version_jump
         self.active: Bundle | None = None
+        self._history = _fsutil.RecordLog(path / "history.jsonl")  # read incrementally
         self.highest = 0
         self.startup_problems: list[str] = []
         self._lock = lock
@@ -116,6 +117,7 @@ class Store:
         try:
             with store._io("repair the store"):
                 store._recover()
+                store._check_active_tree()
         except BaseException:
             lock.close()
             raise
@@ -245,7 +247,7 @@ class Store:
 
     def history(self, limit: int | None = None) -> list[dict[str, Any]]:
         """History entries, oldest first (only the last ``limit``); a torn line is skipped."""
-        entries = _fsutil.read_records(self.path / "history.jsonl")
+        entries = self._history.read()
         return entries if limit is None else entries[-limit:] if limit > 0 else []
 
     def check_fresh(self, bundle: Bundle) -> None:
@@ -442,6 +444,26 @@ class Store:
             root = self.tree_path(bundle)
             if root.is_dir():
                 _fsutil.remove_tree(root)
+
+    def _check_active_tree(self) -> None:
+        """Rebuild the active version's tree if a crash left it short or damaged (it is not fsynced)."""
+        bundle = self.active
+        root = self.tree_path(bundle) if bundle is not None else None
+        if root is None or not root.is_dir():
+            return
+        for entry in bundle.entries.values():
+            try:
+                with open(os.path.join(root, entry.path), "rb") as fh:
+                    intact = fh.read() == bundle.read(entry.name)
+            except OSError:
+                intact = False
+            if not intact:
+                logger.warning("the source tree of v%s is damaged (%s); rebuilding it", bundle.version,
+                               entry.path)
+                with self._lock:
+                    _fsutil.remove_tree(root)
+                self.tree(bundle)
+                return
 
     def tree(self, bundle: Bundle) -> Path:
         """A read-only source tree of ``bundle`` (``tree/<entry.path>``), built once, then reused.

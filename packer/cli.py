@@ -106,7 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--push", nargs="?", const="", metavar="URL",
                         help="build, sign and deploy to the running app at URL (default: HABANERO_URL, "
                              "[tool.habanero] url)")
-    parser.add_argument("--watch", action="store_true", help="with --push: push again on every save")
+    parser.add_argument("--watch", action="store_true",
+                        help="with --push: push again on every save, until Ctrl-C; pushes first when the app "
+                             "runs other code than the project's")
+    parser.add_argument("--check", metavar="CMD", help="with --watch: run CMD (a shell command, in the project "
+                        "directory) before each push; when it fails the push is skipped and its output shown")
+    parser.add_argument("--debounce", type=lambda s: _positive_int(s, "--debounce"), metavar="MS",
+                        help="with --watch: group saves made within MS milliseconds into one push (default 20)")
     _add_verbosity(parser, default=0)
     for flags, options in SHARED:  # what --push needs; commands that take them accept them too
         parser.add_argument(*flags, **options)
@@ -127,7 +133,7 @@ def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.push is not None or args.watch:
+    if args.push is not None or args.watch or args.check is not None or args.debounce is not None:
         return _push(args)
     if args.command is None:
         raise UsageError(f"choose a command: {', '.join(COMMANDS)} (or --push); see {PROG} --help")
@@ -136,6 +142,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _push(args: argparse.Namespace) -> int:
     """``--push [URL]`` and ``--watch``: the control plane's entry point."""
+    if not args.watch and (args.check is not None or args.debounce is not None):
+        raise UsageError("--check and --debounce go with --watch: habanero-pack --push --watch --check CMD")
     if args.command is not None:
         raise UsageError(f"--push builds and deploys by itself; drop the {args.command!r} command")
     if args.push is None:

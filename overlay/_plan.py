@@ -78,7 +78,6 @@ def make_plan(
     changes: dict[str, ModuleChange] = {}
     for name in sorted(new):
         module = live.get(name)
-        source = target.read(name)
         if name in old:
             if old[name] == new[name]:
                 continue
@@ -91,6 +90,7 @@ def make_plan(
         else:
             old_source = None
         filename = filename_of(name)
+        source = target.read(name)  # only now: most modules of a push are unchanged
         change = ModuleChange(name, target.entries[name].kind, source, old_source, filename)
         change.code = _compile(compile_module, name, source, filename)
         if module is not None:

@@ -46,11 +46,12 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 # Codes whose error class's default status would misstate what happened over HTTP: a rollback that
-# finds another version active, or nothing to go back to, conflicts with the server's state (409);
-# it is not a failed authentication (ControlRejected's 401). A version the store lacks is a 404, not
-# a server fault (StoreError's 500); a body that missed its deadline is a 408.
-_STATUS_BY_CODE = {"version_mismatch": 409, "nothing_to_roll_back": 409, "unknown_version": 404,
-                   "upload_timeout": 408}
+# finds another version active, or nothing to go back to, conflicts with the server's state (409),
+# and a malformed rollback body is a bad request (400); neither is a failed authentication
+# (ControlRejected's 401). A version the store lacks is a 404, not a server fault (StoreError's 500);
+# a body that missed its deadline is a 408.
+_STATUS_BY_CODE = {"version_mismatch": 409, "nothing_to_roll_back": 409, "bad_request": 400,
+                   "unknown_version": 404, "upload_timeout": 408}
 
 
 @web.middleware

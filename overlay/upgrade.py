@@ -1,16 +1,34 @@
 """The push transaction: verify, stage, plan, apply in place, then commit or undo everything.
 
-One deploy runs at a time (a second gets ``DeployInProgress``). While the apply step runs, the
-deploying thread holds the interpreter's import lock, so no other thread can *start* an import
-and see a half-applied module tree. Threads that are already running keep running: a function call
-that began before the push finishes on the code it started with, and its next call runs the new
-code (functions are patched in place, so a running frame's code object never changes under it).
+One deploy runs at a time (a second gets ``DeployInProgress``). Every mutation of the apply step
+(module dicts, function attributes, class dicts, ``sys.modules``, the app's modules first imported
+during the apply, the finder's index, live modules' ``__spec__``/``__file__``) is recorded in a
+journal; on any exception, or if the store cannot commit, the journal is replayed backwards, leaving
+the process exactly as before (the same objects, ``is``-identical), and the error is re-raised as
+``ActivationFailed`` carrying the traceback text. The store's active pointer flips only after a
+clean apply, so a crash mid-apply boots the previous version.
 
-Every mutation of the apply step (module dicts, function attributes, class dicts, ``sys.modules``,
-the finder's index) is recorded in a journal; on any exception the journal is replayed backwards,
-leaving the process exactly as before (the same objects, ``is``-identical), and the error is
-re-raised as ``ActivationFailed`` carrying the traceback text. Only after a clean apply is the
-store's active pointer flipped, so a crash mid-apply boots the previous version.
+What other threads can observe while a push applies:
+
+* **Imports of modules not yet imported wait.** From the index swap until the commit (or the undo)
+  the deploying thread holds the interpreter's import lock, so another thread that starts such an
+  import (a module the push adds, a module not yet used, a third-party module) blocks, then sees the
+  committed new version, or the old one after an undo; never a half-applied tree.
+* **Modules already imported do not wait.** ``import m`` of a module in ``sys.modules``, and every
+  call into it, goes on. Such a thread sees each change as it lands: a function's code swap is one
+  atomic store, a class is patched attribute by attribute, so it may run a mix of old and new
+  functions during the apply, and the new ones before the push is committed (undone again if it
+  fails). Draining requests around the apply is the caller's job.
+* **Running frames keep their code.** A call, generator or coroutine that started before the push
+  finishes on the code it started with; its next call runs the new code.
+* **An import in flight refuses the push.** A changed module that another thread is still
+  importing has run only part of its old source; the push is refused (undone) and can be repeated.
+* **Known hazard:** if another thread is importing some module X (holding X's module lock) and
+  needs the import lock for a nested import while the new code of this push imports X too, both
+  threads wait for each other: a deadlock the import system cannot detect. It needs an import of
+  the same not-yet-imported module racing the apply step.
+* The import lock is also held while the store commits (an fsync, and the store's file lock if
+  another process is writing), so first imports elsewhere wait for that too.
 """
 
 from __future__ import annotations
@@ -23,11 +41,11 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from ._journal import Journal
+from ._journal import MISSING, Journal
 from ._plan import Plan, make_plan
 from .bundle import Bundle, Limits, open_bundle
 from .errors import ActivationFailed, ControlRejected, DeployInProgress, HabaneroError
@@ -191,28 +209,30 @@ def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> Upgr
     report = UpgradeReport(action, bundle.version, current.version if current else None, bundle.digest,
                            **plan.summary())
     journal = Journal()
-    try:
-        with _import_lock():
-            _apply_plan(plan, index, finder, journal, report, bundle.version)
-        clock.lap("apply")
-        # Inside the undo scope: if the store cannot record the new version (another process
-        # pushed first, a full disk), the process must not run code the disk does not call active.
-        store.commit(bundle, action=action)
-        clock.lap("commit")
-    except BaseException as exc:
-        tb = traceback.format_exc()
+    # The import lock is held until the store says which version is live (or the undo is done): a
+    # thread waiting to import sees the committed new version or the old one, never a mix.
+    with _import_lock():
         try:
-            journal.undo()
-        finally:
-            failure = ActivationFailed(
-                f"version {bundle.version} failed while running: {type(exc).__name__}: {exc}; every change "
-                f"was undone and version {report.previous_version or 'on disk'} is still serving",
-                remote_traceback=tb, version=bundle.version)
-            _record(host, action, bundle, failure)
-            _discard(store, bundle)
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise failure from exc
+            _apply_plan(plan, index, finder, journal, report, bundle.version)
+            clock.lap("apply")
+            # Inside the undo scope: if the store cannot record the new version (another process
+            # pushed first, a full disk), the process must not run code the disk does not call active.
+            store.commit(bundle, action=action)
+            clock.lap("commit")
+        except BaseException as exc:
+            tb = traceback.format_exc()
+            try:
+                journal.undo()
+            finally:
+                failure = ActivationFailed(
+                    f"version {bundle.version} failed while running: {type(exc).__name__}: {exc}; every "
+                    f"change was undone and version {report.previous_version or 'on disk'} is still serving",
+                    remote_traceback=tb, version=bundle.version)
+                _record(host, action, bundle, failure)
+                _discard(store, bundle)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise failure from exc
     report.timings_ms = clock.done()
     log.info("%s to version %s: %d changed, %d added, %d removed in %.1f ms", action, bundle.version,
              len(plan.changed), len(plan.added), len(plan.removed), report.timings_ms["total"])
@@ -228,6 +248,8 @@ def _discard(store: Any, bundle: Bundle) -> None:
 
 def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, report: UpgradeReport,
                 version: int) -> None:
+    _refuse_half_imported(plan)
+    _forget_new_imports(finder.packages, journal)
     previous = finder.set_index(index)
     journal.call(lambda: None, lambda: finder.set_index(previous))
     for name in plan.removed:
@@ -237,28 +259,79 @@ def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, r
             parent, _, child = name.rpartition(".")
             if parent in sys.modules and getattr(sys.modules[parent], child, None) is module:
                 journal.delattr(sys.modules[parent], child)
+    _retarget(_live_modules(index).values(), index, journal)
     with one_heap_pass(journal):  # closures made from changed code: one heap scan for the whole push
         for change in plan.rerun:
-            module = sys.modules[change.name]
-            _retarget(module, index, journal)
             report.modules.append(update_module(
-                module, change.new_source, filename=change.filename, old_source=change.old_source,
-                journal=journal, version=version, code=change.code))
+                sys.modules[change.name], change.new_source, filename=change.filename,
+                old_source=change.old_source, journal=journal, version=version, code=change.code))
 
 
-def _retarget(module: types.ModuleType, index: BundleIndex, journal: Journal) -> None:
-    """Point a live module's ``__spec__``, ``__loader__`` and ``__file__`` at the new version."""
-    spec = index.spec(module.__name__)
-    namespace = module.__dict__
-    for key, value in (("__spec__", spec), ("__loader__", spec.loader), ("__file__", spec.origin),
-                       ("__cached__", spec.cached)):
-        journal.setitem(namespace, key, value)
-    if spec.submodule_search_locations is not None:
-        journal.setitem(namespace, "__path__", list(spec.submodule_search_locations))
+def _refuse_half_imported(plan: Plan) -> None:
+    """A module another thread is still importing has run only part of its old source: re-running
+    the changed statements now would be overwritten by the rest of the old import."""
+    busy = [c.name for c in plan.rerun
+            if getattr(getattr(sys.modules.get(c.name), "__spec__", None), "_initializing", False)]
+    if busy:
+        raise RuntimeError(f"{', '.join(busy)} {'is' if len(busy) == 1 else 'are'} being imported by another "
+                           "thread right now; push again once that import has finished")
+
+
+def _forget_new_imports(packages: Iterable[str], journal: Journal) -> None:
+    """On undo, drop the app's modules first imported during the apply (a changed module's new
+    ``import``), from ``sys.modules`` and from their parent package: they belong to the new version."""
+    before = set(sys.modules)
+    tops = frozenset(packages)
+
+    def undo() -> None:
+        for name in [n for n in sys.modules if n not in before and n.partition(".")[0] in tops]:
+            module = sys.modules.pop(name)
+            parent, _, child = name.rpartition(".")
+            if parent in sys.modules and sys.modules[parent].__dict__.get(child) is module:
+                delattr(sys.modules[parent], child)
+
+    journal.call(lambda: None, undo)
+
+
+_SPEC_KEYS = ("__spec__", "__loader__", "__file__", "__cached__", "__path__")
+
+
+def _retarget(modules: Iterable[types.ModuleType], index: BundleIndex, journal: Journal) -> None:
+    """Point live modules' ``__spec__``, ``__loader__``, ``__file__`` (a package's ``__path__``) at
+    the new version.
+
+    Every live module, changed or not: an unchanged package must look for submodules and resources
+    in the new version's tree (a removed module must not be found in the old one), and no module's
+    ``__file__`` may point into a tree that retention deletes later. One journal entry for them all:
+    this loop runs for every module of the app on every push.
+    """
+    saved: list[tuple[dict[str, Any], tuple[Any, ...]]] = []
+    journal.call(lambda: None, lambda: _restore_specs(saved))  # first: covers a failure half-way
+    spec_of = index.spec
+    for module in modules:
+        spec = spec_of(module.__name__)
+        namespace = module.__dict__
+        saved.append((namespace, tuple(namespace.get(key, MISSING) for key in _SPEC_KEYS)))
+        namespace["__spec__"] = spec
+        namespace["__loader__"] = spec.loader
+        namespace["__file__"] = spec.origin
+        namespace["__cached__"] = spec.cached
+        if spec.submodule_search_locations is not None:
+            namespace["__path__"] = list(spec.submodule_search_locations)
+
+
+def _restore_specs(saved: list[tuple[dict[str, Any], tuple[Any, ...]]]) -> None:
+    for namespace, prior in reversed(saved):
+        for key, value in zip(_SPEC_KEYS, prior):
+            if value is MISSING:
+                namespace.pop(key, None)
+            else:
+                namespace[key] = value
 
 
 def _live_modules(index: BundleIndex) -> dict[str, types.ModuleType]:
-    return {name: sys.modules[name] for name in index.module_names() if name in sys.modules}
+    modules = sys.modules
+    return {name: modules[name] for name in index.module_names() if modules.get(name) is not None}
 
 
 def _old_source(module: types.ModuleType, disk_sources: dict[str, bytes]) -> bytes | None:

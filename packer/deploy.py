@@ -200,7 +200,8 @@ def describe_push(result: PushResult) -> str:
 def push_json(result: PushResult) -> dict[str, Any]:
     """The push's result for scripts and benchmarks: client timings plus the server's report."""
     return {"ok": True, "version": result.version, "digest": result.digest, "url": result.url,
-            "bytes": result.bytes_sent, "timings_ms": result.timings_ms, "report": result.report}
+            "bytes": result.bytes_sent, "delta": result.delta, "timings_ms": result.timings_ms,
+            "report": result.report}
 
 
 def failure_json(exc: HabaneroError, project_root: str) -> dict[str, Any]:

@@ -55,7 +55,8 @@ def swap_to(finder, bundle, root):
 
 
 @pytest.mark.parametrize("name", ["json", "os.path", "pytest", "overlay", "packer", "hbappx", "hbapp.missing",
-                                  "hbapp.templates", "", "hbapp..core", "hbapp/templates/index.html"])
+                                  "hbapp.templates", "", "hbapp..core", "hbapp/templates/index.html",
+                                  "hbapp.uu", "hbapp.json"])  # not the stdlib's uu or json
 def test_find_spec_returns_none_for_every_name_it_does_not_serve(finder, name):
     assert finder.find_spec(name, None) is None
 

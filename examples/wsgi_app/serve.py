@@ -33,10 +33,18 @@ def app(environ, start_response):
     return counter.application(environ, start_response)  # looked up per request
 
 
+def control_url() -> str:
+    """Where habanero-pack pushes: the address habanero's server really bound (port 0 picks one)."""
+    if ov.address is None:
+        return "nowhere (habanero is disabled)"
+    scheme = "https" if ov.control.get("tls_cert") else "http"
+    return f"{scheme}://{ov.address[0]}:{ov.address[1]}"
+
+
 if __name__ == "__main__":
     with make_server("127.0.0.1", int(os.environ.get("PORT", "8000")), app, handler_class=QuietHandler) as server:
         print(f"listening on http://127.0.0.1:{server.server_port} (pid {os.getpid()}, "
-              f"habanero on {ov.status().get('listen')}, version {ov.version})", flush=True)
+              f"habanero on {control_url()}, version {ov.version})", flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:

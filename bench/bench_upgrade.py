@@ -1,0 +1,377 @@
+"""``Overlay.apply`` of a one-function change in a 1,000-module app, against reload and IPython's autoreload.
+
+The app is bench_build's synthetic project (20 packages x 50 modules of ~50 lines: imports,
+constants, two functions, a dataclass), served from a real store by ``overlay.install()`` and fully
+imported, plus one module that holds the app's live objects (tuples and lists the collector
+tracks: 0, 1M or 3M of them). Each push changes one line of one function (a log message) in 1, 10
+or 100 modules. Server side only: every bundle is built and signed before the clock starts, and the
+clock runs around ``ov.apply(bundle)``; its ``report.timings_ms`` splits the time into phases.
+
+Side by side, in the same process and heap, on a copy of the app imported from disk: the same
+change applied with ``importlib.reload``, IPython's ``superreload`` and its ``deduperreload``
+(from the ``bench`` extra; skipped with a note when IPython is not installed). Every figure is the
+median of 21 pushes after 2 warm-up pushes (a peer slower than a second per push: at least 5, within
+20 s, marked n=...); each push is a real change (a new message each time).
+
+Run ``.venv/bin/python bench/bench_upgrade.py`` (``--profile``: cProfile of the headline case).
+``run()`` returns the rows. Targets (printed, never asserted): under 5 ms for the one-function
+change, flat in heap size, faster than every peer at every size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import importlib
+import io
+import logging
+import os
+import pstats
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from bench_build import _synthetic as synthetic_project  # noqa: E402  (the same 1,000 modules)
+
+import overlay  # noqa: E402
+from overlay import _delta  # noqa: E402
+from overlay.bundle import Base, build_bundle, manifest_bytes_of  # noqa: E402
+from overlay.keys import generate_signing_key  # noqa: E402
+
+RUNS = 21
+WARMUP = 2
+MIN_RUNS, BUDGET_S = 5, 20.0  # for peers slower than a second per push
+CHANGED = (1, 10, 100)
+HEAPS = (0, 1_000_000, 3_000_000)
+HEADLINE = (1, 1_000_000)  # (changed modules, live objects)
+TARGETS = ("targets: median < 5 ms for the one-function change, flat in heap size, faster than every "
+           "peer at every size")
+SKIPPED = "skipped: pip install -e '.[bench]'"
+
+STATE_MODULE = '''"""The app's live objects: what a busy server holds in memory."""
+
+STATE = []
+
+
+def grow(n):
+    """Add ``n`` objects the garbage collector tracks (a tuple holding a list stays tracked)."""
+    for i in range(n // 2):
+        tags = [i]
+        STATE.append((i, tags))
+'''
+_MESSAGE = re.compile(r'(log\.debug\("\w+ total for %d items: %\.2f)[^"]*(")')
+
+
+def changed_source(source: str, variant: int) -> str:
+    """The module with one line of one function changed: the message its total function logs."""
+    new, count = _MESSAGE.subn(rf"\g<1> (v{variant})\g<2>", source, count=1)
+    assert count == 1, "the synthetic module no longer has the line this benchmark edits"
+    return new
+
+
+class App:
+    """The synthetic project twice: served by habanero from a store, and imported from disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        project = synthetic_project(root / "project")
+        self.packages = sorted(p.name for p in project.iterdir() if (p / "__init__.py").exists())
+        (project / self.packages[0] / "state.py").write_text(STATE_MODULE)
+        self.sources: dict[str, tuple[str, str]] = {}  # module -> (kind, source) as served now
+        for package in self.packages:
+            for path in sorted((project / package).glob("*.py")):
+                name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+                self.sources[name] = ("package" if path.stem == "__init__" else "module", path.read_text())
+        plain = [n for n, (kind, _) in self.sources.items() if kind == "module" and not n.endswith(".state")]
+        self.editable = plain  # the 1,000 modules a push may change
+        # The peers' copy: same files under other package names, imported from disk.
+        self.disk = root / "disk"
+        for package in self.packages:
+            shutil.copytree(project / package, self.disk / f"d_{package}")
+        key = generate_signing_key(root / "key", comment="bench")
+        self.key = key
+        (root / "trusted_keys").write_text(key.public.line() + "\n")
+        self.version = 0   # of the bundles pushed
+        self.edits = 0     # of the changes written to the disk copy
+        self.manifest: bytes | None = None
+
+    # -------------------------------------------------------------------------- habanero side
+
+    def install(self) -> Any:
+        self.ov = overlay.install(packages=self.packages, app_id="synthetic",
+                                  trusted_keys=self.root / "trusted_keys", store=self.root / "store")
+        self.ov.apply(self.next_bundle([], delta=False))
+        for name in self.sources:
+            importlib.import_module(name)
+        return self.ov
+
+    def next_bundle(self, modules: list[str], *, delta: bool, variant: int | None = None) -> bytes:
+        """The next version: ``modules`` changed; packed against the previous one when ``delta``."""
+        self.version += 1
+        for name in modules:
+            kind, source = self.sources[name]
+            self.sources[name] = (kind, changed_source(source, variant if variant is not None else self.version))
+        files = {name: (kind, source.encode()) for name, (kind, source) in self.sources.items()}
+        base = Base.from_manifest(self.manifest) if delta and self.manifest is not None else None
+        data = build_bundle(files, app_id="synthetic", version=self.version, signers=[self.key], base=base)
+        self.manifest = manifest_bytes_of(data)
+        return _delta.pack(data, base, [self.key]) if base is not None else data
+
+    # --------------------------------------------------------------------------- peers' side
+
+    def import_disk_copy(self) -> None:
+        sys.path.insert(0, str(self.disk))
+        for name in self.sources:
+            importlib.import_module(f"d_{name}")
+
+    def disk_path(self, name: str) -> Path:
+        package, _, module = name.partition(".")
+        return self.disk / f"d_{package}" / f"{module}.py"
+
+
+def pick(modules: list[str], count: int) -> list[str]:
+    """``count`` modules spread evenly over the app."""
+    step = len(modules) // count
+    return [modules[i * step] for i in range(count)]
+
+
+def _median_ms(samples: list[float]) -> dict[str, float]:
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples)}
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+
+class Timed:
+    """Wrap a store method on the instance to time it (stage vs tree inside the "stage" phase)."""
+
+    def __init__(self, store: Any, name: str) -> None:
+        self.samples: list[float] = []
+        original = getattr(store, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.samples.append((time.perf_counter() - started) * 1000)
+
+        setattr(store, name, timed)
+
+
+def bench_habanero(app: App, modules: list[str], *, delta: bool) -> dict[str, Any]:
+    bundles = [app.next_bundle(modules, delta=delta) for _ in range(WARMUP + RUNS)]
+    store = app.ov.store
+    stage, tree = Timed(store, "stage"), Timed(store, "tree")
+    walls, phases = [], []
+    gc.collect()
+    for i, data in enumerate(bundles):
+        started = time.perf_counter()
+        report = app.ov.apply(data)
+        elapsed = (time.perf_counter() - started) * 1000
+        assert report.changed == sorted(modules) and report.patched == len(modules), report
+        if i >= WARMUP:
+            walls.append(elapsed)
+            phases.append(dict(report.timings_ms, store_stage=stage.samples[i], store_tree=tree.samples[i]))
+    del store.stage, store.tree  # the instance attributes: back to the class's methods
+    phase_medians = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+    return {**_median_ms(walls), "phases": phase_medians, "bytes": len(bundles[-1]), "runs": len(walls)}
+
+
+def bench_disk(app: App, modules: list[str], reload_one: Callable[[Any], object]) -> dict[str, Any]:
+    """Write the change to the disk copy (not timed), then time ``reload_one`` on each module.
+
+    A peer that walks the heap for every class (superreload) takes seconds per push at millions of
+    objects; it gets fewer pushes (at least ``MIN_RUNS``) once it has used ``BUDGET_S``.
+    """
+    loaded = [sys.modules[f"d_{name}"] for name in modules]
+    samples: list[float] = []
+    warmups, spent = 0, 0.0
+    gc.collect()
+    while len(samples) < RUNS and not (len(samples) >= MIN_RUNS and spent > BUDGET_S):
+        app.edits += 1
+        for name in modules:
+            path = app.disk_path(name)
+            path.write_text(changed_source(path.read_text(), app.edits))
+        started = time.perf_counter()
+        for module in loaded:
+            reload_one(module)
+        elapsed = time.perf_counter() - started
+        if warmups < WARMUP and (warmups == 0 or elapsed < 1):  # a slow peer: one warm-up is enough
+            warmups += 1
+            continue
+        samples.append(elapsed * 1000)
+        spent += elapsed
+    return {**_median_ms(samples), "runs": len(samples)}
+
+
+def peers() -> dict[str, Callable[[], Callable[[Any], object]] | None]:
+    """Each peer as a factory of its per-module reload function; None when IPython is missing."""
+
+    def reload() -> Callable[[Any], object]:
+        return importlib.reload
+
+    try:
+        from IPython.extensions.autoreload import superreload
+    except ImportError:
+        return {"importlib.reload": reload, "IPython superreload": None, "IPython deduperreload": None}
+
+    def make_superreload() -> Callable[[Any], object]:
+        old_objects: dict = {}  # as autoreload's ModuleReloader keeps it, across reloads
+        return lambda module: superreload(module, importlib.reload, old_objects)
+
+    found: dict[str, Any] = {"importlib.reload": reload, "IPython superreload": make_superreload}
+    try:
+        from IPython.extensions.deduperreload.deduperreload import DeduperReloader
+    except ImportError:
+        found["IPython deduperreload"] = None
+        return found
+
+    def make_deduper() -> Callable[[Any], object]:
+        deduper = DeduperReloader()
+        deduper.update_sources()  # what autoreload does after each cell: remember every module's source
+
+        def reload_one(module: Any) -> None:
+            if not deduper.maybe_reload_module(module):  # it fell back: then autoreload superreloads
+                raise RuntimeError(f"deduperreload could not patch {module.__name__} in place")
+
+        return reload_one
+
+    found["IPython deduperreload"] = make_deduper
+    return found
+
+
+def run(profile: bool = False) -> list[dict[str, Any]]:
+    """Every measurement as a row: ``{"tool", "changed", "heap", "median_ms", "min_ms", "max_ms", ...}``."""
+    logging.getLogger("overlay").setLevel(logging.WARNING)
+    sys.dont_write_bytecode = True  # the peers must compile the changed source each time, like a push
+    rows: list[dict[str, Any]] = []
+    saved_modules, saved_path = dict(sys.modules), list(sys.path)
+    with tempfile.TemporaryDirectory(prefix="habanero-bench-upgrade-") as tmp:
+        app = App(Path(tmp))
+        ov = app.install()
+        try:
+            app.import_disk_copy()
+            tools = peers()
+            made = {name: (factory() if factory is not None else None) for name, factory in tools.items()}
+            grow = sys.modules[f"{app.packages[0]}.state"].grow
+            live = 0
+            for heap in HEAPS:
+                grow(heap - live)
+                live = heap
+                gc.collect()
+                tracked = len(gc.get_objects())
+                for count in CHANGED:
+                    modules = pick(app.editable, count)
+                    base = {"changed": count, "heap": heap, "tracked": tracked}
+                    measure = [("habanero (packed delta)", lambda: bench_habanero(app, modules, delta=True))]
+                    if count == 1:
+                        measure.append(("habanero (full bundle)", lambda: bench_habanero(app, modules, delta=False)))
+                    for name, reload_one in made.items():
+                        measure.append((name, (lambda r=reload_one: bench_disk(app, modules, r))
+                                        if reload_one is not None else (lambda: {"skipped": SKIPPED})))
+                    for name, fn in measure:
+                        started = time.perf_counter()
+                        rows.append({"tool": name, **base, **fn()})
+                        _progress(f"{name}, {count} changed, {heap:,} objects: "
+                                  f"{time.perf_counter() - started:.1f} s")
+                if profile and heap == HEADLINE[1]:
+                    rows.append({"tool": "profile", **profile_apply(app, pick(app.editable, HEADLINE[0]))})
+        finally:
+            ov.uninstall()
+            sys.path[:] = saved_path
+            for name in [n for n in sys.modules if n not in saved_modules]:
+                del sys.modules[name]
+    return rows
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def profile_apply(app: App, modules: list[str]) -> dict[str, Any]:
+    """cProfile of RUNS applies of the headline change: where the server-side time goes."""
+    bundles = [app.next_bundle(modules, delta=True) for _ in range(RUNS)]
+    profiler = cProfile.Profile()
+    for data in bundles:
+        profiler.runcall(app.ov.apply, data)
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("tottime")
+    stats.print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
+    return {"text": out.getvalue()}
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    if "skipped" in row:
+        return row["skipped"]
+    fewer = f" (n={row['runs']})" if row["runs"] < RUNS else ""
+    return f"{row['median_ms']:.2f}{fewer}"
+
+
+def tables(rows: list[dict[str, Any]]) -> str:
+    out = []
+    changed, heap = HEADLINE
+    head = [r for r in rows if r.get("changed") == changed and r.get("heap") == heap and r["tool"] != "profile"]
+    ours = next(r for r in head if r["tool"] == "habanero (packed delta)")
+    out += [f"### One-function change in 1 of 1,000 modules, {heap:,} live objects "
+            f"({ours['tracked']:,} tracked by the gc), median of {RUNS}\n",
+            "| tool | median ms | min | max | vs habanero |", "|---|---:|---:|---:|---:|"]
+    for r in head:
+        if "skipped" in r:
+            out.append(f"| {r['tool']} | {r['skipped']} | | | |")
+        else:
+            out.append(f"| {r['tool']} | {_fmt(r)} | {r['min_ms']:.2f} | {r['max_ms']:.2f} | "
+                       f"{r['median_ms'] / ours['median_ms']:.1f}x |")
+
+    tools = list(dict.fromkeys(r["tool"] for r in rows if r["tool"] != "profile"))
+    out += ["", f"### Median ms by number of changed modules and live objects (median of {RUNS})\n",
+            "| tool | changed | " + " | ".join(f"{h:,} objects" for h in HEAPS) + " |",
+            "|---|---:|" + "---:|" * len(HEAPS)]
+    for tool in tools:
+        for count in CHANGED:
+            cells = [next((r for r in rows if r["tool"] == tool and r.get("changed") == count
+                           and r.get("heap") == h), None) for h in HEAPS]
+            if any(cells):
+                out.append(f"| {tool} | {count} | " + " | ".join(_fmt(c) if c else "" for c in cells) + " |")
+
+    out += ["", "### Where habanero's server-side time goes (median ms per phase, report.timings_ms)\n",
+            "| bundle | changed | objects | verify | plan | stage (bundle file) | stage (tree links) | apply | "
+            "commit | total |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["tool"].startswith("habanero") and "phases" in r:
+            p = r["phases"]
+            out.append(f"| {r['tool'].split('(')[1][:-1]} ({r['bytes'] / 1024:,.0f} KiB) | {r['changed']} | "
+                       f"{r['heap']:,} | {p['verify']:.2f} | {p['plan']:.2f} | {p['store_stage']:.2f} | "
+                       f"{p['store_tree']:.2f} | {p['apply']:.2f} | {p['commit']:.2f} | {p['total']:.2f} |")
+    for r in rows:
+        if r["tool"] == "profile":
+            out += ["", f"### cProfile of {RUNS} applies (headline case)\n", "```", r["text"].strip(), "```"]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", action="store_true", help="add a cProfile of the headline case")
+    args = parser.parse_args(argv)
+    rows = run(profile=args.profile)
+    print(tables(rows))
+    print(f"\nPython {sys.version.split()[0]}, {os.cpu_count()} CPUs, store on {tempfile.gettempdir()}. "
+          f"{TARGETS}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

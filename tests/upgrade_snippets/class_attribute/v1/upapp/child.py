@@ -1,0 +1,5 @@
+from upapp.base import Base
+
+
+class Child(Base):
+    pass

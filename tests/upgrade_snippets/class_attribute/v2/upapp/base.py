@@ -1,0 +1,5 @@
+class Base:
+    greeting = "howdy"
+
+    def speak(self):
+        return f"{self.greeting} from Base v2"

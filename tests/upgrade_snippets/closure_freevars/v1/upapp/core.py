@@ -1,0 +1,4 @@
+def make_adder(n):
+    def add(x):
+        return x + n
+    return add

@@ -1,0 +1,6 @@
+def keep():
+    return "kept"
+
+
+def obsolete():
+    return "obsolete"

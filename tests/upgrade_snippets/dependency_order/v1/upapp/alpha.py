@@ -1,0 +1,5 @@
+from upapp.beta import BASE
+
+
+def price():
+    return BASE

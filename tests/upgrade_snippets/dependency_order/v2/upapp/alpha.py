@@ -1,0 +1,5 @@
+from upapp.beta import BASE, SURCHARGE
+
+
+def price():
+    return BASE + SURCHARGE

@@ -1,0 +1,14 @@
+class Shape:
+    sides = 4
+
+    @property
+    def label(self):
+        return f"{self.sides} sides (v1)"
+
+    @classmethod
+    def make(cls):
+        return f"{cls.__name__}.make v1"
+
+    @staticmethod
+    def unit():
+        return "unit v1"

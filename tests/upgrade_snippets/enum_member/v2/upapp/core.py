@@ -1,0 +1,7 @@
+import enum
+
+
+class Color(enum.Enum):
+    RED = 1
+    GREEN = 2
+    BLUE = 3

@@ -1,0 +1,2 @@
+def price(x):
+    return x * 2

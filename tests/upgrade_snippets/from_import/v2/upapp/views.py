@@ -1,0 +1,5 @@
+from upapp.core import price
+
+
+def checkout(x):
+    return price(x)

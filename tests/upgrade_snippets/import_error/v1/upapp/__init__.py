@@ -1,0 +1,2 @@
+"""The app every scenario pushes."""
+from upapp.core import greet

@@ -1,0 +1,5 @@
+from upapp.core import Greeter, greet
+
+
+def page(name):
+    return greet(name)

@@ -1,0 +1,1 @@
+from upapp import legacy

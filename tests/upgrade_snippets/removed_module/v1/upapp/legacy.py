@@ -1,0 +1,2 @@
+def old():
+    return "legacy v1"

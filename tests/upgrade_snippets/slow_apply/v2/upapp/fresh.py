@@ -1,0 +1,5 @@
+import upgrade_probe
+from upapp.core import version
+
+upgrade_probe.ran("upapp.fresh")
+SEEN = version()

@@ -1,0 +1,2 @@
+def stripes():
+    return 1

@@ -1,0 +1,3 @@
+import upgrade_probe
+
+upgrade_probe.ran("upapp.counter v2")

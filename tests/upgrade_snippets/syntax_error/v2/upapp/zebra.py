@@ -1,0 +1,6 @@
+def stripes():
+    return 2
+
+
+def broken(:
+    pass

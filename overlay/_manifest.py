@@ -81,8 +81,12 @@ def _is_sha256(text: str) -> bool:
     return _SHA256.fullmatch(text) is not None
 
 
-def check_manifest(m: Any, limits: Limits) -> None:
-    """Schema, limits and entry-table consistency; everything a reader relies on later."""
+def check_manifest(m: Any, limits: Limits, *, own: bool = False) -> None:
+    """Schema, limits and entry-table consistency; everything a reader relies on later.
+
+    ``own=True`` is for a manifest this process just built from typed values: the per-entry type
+    and hash-format checks are skipped (names, sizes, order, offsets and limits are still checked).
+    """
     _check_fields(m, _TOP, "manifest")
     if m["format"] != FORMAT:
         raise UnknownFormat(f"manifest format {m['format']} is not supported (expected {FORMAT})")
@@ -112,7 +116,7 @@ def check_manifest(m: Any, limits: Limits) -> None:
     if len(entries) > limits.max_entries:
         raise TooLarge(f"bundle has {len(entries)} entries, over the {limits.max_entries} limit",
                        code="too_many_entries")
-    _check_entries(entries, payload["uncompressed_size"], limits)
+    _check_entries(entries, payload["uncompressed_size"], limits, own)
     if delta:
         _check_included(payload["included"], entries)
 
@@ -129,13 +133,13 @@ def _check_included(included: list[Any], entries: list[dict[str, Any]]) -> None:
         last = position
 
 
-def _check_entries(entries: list[Any], total: int, limits: Limits) -> None:
+def _check_entries(entries: list[Any], total: int, limits: Limits, own: bool = False) -> None:
     offset, previous = 0, None
     names: dict[str, str] = {}
     entry_keys = _ENTRY.keys()
     for i, e in enumerate(entries):
         # Fast path for the common, well-formed entry; anything odd gets the precise check.
-        if not (e.__class__ is dict and e.keys() == entry_keys and e["name"].__class__ is str
+        if not own and not (e.__class__ is dict and e.keys() == entry_keys and e["name"].__class__ is str
                 and e["kind"].__class__ is str and e["offset"].__class__ is int
                 and e["size"].__class__ is int and e["sha256"].__class__ is str and e["size"] >= 0):
             _check_fields(e, _ENTRY, f"manifest.entries[{i}]")
@@ -151,7 +155,7 @@ def _check_entries(entries: list[Any], total: int, limits: Limits) -> None:
         if e["offset"] != offset:
             raise BadManifest(f"entry {name!r} starts at {e['offset']}, expected {offset}: offsets "
                               "must be contiguous")
-        if not _is_sha256(e["sha256"]):
+        if not own and not _is_sha256(e["sha256"]):
             raise BadManifest(f"entry {name!r} has a malformed sha256")
         offset += e["size"]
         names[name] = kind

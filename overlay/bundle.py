@@ -160,11 +160,13 @@ def build_bundle(
     level: int = 3,
     limits: Limits = DEFAULT_LIMITS,
     base: Base | None = None,
+    manifest_out: dict[str, Any] | None = None,
 ) -> bytes:
     """Build and sign a bundle from ``{name: (kind, content)}`` (or ``(name, kind, content)`` rows).
 
     With ``base`` (the bundle the server runs now), the payload carries only the entries whose
     bodies the base lacks (codec ``zstd-delta``); the manifest still lists every entry.
+    ``manifest_out``, if given, receives the manifest as a dict (saves the builder a re-parse).
 
     Example::
 
@@ -201,7 +203,7 @@ def build_bundle(
         "payload": payload,
         "entries": entries,
     }
-    check_manifest(manifest, limits)  # never write what a server would refuse
+    check_manifest(manifest, limits, own=True)  # never write what a server would refuse
     manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode("ascii")
     if len(manifest_bytes) > limits.max_manifest_bytes:
         raise TooLarge(f"manifest is {len(manifest_bytes)} bytes, over the {limits.max_manifest_bytes} "
@@ -212,6 +214,8 @@ def build_bundle(
     if len(data) > limits.max_bundle_bytes:
         raise TooLarge(f"bundle is {len(data)} bytes, over the {limits.max_bundle_bytes} byte limit; "
                        "exclude large data files or raise the limit", code="bundle_too_large")
+    if manifest_out is not None:
+        manifest_out.update(manifest)
     return data
 
 

@@ -105,6 +105,8 @@ class SourceSnapshot:
         self._sources = {name: Path(os.path.abspath(p)) for name, p in config.sources().items()}
         self._files: dict[str, _File] = {}  # by path relative to the package's parent
         self._entries: Entries = {}
+        self._layout: list[tuple[str, str, str]] = []  # (name, kind, path), valid for _layout_keys
+        self._layout_keys: set[str] | None = None
         self._skipped: set[str] = set()
         self._scanned = False
 
@@ -238,12 +240,21 @@ class SourceSnapshot:
     # ------------------------------------------------------------------------------ naming
 
     def _classify(self) -> Entries:
+        files = self._files
+        layout = self._layout if self._layout_keys == files.keys() else None
+        if layout is None:  # files came or went: name everything again (a save only changes contents)
+            layout = self._layout = self._name_all()
+            self._layout_keys = set(files)
+        return {name: (kind, files[rel].content) for name, kind, rel in layout}
+
+    def _name_all(self) -> list[tuple[str, str, str]]:
+        """``(name, kind, relative path)`` for every shipped file, sorted by name."""
         for name, source in self._sources.items():
             if source.suffix != ".py" and f"{name}/__init__.py" not in self._files:
                 raise ConfigError(f"package {name!r} ({source}) has no __init__.py; habanero ships "
                                   "regular packages")
         packages = _package_dirs(self._files)
-        entries: Entries = {}
+        entries: dict[str, tuple[str, str]] = {}
         origin: dict[str, str] = {}
         for rel in sorted(self._files):
             named = self._name(rel, packages)
@@ -256,8 +267,8 @@ class SourceSnapshot:
             if (self._entries.get(name) or ("",))[0] != kind:  # validate each name once
                 _check_name(name, kind, rel)
             origin[name] = rel
-            entries[name] = (kind, self._files[rel].content)
-        return dict(sorted(entries.items()))
+            entries[name] = (kind, rel)
+        return [(name, kind, rel) for name, (kind, rel) in sorted(entries.items())]
 
     def _name(self, rel: str, packages: set[str]) -> tuple[str, str] | None:
         if rel.endswith(".py"):

@@ -58,17 +58,30 @@ __all__ = [
 ]
 
 
+# Codes whose class's default status would misstate what happened over HTTP: a rollback that finds
+# another version active, or nothing to go back to, conflicts with the server's state (not a failed
+# authentication); a version the store lacks is a 404, not a server fault.
+_STATUS_BY_CODE = {"version_mismatch": 409, "nothing_to_roll_back": 409, "bad_request": 400,
+                   "unknown_version": 404, "upload_timeout": 408, "store_locked": 503,
+                   "too_many_uploads": 503, "disabled": 409}
+
+
 class HabaneroError(Exception):
     """Base of every habanero refusal: a ``code``, an HTTP status and an actionable message."""
 
     default_code: ClassVar[str] = "habanero_error"
-    http_status: ClassVar[int] = 400
+    default_status: ClassVar[int] = 400
 
     def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
         self.details = details
+
+    @property
+    def http_status(self) -> int:
+        """The status the endpoint answers with: by code where the code says more than the class."""
+        return _STATUS_BY_CODE.get(self.code, self.default_status)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape the endpoint answers with: ``{"code": ..., "message": ...}`` plus details."""
@@ -86,7 +99,7 @@ def _jsonable(value: Any) -> bool:
 
 class BundleRejected(HabaneroError):
     default_code = "bad_bundle"
-    http_status = 422
+    default_status = 422
 
 
 class UnknownFormat(BundleRejected):
@@ -95,27 +108,27 @@ class UnknownFormat(BundleRejected):
 
 class BadSignature(BundleRejected):
     default_code = "bad_signature"
-    http_status = 401
+    default_status = 401
 
 
 class UntrustedKey(BundleRejected):
     default_code = "unknown_key"
-    http_status = 401
+    default_status = 401
 
 
 class WrongApp(BundleRejected):
     default_code = "wrong_app"
-    http_status = 409
+    default_status = 409
 
 
 class StaleVersion(BundleRejected):
     default_code = "stale_version"
-    http_status = 409
+    default_status = 409
 
 
 class TooLarge(BundleRejected):
     default_code = "bundle_too_large"
-    http_status = 413
+    default_status = 413
 
 
 class CorruptPayload(BundleRejected):
@@ -132,7 +145,7 @@ class BadEntryName(BundleRejected):
 
 class ParentMissing(BundleRejected):
     default_code = "parent_missing"
-    http_status = 409
+    default_status = 409
 
 
 class CompileFailed(BundleRejected):
@@ -147,7 +160,7 @@ class KeyProblem(HabaneroError):
 
 class StoreError(HabaneroError):
     default_code = "store_error"
-    http_status = 500
+    default_status = 500
 
 
 class ConfigError(HabaneroError):
@@ -161,7 +174,7 @@ class ActivationFailed(HabaneroError):
     """
 
     default_code = "activation_failed"
-    http_status = 500
+    default_status = 500
 
     def __init__(self, message: str, *, remote_traceback: str = "", **details: Any) -> None:
         super().__init__(message, remote_traceback=remote_traceback, **details)
@@ -170,9 +183,9 @@ class ActivationFailed(HabaneroError):
 
 class ControlRejected(HabaneroError):
     default_code = "bad_request_signature"
-    http_status = 401
+    default_status = 401
 
 
 class DeployInProgress(HabaneroError):
     default_code = "deploy_in_progress"
-    http_status = 409
+    default_status = 409

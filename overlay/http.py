@@ -12,8 +12,10 @@ Two ways to run it, same routes, same checks:
   next call of a patched function.
 
 The push body is read as a stream with its own byte cap and deadline (``client_max_size`` does not
-cover streamed bodies), and one push at a time holds the upload slot, so a second concurrent push
-gets ``409 deploy_in_progress`` and a slow sender is cut off at the deadline. Errors are JSON
+cover streamed bodies). Up to ``MAX_UPLOADS`` bodies are read at once, outside any lock, so a slow
+sender is cut off at its deadline and delays nobody else; then one deploy at a time holds the deploy
+lock, and a push or rollback that finds it taken gets ``409 deploy_in_progress`` (a push behind
+another one usually finds its version stale: ``409 stale_version``). Errors are JSON
 ``{"code", "message"}`` with fitting statuses, never an HTML traceback page.
 """
 
@@ -31,11 +33,12 @@ from typing import Any
 from aiohttp import web
 
 from .control import RequestVerifier
-from .errors import ConfigError, ControlRejected, DeployInProgress, HabaneroError, TooLarge
+from .errors import ConfigError, ControlRejected, HabaneroError, TooLarge
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/_habanero"
+MAX_UPLOADS = 4  # bodies read at once; each is capped at Limits.max_bundle_bytes
 _OVERLAY = web.AppKey("overlay", object)
 _SETTINGS = web.AppKey("settings", dict)
 _VERIFIER = web.AppKey("verifier", RequestVerifier)
@@ -45,21 +48,12 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(data, default=str), status=status, content_type="application/json")
 
 
-# Codes whose error class's default status would misstate what happened over HTTP: a rollback that
-# finds another version active, or nothing to go back to, conflicts with the server's state (409),
-# and a malformed rollback body is a bad request (400); neither is a failed authentication
-# (ControlRejected's 401). A version the store lacks is a 404, not a server fault (StoreError's 500);
-# a body that missed its deadline is a 408.
-_STATUS_BY_CODE = {"version_mismatch": 409, "nothing_to_roll_back": 409, "bad_request": 400,
-                   "unknown_version": 404, "upload_timeout": 408}
-
-
 @web.middleware
 async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
     except HabaneroError as exc:
-        return _json(exc.to_dict(), _STATUS_BY_CODE.get(exc.code, exc.http_status))
+        return _json(exc.to_dict(), exc.http_status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -93,21 +87,28 @@ async def _read_body(request: web.Request, cap: int, deadline: float) -> bytes:
     except TimeoutError:
         raise HabaneroError(f"the upload did not finish within {deadline:g} s; check the network and "
                             "push again", code="upload_timeout") from None
+    if request.content_length is not None and len(buf) != request.content_length:
+        raise HabaneroError(f"the upload ended after {len(buf)} of {request.content_length} bytes; push "
+                            "again", code="upload_incomplete")
     return bytes(buf)
 
 
 async def push(request: web.Request) -> web.Response:
     ov, settings = request.app[_OVERLAY], _settings(request)
-    if settings["busy"]:
-        raise _busy()
-    settings["busy"] = True
+    # Uploads are read concurrently (each capped and with a deadline) and only then serialised by
+    # the deploy lock: a stalled sender delays nobody else's push, and at most MAX_UPLOADS bodies
+    # are held in memory at once.
+    if settings["uploads"] >= MAX_UPLOADS:
+        raise HabaneroError(f"{MAX_UPLOADS} uploads are already in progress; push again in a moment",
+                            code="too_many_uploads")
+    settings["uploads"] += 1
     try:
         data = await _read_body(request, ov.limits.max_bundle_bytes, settings["upload_timeout"])
-        started = time.perf_counter()
-        report = ov.apply(data)
-        server_ms = round((time.perf_counter() - started) * 1000, 3)
     finally:
-        settings["busy"] = False
+        settings["uploads"] -= 1
+    started = time.perf_counter()
+    report = ov.apply(data)  # DeployInProgress if another deploy holds the lock
+    server_ms = round((time.perf_counter() - started) * 1000, 3)
     return _json({"ok": True, "report": report.to_dict(), "server_ms": server_ms,
                   "active": _active(ov)})
 
@@ -124,13 +125,7 @@ async def rollback(request: web.Request) -> web.Response:
     except (ValueError, AttributeError):
         raise ControlRejected('rollback body must be JSON {"to": version or null, "expect": version}',
                               code="bad_request") from None
-    if settings["busy"]:
-        raise _busy()
-    settings["busy"] = True
-    try:
-        report = ov.rollback(to, expect=expect)
-    finally:
-        settings["busy"] = False
+    report = ov.rollback(to, expect=expect)
     return _json({"ok": True, "report": report.to_dict(), "active": _active(ov)})
 
 
@@ -151,10 +146,6 @@ async def history(request: web.Request) -> web.Response:
     return _json({"history": ov.history(limit)})
 
 
-def _busy() -> HabaneroError:
-    return DeployInProgress("another deploy is in progress; wait for it to finish and push again")
-
-
 def _active(ov: Any) -> dict[str, Any] | None:
     bundle = ov.store.active
     return {"version": bundle.version, "digest": bundle.digest} if bundle else None
@@ -164,7 +155,7 @@ def control_app(ov: Any, *, public_status: bool = False, upload_timeout: float =
     """The ``/_habanero`` sub-application for an installed overlay."""
     sub = web.Application(middlewares=[_errors_as_json], client_max_size=ov.limits.max_bundle_bytes)
     sub[_OVERLAY] = ov
-    sub[_SETTINGS] = {"public_status": public_status, "upload_timeout": upload_timeout, "busy": False}
+    sub[_SETTINGS] = {"public_status": public_status, "upload_timeout": upload_timeout, "uploads": 0}
     sub[_VERIFIER] = RequestVerifier(ov.trusted, ov.app_id)
     sub.router.add_post("/push", push)
     sub.router.add_post("/rollback", rollback)

@@ -18,9 +18,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import struct
+
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+# cryptography's serialization module costs tens of milliseconds to import, on every habanero-pack
+# run: the OpenSSH wire formats of ed25519 keys are simple enough to read and write here, and the
+# module is imported only for what it alone can do (encrypted private keys, writing a new key).
 
 from .errors import KeyProblem
 
@@ -55,9 +60,8 @@ class PublicKey:
 
     def line(self) -> str:
         """The ``ssh-ed25519 AAAA… comment`` line for a trusted-keys file."""
-        blob = self.key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        text = blob.decode("ascii")
-        return f"{text} {self.comment}".rstrip()
+        blob = base64.b64encode(_public_blob(self.key)).decode("ascii")
+        return f"{_SSH_ED25519} {blob} {self.comment}".rstrip()
 
 
 @dataclass(frozen=True)
@@ -76,12 +80,76 @@ class SigningKey:
         return self.private.sign(message)
 
 
+def _ssh_string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def _public_blob(public: Ed25519PublicKey) -> bytes:
+    """The SSH wire form of an ed25519 public key: string "ssh-ed25519", string key."""
+    return _ssh_string(_SSH_ED25519.encode()) + _ssh_string(public.public_bytes_raw())
+
+
 def fingerprint(public: Ed25519PublicKey) -> str:
     """``SHA256:<base64 of the wire blob, unpadded>``, as ``ssh-keygen -lf`` prints it."""
-    line = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    blob = base64.b64decode(line.split()[1])
-    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
+    digest = base64.b64encode(hashlib.sha256(_public_blob(public)).digest()).decode("ascii").rstrip("=")
     return f"SHA256:{digest}"
+
+
+class _Reader:
+    """Reads SSH wire strings and integers; raises ValueError when the data runs out."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ValueError("truncated key data")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def uint32(self) -> int:
+        return struct.unpack(">I", self.take(4))[0]
+
+    def string(self) -> bytes:
+        return self.take(self.uint32())
+
+
+def _parse_public_blob(blob: bytes) -> Ed25519PublicKey:
+    reader = _Reader(blob)
+    if reader.string() != _SSH_ED25519.encode():
+        raise ValueError("not an ssh-ed25519 key")
+    raw = reader.string()
+    if len(raw) != 32 or reader.pos != len(blob):
+        raise ValueError("an ed25519 public key is 32 bytes")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _plain_openssh_ed25519(pem: bytes) -> Ed25519PrivateKey | None:
+    """An unencrypted OpenSSH ed25519 private key, or None for anything else (left to cryptography)."""
+    try:
+        body = b"".join(line.strip() for line in pem.strip().splitlines()[1:-1])
+        reader = _Reader(base64.b64decode(body, validate=True))
+        if reader.take(15) != b"openssh-key-v1\x00":
+            return None
+        if reader.string() != b"none" or reader.string() != b"none":
+            return None  # encrypted: cryptography (and bcrypt) handle it
+        reader.string()  # kdf options
+        if reader.uint32() != 1:
+            return None
+        public = reader.string()
+        secret = _Reader(reader.string())
+        if secret.uint32() != secret.uint32():
+            return None
+        if secret.string() != _SSH_ED25519.encode():
+            return None
+        pub, priv = secret.string(), secret.string()
+        if len(pub) != 32 or len(priv) != 64 or priv[32:] != pub or public != _ssh_string(
+                _SSH_ED25519.encode()) + _ssh_string(pub):
+            return None
+        return Ed25519PrivateKey.from_private_bytes(priv[:32])
+    except (ValueError, binascii.Error, struct.error):
+        return None
 
 
 def _public_key(key: Ed25519PublicKey, comment: str = "") -> PublicKey:
@@ -105,13 +173,10 @@ def parse_public_key_line(line: str, *, where: str = "public key") -> PublicKey:
             code="unsupported_key",
         )
     try:
-        base64.b64decode(b64, validate=True)
-        key = serialization.load_ssh_public_key(f"{kind} {b64}".encode("ascii"))
-    except (ValueError, binascii.Error, UnsupportedAlgorithm, UnicodeEncodeError) as exc:
+        key = _parse_public_blob(base64.b64decode(b64, validate=True))
+    except (ValueError, binascii.Error, UnicodeEncodeError) as exc:
         raise KeyProblem(f"{where}: the key data is not a valid ed25519 public key ({exc})",
                          code="bad_trusted_keys") from None
-    if not isinstance(key, Ed25519PublicKey):  # pragma: no cover - guarded by the kind check
-        raise KeyProblem(f"{where}: only ed25519 keys are supported", code="unsupported_key")
     return _public_key(key, comment)
 
 
@@ -216,6 +281,11 @@ def _load_private(data: bytes, path: Path, passphrase: str | bytes | None) -> Ed
             "(`ssh-keygen -t ed25519` or `habanero-pack keygen`)",
             code="unsupported_key",
         )
+    plain = _plain_openssh_ed25519(data)
+    if plain is not None:
+        return plain  # a passphrase given for a key without one is harmless: the key is usable
+    from cryptography.hazmat.primitives import serialization
+
     password = passphrase.encode() if isinstance(passphrase, str) else passphrase
     try:
         key = serialization.load_ssh_private_key(data, password=password)
@@ -263,6 +333,8 @@ def generate_signing_key(path: str | os.PathLike[str], *, comment: str = "", ove
     if not overwrite and (path.exists() or pub_path.exists()):
         raise KeyProblem(f"{path} already exists; choose another --out or remove it first", code="bad_key")
     path.parent.mkdir(parents=True, exist_ok=True)
+    from cryptography.hazmat.primitives import serialization
+
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()

@@ -105,3 +105,25 @@ def test_trusted_keys_accept_a_list_of_lines(tmp_path):
 def test_missing_trusted_keys_file_is_a_clear_error(tmp_path):
     with pytest.raises(KeyProblem, match="does not exist"):
         load_trusted_keys(tmp_path / "absent")
+
+
+def test_hand_read_openssh_formats_agree_with_cryptography(tmp_path):
+    # keys.py reads unencrypted OpenSSH keys itself (start-up time); cryptography is the reference.
+    from cryptography.hazmat.primitives import serialization
+
+    key = generate_signing_key(tmp_path / "k", comment="c")
+    reference = serialization.load_ssh_private_key((tmp_path / "k").read_bytes(), password=None)
+    assert reference.private_bytes_raw() == load_signing_key(tmp_path / "k").private.private_bytes_raw()
+    expected = reference.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                   serialization.PublicFormat.OpenSSH).decode()
+    assert key.public.line() == f"{expected} c"
+
+
+def test_public_key_line_with_trailing_garbage_in_the_blob_is_refused(tmp_path):
+    import base64
+
+    line = generate_signing_key(tmp_path / "k").public.line()
+    kind, blob = line.split()[:2]
+    padded = base64.b64encode(base64.b64decode(blob) + b"\0\0\0\0").decode()
+    with pytest.raises(KeyProblem, match="not a valid ed25519 public key"):
+        parse_public_key_line(f"{kind} {padded}")

@@ -1,5 +1,9 @@
-"""habanero-pack: build, sign and inspect habanero bundles.
+"""habanero-pack: build, sign and push hot code deploys to a running Python app.
 
+  habanero-pack --push [URL]                           build, sign, push and confirm the next version
+  habanero-pack --push --watch [URL] [--check CMD]     push on every save
+  habanero-pack status | history [URL]                 what the app runs, and its deploys
+  habanero-pack rollback [URL] [--to N]                back to the previous (or a named) version
   habanero-pack keygen [--out PATH]                    create a deploy key pair
   habanero-pack build [-o FILE] [--version N]          build a signed bundle of this project
   habanero-pack inspect FILE [--trusted-keys FILE]     show a bundle and check its signature

@@ -17,6 +17,7 @@ SUITES = [
     ("Bundle build and verify", "bench_build.py"),
     ("Import: overlay vs filesystem", "bench_import.py"),
     ("Live upgrade: rebinding in place", "bench_rebind.py"),
+    ("Live upgrade: the whole transaction vs reload and autoreload", "bench_upgrade.py"),
     ("Push: habanero-pack --push end to end", "bench_push.py"),
     ("Save to live: watch mode vs restart", "bench_watch.py"),
 ]

@@ -185,9 +185,10 @@ def build_tree(root: Path, rows: Iterable[TreeRow], objects: Path) -> None:
     tree whose files mostly exist already costs about one link per file. The tree is put together
     under a temp name and renamed into place: a reader sees no tree or a whole one.
 
-    Nothing here is fsynced: a tree is derived from a bundle that is, and the store checks the
-    active tree against its bundle when it opens and rebuilds it if a power cut damaged it. The
-    fsyncs cost more than the rest of a push (about 20 directories and every new object).
+    New objects are fsynced (later trees link to them); the tree's directories are not: a tree is
+    derived from a bundle that is, and the store checks the active tree against its bundle when it
+    opens and rebuilds it if a power cut damaged it. Syncing some 20 directories per push would cost
+    more than the rest of the push.
     """
     tmp = root.with_name(f"{TMP_PREFIX}{root.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(mode=0o700)
@@ -227,7 +228,8 @@ def _fill_tree(base: str, rows: Iterable[TreeRow], objects: str) -> set[str]:
             stored_size = -1
         if stored_size != size:  # absent, or torn by a power cut: (re)write it
             os.makedirs(shard, mode=0o700, exist_ok=True)
-            write_atomic(Path(obj), read(), mode=0o444, sync_dir=False, sync=False)
+            # Objects are fsynced (a push writes only its new ones): later trees link to them.
+            write_atomic(Path(obj), read(), mode=0o444, sync_dir=False)
         link_or_copy(obj, target)
     return dirs
 

@@ -21,8 +21,9 @@ What other threads can observe while a push applies:
   fails). Draining requests around the apply is the caller's job.
 * **Running frames keep their code.** A call, generator or coroutine that started before the push
   finishes on the code it started with; its next call runs the new code.
-* **An import in flight refuses the push.** A changed module that another thread is still
-  importing has run only part of its old source; the push is refused (undone) and can be repeated.
+* **Imports in flight finish on their own terms.** A changed module that another thread is still
+  importing has run only part of its old source: the push is refused (undone) and can be repeated.
+  An unchanged one keeps its spec until its import is done (other importers keep waiting for it).
 * **Known hazard:** if another thread is importing some module X (holding X's module lock) and
   needs the import lock for a nested import while the new code of this push imports X too, both
   threads wait for each other: a deadlock the import system cannot detect. It needs an import of
@@ -309,9 +310,13 @@ def _retarget(modules: Iterable[types.ModuleType], index: BundleIndex, journal: 
     journal.call(lambda: None, lambda: _restore_specs(saved))  # first: covers a failure half-way
     spec_of = index.spec
     for module in modules:
-        spec = spec_of(module.__name__)
         namespace = module.__dict__
-        saved.append((namespace, tuple(namespace.get(key, MISSING) for key in _SPEC_KEYS)))
+        get = namespace.get
+        if getattr(get("__spec__"), "_initializing", False):
+            continue  # another thread is still importing it: this spec tells the import system so
+        spec = spec_of(module.__name__)
+        saved.append((namespace, (get("__spec__", MISSING), get("__loader__", MISSING), get("__file__", MISSING),
+                                  get("__cached__", MISSING), get("__path__", MISSING))))
         namespace["__spec__"] = spec
         namespace["__loader__"] = spec.loader
         namespace["__file__"] = spec.origin

@@ -25,6 +25,7 @@ import pytest
 
 import overlay
 from _upgrade_helpers import APP, Deployment, assert_same, make_probe, snapshot, snippet_files, write_tree
+from overlay._plan import imported_names
 from overlay.bundle import _HEADER, FLAG_PACKED
 from overlay.errors import (
     ActivationFailed,
@@ -564,6 +565,23 @@ def test_a_module_another_thread_is_still_importing_is_not_changed_under_it(depl
     assert deploy.push("import_in_flight", "v2").version == 2 and slow.answer() == "v2"
 
 
+def test_a_push_leaves_an_unchanged_module_another_thread_is_importing_marked_as_in_flight(deploy, probe):
+    deploy.push("unchanged_in_flight", "v1")
+    importlib.import_module("upapp.other")
+    first = in_thread(lambda: importlib.import_module("upapp.slow"))
+    try:
+        assert probe.events["importing"].wait(THREAD_TIMEOUT)
+        assert deploy.push("unchanged_in_flight", "v2").version == 2 and m.other.version() == 2
+        # A second importer must still wait for the first one to finish the module's body; had the
+        # push replaced its __spec__, it would be handed a half-run module without answer().
+        second = in_thread(lambda: importlib.import_module("upapp.slow").answer())
+        second[0].join(0.3)
+        assert second[0].is_alive(), "a thread was handed a module that is still being imported"
+    finally:
+        probe.events["finish_import"].set()
+    assert joined(*first).answer() == "v1" and joined(*second) == "v1"
+
+
 def test_a_second_deploy_while_one_is_applying_is_refused_with_deploy_in_progress(deploy, probe):
     start(deploy, "slow_apply")
     third = deploy.bundle("function_body", "v1", number=3)
@@ -664,3 +682,54 @@ def test_a_packed_delta_bundle_applies_like_a_full_one_and_is_stored_unpacked(de
     on_disk = deploy.store_path / "bundles" / f"{2:010d}-{stored.digest}.hbn"
     assert on_disk.read_bytes() == stored.raw
     assert deploy.ov.rollback().version == 1 and total([1, 2]) == 3
+
+
+# ------------------------------------------------------------------------------- planning
+
+
+NESTED_IMPORTS = b'''
+import upapp.a
+if FLAG:
+    from upapp import b
+else:
+    from .c import thing
+try:
+    import upapp.d as d
+except ImportError:
+    from . import e
+finally:
+    import upapp.p
+with open(__file__):
+    from upapp.f import g
+for _ in range(1):
+    import upapp.h
+while False:
+    import upapp.i
+
+
+class K:
+    from upapp import j
+
+    def method(self):
+        import upapp.k
+
+
+def lazy():
+    def inner():
+        from ..sibling import m
+    from upapp import n
+
+
+match FLAG:
+    case 1:
+        import upapp.o
+'''
+
+
+def test_the_planner_sees_imports_at_any_depth_for_ordering_and_removal_checks():
+    found = imported_names("upapp.sub.mod", False, NESTED_IMPORTS)
+
+    wanted = {"upapp.a", "upapp.b", "upapp.sub.c", "upapp.d", "upapp.sub.e", "upapp.f", "upapp.h",
+              "upapp.i", "upapp.j", "upapp.k", "upapp.sibling", "upapp.n", "upapp.o", "upapp.p"}
+    assert wanted <= found
+    assert "upapp.sibling.m" in found and "upapp.sub.c.thing" in found

@@ -1,0 +1,1 @@
+"""The app every scenario pushes: one package, a few modules."""

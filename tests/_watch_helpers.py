@@ -139,7 +139,12 @@ def start_app(launcher: Launcher, project: DevProject, *, port: int = 0) -> AppP
 def save(project: DevProject, greeting: str, *, extra: str = "") -> None:
     """Rewrite the example's views so that ``greeting()`` returns ``greeting``."""
     text = (EXAMPLES / "aiohttp_app" / VIEWS).read_text(encoding="utf-8")
-    (project.root / VIEWS).write_text(text.replace(GREETING, f"return {greeting!r}") + extra, encoding="utf-8")
+    # Written whole and renamed into place, as editors that save atomically do: an in-place write
+    # can be caught half-done by the watcher (the push of a half file is then refused or fails).
+    target = project.root / VIEWS
+    scratch = target.with_name(f".{target.name}.saving")
+    scratch.write_text(text.replace(GREETING, f"return {greeting!r}") + extra, encoding="utf-8")
+    os.replace(scratch, target)
 
 
 def wait_until(probe: Callable[[], object], *, timeout: float = TIMEOUT, what: str = "") -> object:

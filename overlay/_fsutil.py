@@ -260,9 +260,20 @@ def remove_tree(path: Path) -> None:
     The tree is first renamed to a temp name, so a crash mid-removal leaves an orphan that
     :func:`remove_orphans` finishes, never a half-empty tree under its real name.
     """
+    _rmtree(unlink_tree_name(path))
+
+
+def unlink_tree_name(path: Path) -> Path:
+    """Take a tree away under a temp name (instant); return that name for :func:`_rmtree` later."""
     doomed = path.with_name(f"{TMP_PREFIX}rm-{uuid.uuid4().hex}")
     os.replace(path, doomed)
-    _rmtree(doomed)
+    return doomed
+
+
+def rmtree_quietly(path: Path) -> None:
+    """Delete a tree already taken away by :func:`unlink_tree_name`; leftovers go at the next open."""
+    with contextlib.suppress(OSError):
+        _rmtree(path)
 
 
 def _rmtree(path: Path) -> None:

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -82,6 +83,8 @@ class Store:
         self.keep, self.max_version_jump = keep, max_version_jump
         self.active: Bundle | None = None
         self._history = _fsutil.RecordLog(path / "history.jsonl")  # read incrementally
+        self._doomed: list[Path] = []  # trees taken away by retention, deleted in the background
+        self._cleaner: threading.Thread | None = None
         self.highest = 0
         self.startup_problems: list[str] = []
         self._lock = lock
@@ -118,6 +121,8 @@ class Store:
             with store._io("repair the store"):
                 store._recover()
                 store._check_active_tree()
+                store._clean_up_later()
+                store.settle()  # at start-up nothing is waiting: finish before the app imports
         except BaseException:
             lock.close()
             raise
@@ -368,8 +373,38 @@ class Store:
     def _remove_version(self, version: int, digest: str) -> None:
         tree = self._trees / _stem(version, digest)
         if tree.exists():
-            _fsutil.remove_tree(tree)  # tree first: a bundle without a tree is rebuilt on demand
+            self._drop_tree(tree)  # tree first: a bundle without a tree is rebuilt on demand
         (self._bundles / f"{_stem(version, digest)}.hbn").unlink(missing_ok=True)
+
+    def _drop_tree(self, tree: Path) -> None:
+        """Take a tree away now (a rename); delete its thousand links after the push has answered."""
+        self._doomed.append(_fsutil.unlink_tree_name(tree))
+
+    def _clean_up_later(self) -> None:
+        """Delete dropped trees, then sweep unlinked objects, on a thread: retention must not cost a
+        push the ~10 ms of unlinking a 1,000-file tree. ``settle()`` waits for it."""
+        doomed, self._doomed = self._doomed, []
+        if not doomed:
+            return
+
+        def work() -> None:
+            for path in doomed:
+                _fsutil.rmtree_quietly(path)
+            try:
+                with self._lock:  # no object may vanish while a tree is being linked
+                    _fsutil.sweep_objects(self._objects)
+            except (OSError, StoreError):
+                logger.warning("could not sweep unused objects in %s; the next prune retries", self.path)
+
+        self.settle()
+        self._cleaner = threading.Thread(target=work, name="habanero-store-cleanup", daemon=True)
+        self._cleaner.start()
+
+    def settle(self) -> None:
+        """Wait for background clean-up (tests, shutdown)."""
+        cleaner, self._cleaner = self._cleaner, None
+        if cleaner is not None:
+            cleaner.join()
 
     def _check_app(self, bundle: Bundle) -> None:
         if bundle.app_id != self.app_id:
@@ -407,13 +442,11 @@ class Store:
             for name in os.listdir(self._trees):  # a failed push's tree, or a crash's
                 m = _NAME.match(name)
                 if m and (int(m[1]), m[2]) not in kept and int(m[1]) <= self.highest:
-                    _fsutil.remove_tree(self._trees / name)
-                    dropped.append((int(m[1]), m[2]))
+                    self._drop_tree(self._trees / name)
             for name in os.listdir(self._staged):  # stale: can never be committed as a push
                 if (m := _NAME.match(name)) and int(m[1]) <= self.highest:
                     (self._staged / name).unlink(missing_ok=True)
-            if dropped:
-                _fsutil.sweep_objects(self._objects)
+        self._clean_up_later()
 
     # ---------------------------------------------------------------------------- trees
 
@@ -489,7 +522,8 @@ class Store:
         return path
 
     def close(self) -> None:
-        """Release the lock file; this Store must not write afterwards."""
+        """Finish background clean-up and release the lock file; this Store must not write afterwards."""
+        self.settle()
         self._lock.close()
 
     def __enter__(self) -> Store:

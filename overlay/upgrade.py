@@ -37,6 +37,7 @@ from __future__ import annotations
 import _imp
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -221,7 +222,7 @@ def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> Upgr
             store.commit(bundle, action=action)
             clock.lap("commit")
         except BaseException as exc:
-            tb = traceback.format_exc()
+            tb = _app_traceback(exc)
             try:
                 journal.undo()
             finally:
@@ -238,6 +239,21 @@ def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> Upgr
     log.info("%s to version %s: %d changed, %d added, %d removed in %.1f ms", action, bundle.version,
              len(plan.changed), len(plan.added), len(plan.removed), report.timings_ms["total"])
     return report
+
+
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _app_traceback(exc: BaseException) -> str:
+    """The traceback a developer needs: the app's frames, without habanero's own machinery.
+
+    If every frame is habanero's (a bug of ours, not of the pushed code), all of them are kept.
+    """
+    te = traceback.TracebackException.from_exception(exc)
+    frames = [f for f in te.stack if not os.path.abspath(f.filename).startswith(_OWN_DIR)]
+    if frames and len(frames) < len(te.stack):
+        te.stack = traceback.StackSummary.from_list(frames)
+    return "".join(te.format())
 
 
 def _discard(store: Any, bundle: Bundle) -> None:

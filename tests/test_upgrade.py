@@ -394,6 +394,7 @@ def test_an_exception_while_running_the_new_code_undoes_everything_by_identity(d
     assert "still serving" in error.message and "version 1" in error.message
     assert 'raise RuntimeError("views v2 cannot start' in error.remote_traceback
     assert "views.py" in error.remote_traceback
+    assert "overlay/upgrade.py" not in error.remote_traceback  # the app's frames, not habanero's
     # core ran first and succeeded (it imported the new module upapp.extra): all of it is undone
     assert_same(before, deploy.ov.finder)
     assert "upapp.extra" not in sys.modules and not hasattr(upapp, "extra")

@@ -7,7 +7,10 @@ It follows the import protocol the way CPython's ``zipimport`` does: ``find_spec
 set by the import machinery; nothing here builds module attributes by hand.
 
 ``find_spec`` is one dict lookup on an immutable :class:`BundleIndex`: no disk or network I/O, no
-lock, and never an exception for a name that is not ours. Switching versions is one attribute
+lock, and never an exception for a name that is not ours. One exception to "not ours": a module of a
+declared package that the bundle lacks (every module, before the first push) is found by the
+standard path finder, as it would be anyway, with a loader that also keeps the bytes it executed, so
+the first push diffs against what runs rather than against a file the developer has since edited. Switching versions is one attribute
 assignment (:meth:`OverlayFinder.set_index`), so an import sees either the old index or the new one.
 
 Each index points at the store's immutable per-version tree, so ``__file__`` is a real file whose

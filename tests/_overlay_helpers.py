@@ -105,16 +105,21 @@ def run_python(code: str, *, cwd: Path, env: dict[str, str] | None = None,
 
 
 def package_files(package: str) -> dict[str, tuple[str, bytes]]:
-    """Bundle entries for an installed pure-Python package, laid out the way the packer would.
+    """Bundle entries for an installed pure-Python package, laid out the way the packer would."""
+    module = __import__(package)
+    return tree_entries(Path(module.__file__).parent)
+
+
+def tree_entries(base: Path, top: Path | None = None) -> dict[str, tuple[str, bytes]]:
+    """Bundle entries for the files under ``base``, named relative to ``top`` (default: its parent).
 
     ``.py`` files become modules (``__init__.py`` a package), everything else data; bytecode
-    caches are skipped.
+    caches and hidden files are skipped.
     """
-    module = __import__(package)
-    base = Path(module.__file__).parent
+    top = base.parent if top is None else top
     files: dict[str, tuple[str, bytes]] = {}
     for path in sorted(base.rglob("*")):
-        rel = path.relative_to(base.parent)
+        rel = path.relative_to(top)
         if not path.is_file() or "__pycache__" in rel.parts or path.suffix in (".pyc", ".pyo"):
             continue
         if any(part.startswith(".") for part in rel.parts):

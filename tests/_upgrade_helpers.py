@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _overlay_helpers import tree_entries
 from overlay import _delta
 from overlay.bundle import Base, build_bundle
 from overlay.keys import SigningKey
@@ -34,20 +35,7 @@ def snippet_files(scenario: str, version: str) -> dict[str, tuple[str, bytes]]:
     root = SNIPPETS / scenario / version
     if not root.is_dir():
         raise FileNotFoundError(f"no snippet tree {root}")
-    files: dict[str, tuple[str, bytes]] = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if not path.is_file() or "__pycache__" in rel.parts:
-            continue
-        if path.suffix == ".py":
-            parts = list(rel.with_suffix("").parts)
-            if parts[-1] == "__init__":
-                files[".".join(parts[:-1])] = ("package", path.read_bytes())
-            else:
-                files[".".join(parts)] = ("module", path.read_bytes())
-        else:
-            files[rel.as_posix()] = ("data", path.read_bytes())
-    return files
+    return tree_entries(root, root)
 
 
 def write_tree(scenario: str, version: str, root: Path) -> Path:

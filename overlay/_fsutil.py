@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -178,7 +179,8 @@ def link_or_copy(src: str, dst: str) -> None:
 TreeRow = tuple[str, str, int, Callable[[], bytes]]  # relative path, sha256, size, read the body
 
 
-def build_tree(root: Path, rows: Iterable[TreeRow], objects: Path) -> None:
+def build_tree(root: Path, rows: Iterable[TreeRow], objects: Path,
+               share: tuple[Path, dict[str, str]] | None = None) -> None:
     """Build a read-only tree at ``root``: every row's body at ``root/<relative path>``.
 
     Each body is stored once as ``objects/<sha256[:2]>/<sha256>`` (0444) and hard-linked in, so a
@@ -189,10 +191,18 @@ def build_tree(root: Path, rows: Iterable[TreeRow], objects: Path) -> None:
     derived from a bundle that is, and the store checks the active tree against its bundle when it
     opens and rebuilds it if a power cut damaged it. Syncing some 20 directories per push would cost
     more than the rest of the push.
+
+    ``share`` is ``(tree, its dir_digests)`` of an existing tree (the active version's): every
+    directory whose whole content is the same there becomes a relative symlink to it, so a push that
+    changes one file of 1,000 makes a few links instead of a thousand. Trees are immutable, so
+    sharing is safe; the store keeps a tree alive while another links into it.
     """
+    rows = list(rows)
     tmp = root.with_name(f"{TMP_PREFIX}{root.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(mode=0o700)
     try:
+        if share is not None:
+            rows = _share_dirs(os.fspath(tmp), os.fspath(root), rows, *share)
         dirs = _fill_tree(os.fspath(tmp), rows, os.fspath(objects))
         for directory in sorted(dirs, key=lambda d: d.count(os.sep), reverse=True):
             os.chmod(directory, 0o555)  # read-only: not even a __pycache__ can appear in a tree
@@ -201,6 +211,56 @@ def build_tree(root: Path, rows: Iterable[TreeRow], objects: Path) -> None:
         if tmp.exists():
             _rmtree(tmp)
         raise
+
+
+def dir_digests(rows: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """For every directory of a tree (relative POSIX path), a digest of every ``(path, sha256)`` below it."""
+    acc: dict[str, list[str]] = {}
+    for path, sha256 in sorted(rows):
+        line = f"{path}\0{sha256}"
+        directory = path.rpartition("/")[0]
+        while directory:
+            acc.setdefault(directory, []).append(line)
+            directory = directory.rpartition("/")[0]
+    return {d: hashlib.sha256("\n".join(lines).encode()).hexdigest() for d, lines in acc.items()}
+
+
+def _share_dirs(base: str, final: str, rows: list[TreeRow], other: Path,
+                other_digests: dict[str, str]) -> list[TreeRow]:
+    """Symlink the directories whose content equals ``other``'s; return the rows still to link."""
+    mine = dir_digests((row[0], row[1]) for row in rows)
+    shared = sorted(d for d, digest in mine.items() if other_digests.get(d) == digest)
+    top: list[str] = []
+    for directory in shared:  # sorted: a parent comes before its children
+        if not any(directory.startswith(t + "/") for t in top):
+            top.append(directory)
+    linked = []
+    for directory in top:
+        target = os.path.realpath(os.path.join(other, directory))
+        if not os.path.isdir(target):
+            continue
+        link = os.path.join(base, *directory.split("/"))
+        os.makedirs(os.path.dirname(link), mode=0o700, exist_ok=True)
+        # Relative to where the tree will live, so moving the whole store keeps it working.
+        os.symlink(os.path.relpath(target, os.path.dirname(os.path.join(final, *directory.split("/")))), link)
+        linked.append(directory + "/")
+    if not linked:
+        return rows
+    return [row for row in rows if not any(row[0].startswith(prefix) for prefix in linked)]
+
+
+def tree_links(root: Path) -> set[str]:
+    """Names of the trees (siblings of ``root``) that ``root`` symlinks into."""
+    found = set()
+    trees = os.path.realpath(os.path.dirname(root))
+    for directory, subdirs, _ in os.walk(root):
+        for name in subdirs:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if target.startswith(trees + os.sep):
+                    found.add(target[len(trees) + 1 :].split(os.sep, 1)[0])
+    return found
 
 
 def _fill_tree(base: str, rows: Iterable[TreeRow], objects: str) -> set[str]:

@@ -85,6 +85,7 @@ class Store:
         self._history = _fsutil.RecordLog(path / "history.jsonl")  # read incrementally
         self._doomed: list[Path] = []  # trees taken away by retention, deleted in the background
         self._cleaner: threading.Thread | None = None
+        self._dir_digests: dict[str, dict[str, str]] = {}  # of the active tree, for sharing
         self.highest = 0
         self.startup_problems: list[str] = []
         self._lock = lock
@@ -370,9 +371,20 @@ class Store:
                 logger.warning("removed bundle v%d (%s): %s", version, _short(digest), reason)
                 self._remove_version(version, digest)
 
-    def _remove_version(self, version: int, digest: str) -> None:
+    def _linked_trees(self, kept: set[tuple[int, str]]) -> set[str]:
+        """Trees that kept trees share directories with (symlinks): they stay while linked."""
+        linked: set[str] = set()
+        for version, digest in kept:
+            root = self._trees / _stem(version, digest)
+            if root.is_dir():
+                linked |= _fsutil.tree_links(root)
+        return linked
+
+    def _remove_version(self, version: int, digest: str, *, keep_tree: bool | None = None) -> None:
         tree = self._trees / _stem(version, digest)
-        if tree.exists():
+        if keep_tree is None:  # any other stored version's tree may share directories with this one
+            keep_tree = tree.name in self._linked_trees(set(self.stored()) - {(version, digest)})
+        if tree.exists() and not keep_tree:
             self._drop_tree(tree)  # tree first: a bundle without a tree is rebuilt on demand
         (self._bundles / f"{_stem(version, digest)}.hbn").unlink(missing_ok=True)
 
@@ -436,12 +448,13 @@ class Store:
                 kept.add((p["version"], p["digest"]))  # ours, and the one on disk if another's
                 kept.update([s for s in stored if s[0] < p["version"]][-1:])
             dropped = [s for s in stored if s not in kept]
+            linked = self._linked_trees(kept)
             for version, digest in dropped:
                 logger.info("retention: removing v%d (%s)", version, _short(digest))
-                self._remove_version(version, digest)
-            for name in os.listdir(self._trees):  # a failed push's tree, or a crash's
+                self._remove_version(version, digest, keep_tree=_stem(version, digest) in linked)
+            for name in os.listdir(self._trees):  # a failed push's tree, a crash's, or one no longer linked
                 m = _NAME.match(name)
-                if m and (int(m[1]), m[2]) not in kept and int(m[1]) <= self.highest:
+                if m and (int(m[1]), m[2]) not in kept and int(m[1]) <= self.highest and name not in linked:
                     self._drop_tree(self._trees / name)
             for name in os.listdir(self._staged):  # stale: can never be committed as a push
                 if (m := _NAME.match(name)) and int(m[1]) <= self.highest:
@@ -511,8 +524,22 @@ class Store:
             if not root.is_dir():  # another process may have built it while we waited
                 rows = [(e.path, e.sha256, e.size, functools.partial(bundle.read, e.name))
                         for e in bundle.entries.values()]
-                _fsutil.build_tree(root, rows, self._objects)
+                _fsutil.build_tree(root, rows, self._objects, share=self._shareable(bundle))
         return root
+
+    def _shareable(self, bundle: Bundle) -> tuple[Path, dict[str, str]] | None:
+        """The active version's tree and its directory digests, for a new tree to share from."""
+        active = self.active
+        if active is None or active.digest == bundle.digest:
+            return None
+        root = self.tree_path(active)
+        if not root.is_dir():
+            return None
+        digests = self._dir_digests.get(active.digest)
+        if digests is None:
+            digests = _fsutil.dir_digests((e.path, e.sha256) for e in active.entries.values())
+            self._dir_digests = {active.digest: digests}
+        return root, digests
 
     @property
     def cache_dir(self) -> Path:

@@ -629,3 +629,39 @@ def test_history_read_incrementally_sees_appends_from_another_store_object(opene
     first.record_failure(action="push", version=3, digest=None, key_ids=[], code="syntax_error", reason="x")
     assert [(e["version"], e["outcome"]) for e in second.history()] == [(1, "ok"), (2, "ok"), (3, "failed")]
     assert second.history(1)[0]["code"] == "syntax_error"
+
+
+def test_a_new_tree_shares_unchanged_directories_with_the_active_one(opener, store_dir, key):
+    files = {"shop": ("package", b"V = 1\n"), "shop.admin": ("package", b""),
+             "shop.admin.views": ("module", b"def index():\n    return 'admin'\n"),
+             "shop/templates/x.html": ("data", b"<p>1</p>\n")}
+    store = opener()
+    first = make(key, 1, files=files)
+    push(store, first)
+    store.tree(first)
+    second = make(key, 2, files={**files, "shop": ("package", b"V = 2\n")})
+    store.stage(second)
+    tree = store.tree(second)  # as a push does: the tree is built while the old version is active
+    store.commit(second)
+    assert (tree / "shop" / "admin").is_symlink() and (tree / "shop" / "templates").is_symlink()
+    assert not (tree / "shop").is_symlink()
+    for entry in second.entries.values():
+        assert (tree / entry.path).read_bytes() == second.read(entry.name)
+
+
+def test_retention_keeps_a_tree_that_a_kept_tree_links_into(opener, store_dir, key):
+    files = {"shop": ("package", b"V = 0\n"), "shop.admin": ("package", b""),
+             "shop.admin.views": ("module", b"def index():\n    return 'admin'\n")}
+    store = opener(keep=1)
+    for version in range(1, 5):
+        bundle = make(key, version, files={**files, "shop": ("package", f"V = {version}\n".encode())})
+        store.stage(bundle)
+        store.tree(bundle)
+        store.commit(bundle)
+    store.settle()
+    assert [v for v, _ in store.stored()] == [3, 4]
+    latest = store.tree(store.active)
+    assert (latest / "shop" / "admin").is_symlink()
+    assert (latest / "shop" / "admin" / "views.py").read_bytes() == files["shop.admin.views"][1]
+    reopened = opener(keep=1)
+    assert reopened.startup_problems == [] and reopened.active.version == 4

@@ -119,10 +119,13 @@ class BundleIndex:
                                   (t for t in tops if t not in _RESERVED and t not in sys.stdlib_module_names))
         self.code_cache = code_cache  # None: the finder's cache is adopted when the index goes live
         modules: dict[str, _Module] = {}
+        prefix = self.root + os.sep  # plain concatenation: this runs for every module on every push
+        served = self.packages
         for name, entry in bundle.entries.items():
-            if entry.kind != "data" and _top(entry) in self.packages:
-                filename = os.path.join(self.root, *entry.path.split("/"))
-                search = os.path.dirname(filename) if entry.kind == "package" else None
+            kind = entry.kind
+            if kind != "data" and name.partition(".")[0] in served:
+                filename = prefix + entry.path.replace("/", os.sep)
+                search = filename[: -len("/__init__.py")] if kind == "package" else None
                 modules[name] = _Module(entry, filename, search)
         self.modules: dict[str, _Module] = modules
         self.ignored = frozenset(tops - self.packages)

@@ -34,6 +34,7 @@ import functools
 import json
 import logging
 import os
+import queue
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -85,6 +86,7 @@ class Store:
         self._history = _fsutil.RecordLog(path / "history.jsonl")  # read incrementally
         self._doomed: list[Path] = []  # trees taken away by retention, deleted in the background
         self._cleaner: threading.Thread | None = None
+        self._cleanup: queue.Queue[list[Path] | None] = queue.Queue()
         self._dir_digests: dict[str, dict[str, str]] = {}  # of the active tree, for sharing
         self.highest = 0
         self.startup_problems: list[str] = []
@@ -393,30 +395,39 @@ class Store:
         self._doomed.append(_fsutil.unlink_tree_name(tree))
 
     def _clean_up_later(self) -> None:
-        """Delete dropped trees, then sweep unlinked objects, on a thread: retention must not cost a
-        push the ~10 ms of unlinking a 1,000-file tree. ``settle()`` waits for it."""
+        """Hand dropped trees to the clean-up worker: retention must not cost a push the ~10 ms of
+        unlinking a 1,000-file tree. The worker deletes them, then sweeps objects no tree links to
+        (under the store lock, so no object vanishes while a tree is being linked). Callers may hold
+        the store lock: nothing here waits for the worker. ``settle()`` does.
+        """
         doomed, self._doomed = self._doomed, []
         if not doomed:
             return
+        if self._cleaner is None or not self._cleaner.is_alive():
+            self._cleaner = threading.Thread(target=self._clean_up, name="habanero-store-cleanup",
+                                             daemon=True)
+            self._cleaner.start()
+        self._cleanup.put(doomed)
 
-        def work() -> None:
-            for path in doomed:
-                _fsutil.rmtree_quietly(path)
+    def _clean_up(self) -> None:
+        while True:
+            doomed = self._cleanup.get()
+            if doomed is None:  # close()
+                self._cleanup.task_done()
+                return
             try:
-                with self._lock:  # no object may vanish while a tree is being linked
+                for path in doomed:
+                    _fsutil.rmtree_quietly(path)
+                with self._lock:
                     _fsutil.sweep_objects(self._objects)
             except (OSError, StoreError):
                 logger.warning("could not sweep unused objects in %s; the next prune retries", self.path)
-
-        self.settle()
-        self._cleaner = threading.Thread(target=work, name="habanero-store-cleanup", daemon=True)
-        self._cleaner.start()
+            finally:
+                self._cleanup.task_done()
 
     def settle(self) -> None:
-        """Wait for background clean-up (tests, shutdown)."""
-        cleaner, self._cleaner = self._cleaner, None
-        if cleaner is not None:
-            cleaner.join()
+        """Wait until background clean-up is done (tests, shutdown). Never call it holding the lock."""
+        self._cleanup.join()
 
     def _check_app(self, bundle: Bundle) -> None:
         if bundle.app_id != self.app_id:
@@ -551,6 +562,9 @@ class Store:
     def close(self) -> None:
         """Finish background clean-up and release the lock file; this Store must not write afterwards."""
         self.settle()
+        if self._cleaner is not None and self._cleaner.is_alive():
+            self._cleanup.put(None)
+            self._cleaner.join()
         self._lock.close()
 
     def __enter__(self) -> Store:

@@ -665,3 +665,34 @@ def test_retention_keeps_a_tree_that_a_kept_tree_links_into(opener, store_dir, k
     assert (latest / "shop" / "admin" / "views.py").read_bytes() == files["shop.admin.views"][1]
     reopened = opener(keep=1)
     assert reopened.startup_problems == [] and reopened.active.version == 4
+
+
+def test_a_commit_never_waits_on_the_background_clean_up(opener, key):
+    # Retention hands dropped trees to a worker that needs the store lock to sweep objects; a commit
+    # holds that lock while it prunes, so it must never wait for the worker (that would deadlock).
+    import threading
+
+    store = opener(keep=1)
+
+    def version(v: int) -> Bundle:
+        bundle = make(key, v, files={"shop": ("package", f"V = {v}\n".encode())})
+        store.stage(bundle)
+        store.tree(bundle)
+        return bundle
+
+    for v in (1, 2, 3):
+        store.commit(version(v))
+    done = threading.Event()
+
+    def two_prunes_under_the_lock() -> None:
+        with store._lock:  # white box: as a commit holds it while retention runs
+            store.commit(version(4))  # drops v2: the worker now waits for the lock
+            store.commit(version(5))  # drops v3: must not wait for that worker
+        done.set()
+
+    worker = threading.Thread(target=two_prunes_under_the_lock, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert done.is_set(), "a commit waited on the clean-up worker"
+    store.settle()
+    assert [v for v, _ in store.stored()] == [4, 5]

@@ -246,18 +246,29 @@ def _share_dirs(base: str, final: str, rows: list[TreeRow], other: Path,
         linked.append(directory + "/")
     if not linked:
         return rows
-    return [row for row in rows if not any(row[0].startswith(prefix) for prefix in linked)]
+    shared_dirs = {prefix[:-1] for prefix in linked}
+
+    def under_shared(path: str) -> bool:
+        directory = path.rpartition("/")[0]
+        while directory:
+            if directory in shared_dirs:
+                return True
+            directory = directory.rpartition("/")[0]
+        return False
+
+    return [row for row in rows if not under_shared(row[0])]
 
 
 def tree_links(root: Path) -> set[str]:
     """Names of the trees (siblings of ``root``) that ``root`` symlinks into."""
     found = set()
-    trees = os.path.realpath(os.path.dirname(root))
+    trees = os.path.normpath(os.path.dirname(os.path.abspath(root)))
     for directory, subdirs, _ in os.walk(root):
         for name in subdirs:
             path = os.path.join(directory, name)
             if os.path.islink(path):
-                target = os.path.realpath(path)
+                # Our links are relative and point straight at a real directory of a sibling tree.
+                target = os.path.normpath(os.path.join(directory, os.readlink(path)))
                 if target.startswith(trees + os.sep):
                     found.add(target[len(trees) + 1 :].split(os.sep, 1)[0])
     return found

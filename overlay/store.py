@@ -88,6 +88,7 @@ class Store:
         self._cleaner: threading.Thread | None = None
         self._cleanup: queue.Queue[list[Path] | None] = queue.Queue()
         self._dir_digests: dict[str, dict[str, str]] = {}  # of the active tree, for sharing
+        self._tree_links: dict[str, frozenset[str]] = {}  # tree name -> trees it links into
         self.highest = 0
         self.startup_problems: list[str] = []
         self._lock = lock
@@ -377,9 +378,14 @@ class Store:
         """Trees that kept trees share directories with (symlinks): they stay while linked."""
         linked: set[str] = set()
         for version, digest in kept:
-            root = self._trees / _stem(version, digest)
-            if root.is_dir():
-                linked |= _fsutil.tree_links(root)
+            name = _stem(version, digest)
+            links = self._tree_links.get(name)  # a tree never changes: read its links once
+            if links is None:
+                root = self._trees / name
+                if not root.is_dir():
+                    continue
+                links = self._tree_links[name] = frozenset(_fsutil.tree_links(root))
+            linked |= links
         return linked
 
     def _remove_version(self, version: int, digest: str, *, keep_tree: bool | None = None) -> None:

@@ -30,19 +30,17 @@ disk). A fallback is reported, not written: the pointer changes only through ``c
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
-import queue
 import re
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from . import _fsutil
+from ._trees import TreesMixin, _stem
 from .bundle import DEFAULT_LIMITS, Bundle, Limits, open_bundle
 from .errors import HabaneroError, StaleVersion, StoreError, WrongApp
 from .keys import TrustedKeys
@@ -57,10 +55,6 @@ _NAME = re.compile(r"^(\d{1,30})-([0-9a-f]{64})(\.hbn)?$")  # bundles/ files and
 Pointer = dict[str, Any]  # {"version": int, "digest": str}, as in state.json
 
 
-def _stem(version: int, digest: str) -> str:
-    return f"{version:010d}-{digest}"
-
-
 def _short(digest: str) -> str:
     return digest[:12] + "…"
 
@@ -69,7 +63,7 @@ def _pointer(bundle: Bundle | None) -> Pointer | None:
     return None if bundle is None else {"version": bundle.version, "digest": bundle.digest}
 
 
-class Store:
+class Store(TreesMixin):
     """The versions of one app's code on disk; the module docstring has the layout and guarantees.
 
     Example::
@@ -84,11 +78,7 @@ class Store:
         self.keep, self.max_version_jump = keep, max_version_jump
         self.active: Bundle | None = None
         self._history = _fsutil.RecordLog(path / "history.jsonl")  # read incrementally
-        self._doomed: list[Path] = []  # trees taken away by retention, deleted in the background
-        self._cleaner: threading.Thread | None = None
-        self._cleanup: queue.Queue[list[Path] | None] = queue.Queue()
-        self._dir_digests: dict[str, dict[str, str]] = {}  # of the active tree, for sharing
-        self._tree_links: dict[str, frozenset[str]] = {}  # tree name -> trees it links into
+        self._init_trees()
         self.highest = 0
         self.startup_problems: list[str] = []
         self._lock = lock
@@ -374,20 +364,6 @@ class Store:
                 logger.warning("removed bundle v%d (%s): %s", version, _short(digest), reason)
                 self._remove_version(version, digest)
 
-    def _linked_trees(self, kept: set[tuple[int, str]]) -> set[str]:
-        """Trees that kept trees share directories with (symlinks): they stay while linked."""
-        linked: set[str] = set()
-        for version, digest in kept:
-            name = _stem(version, digest)
-            links = self._tree_links.get(name)  # a tree never changes: read its links once
-            if links is None:
-                root = self._trees / name
-                if not root.is_dir():
-                    continue
-                links = self._tree_links[name] = frozenset(_fsutil.tree_links(root))
-            linked |= links
-        return linked
-
     def _remove_version(self, version: int, digest: str, *, keep_tree: bool | None = None) -> None:
         tree = self._trees / _stem(version, digest)
         if keep_tree is None:  # any other stored version's tree may share directories with this one
@@ -395,45 +371,6 @@ class Store:
         if tree.exists() and not keep_tree:
             self._drop_tree(tree)  # tree first: a bundle without a tree is rebuilt on demand
         (self._bundles / f"{_stem(version, digest)}.hbn").unlink(missing_ok=True)
-
-    def _drop_tree(self, tree: Path) -> None:
-        """Take a tree away now (a rename); delete its thousand links after the push has answered."""
-        self._doomed.append(_fsutil.unlink_tree_name(tree))
-
-    def _clean_up_later(self) -> None:
-        """Hand dropped trees to the clean-up worker: retention must not cost a push the ~10 ms of
-        unlinking a 1,000-file tree. The worker deletes them, then sweeps objects no tree links to
-        (under the store lock, so no object vanishes while a tree is being linked). Callers may hold
-        the store lock: nothing here waits for the worker. ``settle()`` does.
-        """
-        doomed, self._doomed = self._doomed, []
-        if not doomed:
-            return
-        if self._cleaner is None or not self._cleaner.is_alive():
-            self._cleaner = threading.Thread(target=self._clean_up, name="habanero-store-cleanup",
-                                             daemon=True)
-            self._cleaner.start()
-        self._cleanup.put(doomed)
-
-    def _clean_up(self) -> None:
-        while True:
-            doomed = self._cleanup.get()
-            if doomed is None:  # close()
-                self._cleanup.task_done()
-                return
-            try:
-                for path in doomed:
-                    _fsutil.rmtree_quietly(path)
-                with self._lock:
-                    _fsutil.sweep_objects(self._objects)
-            except (OSError, StoreError):
-                logger.warning("could not sweep unused objects in %s; the next prune retries", self.path)
-            finally:
-                self._cleanup.task_done()
-
-    def settle(self) -> None:
-        """Wait until background clean-up is done (tests, shutdown). Never call it holding the lock."""
-        self._cleanup.join()
 
     def _check_app(self, bundle: Bundle) -> None:
         if bundle.app_id != self.app_id:
@@ -478,86 +415,6 @@ class Store:
                     (self._staged / name).unlink(missing_ok=True)
         self._clean_up_later()
 
-    # ---------------------------------------------------------------------------- trees
-
-    def object(self, sha256: str) -> bytes | None:
-        """An entry body this store holds (for delta bundles), or None. Its hash is checked by the reader."""
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
-            return None
-        try:
-            return (self._objects / sha256[:2] / sha256).read_bytes()
-        except OSError:
-            return None
-
-    def tree_path(self, bundle: Bundle) -> Path:
-        """Where ``tree(bundle)`` lays the version out; computing it writes nothing."""
-        return self._trees / _stem(bundle.version, bundle.digest)
-
-    def discard(self, bundle: Bundle) -> None:
-        """Forget a staged bundle whose push failed: its staged file and its tree, if not committed.
-
-        A failed push leaves no trace but its history entry. Objects shared with other versions
-        stay; unreferenced ones go at the next prune.
-        """
-        name = f"{_stem(bundle.version, bundle.digest)}.hbn"
-        if (self._bundles / name).exists():
-            return  # a stored version (a rollback target): never discarded
-        with self._lock, self._io(f"discard v{bundle.version}"):
-            (self._staged / name).unlink(missing_ok=True)
-            root = self.tree_path(bundle)
-            if root.is_dir():
-                _fsutil.remove_tree(root)
-
-    def _check_active_tree(self) -> None:
-        """Rebuild the active version's tree if a crash left it short or damaged (it is not fsynced)."""
-        bundle = self.active
-        root = self.tree_path(bundle) if bundle is not None else None
-        if root is None or not root.is_dir():
-            return
-        for entry in bundle.entries.values():
-            try:
-                with open(os.path.join(root, entry.path), "rb") as fh:
-                    intact = fh.read() == bundle.read(entry.name)
-            except OSError:
-                intact = False
-            if not intact:
-                logger.warning("the source tree of v%s is damaged (%s); rebuilding it", bundle.version,
-                               entry.path)
-                with self._lock:
-                    _fsutil.remove_tree(root)
-                self.tree(bundle)
-                return
-
-    def tree(self, bundle: Bundle) -> Path:
-        """A read-only source tree of ``bundle`` (``tree/<entry.path>``), built once, then reused.
-
-        Bodies live once in ``objects/`` and are hard-linked in, so a push that changes one file of
-        1,000 writes one object and makes 1,000 links. Built in a temp dir and renamed into place.
-        """
-        root = self.tree_path(bundle)
-        if root.is_dir():
-            return root
-        with self._lock, self._io(f"build the source tree of v{bundle.version}"):
-            if not root.is_dir():  # another process may have built it while we waited
-                rows = [(e.path, e.sha256, e.size, functools.partial(bundle.read, e.name))
-                        for e in bundle.entries.values()]
-                _fsutil.build_tree(root, rows, self._objects, share=self._shareable(bundle))
-        return root
-
-    def _shareable(self, bundle: Bundle) -> tuple[Path, dict[str, str]] | None:
-        """The active version's tree and its directory digests, for a new tree to share from."""
-        active = self.active
-        if active is None or active.digest == bundle.digest:
-            return None
-        root = self.tree_path(active)
-        if not root.is_dir():
-            return None
-        digests = self._dir_digests.get(active.digest)
-        if digests is None:
-            digests = _fsutil.dir_digests((e.path, e.sha256) for e in active.entries.values())
-            self._dir_digests = {active.digest: digests}
-        return root, digests
-
     @property
     def cache_dir(self) -> Path:
         """Where the finder keeps compiled code (``<store>/pycache``), created on demand."""
@@ -567,10 +424,7 @@ class Store:
 
     def close(self) -> None:
         """Finish background clean-up and release the lock file; this Store must not write afterwards."""
-        self.settle()
-        if self._cleaner is not None and self._cleaner.is_alive():
-            self._cleanup.put(None)
-            self._cleaner.join()
+        self._stop_cleaner()
         self._lock.close()
 
     def __enter__(self) -> Store:

@@ -180,7 +180,8 @@ TreeRow = tuple[str, str, int, Callable[[], bytes]]  # relative path, sha256, si
 
 
 def build_tree(root: Path, rows: Iterable[TreeRow], objects: Path,
-               share: tuple[Path, dict[str, str]] | None = None) -> None:
+               share: tuple[Path, dict[str, str]] | None = None,
+               digests: dict[str, str] | None = None) -> None:
     """Build a read-only tree at ``root``: every row's body at ``root/<relative path>``.
 
     Each body is stored once as ``objects/<sha256[:2]>/<sha256>`` (0444) and hard-linked in, so a
@@ -202,7 +203,8 @@ def build_tree(root: Path, rows: Iterable[TreeRow], objects: Path,
     tmp.mkdir(mode=0o700)
     try:
         if share is not None:
-            rows = _share_dirs(os.fspath(tmp), os.fspath(root), rows, *share)
+            mine = digests if digests is not None else dir_digests((row[0], row[1]) for row in rows)
+            rows = _share_dirs(os.fspath(tmp), os.fspath(root), rows, *share, mine)
         dirs = _fill_tree(os.fspath(tmp), rows, os.fspath(objects))
         for directory in sorted(dirs, key=lambda d: d.count(os.sep), reverse=True):
             os.chmod(directory, 0o555)  # read-only: not even a __pycache__ can appear in a tree
@@ -226,9 +228,8 @@ def dir_digests(rows: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 
 def _share_dirs(base: str, final: str, rows: list[TreeRow], other: Path,
-                other_digests: dict[str, str]) -> list[TreeRow]:
+                other_digests: dict[str, str], mine: dict[str, str]) -> list[TreeRow]:
     """Symlink the directories whose content equals ``other``'s; return the rows still to link."""
-    mine = dir_digests((row[0], row[1]) for row in rows)
     shared = sorted(d for d, digest in mine.items() if other_digests.get(d) == digest)
     top: list[str] = []
     for directory in shared:  # sorted: a parent comes before its children

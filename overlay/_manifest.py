@@ -77,7 +77,7 @@ def _report_fields(obj: dict[str, Any], schema: Mapping[str, Any], where: str) -
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _is_sha256(text: str) -> bool:
+def is_sha256(text: str) -> bool:
     return _SHA256.fullmatch(text) is not None
 
 
@@ -94,7 +94,7 @@ def check_manifest(m: Any, limits: Limits, *, own: bool = False) -> None:
         raise BadManifest("manifest.app_id must be 1-128 ASCII characters")
     if m["version"] < 1:
         raise BadManifest("manifest.version must be a positive integer")
-    if m["parent"] is not None and not _is_sha256(m["parent"]):
+    if m["parent"] is not None and not is_sha256(m["parent"]):
         raise BadManifest("manifest.parent must be a bundle digest (64 hex digits) or null")
     payload = m["payload"]
     if not isinstance(payload, dict) or payload.get("codec") not in CODECS:
@@ -104,7 +104,7 @@ def check_manifest(m: Any, limits: Limits, *, own: bool = False) -> None:
     _check_fields(payload, _DELTA_PAYLOAD if delta else _PAYLOAD, "manifest.payload")
     if delta and m["parent"] is None:
         raise BadManifest("a delta payload needs a parent bundle to take the other entries from")
-    if not _is_sha256(payload["sha256"]):
+    if not is_sha256(payload["sha256"]):
         raise BadManifest("manifest.payload.sha256 must be 64 lowercase hex digits")
     if payload["uncompressed_size"] > limits.max_total_bytes:
         raise TooLarge(f"bundle unpacks to {payload['uncompressed_size']} bytes, over the "
@@ -155,7 +155,7 @@ def _check_entries(entries: list[Any], total: int, limits: Limits, own: bool = F
         if e["offset"] != offset:
             raise BadManifest(f"entry {name!r} starts at {e['offset']}, expected {offset}: offsets "
                               "must be contiguous")
-        if not own and not _is_sha256(e["sha256"]):
+        if not own and not is_sha256(e["sha256"]):
             raise BadManifest(f"entry {name!r} has a malformed sha256")
         offset += e["size"]
         names[name] = kind

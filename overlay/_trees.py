@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 from . import _fsutil
+from ._manifest import is_sha256
 from .bundle import Bundle
 from .errors import StoreError
 
@@ -109,7 +110,7 @@ class TreesMixin:
 
     def object(self, sha256: str) -> bytes | None:
         """An entry body this store holds (for delta bundles), or None. Its hash is checked by the reader."""
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        if not is_sha256(sha256):
             return None
         try:
             return (self._objects / sha256[:2] / sha256).read_bytes()
@@ -168,8 +169,19 @@ class TreesMixin:
             if not root.is_dir():  # another process may have built it while we waited
                 rows = [(e.path, e.sha256, e.size, functools.partial(bundle.read, e.name))
                         for e in bundle.entries.values()]
-                _fsutil.build_tree(root, rows, self._objects, share=self._shareable(bundle))
+                share = self._shareable(bundle)
+                mine = self._digests_of(bundle) if share is not None else None
+                _fsutil.build_tree(root, rows, self._objects, share=share, digests=mine)
         return root
+
+    def _digests_of(self, bundle: Bundle) -> dict[str, str]:
+        """Directory digests of a bundle, kept for the newest two: this push's tree is the next
+        push's active one, so each version's digests are computed once."""
+        digests = self._dir_digests.get(bundle.digest)
+        if digests is None:
+            digests = _fsutil.dir_digests((e.path, e.sha256) for e in bundle.entries.values())
+            self._dir_digests = {**dict(list(self._dir_digests.items())[-1:]), bundle.digest: digests}
+        return digests
 
     def _shareable(self, bundle: Bundle) -> tuple[Path, dict[str, str]] | None:
         """The active version's tree and its directory digests, for a new tree to share from."""
@@ -179,8 +191,4 @@ class TreesMixin:
         root = self.tree_path(active)
         if not root.is_dir():
             return None
-        digests = self._dir_digests.get(active.digest)
-        if digests is None:
-            digests = _fsutil.dir_digests((e.path, e.sha256) for e in active.entries.values())
-            self._dir_digests = {active.digest: digests}
-        return root, digests
+        return root, self._digests_of(active)

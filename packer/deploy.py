@@ -37,7 +37,7 @@ class PushResult:
         return self.response["report"]
 
 
-def _target(args: argparse.Namespace, *, need_packages: bool) -> tuple[Any, str]:
+def _target(args: argparse.Namespace) -> tuple[Any, str]:
     """The project config and the URL to talk to, or a ConfigError that says what is missing."""
     from overlay.errors import ConfigError
 
@@ -230,7 +230,7 @@ def run_push(args: argparse.Namespace) -> int:
     from .cli import PROG
     from .client import RemoteError
 
-    config, url = _target(args, need_packages=True)
+    config, url = _target(args)
     with _remote(config, url, args) as remote:
         try:
             result = push_once(remote, config, bases=BaseCache(config.root))
@@ -251,7 +251,7 @@ URL = arg("url", nargs="?", metavar="URL", help="the app's URL (default: HABANER
 
 @command("status", URL, CA_FILE, JSON, KEY, PROJECT, APP_ID, help="show the version a running app serves")
 def _status(args: argparse.Namespace) -> int:
-    config, url = _target(args, need_packages=False)
+    config, url = _target(args)
     with _remote(config, url, args) as remote:
         status = remote.status()
     if args.json:
@@ -282,7 +282,7 @@ def _status(args: argparse.Namespace) -> int:
 def _history(args: argparse.Namespace) -> int:
     from .client import map_traceback
 
-    config, url = _target(args, need_packages=False)
+    config, url = _target(args)
     with _remote(config, url, args) as remote:
         entries = remote.history(args.limit)
     if args.json:
@@ -303,7 +303,7 @@ def _history(args: argparse.Namespace) -> int:
              "one before the active version)"),
          help="return a running app to its previous version")
 def _rollback(args: argparse.Namespace) -> int:
-    config, url = _target(args, need_packages=False)
+    config, url = _target(args)
     with _remote(config, url, args) as remote:
         before = remote.status()
         expect = (before.get("active") or {}).get("version")

@@ -61,7 +61,7 @@ EMPTY_HOLD_MS = 250
 
 def run_watch(args: argparse.Namespace) -> int:
     """``habanero-pack --push --watch [URL]``: push on every save until Ctrl-C."""
-    config, url = _target(args, need_packages=True)
+    config, url = _target(args)
     session = WatchSession(_remote(config, url, args), config, check=getattr(args, "check", None),
                            debounce_ms=getattr(args, "debounce", None) or DEBOUNCE_MS)
     return session.run()

@@ -213,12 +213,9 @@ def _resolve_app_id(flag: str | None, env: Mapping[str, str], table: Mapping[str
 
 def _resolve_key(flag: Any, env: Mapping[str, str], table: Mapping[str, Any], root: Path,
                  pyproject: Path) -> Path | None:
-    chosen = flag or _env(env, "HABANERO_KEY")
+    chosen = _resolve_path(flag, env, "HABANERO_KEY", table, "key", root, pyproject)
     if chosen:
-        return Path(chosen).expanduser().absolute()
-    configured = _typed(table, "key", str, pyproject)
-    if configured:
-        return root / Path(configured).expanduser()  # an absolute path stays absolute
+        return chosen
     for default in (root / PROJECT_KEY, HOME_KEY.expanduser()):
         if default.is_file():
             return default
@@ -232,11 +229,17 @@ def _resolve_url(flag: str | None, env: Mapping[str, str], table: Mapping[str, A
 
 def _resolve_ca_file(flag: Any, env: Mapping[str, str], table: Mapping[str, Any], root: Path,
                      pyproject: Path) -> Path | None:
-    chosen = flag or _env(env, "HABANERO_CA_FILE")
+    return _resolve_path(flag, env, "HABANERO_CA_FILE", table, "ca_file", root, pyproject)
+
+
+def _resolve_path(flag: Any, env: Mapping[str, str], variable: str, table: Mapping[str, Any], name: str,
+                  root: Path, pyproject: Path) -> Path | None:
+    """A path setting: flag and environment relative to the cwd, pyproject relative to the project."""
+    chosen = flag or _env(env, variable)
     if chosen:
         return Path(chosen).expanduser().absolute()
-    configured = _typed(table, "ca_file", str, pyproject)
-    return root / Path(configured).expanduser() if configured else None
+    configured = _typed(table, name, str, pyproject)
+    return root / Path(configured).expanduser() if configured else None  # absolute stays absolute
 
 
 def _typed(table: Mapping[str, Any], name: str, kind: type, pyproject: Path) -> Any:

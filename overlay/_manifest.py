@@ -3,15 +3,23 @@
 Parsing is strict on purpose: duplicate keys are refused (``json.loads`` would keep the last one,
 so ``{"version": 1, "version": 999}`` could read differently to two parsers), as are ``NaN`` and
 ``Infinity``, unknown fields and ``true`` where an integer belongs.
+
+A push's manifest lists every entry (1,000 for a large app) though few changed, so the checks run
+a column at a time at C speed (``_fast_table``), and entries identical to ones verified earlier (the
+active bundle's :class:`Table`) skip the checks that depend on nothing else. Whenever the fast path
+is unsure it hands over to the entry-by-entry check, which says precisely what is wrong.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence
+from functools import lru_cache, partial
+from itertools import accumulate, compress, count, repeat
+from operator import itemgetter, lt, ne
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._names import check_entry_name, module_path
 from .errors import BadEntryName, BadManifest, TooLarge, UnknownFormat
@@ -21,6 +29,45 @@ if TYPE_CHECKING:
 
 FORMAT = 1
 CODECS = ("zstd", "zstd-delta")
+
+
+class Entry(NamedTuple):
+    """One file of a bundle (``overlay.bundle.Entry``). A tuple, not a dataclass: a bundle makes
+    thousands of them per open."""
+
+    name: str
+    kind: str  # "module", "package" (an __init__) or "data"
+    offset: int
+    size: int
+    sha256: str
+
+    @property
+    def path(self) -> str:
+        """The entry's relative path in a source tree (``pkg/mod.py``, ``pkg/data/x.txt``)."""
+        return self.name if self.kind == "data" else module_path(self.name, self.kind)
+
+
+class Table(NamedTuple):
+    """A checked entry table: its entries in order, the same as columns, and how it differs from base.
+
+    ``changed`` is set when the table was checked against a known one (the active bundle's) listing
+    the same names and kinds in the same order: the positions whose size or hash differ there.
+    """
+
+    rows: list[Entry]
+    names: tuple[str, ...]
+    kinds: tuple[str, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    hashes: tuple[str, ...]
+    changed: list[int] | None = None
+
+    @classmethod
+    def of(cls, rows: list[Entry]) -> Table:
+        return cls(rows, *zip(*rows)) if rows else cls(rows, (), (), (), (), ())
+
+
+# ---------------------------------------------------------------------------------------- parsing
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -36,15 +83,66 @@ def _no_constants(name: str) -> Any:
     raise BadManifest(f"manifest contains {name}, which is not valid JSON")
 
 
+_FAST = json.JSONDecoder(parse_constant=_no_constants)
+_STRICT = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+
+
 def parse_manifest(raw: bytes) -> dict[str, Any]:
+    """The manifest as a dict; duplicate keys at any depth, NaN and Infinity are refused.
+
+    The C parser builds plain dicts (a Python hook per object costs a third of the parse); a count
+    then proves no key was dropped, and only a manifest it cannot vouch for is parsed again with
+    the hook, which names the repeated key.
+    """
     try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                           parse_constant=_no_constants)
+        text = raw.decode("utf-8")
+        value = _FAST.decode(text)
+        if not _surely_unique(raw, value):
+            value = _STRICT.decode(text)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BadManifest(f"manifest is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise BadManifest("manifest must be a JSON object")
     return value
+
+
+def _surely_unique(raw: bytes, value: Any) -> bool:
+    """True only if no object in ``raw`` repeats a key; False means "not sure": parse strictly.
+
+    Outside strings, each key/value pair writes exactly one ``:`` and nothing else writes any. Inside
+    a string a ``:`` is one in its text, and the text has no other unless escaped as ``\\u003a``. So
+    without that escape, ``raw.count(":")`` is the number of pairs plus the colons in strings. What
+    the parse kept can only count less: one pair per distinct key, and a value dropped with its
+    duplicate key takes its own strings and pairs along. Equality proves nothing was dropped.
+    Entries are counted without reading their keys and values (a valid entry's hold no colon): if
+    one does, the sides differ and we are unsure.
+    """
+    if b"\\u003a" in raw or b"\\u003A" in raw:
+        return False
+    entries = value.get("entries") if value.__class__ is dict else None
+    if entries.__class__ is list and set(map(type, entries)) <= {dict}:
+        counted = _pairs_and_colons(value, skip=entries) + sum(map(len, entries))
+    else:
+        counted = _pairs_and_colons(value)
+    return raw.count(b":") == counted
+
+
+def _pairs_and_colons(value: Any, skip: Any = None) -> int:
+    """Key/value pairs in every object under ``value`` plus the colons in its strings (not ``skip``)."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if item.__class__ is dict:
+            total += len(item) + sum(key.count(":") for key in item)
+            stack.extend(v for v in item.values() if v is not skip)
+        elif item.__class__ is list:
+            stack.extend(item)
+        elif item.__class__ is str:
+            total += item.count(":")
+    return total
+
+
+# ---------------------------------------------------------------------------------------- schema
 
 
 _TOP = {"format": int, "app_id": str, "version": int, "parent": (str, type(None)), "created": str,
@@ -53,6 +151,8 @@ _PAYLOAD = {"codec": str, "size": int, "uncompressed_size": int, "sha256": str}
 # A delta payload carries only the ``included`` entries; the rest come from the parent bundle.
 _DELTA_PAYLOAD = {**_PAYLOAD, "included": list}
 _ENTRY = {"name": str, "kind": str, "offset": int, "size": int, "sha256": str}
+_ROW = itemgetter(*_ENTRY)
+_new_entry = partial(map, tuple.__new__, repeat(Entry))  # Entries from (name, kind, ...) tuples
 
 
 def _check_fields(obj: Any, schema: Mapping[str, Any], where: str) -> None:
@@ -81,11 +181,14 @@ def is_sha256(text: str) -> bool:
     return _SHA256.fullmatch(text) is not None
 
 
-def check_manifest(m: Any, limits: Limits, *, own: bool = False) -> None:
+def check_manifest(m: Any, limits: Limits, *, own: bool = False, known: Table | None = None) -> Table:
     """Schema, limits and entry-table consistency; everything a reader relies on later.
 
-    ``own=True`` is for a manifest this process just built from typed values: the per-entry type
-    and hash-format checks are skipped (names, sizes, order, offsets and limits are still checked).
+    Returns the checked entry table. With ``known`` (the active bundle's table), an entry with the
+    name, kind and hash of a known one skips the checks that depend on nothing else (name, hash
+    format, their types); with the same names and kinds in the same order, the order and tree checks
+    are skipped too. Offset and size types, contiguity and limits are checked for every entry.
+    ``own=True`` is for a manifest this process just built from typed values.
     """
     _check_fields(m, _TOP, "manifest")
     if m["format"] != FORMAT:
@@ -116,32 +219,100 @@ def check_manifest(m: Any, limits: Limits, *, own: bool = False) -> None:
     if len(entries) > limits.max_entries:
         raise TooLarge(f"bundle has {len(entries)} entries, over the {limits.max_entries} limit",
                        code="too_many_entries")
-    _check_entries(entries, payload["uncompressed_size"], limits, own)
+    total = payload["uncompressed_size"]
+    table = _fast_table(entries, total, limits, known)
+    if table is None:
+        table = Table.of(_check_entries(entries, total, limits, own))
     if delta:
-        _check_included(payload["included"], entries)
+        _check_included(payload["included"], table.names)
+    return table
 
 
-def _check_included(included: list[Any], entries: list[dict[str, Any]]) -> None:
-    """The delta's entries: names of this manifest, unique, in entry order."""
-    order = {e["name"]: i for i, e in enumerate(entries)}
+def _check_included(included: list[Any], names: tuple[str, ...]) -> None:
+    """The delta's entries: names of this manifest (sorted, checked), unique, in entry order."""
     last = -1
     for name in included:
-        position = order.get(name) if isinstance(name, str) else None
-        if position is None or position <= last:
+        position = bisect_left(names, name) if isinstance(name, str) else len(names)
+        if position == len(names) or names[position] != name or position <= last:
             raise BadManifest(f"manifest.payload.included names {name!r}, which is not an entry, is "
                               "repeated or out of order")
         last = position
 
 
-def _check_entries(entries: list[Any], total: int, limits: Limits, own: bool = False) -> None:
+def _fast_table(entries: list[Any], total: int, limits: Limits, known: Table | None) -> Table | None:
+    """The table, if every entry check holds; None if one fails (``_check_entries`` then says which).
+
+    The checks of ``_check_entries``, a column at a time. Integer columns are type-checked before
+    any comparison, so no ``1.0`` or ``true`` passes for an integer; a string equal to a known one
+    is a string.
+    """
+    try:
+        return _columns_hold(entries, total, limits, known)
+    except (TypeError, KeyError):  # an entry that is not an object, lacks a field, or a list for a name
+        return None
+
+
+def _columns_hold(entries: list[Any], total: int, limits: Limits, known: Table | None) -> Table | None:
+    """``_fast_table``'s checks, raising TypeError or KeyError on some odd entries."""
+    if not entries:
+        return None
+    table = Table.of(list(_new_entry(map(_ROW, entries))))
+    if sum(map(len, entries)) != len(_ENTRY) * len(entries):  # all five fields, so none but them
+        return None
+    names, kinds, sizes, hashes = table.names, table.kinds, table.sizes, table.hashes
+    if not set(map(type, table.offsets)) == set(map(type, sizes)) == {int}:
+        return None
+    if min(sizes) < 0 or max(sizes) > limits.max_entry_bytes:
+        return None
+    starts = tuple(accumulate(sizes, initial=0))
+    if starts[:-1] != table.offsets or starts[-1] != total:
+        return None
+    if known is not None and names == known.names and kinds == known.kinds:
+        # The same valid, sorted names, the same tree: only a changed hash is new.
+        changed = sorted({*compress(count(), map(ne, hashes, known.hashes)),
+                          *compress(count(), map(ne, sizes, known.sizes))})
+        if not _hashes_valid([hashes[i] for i in changed]):
+            return None
+        return table._replace(changed=changed)
+    if known is None:
+        valid = _all_valid(names, kinds, hashes)
+    else:  # only (name, kind, hash) triples the known table lacks: the checks depend on nothing else
+        fresh = set(zip(names, kinds, hashes)) - set(zip(known.names, known.kinds, known.hashes))
+        valid = _all_valid(*zip(*fresh)) if fresh else True
+    if not valid:
+        return None
+    if not all(map(lt, names, names[1:])):  # every name is a string by now
+        return None
+    _check_tree(dict(zip(names, kinds)))
+    return table
+
+
+def _hashes_valid(hashes: Sequence[Any]) -> bool:
+    """Each is 64 lowercase hex digits: one pass over them all (a regex each costs 10 times more)."""
+    if not (set(map(type, hashes)) <= {str} and set(map(len, hashes)) <= {64}):
+        return False
+    joined = "".join(hashes)
+    return joined.isascii() and not joined.encode("ascii").translate(None, b"0123456789abcdef")
+
+
+def _all_valid(names: Sequence[Any], kinds: Sequence[Any], hashes: Sequence[Any]) -> bool:
+    """The entry checks that depend on nothing else: field types, names, hash format."""
+    if not (set(map(type, names)) | set(map(type, kinds)) <= {str} and _hashes_valid(hashes)):
+        return False
+    try:
+        for name, kind in zip(names, kinds):
+            _check_name(name, kind)
+    except BadEntryName:
+        return False
+    return True
+
+
+def _check_entries(entries: list[Any], total: int, limits: Limits, own: bool = False) -> list[Entry]:
+    rows: list[Entry] = []
     offset, previous = 0, None
     names: dict[str, str] = {}
-    entry_keys = _ENTRY.keys()
     for i, e in enumerate(entries):
-        # Fast path for the common, well-formed entry; anything odd gets the precise check.
-        if not own and not (e.__class__ is dict and e.keys() == entry_keys and e["name"].__class__ is str
-                and e["kind"].__class__ is str and e["offset"].__class__ is int
-                and e["size"].__class__ is int and e["sha256"].__class__ is str and e["size"] >= 0):
+        if not own:
             _check_fields(e, _ENTRY, f"manifest.entries[{i}]")
         name, kind = e["name"], e["kind"]
         _check_name(name, kind)
@@ -159,12 +330,14 @@ def _check_entries(entries: list[Any], total: int, limits: Limits, own: bool = F
             raise BadManifest(f"entry {name!r} has a malformed sha256")
         offset += e["size"]
         names[name] = kind
+        rows.append(Entry(*_ROW(e)))
     if offset != total:
         raise BadManifest(f"entries add up to {offset} bytes but the payload declares {total}")
     _check_tree(names)
+    return rows
 
 
-@functools.lru_cache(maxsize=65536)
+@lru_cache(maxsize=65536)
 def _check_name(name: str, kind: str) -> None:
     """Names are checked by a pure function: a name seen valid once (last push) is valid again."""
     check_entry_name(name, kind)

@@ -17,19 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from functools import cached_property
+from operator import itemgetter
+from typing import Any
 
 import zstandard
 
-from ._manifest import CODECS, FORMAT, check_manifest, parse_manifest
-from ._names import module_path
+from ._manifest import CODECS, FORMAT, Entry, Table, check_manifest, parse_manifest
 from .errors import (
     BadSignature,
     CorruptPayload,
-    ParentMissing,
     TooLarge,
     UnknownFormat,
     UntrustedKey,
@@ -50,6 +51,9 @@ _SIG_LEN = 64
 _MAX_SIGNATURES = 8
 _MAX_WINDOW = 1 << 25  # zstd window cap: bounds the decoder's memory whatever the frame asks for
 _DECOMPRESS_STEP = 1024  # input fed per step; caps how far one step can overshoot the limit
+# Decompressors are reused (making one allocates its buffers: a tenth of a small push's decompress
+# time). Each is used by one thread at a time: list.pop and append are atomic.
+_idle_decompressors: list[zstandard.ZstdDecompressor] = []
 
 
 @dataclass(frozen=True)
@@ -64,21 +68,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-
-
-class Entry(NamedTuple):
-    """One file of a bundle. A tuple, not a dataclass: a bundle makes thousands of them per open."""
-
-    name: str
-    kind: str  # "module", "package" (an __init__) or "data"
-    offset: int
-    size: int
-    sha256: str
-
-    @property
-    def path(self) -> str:
-        """The entry's relative path in a source tree (``pkg/mod.py``, ``pkg/data/x.txt``)."""
-        return self.name if self.kind == "data" else module_path(self.name, self.kind)
+_SHA256 = itemgetter(4)  # of an Entry
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,9 +82,28 @@ class Bundle:
     entries: dict[str, Entry]
     payload: bytes = field(repr=False)
 
-    @property
+    @cached_property
     def digest(self) -> str:
         return hashlib.sha256(self.manifest_bytes).hexdigest()
+
+    @cached_property
+    def hashes(self) -> dict[str, str]:
+        """Each entry's sha256 by name; computed once, as the active bundle meets every push."""
+        return dict(zip(self.entries, map(_SHA256, self.entries.values())))
+
+    @cached_property
+    def by_hash(self) -> dict[str, Entry]:
+        """The first entry holding each body, by sha256: where a delta's unchanged bodies come from.
+
+        Every body here was hashed when the bundle was opened, so a body found here is known good.
+        """
+        entries = list(self.entries.values())[::-1]  # reversed: of equal hashes, the first stays
+        return dict(zip(map(_SHA256, entries), entries))
+
+    @cached_property
+    def _table(self) -> Table:
+        """The entries as columns, which the next push is checked against (set by ``open_bundle``)."""
+        return Table.of(list(self.entries.values()))
 
     @property
     def app_id(self) -> str:
@@ -327,6 +336,7 @@ def open_bundle(
     limits: Limits = DEFAULT_LIMITS,
     content: ContentLookup | None = None,
     base_manifest: Callable[[str], bytes | None] | None = None,
+    base: Bundle | None = None,
 ) -> Bundle:
     """Verify and open a bundle, or raise the :class:`BundleRejected` that says why not.
 
@@ -335,61 +345,50 @@ def open_bundle(
     ``overlay._delta``) needs ``base_manifest``, a lookup of the parent's manifest by digest. What
     is missing raises ``ParentMissing``. ``Bundle.raw`` is always the unpacked form.
 
+    ``base`` is a bundle this process opened earlier (the active one), so its bodies are known good.
+    An entry the push does not carry takes its body from ``base`` by hash, and is not hashed again;
+    nor is an entry of a full payload whose bytes equal base's same-named entry. Entries identical
+    to base's skip the manifest checks they passed then. Without ``base`` every body is hashed.
+
     Example::
 
         bundle = open_bundle(Path("v3.hbn").read_bytes(), load_trusted_keys("trusted_keys"), app_id="shop")
     """
+    from . import _delta  # it builds on this module
+
     data = bytes(data)
     if len(data) >= _HEADER.size and data.startswith(MAGIC) and _HEADER.unpack_from(data)[2] == FLAG_PACKED:
-        from ._delta import unpack
-
-        data = unpack(data, trusted, base_manifest, limits)
+        data = _delta.unpack(data, trusted, base_manifest, limits)
     parts = _split(data, limits)
     key_ids = _verify(parts, trusted)  # before the manifest is parsed or anything decompressed
     manifest = parse_manifest(parts.manifest_bytes)
-    check_manifest(manifest, limits)
+    table = check_manifest(manifest, limits, known=base._table if base is not None else None)
     if app_id is not None and manifest["app_id"] != app_id:
         raise WrongApp(f"this bundle is for app {manifest['app_id']!r} but this server runs "
                        f"{app_id!r}; push to the right server or set app_id in [tool.habanero]",
                        expected=app_id, got=manifest["app_id"])
-    entries = {e["name"]: Entry(e["name"], e["kind"], e["offset"], e["size"], e["sha256"])
-               for e in manifest["entries"]}
     declared = manifest["payload"]
     if declared["codec"] == "zstd-delta":
-        carried = [entries[name] for name in declared["included"]]
-        body = _decompress(parts.frame, declared, sum(e.size for e in carried))
-        payload = _assemble(entries, carried, body, content, manifest["parent"])
+        carried = {bisect_left(table.names, name) for name in declared["included"]}  # all there: checked
+        body = _decompress(parts.frame, declared, sum(table.rows[i].size for i in carried))
+        payload, unproven = _delta.assemble(table, carried, body, content, manifest["parent"], base)
     else:
         payload = _decompress(parts.frame, declared, declared["uncompressed_size"])
+        unproven = _delta.unlike(table, payload, base) if base is not None else table.rows
+    _check_hashes(unproven, payload)
+    entries = dict(zip(table.names, table.rows))
+    bundle = Bundle(manifest, parts.manifest_bytes, data, key_ids, entries, payload)
+    bundle.__dict__["_table"] = table._replace(changed=None)  # its cached property, already at hand
+    return bundle
+
+
+def _check_hashes(entries: Iterable[Entry], payload: bytes) -> None:
+    """Refuse the first of ``entries`` whose body in ``payload`` does not have its sha256."""
     view = memoryview(payload)
-    for entry in entries.values():
+    for entry in entries:
         if hashlib.sha256(view[entry.offset : entry.offset + entry.size]).hexdigest() != entry.sha256:
             raise CorruptPayload(f"entry {entry.name!r} does not match its hash in the manifest",
                                  code="entry_hash_mismatch", name=entry.name)
-    return Bundle(manifest, parts.manifest_bytes, data, key_ids, entries, payload)
-
-
-def _assemble(entries: Mapping[str, Entry], carried: list[Entry], body: bytes,
-              content: ContentLookup | None, parent: str) -> bytes:
-    """The whole snapshot: carried entries from the delta, the rest by hash from what we hold."""
-    carried_names = {e.name for e in carried}
-    pieces, pos, missing = [], 0, 0
-    for entry in entries.values():  # in offset order: entries are sorted and contiguous
-        if entry.name in carried_names:
-            pieces.append(body[pos : pos + entry.size])
-            pos += entry.size
-            continue
-        held = content(entry.sha256) if content is not None else None
-        if held is None:
-            missing += 1
-            continue
-        pieces.append(held)
-    if missing:
-        raise ParentMissing(
-            f"this delta bundle is built on {parent[:12]}, and {missing} of its entries are not held "
-            "here (another version is active, or it was pruned); push the full bundle instead "
-            "(habanero-pack does this by itself)", parent=parent, missing=missing)
-    return b"".join(pieces)
 
 
 def bundle_digest(data: bytes) -> str:
@@ -431,7 +430,11 @@ def _decompress(frame: bytes, declared: Mapping[str, Any], want: int) -> bytes:
     if content_size != want:
         raise CorruptPayload(f"payload frame declares {content_size} bytes, the manifest {want}",
                              code="bad_payload")
-    dobj = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW).decompressobj()
+    try:
+        dctx = _idle_decompressors.pop()
+    except IndexError:
+        dctx = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
+    dobj = dctx.decompressobj()
     out, total, pos = [], 0, 0
     try:
         # Small input steps bound how much one step can produce, so a bomb is caught early.
@@ -451,4 +454,6 @@ def _decompress(frame: bytes, declared: Mapping[str, Any], want: int) -> bytes:
     if not dobj.eof or total != want:
         raise CorruptPayload(f"payload is truncated: decompressed {total} of {want} bytes",
                              code="truncated")
+    if len(_idle_decompressors) < 2:
+        _idle_decompressors.append(dctx)  # only after a clean frame: a failed one is dropped
     return b"".join(out)

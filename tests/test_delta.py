@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import struct
+import threading
 from pathlib import Path
 
 import pytest
 import zstandard
 
+from overlay import _delta
 from overlay._delta import pack
 from overlay.bundle import Base, build_bundle, open_bundle
 from overlay.errors import BundleRejected, ParentMissing
@@ -109,6 +111,55 @@ def test_every_entry_hash_is_still_checked_after_rebuilding(v1, signing_key, tru
     with pytest.raises(BundleRejected) as info:
         open_bundle(canonical, trusted, content=lying)
     assert info.value.code == "entry_hash_mismatch"
+
+
+def _packed_pushes(v1, key, count):
+    base = Base.from_manifest(v1.manifest_bytes)
+    pushes = []
+    for i in range(count):
+        files = dict(BIG, **{"app.p3.m3": ("module", f"VERSION = {i}\n".encode())})
+        pushes.append(pack(build_bundle(files, app_id="app", version=2 + i, signers=[key], base=base), base, [key]))
+    return pushes
+
+
+def test_packed_pushes_against_the_same_base_reuse_one_decompressor(v1, signing_key, trusted, monkeypatch):
+    monkeypatch.setattr(_delta, "_idle", {})
+    first, second = _packed_pushes(v1, signing_key, 2)
+    lookup = {v1.digest: v1.manifest_bytes}.get
+    open_bundle(first, trusted, content=_held(v1), base_manifest=lookup)
+    held = _delta._idle[v1.digest]
+    opened = open_bundle(second, trusted, content=_held(v1), base_manifest=lookup)
+    assert _delta._idle[v1.digest][1] is held[1]
+    assert opened.read("app.p3.m3") == b"VERSION = 1\n"
+
+
+def test_a_decompressor_is_reused_only_for_the_same_base_bytes(monkeypatch):
+    monkeypatch.setattr(_delta, "_idle", {})
+    digest = "ab" * 32
+    first = _delta._take(digest, b"one manifest")
+    _delta._give_back(digest, b"one manifest", first)
+    assert _delta._take(digest, b"another manifest") is not first  # whatever digest a lookup claims
+    for i in range(5):
+        _delta._give_back(f"{i:064x}", b"m", _delta._take(f"{i:064x}", b"m"))
+    assert len(_delta._idle) == _delta._KEEP
+
+
+def test_packed_pushes_opened_on_several_threads_at_once_are_each_right(v1, signing_key, trusted):
+    pushes = _packed_pushes(v1, signing_key, 4)
+    lookup = {v1.digest: v1.manifest_bytes}.get
+    results: dict[int, list[bytes]] = {i: [] for i in range(len(pushes))}
+
+    def push(i):
+        for _ in range(10):
+            results[i].append(open_bundle(pushes[i], trusted, content=_held(v1), base_manifest=lookup,
+                                          base=v1).read("app.p3.m3"))
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(len(pushes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: [f"VERSION = {i}\n".encode()] * 10 for i in range(len(pushes))}
 
 
 # ------------------------------------------------------------------ through the real endpoint

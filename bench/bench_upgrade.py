@@ -1,11 +1,15 @@
 """``Overlay.apply`` of a one-function change in a 1,000-module app, against reload and IPython's autoreload.
 
 The app is bench_build's synthetic project (20 packages x 50 modules of ~50 lines: imports,
-constants, two functions, a dataclass), served from a real store by ``overlay.install()`` and fully
-imported, plus one module that holds the app's live objects (tuples and lists the collector
-tracks: 0, 1M or 3M of them). Each push changes one line of one function (a log message) in 1, 10
-or 100 modules. Server side only: every bundle is built and signed before the clock starts, and the
-clock runs around ``ov.apply(bundle)``; its ``report.timings_ms`` splits the time into phases.
+constants, two functions, a dataclass), of which 100 modules (spread over the packages) are
+replaced by bench_rebind's 200-function module (1,859 lines, classes, closure factories), served
+from a real store by ``overlay.install()`` and fully imported, plus one module that holds the app's
+live objects (tuples and lists the collector tracks: 0, 1M or 3M of them). Each push changes one
+line of one function in 1, 10 or 100 modules, either 200-function modules (the headline: the size
+the peers' figures in the issue were measured on) or 50-line ones. Server side only: every bundle
+is built and signed before the clock starts, and the clock runs around ``ov.apply(bundle)``; its
+``report.timings_ms`` splits the time into phases. The store runs with its default
+``sync="background"``; one row repeats the headline with ``sync="commit"`` (fsync before answering).
 
 Side by side, in the same process and heap, on a copy of the app imported from disk: the same
 change applied with ``importlib.reload``, IPython's ``superreload`` and its ``deduperreload``
@@ -41,6 +45,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from bench_build import _synthetic as synthetic_project  # noqa: E402  (the same 1,000 modules)
+from bench_rebind import FUNCTIONS  # noqa: E402
+from bench_rebind import module_source as big_module_source  # noqa: E402
 
 import overlay  # noqa: E402
 from overlay import _delta  # noqa: E402
@@ -53,6 +59,8 @@ MIN_RUNS, BUDGET_S = 5, 20.0  # for peers slower than a second per push
 CHANGED = (1, 10, 100)
 HEAPS = (0, 1_000_000, 3_000_000)
 HEADLINE = (1, 1_000_000)  # (changed modules, live objects)
+BIG = 100  # 200-function modules in the app
+KINDS = (("big", f"{FUNCTIONS}-function module"), ("small", "50-line module"))
 TARGETS = ("targets: median < 5 ms for the one-function change, flat in heap size, faster than every "
            "peer at every size")
 SKIPPED = "skipped: pip install -e '.[bench]'"
@@ -71,11 +79,25 @@ def grow(n):
 _MESSAGE = re.compile(r'(log\.debug\("\w+ total for %d items: %\.2f)[^"]*(")')
 
 
+BIG_HEADER = f'"""A {FUNCTIONS}-function module."""\n'
+_BIG_LINE = re.compile(r"(    '''Function 0\.'''\n    x = a \+ b)( \+ \d+)?\n")
+
+
 def changed_source(source: str, variant: int) -> str:
-    """The module with one line of one function changed: the message its total function logs."""
-    new, count = _MESSAGE.subn(rf"\g<1> (v{variant})\g<2>", source, count=1)
-    assert count == 1, "the synthetic module no longer has the line this benchmark edits"
+    """The module with one line of one function changed: in a 50-line module the message its total
+    function logs, in a 200-function module the first line of ``func_0``."""
+    if source.startswith(BIG_HEADER):
+        new, count = _BIG_LINE.subn(rf"\g<1> + {variant}\n", source, count=1)
+    else:
+        new, count = _MESSAGE.subn(rf"\g<1> (v{variant})\g<2>", source, count=1)
+    assert count == 1, "the module no longer has the line this benchmark edits"
     return new
+
+
+def spread(names: list[str], count: int) -> list[str]:
+    """``count`` of ``names``, spread evenly."""
+    step = len(names) // count
+    return [names[i * step] for i in range(count)]
 
 
 class App:
@@ -92,7 +114,14 @@ class App:
                 name = package if path.stem == "__init__" else f"{package}.{path.stem}"
                 self.sources[name] = ("package" if path.stem == "__init__" else "module", path.read_text())
         plain = [n for n, (kind, _) in self.sources.items() if kind == "module" and not n.endswith(".state")]
-        self.editable = plain  # the 1,000 modules a push may change
+        self.big = spread(plain, BIG)
+        for name in self.big:
+            package, _, module = name.partition(".")
+            path = next((project / package).glob(f"{module.partition('.')[0]}.py"))
+            source = BIG_HEADER + big_module_source()
+            path.write_text(source)
+            self.sources[name] = ("module", source)
+        self.editable = {"big": self.big, "small": [n for n in plain if n not in self.big]}
         # The peers' copy: same files under other package names, imported from disk.
         self.disk = root / "disk"
         for package in self.packages:
@@ -140,8 +169,7 @@ class App:
 
 def pick(modules: list[str], count: int) -> list[str]:
     """``count`` modules spread evenly over the app."""
-    step = len(modules) // count
-    return [modules[i * step] for i in range(count)]
+    return spread(modules, count)
 
 
 def _median_ms(samples: list[float]) -> dict[str, float]:
@@ -151,38 +179,24 @@ def _median_ms(samples: list[float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- measuring
 
 
-class Timed:
-    """Wrap a store method on the instance to time it (stage vs tree inside the "stage" phase)."""
-
-    def __init__(self, store: Any, name: str) -> None:
-        self.samples: list[float] = []
-        original = getattr(store, name)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.samples.append((time.perf_counter() - started) * 1000)
-
-        setattr(store, name, timed)
-
-
-def bench_habanero(app: App, modules: list[str], *, delta: bool) -> dict[str, Any]:
+def bench_habanero(app: App, modules: list[str], *, delta: bool, sync: str = "background") -> dict[str, Any]:
     bundles = [app.next_bundle(modules, delta=delta) for _ in range(WARMUP + RUNS)]
     store = app.ov.store
-    stage, tree = Timed(store, "stage"), Timed(store, "tree")
+    saved_sync, store.sync = store.sync, sync  # white box: the mode install(sync=...) would set
     walls, phases = [], []
     gc.collect()
-    for i, data in enumerate(bundles):
-        started = time.perf_counter()
-        report = app.ov.apply(data)
-        elapsed = (time.perf_counter() - started) * 1000
-        assert report.changed == sorted(modules) and report.patched == len(modules), report
-        if i >= WARMUP:
-            walls.append(elapsed)
-            phases.append(dict(report.timings_ms, store_stage=stage.samples[i], store_tree=tree.samples[i]))
-    del store.stage, store.tree  # the instance attributes: back to the class's methods
+    try:
+        for i, data in enumerate(bundles):
+            started = time.perf_counter()
+            report = app.ov.apply(data)
+            elapsed = (time.perf_counter() - started) * 1000
+            assert report.changed == sorted(modules) and report.patched == len(modules), report
+            if i >= WARMUP:
+                walls.append(elapsed)
+                phases.append(report.timings_ms)
+            store.settle()  # the background flush of one push is not charged to the next
+    finally:
+        store.sync = saved_sync
     phase_medians = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
     return {**_median_ms(walls), "phases": phase_medians, "bytes": len(bundles[-1]), "runs": len(walls)}
 
@@ -251,7 +265,7 @@ def peers() -> dict[str, Callable[[], Callable[[Any], object]] | None]:
 
 
 def run(profile: bool = False) -> list[dict[str, Any]]:
-    """Every measurement as a row: ``{"tool", "changed", "heap", "median_ms", "min_ms", "max_ms", ...}``."""
+    """Every measurement as a row: ``{"tool", "kind", "changed", "heap", "median_ms", "min_ms", ...}``."""
     logging.getLogger("overlay").setLevel(logging.WARNING)
     sys.dont_write_bytecode = True  # the peers must compile the changed source each time, like a push
     rows: list[dict[str, Any]] = []
@@ -270,27 +284,43 @@ def run(profile: bool = False) -> list[dict[str, Any]]:
                 live = heap
                 gc.collect()
                 tracked = len(gc.get_objects())
-                for count in CHANGED:
-                    modules = pick(app.editable, count)
-                    base = {"changed": count, "heap": heap, "tracked": tracked}
-                    measure = [("habanero (packed delta)", lambda: bench_habanero(app, modules, delta=True))]
-                    if count == 1:
-                        measure.append(("habanero (full bundle)", lambda: bench_habanero(app, modules, delta=False)))
-                    for name, reload_one in made.items():
-                        measure.append((name, (lambda r=reload_one: bench_disk(app, modules, r))
-                                        if reload_one is not None else (lambda: {"skipped": SKIPPED})))
-                    for name, fn in measure:
-                        started = time.perf_counter()
-                        rows.append({"tool": name, **base, **fn()})
-                        _progress(f"{name}, {count} changed, {heap:,} objects: "
-                                  f"{time.perf_counter() - started:.1f} s")
+                for kind, _ in KINDS:
+                    for count in CHANGED:
+                        modules = pick(app.editable[kind], count)
+                        base = {"kind": kind, "changed": count, "heap": heap, "tracked": tracked}
+                        rows += _measure_all(app, made, modules, base)
                 if profile and heap == HEADLINE[1]:
-                    rows.append({"tool": "profile", **profile_apply(app, pick(app.editable, HEADLINE[0]))})
+                    rows.append({"tool": "profile", **profile_apply(app, pick(app.editable["big"], HEADLINE[0]))})
         finally:
             ov.uninstall()
             sys.path[:] = saved_path
             for name in [n for n in sys.modules if n not in saved_modules]:
                 del sys.modules[name]
+    return rows
+
+
+def _measure_all(app: App, made: dict[str, Any], modules: list[str], base: dict[str, Any]) -> list[dict[str, Any]]:
+    count, kind = base["changed"], base["kind"]
+    measure: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("habanero (packed delta)", lambda: bench_habanero(app, modules, delta=True))]
+    if count == 1:
+        measure.append(("habanero (full bundle)", lambda: bench_habanero(app, modules, delta=False)))
+        if (count, base["heap"]) == HEADLINE:
+            measure.append(("habanero (packed delta, sync=commit)",
+                            lambda: bench_habanero(app, modules, delta=True, sync="commit")))
+    for name, reload_one in made.items():
+        if reload_one is None:
+            measure.append((name, lambda: {"skipped": SKIPPED}))
+        elif name == "IPython superreload" and kind == "big" and count > 1:
+            # It walks the heap for every class of every module: minutes per push at this size.
+            measure.append((name, lambda: {"skipped": "skipped: minutes per push (see the 1-module row)"}))
+        else:
+            measure.append((name, lambda r=reload_one: bench_disk(app, modules, r)))
+    rows = []
+    for name, fn in measure:
+        started = time.perf_counter()
+        rows.append({"tool": name, **base, **fn()})
+        _progress(f"{name}, {count} {kind} changed, {base['heap']:,} objects: {time.perf_counter() - started:.1f} s")
     return rows
 
 
@@ -324,38 +354,44 @@ def _fmt(row: dict[str, Any]) -> str:
 def tables(rows: list[dict[str, Any]]) -> str:
     out = []
     changed, heap = HEADLINE
-    head = [r for r in rows if r.get("changed") == changed and r.get("heap") == heap and r["tool"] != "profile"]
-    ours = next(r for r in head if r["tool"] == "habanero (packed delta)")
-    out += [f"### One-function change in 1 of 1,000 modules, {heap:,} live objects "
-            f"({ours['tracked']:,} tracked by the gc), median of {RUNS}\n",
-            "| tool | median ms | min | max | vs habanero |", "|---|---:|---:|---:|---:|"]
-    for r in head:
-        if "skipped" in r:
-            out.append(f"| {r['tool']} | {r['skipped']} | | | |")
-        else:
-            out.append(f"| {r['tool']} | {_fmt(r)} | {r['min_ms']:.2f} | {r['max_ms']:.2f} | "
-                       f"{r['median_ms'] / ours['median_ms']:.1f}x |")
+    for kind, label in KINDS:
+        head = [r for r in rows if r.get("kind") == kind and r.get("changed") == changed
+                and r.get("heap") == heap]
+        ours = next(r for r in head if r["tool"] == "habanero (packed delta)")
+        out += [f"### One-function change in one {label} of the 1,000-module app, {heap:,} live objects "
+                f"({ours['tracked']:,} tracked by the gc), median of {RUNS}\n",
+                "| tool | median ms | min | max | vs habanero |", "|---|---:|---:|---:|---:|"]
+        for r in head:
+            if "skipped" in r:
+                out.append(f"| {r['tool']} | {r['skipped']} | | | |")
+            else:
+                out.append(f"| {r['tool']} | {_fmt(r)} | {r['min_ms']:.2f} | {r['max_ms']:.2f} | "
+                           f"{r['median_ms'] / ours['median_ms']:.1f}x |")
+        out.append("")
 
     tools = list(dict.fromkeys(r["tool"] for r in rows if r["tool"] != "profile"))
-    out += ["", f"### Median ms by number of changed modules and live objects (median of {RUNS})\n",
-            "| tool | changed | " + " | ".join(f"{h:,} objects" for h in HEAPS) + " |",
-            "|---|---:|" + "---:|" * len(HEAPS)]
-    for tool in tools:
-        for count in CHANGED:
-            cells = [next((r for r in rows if r["tool"] == tool and r.get("changed") == count
-                           and r.get("heap") == h), None) for h in HEAPS]
-            if any(cells):
-                out.append(f"| {tool} | {count} | " + " | ".join(_fmt(c) if c else "" for c in cells) + " |")
+    out += [f"### Median ms by changed modules and live objects (median of {RUNS})\n",
+            "| tool | module | changed | " + " | ".join(f"{h:,} objects" for h in HEAPS) + " |",
+            "|---|---|---:|" + "---:|" * len(HEAPS)]
+    for kind, label in KINDS:
+        for tool in tools:
+            for count in CHANGED:
+                cells = [next((r for r in rows if r["tool"] == tool and r.get("kind") == kind
+                               and r.get("changed") == count and r.get("heap") == h), None) for h in HEAPS]
+                if any(cells):
+                    out.append(f"| {tool} | {label} | {count} | "
+                               + " | ".join(_fmt(c) if c else "" for c in cells) + " |")
 
     out += ["", "### Where habanero's server-side time goes (median ms per phase, report.timings_ms)\n",
-            "| bundle | changed | objects | verify | plan | stage (bundle file) | stage (tree links) | apply | "
-            "commit | total |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| bundle | module | changed | objects | verify | plan | stage | apply | commit | total |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    labels = dict(KINDS)
     for r in rows:
         if r["tool"].startswith("habanero") and "phases" in r:
             p = r["phases"]
-            out.append(f"| {r['tool'].split('(')[1][:-1]} ({r['bytes'] / 1024:,.0f} KiB) | {r['changed']} | "
-                       f"{r['heap']:,} | {p['verify']:.2f} | {p['plan']:.2f} | {p['store_stage']:.2f} | "
-                       f"{p['store_tree']:.2f} | {p['apply']:.2f} | {p['commit']:.2f} | {p['total']:.2f} |")
+            out.append(f"| {r['tool'].split('(')[1][:-1]} ({r['bytes'] / 1024:,.0f} KiB) | {labels[r['kind']]} | "
+                       f"{r['changed']} | {r['heap']:,} | {p['verify']:.2f} | {p['plan']:.2f} | {p['stage']:.2f} | "
+                       f"{p['apply']:.2f} | {p['commit']:.2f} | {p['total']:.2f} |")
     for r in rows:
         if r["tool"] == "profile":
             out += ["", f"### cProfile of {RUNS} applies (headline case)\n", "```", r["text"].strip(), "```"]

@@ -1,10 +1,11 @@
-"""Crash-safe file system primitives for the store: atomic writes, JSON-lines records,
-content-addressed read-only trees, and the writers' lock.
+"""Crash-safe file system primitives for the store: atomic writes, JSON-lines records, hard links,
+and the writers' lock.
 
 A ``kill -9`` or a power cut may stop us between any two system calls. Every helper here leaves
 either the old state or the new one on disk: data is written to a temp file in the destination's
-directory, fsynced, renamed over the target with ``os.replace`` (atomic on POSIX), and the directory
-is fsynced so the rename itself is durable. Temp files carry :data:`TMP_PREFIX`, so whatever an
+directory, renamed over the target with ``os.replace`` (atomic on POSIX), and, unless the caller
+defers it (the store's ``sync`` setting), fsynced first, with the directory fsynced after so the
+rename itself is durable. Temp files carry :data:`TMP_PREFIX`, so whatever an
 interrupted write leaves behind is recognisable and removed by :func:`remove_orphans`.
 """
 
@@ -16,7 +17,7 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
+import itertools
 import threading
 import time
 import uuid
@@ -69,16 +70,19 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool =
     """Replace ``path`` with ``data``: after a crash it holds the old content or the new, never a mix.
 
     ``sync_dir=False`` lets a caller writing many files fsync their directories once at the end;
-    ``sync=False`` is for derived data that is checked and rebuilt after a crash (source trees).
+    ``sync=False`` leaves flushing to the caller (the store's background sync).
     """
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    fd, tmp = _temp_file(path.parent, mode)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
             if sync:
-                os.fsync(fh.fileno())  # data before name: a rename must never expose unwritten blocks
+                os.fsync(fd)  # data before name: a rename must never expose unwritten blocks
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -86,6 +90,20 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool =
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+_temp_names = itertools.count()
+
+
+def _temp_file(directory: Path, mode: int) -> tuple[int, str]:
+    """A new file for an atomic write, created exclusively (``tempfile.mkstemp`` costs a random
+    name per try; the pid and a counter are unique already, the random part guards the rest)."""
+    while True:
+        name = os.path.join(directory, f"{TMP_PREFIX}{os.getpid()}-{next(_temp_names)}-{os.urandom(3).hex()}")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), name
+        except FileExistsError:
+            continue
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -139,8 +157,20 @@ def _parse_lines(lines: list[bytes]) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Append ``record`` as one JSON line and fsync it.
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file or a directory by name; one that is gone meanwhile needs nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_record(path: Path, record: dict[str, Any], *, sync: bool = True) -> None:
+    """Append ``record`` as one JSON line (and fsync it, unless ``sync=False``).
 
     A crash mid-append leaves a torn last line. If the file does not end with a newline, one is
     written first, so the torn fragment stays a line of its own (readers skip it) instead of
@@ -156,10 +186,11 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
         view = memoryview(line)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
-    if created:
+    if created and sync:
         fsync_dir(path.parent)
 
 
@@ -176,180 +207,8 @@ def link_or_copy(src: str, dst: str) -> None:
         os.chmod(dst, 0o444)
 
 
-TreeRow = tuple[str, str, int, Callable[[], bytes]]  # relative path, sha256, size, read the body
-
-
-def build_tree(root: Path, rows: Iterable[TreeRow], objects: Path,
-               share: tuple[Path, dict[str, str]] | None = None,
-               digests: dict[str, str] | None = None) -> None:
-    """Build a read-only tree at ``root``: every row's body at ``root/<relative path>``.
-
-    Each body is stored once as ``objects/<sha256[:2]>/<sha256>`` (0444) and hard-linked in, so a
-    tree whose files mostly exist already costs about one link per file. The tree is put together
-    under a temp name and renamed into place: a reader sees no tree or a whole one.
-
-    New objects are fsynced (later trees link to them); the tree's directories are not: a tree is
-    derived from a bundle that is, and the store checks the active tree against its bundle when it
-    opens and rebuilds it if a power cut damaged it. Syncing some 20 directories per push would cost
-    more than the rest of the push.
-
-    ``share`` is ``(tree, its dir_digests)`` of an existing tree (the active version's): every
-    directory whose whole content is the same there becomes a relative symlink to it, so a push that
-    changes one file of 1,000 makes a few links instead of a thousand. Trees are immutable, so
-    sharing is safe; the store keeps a tree alive while another links into it.
-    """
-    rows = list(rows)
-    tmp = root.with_name(f"{TMP_PREFIX}{root.name}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(mode=0o700)
-    try:
-        if share is not None:
-            mine = digests if digests is not None else dir_digests((row[0], row[1]) for row in rows)
-            rows = _share_dirs(os.fspath(tmp), os.fspath(root), rows, *share, mine)
-        dirs = _fill_tree(os.fspath(tmp), rows, os.fspath(objects))
-        for directory in sorted(dirs, key=lambda d: d.count(os.sep), reverse=True):
-            os.chmod(directory, 0o555)  # read-only: not even a __pycache__ can appear in a tree
-        os.rename(tmp, root)
-    except BaseException:
-        if tmp.exists():
-            _rmtree(tmp)
-        raise
-
-
-def dir_digests(rows: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """For every directory of a tree (relative POSIX path), a digest of every ``(path, sha256)`` below it."""
-    acc: dict[str, list[str]] = {}
-    for path, sha256 in sorted(rows):
-        line = f"{path}\0{sha256}"
-        directory = path.rpartition("/")[0]
-        while directory:
-            acc.setdefault(directory, []).append(line)
-            directory = directory.rpartition("/")[0]
-    return {d: hashlib.sha256("\n".join(lines).encode()).hexdigest() for d, lines in acc.items()}
-
-
-def _share_dirs(base: str, final: str, rows: list[TreeRow], other: Path,
-                other_digests: dict[str, str], mine: dict[str, str]) -> list[TreeRow]:
-    """Symlink the directories whose content equals ``other``'s; return the rows still to link."""
-    shared = sorted(d for d, digest in mine.items() if other_digests.get(d) == digest)
-    top: list[str] = []
-    for directory in shared:  # sorted: a parent comes before its children
-        if not any(directory.startswith(t + "/") for t in top):
-            top.append(directory)
-    linked = []
-    for directory in top:
-        target = os.path.realpath(os.path.join(other, directory))
-        if not os.path.isdir(target):
-            continue
-        link = os.path.join(base, *directory.split("/"))
-        os.makedirs(os.path.dirname(link), mode=0o700, exist_ok=True)
-        # Relative to where the tree will live, so moving the whole store keeps it working.
-        os.symlink(os.path.relpath(target, os.path.dirname(os.path.join(final, *directory.split("/")))), link)
-        linked.append(directory + "/")
-    if not linked:
-        return rows
-    shared_dirs = {prefix[:-1] for prefix in linked}
-
-    def under_shared(path: str) -> bool:
-        directory = path.rpartition("/")[0]
-        while directory:
-            if directory in shared_dirs:
-                return True
-            directory = directory.rpartition("/")[0]
-        return False
-
-    return [row for row in rows if not under_shared(row[0])]
-
-
-def tree_links(root: Path) -> set[str]:
-    """Names of the trees (siblings of ``root``) that ``root`` symlinks into."""
-    found = set()
-    trees = os.path.normpath(os.path.dirname(os.path.abspath(root)))
-    for directory, subdirs, _ in os.walk(root):
-        for name in subdirs:
-            path = os.path.join(directory, name)
-            if os.path.islink(path):
-                # Our links are relative and point straight at a real directory of a sibling tree.
-                target = os.path.normpath(os.path.join(directory, os.readlink(path)))
-                if target.startswith(trees + os.sep):
-                    found.add(target[len(trees) + 1 :].split(os.sep, 1)[0])
-    return found
-
-
-def _fill_tree(base: str, rows: Iterable[TreeRow], objects: str) -> set[str]:
-    """Link every row into ``base``; return the directories made (to fsync and make read-only).
-
-    Plain ``os.path`` strings, not ``Path``: this loop runs once per file of every push.
-    """
-    dirs = {base}
-    real_base = os.path.realpath(base)
-    for relative, sha256, size, read in rows:
-        target = _inside(base, relative)
-        parent = os.path.dirname(target)
-        if parent not in dirs:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-            if not os.path.realpath(parent).startswith(real_base + os.sep):
-                raise BadEntryName(f"entry path {relative!r} resolves outside the source tree", name=relative)
-            while parent not in dirs:
-                dirs.add(parent)
-                parent = os.path.dirname(parent)
-        shard = os.path.join(objects, sha256[:2])
-        obj = os.path.join(shard, sha256)
-        try:
-            stored_size = os.stat(obj).st_size
-        except FileNotFoundError:
-            stored_size = -1
-        if stored_size != size:  # absent, or torn by a power cut: (re)write it
-            os.makedirs(shard, mode=0o700, exist_ok=True)
-            # Objects are fsynced (a push writes only its new ones): later trees link to them.
-            write_atomic(Path(obj), read(), mode=0o444, sync_dir=False)
-        link_or_copy(obj, target)
-    return dirs
-
-
-def _inside(base: str, relative: str) -> str:
-    """``base/relative``, refusing what would land outside ``base``: bundle.py checked the names
-    already, this is defence in depth against a bug there."""
-    target = os.path.normpath(os.path.join(base, relative))
-    if relative.startswith("/") or ".." in relative.split("/") or not target.startswith(base + os.sep):
-        raise BadEntryName(f"entry path {relative!r} would land outside the source tree; it should "
-                           "have been refused when the bundle was opened: please report this",
-                           name=relative)
-    return target
-
-
-def sweep_objects(objects: Path) -> None:
-    """Remove objects no tree links to any more (link count 1: only ``objects/`` holds them)."""
-    for sub in os.scandir(objects):
-        if sub.is_dir(follow_symlinks=False) and not sub.name.startswith(TMP_PREFIX):
-            for entry in os.scandir(sub.path):
-                if entry.stat(follow_symlinks=False).st_nlink <= 1:
-                    os.unlink(entry.path)
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a directory tree atomically from a reader's point of view.
-
-    The tree is first renamed to a temp name, so a crash mid-removal leaves an orphan that
-    :func:`remove_orphans` finishes, never a half-empty tree under its real name.
-    """
-    _rmtree(unlink_tree_name(path))
-
-
-def unlink_tree_name(path: Path) -> Path:
-    """Take a tree away under a temp name (instant); return that name for :func:`_rmtree` later."""
-    doomed = path.with_name(f"{TMP_PREFIX}rm-{uuid.uuid4().hex}")
-    os.replace(path, doomed)
-    return doomed
-
-
-def rmtree_quietly(path: Path) -> None:
-    """Delete a tree already taken away by :func:`unlink_tree_name`; leftovers go at the next open."""
-    with contextlib.suppress(OSError):
-        _rmtree(path)
-
-
 def _rmtree(path: Path) -> None:
-    # Trees are read-only (0555 directories); give ourselves write access back before unlinking.
+    # Directories an older habanero made read-only (0555): give ourselves write access back first.
     for root, dirs, _ in os.walk(path):
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o700)

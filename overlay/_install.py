@@ -41,7 +41,7 @@ class Overlay:
 
     ``version``, ``status()`` and ``history()`` say what is live. The upgrade transaction works on
     the same attributes: it holds ``deploy_lock``, verifies with ``trusted``/``app_id``/``limits``,
-    builds an index with ``finder.index_for(bundle, store.tree(bundle))``, swaps it in with
+    builds an index with ``finder.index_for(bundle, store.tree_root)``, swaps it in with
     ``finder.set_index`` and commits to ``store``. A disabled overlay has no store and no finder.
     """
 
@@ -63,6 +63,7 @@ class Overlay:
         self.preimported = tuple(preimported)  # modules that were imported from disk before install()
         self.deploy_lock = threading.Lock()  # one deploy at a time; a second gets DeployInProgress
         self.last_failure: dict[str, Any] | None = None  # set by the upgrade transaction
+        self.retargeted = False  # set by the first push: every live module uses the finder's paths
         self.started = time.time()
         self.control: dict[str, Any] = {}  # control-plane options (TLS, public status, upload deadline)
         self.server: Any = None            # the standalone control server, when listen= is used
@@ -175,12 +176,14 @@ def install(
     tls_key: str | os.PathLike[str] | None = None,
     public_status: bool | None = None,
     upload_timeout: float = 30.0,
+    sync: str | None = None,
 ) -> Overlay:
     """Serve ``packages`` from the store's active bundle, and return the handle that reports on it.
 
     Call it at the top of the app's entry point, before the app imports its own packages. Every
     keyword has an environment twin (``HABANERO_PACKAGES``, ``HABANERO_TRUSTED_KEYS``,
-    ``HABANERO_STORE``, ``HABANERO_LISTEN``, ``HABANERO_APP_ID``, ``HABANERO_CODE_CACHE``);
+    ``HABANERO_STORE``, ``HABANERO_LISTEN``, ``HABANERO_APP_ID``, ``HABANERO_CODE_CACHE``,
+    ``HABANERO_SYNC``);
     ``HABANERO_DISABLE=1`` turns the call into a no-op that boots the code on disk.
 
     Example::
@@ -207,12 +210,13 @@ def install(
         store_path = _settings.resolve_store(store)
         limits = limits or DEFAULT_LIMITS
         extra = {k: v for k, v in (("keep", keep), ("max_version_jump", max_version_jump)) if v is not None}
-        opened = Store.open(store_path, trusted=trusted, app_id=resolved_app_id, limits=limits, **extra)
+        opened = Store.open(store_path, trusted=trusted, app_id=resolved_app_id, limits=limits,
+                            sync=_settings.resolve_sync(sync), **extra)
         try:
             use_disk = _settings.resolve_flag(code_cache, "HABANERO_CODE_CACHE", True)
             finder = OverlayFinder(names, code_cache=CodeCache(opened.cache_dir if use_disk else None))
             if opened.active is not None:
-                finder.set_index(finder.index_for(opened.active, opened.tree(opened.active)))
+                finder.set_index(finder.index_for(opened.active, opened.tree_root))
         except BaseException:
             opened.close()
             raise

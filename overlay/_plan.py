@@ -12,12 +12,15 @@ import ast
 import hashlib
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 from dataclasses import dataclass, field
 
+from ._diff import EntryDiff
 from .bundle import Bundle
 from .errors import BundleRejected, CompileFailed
 
 Compiler = Callable[[str, bytes, str], types.CodeType]
+Checker = Callable[..., Any]  # rebind.check_update
 
 
 @dataclass
@@ -28,6 +31,7 @@ class ModuleChange:
     old_source: bytes | None   # None: the module is not live, or its old source is unknown
     filename: str              # the new version's file for tracebacks
     code: types.CodeType | None = None
+    checked: Any = None        # the statement diff a Checker answered (then ``code`` is None)
 
 
 @dataclass
@@ -44,55 +48,61 @@ class Plan:
                 "data_changed": self.data_changed}
 
 
-def _modules(bundle: Bundle | None) -> dict[str, str]:
-    if bundle is None:
-        return {}
-    return {n: e.sha256 for n, e in bundle.entries.items() if e.kind != "data"}
-
-
-def _data(bundle: Bundle | None) -> dict[str, str]:
-    if bundle is None:
-        return {}
-    return {n: e.sha256 for n, e in bundle.entries.items() if e.kind == "data"}
-
-
 def make_plan(
     current: Bundle | None,
     target: Bundle,
+    diff: EntryDiff,
     *,
-    live: Mapping[str, types.ModuleType],
+    live: Callable[[str], types.ModuleType | None],
     old_source_of: Callable[[types.ModuleType], bytes | None],
     filename_of: Callable[[str], str],
     compile_module: Compiler,
+    check_update: Checker | None = None,
 ) -> Plan:
-    """Diff, compile and order. Raises ``CompileFailed`` or ``BundleRejected``; runs nothing."""
-    old, new = _modules(current), _modules(target)
+    """Diff, compile and order. Raises ``CompileFailed`` or ``BundleRejected``; runs nothing.
+
+    Only the entries in ``diff`` are looked at: a push costs what it changed. ``live`` answers
+    whether a module of the target is imported (its module object, or None). A live module whose
+    old source is known is checked by ``check_update`` (the statements that changed, compiled one
+    by one: a one-function change in a 2,000-line module costs one function's compile), the others
+    are compiled whole by ``compile_module``.
+    """
+    new_entries = target.entries
+    old_entries = current.entries if current is not None else {}
+
+    def is_data(name: str) -> bool:
+        entry = new_entries.get(name) or old_entries[name]
+        return entry.kind == "data"
+
     plan = Plan(target)
-    plan.added = sorted(n for n in new if n not in old)
-    plan.changed = sorted(n for n in new if n in old and old[n] != new[n])
-    plan.removed = sorted(n for n in old if n not in new)
-    old_data, new_data = _data(current), _data(target)
-    plan.data_changed = sorted(n for n in old_data.keys() | new_data.keys() if old_data.get(n) != new_data.get(n))
+    plan.added = sorted(n for n in diff.added if not is_data(n))
+    plan.changed = sorted(n for n in diff.changed if not is_data(n))
+    plan.removed = sorted(n for n in diff.removed if not is_data(n))
+    plan.data_changed = sorted(n for n in diff.names if is_data(n))
     _refuse_removed_in_use(plan.removed, target)
 
     changes: dict[str, ModuleChange] = {}
-    for name in sorted(new):
-        module = live.get(name)
-        if name in old:
-            if old[name] == new[name]:
-                continue
+    for name in sorted((*plan.added, *plan.changed)):
+        module = live(name)
+        entry = new_entries[name]
+        if name in old_entries:
             old_source = current.read(name) if current is not None else None
         elif module is not None:
-            # Live but not in the current bundle: imported from disk before the first push.
+            # Live but not in the current bundle: imported from disk (before the first push, or
+            # a module the bundle lacked until now).
             old_source = old_source_of(module)
-            if old_source is not None and hashlib.sha256(old_source).hexdigest() == new[name]:
+            if old_source is not None and hashlib.sha256(old_source).hexdigest() == entry.sha256:
                 continue
         else:
             old_source = None
         filename = filename_of(name)
-        source = target.read(name)  # only now: most modules of a push are unchanged
-        change = ModuleChange(name, target.entries[name].kind, source, old_source, filename)
-        change.code = _compile(compile_module, name, source, filename)
+        source = target.read(name)
+        change = ModuleChange(name, entry.kind, source, old_source, filename)
+        if module is not None and old_source is not None and check_update is not None:
+            change.checked = _compile(lambda n, s, f: check_update(n, s, filename=f, old_source=old_source),
+                                      name, source, filename)
+        else:
+            change.code = _compile(compile_module, name, source, filename)
         if module is not None:
             changes[name] = change
     plan.rerun = [changes[n] for n in dependency_order(changes, target)]

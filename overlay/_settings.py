@@ -95,6 +95,19 @@ def resolve_listen(listen: str | None) -> str | None:
     return value.strip()
 
 
+SYNC_MODES = ("background", "commit")
+
+
+def resolve_sync(sync: str | None) -> str:
+    """When a push reaches the disk itself: ``background`` (default) or ``commit``; see ``Store``."""
+    value = sync if sync is not None else env("HABANERO_SYNC") or "background"
+    if value not in SYNC_MODES:
+        raise ConfigError(f"sync={value!r}: expected 'background' (fsync right after the push answers) "
+                          "or 'commit' (fsync before it answers); set it with sync= or HABANERO_SYNC",
+                          code="bad_config")
+    return value
+
+
 def resolve_flag(value: bool | None, variable: str, default: bool) -> bool:
     if value is not None:
         return bool(value)

@@ -1,30 +1,53 @@
-"""The store's per-version source trees: building, sharing, checking and deleting them.
+"""The store's objects and its source tree: file bodies by content, and the running version as files.
 
-A tree lays one version out as real read-only files (``trees/<version>-<digest>/<entry path>``),
-so ``__file__``, ``Path(__file__).parent / "templates"``, tracebacks and ``importlib.resources``
-see exactly that version. Bodies live once in ``objects/`` and are hard-linked in; directories a new
-version shares with the active one are symlinks into its tree, and a tree stays while another links
-into it. Trees are derived data: not fsynced, checked against the bundle when the store opens, and
-deleted after a push has answered, by a worker thread.
+``objects/<sha256[:2]>/<sha256>`` holds every body of every stored version, once, read-only:
+stored delta bundles take the entries they do not carry from there, and the tree links to them.
 
-``TreesMixin`` is part of :class:`overlay.store.Store`; it uses the store's paths, lock and state.
+``tree/<entry path>`` lays out the version that runs as real files, at paths that never change from
+one version to the next, so ``__file__``, ``Path(__file__).parent / "templates"``, tracebacks,
+``inspect`` and ``importlib.resources`` see real files, and a module a push does not change keeps
+its ``__file__`` and ``__spec__``. A push rewrites only the files it changes (a hard link to the new
+object renamed over the old file, atomic for a reader) and removes the files of removed entries,
+with their directories once empty (an empty directory would import as a namespace package). It
+does so before the new code runs, so that code sees its own tree, and :meth:`update_tree` returns
+the undo that puts the old files back. One tree per store: processes sharing a store directory
+share it and see the files of the newest commit.
+
+The tree is derived data: it is never fsynced, and ``Store.open`` checks it against the active
+bundle, file by file, and repairs what differs. Objects of new pushes are written without fsync
+under ``sync="background"`` and flushed by a worker thread right after the push has answered
+(see ``Store``); a power cut before that makes the store fall back to the newest version whose
+bodies verify.
+
+Unreferenced objects (of versions retention dropped) are swept by the same worker, now and then,
+never on a push's path. ``TreesMixin`` is part of :class:`overlay.store.Store`.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import json
 import logging
 import os
 import queue
+import shutil
 import threading
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import _fsutil
 from ._manifest import is_sha256
-from .bundle import Bundle
-from .errors import StoreError
+from .bundle import Bundle, Entry, manifest_bytes_of
+from .errors import BadEntryName, StoreError
 
 logger = logging.getLogger("overlay.store")
+
+#: Dropped versions between two object sweeps: a sweep reads every stored manifest (milliseconds
+#: of a worker thread), and what waits for it is only disk space.
+SWEEP_EVERY = 10
+
+Task = Callable[[], None]
 
 
 def _stem(version: int, digest: str) -> str:
@@ -32,163 +55,318 @@ def _stem(version: int, digest: str) -> str:
 
 
 class TreesMixin:
-    """Tree methods of ``Store`` (see the module docstring)."""
+    """Object and tree methods of ``Store`` (see the module docstring)."""
 
-    _trees: Path
     _objects: Path
     _bundles: Path
     _staged: Path
+    _lock: _fsutil.FileLock
     active: Bundle | None
     path: Path
+    sync: str
 
     def _init_trees(self) -> None:
-        self._doomed: list[Path] = []  # trees taken away by retention, deleted in the background
-        self._cleaner: threading.Thread | None = None
-        self._cleanup: queue.Queue[list[Path] | None] = queue.Queue()
-        self._dir_digests: dict[str, dict[str, str]] = {}  # of the active tree, for sharing
-        self._tree_links: dict[str, frozenset[str]] = {}  # tree name -> trees it links into
+        self._tasks: queue.Queue[Task | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._dropped_since_sweep = 0
 
-    def _stop_cleaner(self) -> None:
-        self.settle()
-        if self._cleaner is not None and self._cleaner.is_alive():
-            self._cleanup.put(None)
-            self._cleaner.join()
+    @property
+    def tree_root(self) -> Path:
+        """Where the running version's files are: ``__file__`` of every module served is below it."""
+        return self.path / "tree"
 
-    def _linked_trees(self, kept: set[tuple[int, str]]) -> set[str]:
-        """Trees that kept trees share directories with (symlinks): they stay while linked."""
-        linked: set[str] = set()
-        for version, digest in kept:
-            name = _stem(version, digest)
-            links = self._tree_links.get(name)  # a tree never changes: read its links once
-            if links is None:
-                root = self._trees / name
-                if not root.is_dir():
-                    continue
-                links = self._tree_links[name] = frozenset(_fsutil.tree_links(root))
-            linked |= links
-        return linked
-
-    def _drop_tree(self, tree: Path) -> None:
-        """Take a tree away now (a rename); delete its thousand links after the push has answered."""
-        self._doomed.append(_fsutil.unlink_tree_name(tree))
-
-    def _clean_up_later(self) -> None:
-        """Hand dropped trees to the clean-up worker: retention must not cost a push the ~10 ms of
-        unlinking a 1,000-file tree. The worker deletes them, then sweeps objects no tree links to
-        (under the store lock, so no object vanishes while a tree is being linked). Callers may hold
-        the store lock: nothing here waits for the worker. ``settle()`` does.
-        """
-        doomed, self._doomed = self._doomed, []
-        if not doomed:
-            return
-        if self._cleaner is None or not self._cleaner.is_alive():
-            self._cleaner = threading.Thread(target=self._clean_up, name="habanero-store-cleanup",
-                                             daemon=True)
-            self._cleaner.start()
-        self._cleanup.put(doomed)
-
-    def _clean_up(self) -> None:
-        while True:
-            doomed = self._cleanup.get()
-            if doomed is None:  # close()
-                self._cleanup.task_done()
-                return
-            try:
-                for path in doomed:
-                    _fsutil.rmtree_quietly(path)
-                with self._lock:
-                    _fsutil.sweep_objects(self._objects)
-            except (OSError, StoreError):
-                logger.warning("could not sweep unused objects in %s; the next prune retries", self.path)
-            finally:
-                self._cleanup.task_done()
-
-    def settle(self) -> None:
-        """Wait until background clean-up is done (tests, shutdown). Never call it holding the lock."""
-        self._cleanup.join()
-
+    # ------------------------------------------------------------------------------ objects
 
     def object(self, sha256: str) -> bytes | None:
         """An entry body this store holds (for delta bundles), or None. Its hash is checked by the reader."""
         if not is_sha256(sha256):
             return None
         try:
-            return (self._objects / sha256[:2] / sha256).read_bytes()
+            with open(self._object_path(sha256), "rb") as fh:
+                return fh.read()
         except OSError:
             return None
 
-    def tree_path(self, bundle: Bundle) -> Path:
-        """Where ``tree(bundle)`` lays the version out; computing it writes nothing."""
-        return self._trees / _stem(bundle.version, bundle.digest)
+    def _object_path(self, sha256: str) -> str:
+        return os.path.join(self._objects, sha256[:2], sha256)
 
-    def discard(self, bundle: Bundle) -> None:
-        """Forget a staged bundle whose push failed: its staged file and its tree, if not committed.
+    def _write_objects(self, bundle: Bundle, known: Bundle | None) -> list[str]:
+        """Store the bodies of ``bundle`` this store does not hold yet; return the files written.
 
-        A failed push leaves no trace but its history entry. Objects shared with other versions
-        stay; unreferenced ones go at the next prune.
+        ``known`` is a bundle whose objects are all stored (the active one): its hashes are skipped
+        without a look at the disk, so a push writes only what it changed.
         """
-        name = f"{_stem(bundle.version, bundle.digest)}.hbn"
-        if (self._bundles / name).exists():
-            return  # a stored version (a rollback target): never discarded
-        with self._lock, self._io(f"discard v{bundle.version}"):
-            (self._staged / name).unlink(missing_ok=True)
-            root = self.tree_path(bundle)
-            if root.is_dir():
-                _fsutil.remove_tree(root)
-
-    def _check_active_tree(self) -> None:
-        """Rebuild the active version's tree if a crash left it short or damaged (it is not fsynced)."""
-        bundle = self.active
-        root = self.tree_path(bundle) if bundle is not None else None
-        if root is None or not root.is_dir():
-            return
+        held = known.by_hash if known is not None else {}
+        written: list[str] = []
         for entry in bundle.entries.values():
+            sha256 = entry.sha256
+            if sha256 in held:
+                continue
+            path = self._object_path(sha256)
+            try:
+                if os.stat(path).st_size == entry.size:
+                    continue
+            except FileNotFoundError:
+                pass
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            _fsutil.write_atomic(Path(path), bundle.read(entry.name), mode=0o444,
+                                 sync=self.sync == "commit", sync_dir=False)
+            written.append(path)
+        return written
+
+    def _ensure_objects(self, bundle: Bundle) -> None:
+        """At open: the active bundle's bodies are all in ``objects/`` (a power cut may have lost some)."""
+        for entry in bundle.entries.values():
+            path = self._object_path(entry.sha256)
+            try:
+                with open(path, "rb") as fh:
+                    if fh.read() == bundle.read(entry.name):
+                        continue
+            except OSError:
+                pass
+            logger.warning("object %s of v%s is missing or damaged; writing it again", entry.sha256[:12],
+                           bundle.version)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            _fsutil.write_atomic(Path(path), bundle.read(entry.name), mode=0o444, sync_dir=False)
+
+    # --------------------------------------------------------------------------------- tree
+
+    def update_tree(self, old: Bundle | None, new: Bundle, names: Iterable[str] | None = None) -> Task:
+        """Make the tree show ``new`` where it differs from ``old``; return the undo.
+
+        ``names`` are the entries that differ (added, changed or removed, by name), when the caller
+        knows them already; otherwise every entry is compared. Needs the objects of both versions.
+        """
+        root = os.fspath(self.tree_root)
+        old_entries = old.entries if old is not None else {}
+        new_entries = new.entries
+        if names is None:
+            names = [n for n, e in new_entries.items() if _differs(old_entries.get(n), e)]
+            names += [n for n in old_entries if n not in new_entries]
+        steps: list[tuple[str, str | None, str | None]] = []  # path, new sha256 or None, old or None
+        for name in names:
+            before, after = old_entries.get(name), new_entries.get(name)
+            if before is not None and (after is None or before.path != after.path):
+                steps.append((before.path, None, before.sha256))
+        for name in names:
+            before, after = old_entries.get(name), new_entries.get(name)
+            if after is not None:
+                steps.append((after.path, after.sha256,
+                              before.sha256 if before is not None and before.path == after.path else None))
+        done: list[tuple[str, str | None]] = []
+
+        def undo() -> None:
+            with self._lock:
+                for path, sha256 in reversed(done):
+                    self._put(root, path, sha256)
+
+        with self._lock, self._io(f"update the source tree for v{new.version}"):
+            os.makedirs(root, mode=0o700, exist_ok=True)
+            try:
+                for path, sha256, previous in steps:
+                    self._put(root, path, sha256)
+                    done.append((path, previous))
+            except BaseException:
+                undo()
+                raise
+        return undo
+
+    def _put(self, root: str, relative: str, sha256: str | None) -> None:
+        """Make ``root/relative`` the object ``sha256`` (atomically), or absent when None."""
+        target = _inside(root, relative)
+        if sha256 is None:
+            try:
+                os.unlink(target)
+            except FileNotFoundError:
+                pass
+            _remove_empty_dirs(root, os.path.dirname(target))
+            return
+        parent = os.path.dirname(target)
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        if not os.path.realpath(parent).startswith(os.path.realpath(root) + os.sep) and parent != root:
+            raise BadEntryName(f"entry path {relative!r} resolves outside the source tree", name=relative)
+        tmp = os.path.join(parent, f"{_fsutil.TMP_PREFIX}{uuid.uuid4().hex[:12]}")
+        _fsutil.link_or_copy(self._object_path(sha256), tmp)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def _check_tree(self) -> None:
+        """At open: the tree holds exactly the active version's files (it is never fsynced, and a
+        crash mid-push may have left another version's files); repair what differs."""
+        root = self.tree_root
+        bundle = self.active
+        if bundle is None:
+            if root.exists():
+                self._drop_later(root)
+            return
+        self._ensure_objects(bundle)
+        expected = {e.path: e for e in bundle.entries.values()}
+        wrong: list[Entry] = []
+        for entry in expected.values():
             try:
                 with open(os.path.join(root, entry.path), "rb") as fh:
-                    intact = fh.read() == bundle.read(entry.name)
+                    if fh.read() == bundle.read(entry.name):
+                        continue
             except OSError:
-                intact = False
-            if not intact:
-                logger.warning("the source tree of v%s is damaged (%s); rebuilding it", bundle.version,
-                               entry.path)
-                with self._lock:
-                    _fsutil.remove_tree(root)
-                self.tree(bundle)
-                return
-
-    def tree(self, bundle: Bundle) -> Path:
-        """A read-only source tree of ``bundle`` (``tree/<entry.path>``), built once, then reused.
-
-        Bodies live once in ``objects/`` and are hard-linked in, so a push that changes one file of
-        1,000 writes one object and makes 1,000 links. Built in a temp dir and renamed into place.
-        """
-        root = self.tree_path(bundle)
-        if root.is_dir():
-            return root
-        with self._lock, self._io(f"build the source tree of v{bundle.version}"):
-            if not root.is_dir():  # another process may have built it while we waited
-                rows = [(e.path, e.sha256, e.size, functools.partial(bundle.read, e.name))
-                        for e in bundle.entries.values()]
-                share = self._shareable(bundle)
-                mine = self._digests_of(bundle) if share is not None else None
-                _fsutil.build_tree(root, rows, self._objects, share=share, digests=mine)
-        return root
-
-    def _digests_of(self, bundle: Bundle) -> dict[str, str]:
-        """Directory digests of a bundle, kept for the newest two: this push's tree is the next
-        push's active one, so each version's digests are computed once."""
-        digests = self._dir_digests.get(bundle.digest)
-        if digests is None:
-            digests = _fsutil.dir_digests((e.path, e.sha256) for e in bundle.entries.values())
-            self._dir_digests = {**dict(list(self._dir_digests.items())[-1:]), bundle.digest: digests}
-        return digests
-
-    def _shareable(self, bundle: Bundle) -> tuple[Path, dict[str, str]] | None:
-        """The active version's tree and its directory digests, for a new tree to share from."""
-        active = self.active
-        if active is None or active.digest == bundle.digest:
-            return None
-        root = self.tree_path(active)
+                pass
+            wrong.append(entry)
+        extra = [p for p in _files_below(root) if p not in expected] if root.is_dir() else []
+        if not wrong and not extra:
+            return
         if not root.is_dir():
-            return None
-        return root, self._digests_of(active)
+            logger.info("laying out the source tree of v%s", bundle.version)
+        else:
+            logger.warning("the source tree of v%s differs from its bundle (%d files wrong or missing, "
+                           "%d extra); repairing it", bundle.version, len(wrong), len(extra))
+        with self._lock.attempt() as idle:
+            if not idle:  # a writer is busy (another process pushing): starting up never waits
+                logger.warning("the source tree of v%s is left for the next start: the store is busy",
+                               bundle.version)
+                return
+            os.makedirs(root, mode=0o700, exist_ok=True)
+            for path in extra:
+                self._put(os.fspath(root), path, None)
+            for entry in wrong:
+                self._put(os.fspath(root), entry.path, entry.sha256)
+
+    # ------------------------------------------------------------------- background work
+
+    def _later(self, task: Task) -> None:
+        """Run ``task`` on the store's worker thread, after the current push has answered."""
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="habanero-store-worker", daemon=True)
+            self._worker.start()
+        self._tasks.put(task)
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            try:
+                if task is None:  # close()
+                    return
+                task()
+            except (OSError, StoreError) as exc:
+                logger.warning("store %s: background work failed (%s); it is retried later", self.path, exc)
+            except Exception:  # never let the worker die silently
+                logger.exception("store %s: background work failed", self.path)
+            finally:
+                self._tasks.task_done()
+
+    def settle(self) -> None:
+        """Wait until background work is done (tests, shutdown). Never call it holding the lock."""
+        self._tasks.join()
+
+    def _stop_worker(self) -> None:
+        self.settle()
+        if self._worker is not None and self._worker.is_alive():
+            self._tasks.put(None)
+            self._worker.join()
+
+    def _flush_later(self, files: list[str]) -> None:
+        """``sync="background"``: make what a commit wrote durable, off the push's path."""
+        if self.sync != "background" or not files:
+            return
+
+        def flush() -> None:
+            for path in files:
+                _fsutil.fsync_path(path)
+            for directory in sorted({os.path.dirname(p) for p in files}):
+                _fsutil.fsync_path(directory)
+
+        self._later(flush)
+
+    def _drop_later(self, path: Path) -> None:
+        """Take a directory away now (a rename), delete it on the worker."""
+        doomed = path.with_name(f"{_fsutil.TMP_PREFIX}rm-{uuid.uuid4().hex}")
+        os.replace(path, doomed)
+        self._later(lambda: shutil.rmtree(doomed, ignore_errors=True))
+
+    def _dropped(self, count: int) -> None:
+        """Retention dropped ``count`` versions: sweep their objects once enough have gone."""
+        self._dropped_since_sweep += count
+        if self._dropped_since_sweep >= SWEEP_EVERY:
+            self._dropped_since_sweep = 0
+            self._later(self._sweep_objects)
+
+    def _sweep_objects(self) -> None:
+        """Delete objects no stored or staged bundle refers to.
+
+        The manifests are read outside the store lock (milliseconds per bundle); under the lock,
+        bundles that appeared meanwhile are read too, so an object a push has just staged (stage
+        writes objects and its bundle under one hold of the lock) is never taken.
+        """
+        seen: dict[str, set[str]] = {}
+        for path in self._bundle_files():
+            seen[path] = _hashes_in(path)
+        candidates = [(sub.name, entry.name) for sub in _scandir(self._objects)
+                      if sub.is_dir(follow_symlinks=False) and not sub.name.startswith(_fsutil.TMP_PREFIX)
+                      for entry in _scandir(sub.path)]
+        with self._lock:
+            for path in self._bundle_files():
+                if path not in seen:
+                    seen[path] = _hashes_in(path)
+            referenced = set().union(*seen.values())
+            if self.active is not None:
+                referenced.update(self.active.by_hash)
+            for shard, name in candidates:
+                if name not in referenced:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self._objects, shard, name))
+
+    def _bundle_files(self) -> list[str]:
+        return [os.path.join(d, n) for d in (self._bundles, self._staged) for n in os.listdir(d)
+                if n.endswith(".hbn")]
+
+
+def _differs(before: Entry | None, after: Entry) -> bool:
+    return before is None or before.sha256 != after.sha256 or before.kind != after.kind
+
+
+def _hashes_in(path: str) -> set[str]:
+    """The entry hashes a stored bundle's manifest lists (unverified: only used to keep objects)."""
+    try:
+        with open(path, "rb") as fh:
+            manifest = json.loads(manifest_bytes_of(fh.read()))
+        return {e["sha256"] for e in manifest["entries"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _inside(root: str, relative: str) -> str:
+    """``root/relative``, refusing what would land outside ``root``: bundle.py checked the names
+    already, this is defence in depth against a bug there."""
+    target = os.path.normpath(os.path.join(root, relative))
+    if relative.startswith("/") or ".." in relative.split("/") or not target.startswith(root + os.sep):
+        raise BadEntryName(f"entry path {relative!r} would land outside the source tree; it should "
+                           "have been refused when the bundle was opened: please report this",
+                           name=relative)
+    return target
+
+
+def _remove_empty_dirs(root: str, directory: str) -> None:
+    while directory != root and directory.startswith(root + os.sep):
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty (or gone): stop here
+            return
+        directory = os.path.dirname(directory)
+
+
+def _files_below(root: Path) -> list[str]:
+    """Relative POSIX paths of the files under ``root`` (temp files of an interrupted write too)."""
+    found = []
+    for directory, _, files in os.walk(root):
+        rel = os.path.relpath(directory, root)
+        for name in files:
+            found.append(name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}")
+    return found
+
+
+def _scandir(path: str | Path) -> list[os.DirEntry[str]]:
+    try:
+        return list(os.scandir(path))
+    except FileNotFoundError:
+        return []

@@ -13,10 +13,12 @@ standard path finder, as it would be anyway, with a loader that also keeps the b
 the first push diffs against what runs rather than against a file the developer has since edited. Switching versions is one attribute
 assignment (:meth:`OverlayFinder.set_index`), so an import sees either the old index or the new one.
 
-Each index points at the store's immutable per-version tree, so ``__file__`` is a real file whose
-content is that version's entry, data files sit beside it, and code compiled as that file keeps
-showing that version's lines in tracebacks even after a newer version is active. Code is compiled
-from the bundle in memory, never from the tree.
+Every index points at the store's tree (``<store>/tree``), which holds the active version's files
+at paths that do not change from one version to the next: ``__file__`` is a real file with the
+module's current content, data files sit beside it, and a module a push leaves alone keeps its
+``__file__``, ``__spec__`` and ``__loader__`` (the finder's one loader serves whatever version is
+active). As with files edited on disk, a frame still running a replaced function shows the current
+file's lines in a traceback. Code is compiled from the bundle in memory, never from the tree.
 """
 
 from __future__ import annotations
@@ -93,47 +95,84 @@ def _top(entry: Entry) -> str:
 
 
 class _Module(NamedTuple):
-    entry: Entry
-    filename: str          # the file in this version's tree: __file__ and co_filename
+    kind: str              # "module" or "package"
+    filename: str          # the file in the store's tree: __file__ and co_filename
     search: str | None     # the package's directory (its __path__), None for a plain module
 
 
 class BundleIndex:
-    """One bundle version as the import system sees it: module name -> entry, file and ``__path__``.
+    """One bundle version as the import system sees it: module name -> kind, file and ``__path__``.
 
     Entries outside ``packages`` are left out (and logged), so the index only answers for names
     the app declared. Without ``packages`` it serves the bundle's own top-level packages minus the
     standard library and habanero's; ``OverlayFinder.set_index`` then refuses it unless the finder
     declared them all. Immutable once built, except that an index built without a code cache adopts
     the finder's when it goes live. Prefer ``OverlayFinder.index_for``, which passes both.
+
+    Paths do not depend on the version (the store's tree is at a fixed place), so an index built
+    from ``previous`` with the names that differ (``changed``) copies the rest: a push that changes
+    one module of 1,000 does not redo the other 999.
     """
 
     def __init__(self, bundle: Bundle, tree_root: str | os.PathLike[str], *,
-                 packages: Iterable[str] | None = None, code_cache: CodeCache | None = None) -> None:
+                 packages: Iterable[str] | None = None, code_cache: CodeCache | None = None,
+                 loader: BundleLoader | None = None, previous: BundleIndex | None = None,
+                 changed: Iterable[str] | None = None) -> None:
         self.bundle = bundle
         self.root = os.path.abspath(os.fspath(tree_root))
-        tops = {_top(e) for e in bundle.entries.values()}
+        self.code_cache = code_cache  # None: the finder's cache is adopted when the index goes live
+        self.loader = loader if loader is not None else BundleLoader(self)
+        self._by_path: dict[str, Entry] | None = None
+        if (previous is not None and changed is not None and previous.root == self.root
+                and (packages is None or previous.packages == frozenset(packages))):
+            self._derive(previous, changed)
+        else:
+            self._build(packages)
+        if self.ignored:
+            logger.warning("bundle v%s carries %s, outside the served packages %s; they are not served",
+                           bundle.version, ", ".join(sorted(self.ignored)), ", ".join(sorted(self.packages)))
+
+    def _build(self, packages: Iterable[str] | None) -> None:
+        entries = self.bundle.entries
+        tops = {_top(e) for e in entries.values()}
         # Without a declared list, serve the bundle's own top-level packages, but never Python's or
         # habanero's: a finder only accepts an index whose packages it declared (set_index checks).
         self.packages = frozenset(packages if packages is not None else
                                   (t for t in tops if t not in _RESERVED and t not in sys.stdlib_module_names))
-        self.code_cache = code_cache  # None: the finder's cache is adopted when the index goes live
-        modules: dict[str, _Module] = {}
-        prefix = self.root + os.sep  # plain concatenation: this runs for every module on every push
-        served = self.packages
-        for name, entry in bundle.entries.items():
-            kind = entry.kind
-            if kind != "data" and name.partition(".")[0] in served:
-                filename = prefix + entry.path.replace("/", os.sep)
-                search = filename[: -len("/__init__.py")] if kind == "package" else None
-                modules[name] = _Module(entry, filename, search)
-        self.modules: dict[str, _Module] = modules
+        self.modules: dict[str, _Module] = {}
+        for name, entry in entries.items():
+            self._add(name, entry)
         self.ignored = frozenset(tops - self.packages)
-        self.loader = BundleLoader(self)
-        self._by_path: dict[str, Entry] | None = None
-        if self.ignored:
-            logger.warning("bundle v%s carries %s, outside the served packages %s; they are not served",
-                           bundle.version, ", ".join(sorted(self.ignored)), ", ".join(sorted(self.packages)))
+
+    def _derive(self, previous: BundleIndex, changed: Iterable[str]) -> None:
+        self.packages = previous.packages
+        self.modules = dict(previous.modules)
+        ignored = set(previous.ignored)
+        entries = self.bundle.entries
+        for name in changed:
+            self.modules.pop(name, None)
+            entry = entries.get(name)
+            if entry is not None:
+                self._add(name, entry)
+                top = _top(entry)
+                if top not in self.packages:
+                    ignored.add(top)
+        # A top-level package no longer in the bundle is no longer "ignored" (rare: check only then).
+        if ignored and any(name not in entries for name in changed):
+            ignored &= {_top(e) for e in entries.values()}
+        self.ignored = frozenset(ignored)
+
+    def _add(self, name: str, entry: Entry) -> None:
+        kind = entry.kind
+        if kind != "data" and name.partition(".")[0] in self.packages:
+            filename = self.root + os.sep + entry.path.replace("/", os.sep)
+            search = filename[: -len("/__init__.py")] if kind == "package" else None
+            self.modules[name] = _Module(kind, filename, search)
+
+    @property
+    def index(self) -> BundleIndex:
+        """The index a loader made for this one serves (itself): see :class:`BundleLoader`."""
+        return self
 
     @property
     def version(self) -> int:
@@ -148,13 +187,12 @@ class BundleIndex:
         return self._spec(name, self._module(name))
 
     def _spec(self, name: str, mod: _Module) -> ModuleSpec:
-        spec = importlib.util.spec_from_loader(name, self.loader, origin=mod.filename,
-                                               is_package=mod.search is not None)
-        assert spec is not None
+        spec = ModuleSpec(name, self.loader, origin=mod.filename, is_package=mod.search is not None)
         spec.has_location = True  # the machinery then sets __file__ (and __cached__) from the spec
-        cached = self.code_cache.path_for(mod.entry.sha256) if self.code_cache is not None else None
-        if cached is not None:
-            spec.cached = cached
+        if self.code_cache is not None:
+            cached = self.code_cache.path_for(self.bundle.entries[name].sha256)
+            if cached is not None:
+                spec.cached = cached
         if mod.search is not None:
             spec.submodule_search_locations = [mod.search]
         return spec
@@ -162,6 +200,11 @@ class BundleIndex:
     def filename(self, name: str) -> str:
         """The tree file a module compiles as (for the upgrade planner's ``filename_of``)."""
         return self._module(name).filename
+
+    def entry(self, name: str) -> Entry:
+        """The bundle entry of a module this index serves."""
+        self._module(name)
+        return self.bundle.entries[name]
 
     def entry_at(self, path: str) -> Entry | None:
         """The entry whose tree file is ``path`` (absolute), or None."""
@@ -183,10 +226,23 @@ class BundleIndex:
 
 
 class BundleLoader:
-    """Loads modules of one bundle version; a module's ``__loader__`` names the version it came from."""
+    """Loads modules from the index its owner serves now (``owner.index``).
 
-    def __init__(self, index: BundleIndex) -> None:
-        self.index = index
+    The finder's loader serves whatever version is active, so a module that a push leaves alone
+    keeps its ``__spec__`` and ``__loader__``: a push re-points nothing but what it changed. A
+    standalone :class:`BundleIndex` is its own owner.
+    """
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+
+    @property
+    def index(self) -> BundleIndex:
+        index = self.owner.index  # type: ignore[attr-defined]
+        if index is None:
+            raise OverlayImportError("no bundle is active: modules are served from disk", name="",
+                                     code="not_in_bundle")
+        return index
 
     def create_module(self, spec: ModuleSpec) -> None:
         return None  # the default module object is right
@@ -197,14 +253,14 @@ class BundleLoader:
         exec(self.get_code(name), module.__dict__)
 
     def get_code(self, fullname: str) -> types.CodeType:
-        mod = self.index._module(fullname)
-        bundle, entry = self.index.bundle, mod.entry
-        cache = self.index.code_cache or _UNCACHED
-        return cache.get(entry.sha256, mod.filename, lambda: bundle.read(entry.name))
+        index = self.index
+        mod = index._module(fullname)
+        bundle, entry = index.bundle, index.bundle.entries[fullname]
+        cache = index.code_cache or _UNCACHED
+        return cache.get(entry.sha256, mod.filename, lambda: bundle.read(fullname))
 
     def get_source(self, fullname: str) -> str:
-        mod = self.index._module(fullname)
-        return importlib.util.decode_source(self.index.bundle.read(mod.entry.name))
+        return importlib.util.decode_source(self.index.bundle.read(self.index.entry(fullname).name))
 
     def is_package(self, fullname: str) -> bool:
         return self.index._module(fullname).search is not None
@@ -213,11 +269,12 @@ class BundleLoader:
         return self.index._module(fullname).filename
 
     def get_data(self, path: str | os.PathLike[str]) -> bytes:
-        """Bytes of a file of this version (``pkgutil.get_data``), from the verified bundle in memory."""
-        entry = self.index.entry_at(os.fspath(path))
+        """Bytes of a file of the served version (``pkgutil.get_data``), from the verified bundle in memory."""
+        index = self.index
+        entry = index.entry_at(os.fspath(path))
         if entry is None:
-            raise FileNotFoundError(f"{os.fspath(path)} is not a file of bundle v{self.index.version}")
-        return self.index.bundle.read(entry.name)
+            raise FileNotFoundError(f"{os.fspath(path)} is not a file of bundle v{index.version}")
+        return index.bundle.read(entry.name)
 
     def get_resource_reader(self, fullname: str) -> TraversableResources | None:
         mod = self.index.modules.get(fullname)
@@ -226,7 +283,9 @@ class BundleLoader:
         return _TreeReader(Path(mod.search))
 
     def __repr__(self) -> str:
-        return f"<BundleLoader {self.index.bundle.app_id} v{self.index.version}>"
+        index = getattr(self.owner, "index", None)
+        where = f"{index.bundle.app_id} v{index.version}" if index is not None else "no bundle"
+        return f"<BundleLoader {where}>"
 
 
 class _RecordingLoader(SourceFileLoader):
@@ -262,6 +321,7 @@ class OverlayFinder:
         self.packages = check_packages(packages)
         self.code_cache = code_cache if code_cache is not None else CodeCache(None)
         self._index: BundleIndex | None = None
+        self.loader = BundleLoader(self)  # one for every version: see BundleLoader
         self._declared = frozenset(self.packages)
         # The exact source each declared module ran when it came from disk, by module name: the
         # first push diffs against what runs, not against a file the developer has since edited.
@@ -271,9 +331,14 @@ class OverlayFinder:
     def index(self) -> BundleIndex | None:
         return self._index
 
-    def index_for(self, bundle: Bundle, tree_root: str | os.PathLike[str]) -> BundleIndex:
-        """An index over ``bundle`` laid out at ``tree_root``, sharing this finder's code cache."""
-        return BundleIndex(bundle, tree_root, packages=self.packages, code_cache=self.code_cache)
+    def index_for(self, bundle: Bundle, tree_root: str | os.PathLike[str], *,
+                  changed: Iterable[str] | None = None) -> BundleIndex:
+        """An index over ``bundle`` laid out at ``tree_root``, sharing this finder's code cache and
+        loader. With ``changed`` (the entry names that differ from the active index's bundle), it is
+        derived from the active index instead of built from scratch."""
+        return BundleIndex(bundle, tree_root, packages=self.packages, code_cache=self.code_cache,
+                           loader=self.loader, previous=self._index if changed is not None else None,
+                           changed=changed)
 
     def set_index(self, index: BundleIndex | None) -> BundleIndex | None:
         """Make ``index`` the active one (None: serve the code on disk); return the previous one.

@@ -49,7 +49,7 @@ from ._journal import MISSING, Journal
 from ._reexec import Runner
 from ._statements import Diff, Parsed, Stmt, describe, normalize, plan
 
-__all__ = ["ModuleReport", "update_module", "one_heap_pass", "HeapPass"]
+__all__ = ["ModuleReport", "check_update", "update_module", "one_heap_pass", "HeapPass"]
 
 # Never removed from a module even if no statement binds them: the import system set them.
 _MODULE_SPECIALS = frozenset({"__name__", "__file__", "__spec__", "__loader__", "__package__",
@@ -96,9 +96,35 @@ def one_heap_pass(journal: Journal, *, budget_s: float = _codes.DEFAULT_BUDGET_S
     batch.run()
 
 
+def check_update(name: str, new_source: str | bytes, *, filename: str, old_source: str | bytes | None
+                 ) -> Diff:
+    """What :func:`update_module` will re-run, checked to compile, before anything runs.
+
+    Raises ``SyntaxError`` (or ``ValueError``) exactly when the whole new source would not compile,
+    at the cost of the change rather than of the module: the new version's statements outside the
+    re-parsed slice are the old version's, which compiled, and every statement that changed is
+    compiled here on its own. The one rule that spans statements, that ``from __future__`` imports
+    come first, is checked by compiling the whole source whenever such an import sits at or after
+    the first changed statement (or the old source is unknown). Pass the result to
+    ``update_module(diff=...)``.
+    """
+    new_text = normalize(new_source)
+    old_text = normalize(old_source) if old_source is not None else None
+    diff = plan(name, old_text, new_text, filename)
+    first = min((p.stmt.lo for p, _ in diff.changed), default=len(new_text))
+    if diff.rerun_all or "__future__" in new_text[first:]:
+        compile(new_text, filename, "exec", dont_inherit=True)
+    else:
+        for parsed, _ in diff.changed:
+            compile(ast.Module(body=[parsed.node], type_ignores=[]), filename, "exec",
+                    flags=diff.table.future, dont_inherit=True)
+    return diff
+
+
 def update_module(module: types.ModuleType, new_source: str | bytes, *, filename: str,
                   old_source: str | bytes | None, journal: Journal, version: int | None = None,
-                  code: types.CodeType | None = None, migrate: bool = True) -> ModuleReport:
+                  code: types.CodeType | None = None, migrate: bool = True,
+                  diff: Diff | None = None) -> ModuleReport:
     """Bring the live ``module`` to ``new_source``, recording every mutation in ``journal``.
 
     ``old_source`` is the source the module currently runs. When it is None (unknown), every
@@ -106,7 +132,8 @@ def update_module(module: types.ModuleType, new_source: str | bytes, *, filename
     object of the same qualified name; nothing can be known to be deleted, so nothing is
     removed, and module-level state is reset by its statements running again.
     ``code`` (the whole module compiled by the caller) is accepted but not needed: only the
-    statements that changed are compiled, each on its own.
+    statements that changed are compiled, each on its own. ``diff`` is :func:`check_update`'s
+    answer for the same sources, when the caller has it.
 
     Exceptions from the module's own code (a re-run statement, the migration hook) propagate
     unchanged; the caller undoes the journal. A ``SyntaxError`` is raised before anything is
@@ -124,7 +151,8 @@ def update_module(module: types.ModuleType, new_source: str | bytes, *, filename
     report = ModuleReport(module.__name__)
     new_text = normalize(new_source)
     old_text = normalize(old_source) if old_source is not None else None
-    diff = plan(module.__name__, old_text, new_text, filename)
+    if diff is None:
+        diff = plan(module.__name__, old_text, new_text, filename)
     ctx = Context(journal, namespace, report, version)
 
     previous = journal.snapshot(namespace)

@@ -47,13 +47,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from ._diff import entry_diff
 from ._journal import MISSING, Journal
 from ._plan import Plan, make_plan
 from .bundle import Bundle, Limits, open_bundle
 from .errors import ActivationFailed, ControlRejected, DeployInProgress, HabaneroError
 from .finder import BundleIndex  # noqa: F401  (type of the index)
 from .keys import TrustedKeys
-from .rebind import ModuleReport, one_heap_pass, update_module
+from .rebind import ModuleReport, check_update, one_heap_pass, update_module
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class _Host(Protocol):
     trusted: TrustedKeys
     limits: Limits
     deploy_lock: threading.Lock
+    retargeted: bool
 
 
 @dataclass
@@ -134,8 +136,11 @@ def apply(host: _Host, data: bytes) -> UpgradeReport:
     with _deploying(host):
         clock = _Clock()
         try:
+            # The active bundle's bodies are verified and in memory: entries a push shares with it
+            # are taken from there unhashed; anything else (the store's objects) is hashed.
             bundle = open_bundle(data, host.trusted, app_id=host.app_id, limits=host.limits,
-                                 content=_content_lookup(host), base_manifest=_base_manifest(host))
+                                 content=host.store.object, base_manifest=_base_manifest(host),
+                                 base=host.store.active)
             host.store.check_fresh(bundle)
         except HabaneroError as exc:
             _record(host, "push", None, exc)
@@ -171,20 +176,6 @@ def rollback(host: _Host, to: int | None = None, *, expect: int | None = None) -
         return _transition(host, target, "rollback", clock)
 
 
-def _content_lookup(host: _Host) -> Callable[[str], bytes | None]:
-    """Entry bodies by sha256: from the active bundle in memory, else from the store's objects."""
-    active = host.store.active
-    by_hash = {e.sha256: e for e in active.entries.values()} if active is not None else {}
-
-    def lookup(sha256: str) -> bytes | None:
-        entry = by_hash.get(sha256)
-        if entry is not None:
-            return active.payload[entry.offset : entry.offset + entry.size]  # type: ignore[union-attr]
-        return host.store.object(sha256)
-
-    return lookup
-
-
 def _base_manifest(host: _Host) -> Callable[[str], bytes | None]:
     """A packed push must be packed against the active bundle's manifest (the CLI asks for it)."""
     active = host.store.active
@@ -195,15 +186,21 @@ def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> Upgr
     store, finder = host.store, host.finder
     current: Bundle | None = store.active
     try:
-        # Plan against the paths the version will have, before writing anything: a bundle that
-        # does not compile leaves nothing behind but its history entry.
-        index = finder.index_for(bundle, store.tree_path(bundle))
-        plan = make_plan(current, bundle, live=_live_modules(index),
+        # Everything below looks only at what differs: one pass over the entries finds it.
+        diff = entry_diff(current, bundle)
+        # Plan before writing anything: a bundle that does not compile leaves nothing behind but
+        # its history entry. Paths are the same in every version (the store's tree).
+        previous = finder.index
+        derive = current is not None and previous is not None and previous.bundle is current
+        index = finder.index_for(bundle, store.tree_root, changed=diff.names if derive else None)
+        modules = index.modules
+        plan = make_plan(current, bundle, diff,
+                         live=lambda name: sys.modules.get(name) if name in modules else None,
                          old_source_of=lambda module: _old_source(module, finder.disk_sources),
-                         filename_of=index.filename, compile_module=finder.code_cache.compile_module)
+                         filename_of=index.filename, compile_module=finder.code_cache.compile_module,
+                         check_update=check_update)
         clock.lap("plan")
-        store.stage(bundle)
-        store.tree(bundle)
+        store.stage(bundle, known=current)
         clock.lap("stage")
     except HabaneroError as exc:
         _record(host, action, bundle, exc)
@@ -215,7 +212,10 @@ def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> Upgr
     # thread waiting to import sees the committed new version or the old one, never a mix.
     with _import_lock():
         try:
-            _apply_plan(plan, index, finder, journal, report, bundle.version)
+            journal.call(lambda: None, store.update_tree(current, bundle, diff.names))
+            everything = not host.retargeted or current is None
+            _apply_plan(plan, index, finder, journal, report, bundle.version,
+                        retarget=None if everything else (*plan.added, *plan.changed))
             clock.lap("apply")
             # Inside the undo scope: if the store cannot record the new version (another process
             # pushed first, a full disk), the process must not run code the disk does not call active.
@@ -235,6 +235,7 @@ def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> Upgr
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             raise failure from exc
+    host.retargeted = True  # every live module of the app now has the finder's loader and paths
     report.timings_ms = clock.done()
     log.info("%s to version %s: %d changed, %d added, %d removed in %.1f ms", action, bundle.version,
              len(plan.changed), len(plan.added), len(plan.removed), report.timings_ms["total"])
@@ -264,7 +265,7 @@ def _discard(store: Any, bundle: Bundle) -> None:
 
 
 def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, report: UpgradeReport,
-                version: int) -> None:
+                version: int, *, retarget: Iterable[str] | None) -> None:
     _refuse_half_imported(plan)
     _forget_new_imports(finder.packages, journal)
     previous = finder.set_index(index)
@@ -276,12 +277,13 @@ def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, r
             parent, _, child = name.rpartition(".")
             if parent in sys.modules and getattr(sys.modules[parent], child, None) is module:
                 journal.delattr(sys.modules[parent], child)
-    _retarget(_live_modules(index).values(), index, journal)
+    _retarget(index.modules if retarget is None else retarget, index, journal)
     with one_heap_pass(journal):  # closures made from changed code: one heap scan for the whole push
         for change in plan.rerun:
             report.modules.append(update_module(
                 sys.modules[change.name], change.new_source, filename=change.filename,
-                old_source=change.old_source, journal=journal, version=version, code=change.code))
+                old_source=change.old_source, journal=journal, version=version, code=change.code,
+                diff=change.checked))
 
 
 def _refuse_half_imported(plan: Plan) -> None:
@@ -313,19 +315,23 @@ def _forget_new_imports(packages: Iterable[str], journal: Journal) -> None:
 _SPEC_KEYS = ("__spec__", "__loader__", "__file__", "__cached__", "__path__")
 
 
-def _retarget(modules: Iterable[types.ModuleType], index: BundleIndex, journal: Journal) -> None:
-    """Point live modules' ``__spec__``, ``__loader__``, ``__file__`` (a package's ``__path__``) at
-    the new version.
+def _retarget(names: Iterable[str], index: BundleIndex, journal: Journal) -> None:
+    """Point the live modules ``names`` at the new version: ``__spec__``, ``__loader__``,
+    ``__file__``, ``__cached__`` (a package's ``__path__``).
 
-    Every live module, changed or not: an unchanged package must look for submodules and resources
-    in the new version's tree (a removed module must not be found in the old one), and no module's
-    ``__file__`` may point into a tree that retention deletes later. One journal entry for them all:
-    this loop runs for every module of the app on every push.
+    Paths and the loader are the same in every version, so a push re-points only the modules it
+    adds or changes (a changed module's compiled-code path moves with its content). The first push
+    of a process re-points every live module: those imported from disk before it. One journal
+    entry for them all.
     """
     saved: list[tuple[dict[str, Any], tuple[Any, ...]]] = []
     journal.call(lambda: None, lambda: _restore_specs(saved))  # first: covers a failure half-way
     spec_of = index.spec
-    for module in modules:
+    live = sys.modules
+    for name in names:
+        module = live.get(name)
+        if module is None or name not in index.modules:
+            continue
         namespace = module.__dict__
         get = namespace.get
         if getattr(get("__spec__"), "_initializing", False):
@@ -348,11 +354,6 @@ def _restore_specs(saved: list[tuple[dict[str, Any], tuple[Any, ...]]]) -> None:
                 namespace.pop(key, None)
             else:
                 namespace[key] = value
-
-
-def _live_modules(index: BundleIndex) -> dict[str, types.ModuleType]:
-    modules = sys.modules
-    return {name: modules[name] for name in index.module_names() if modules.get(name) is not None}
 
 
 def _old_source(module: types.ModuleType, disk_sources: dict[str, bytes]) -> bytes | None:

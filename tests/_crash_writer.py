@@ -34,7 +34,7 @@ def main(store_dir: str, key_path: str) -> None:
                              trusted, app_id=APP)
         store.check_fresh(bundle)
         store.stage(bundle)
-        store.tree(bundle)
+        store.update_tree(store.active, bundle)  # as a push does: before the commit, not fsynced
         store.commit(bundle)
         print(f"ok {version}", flush=True)
         store.record_failure(action="push", version=version + 1, digest=None, key_ids=bundle.key_ids,

@@ -79,6 +79,7 @@ def populate_store(path: Path, trusted: TrustedKeys, app_id: str, *bundles: byte
             bundle = open_bundle(data, trusted, app_id=app_id)
             store.check_fresh(bundle)
             store.stage(bundle)
+            store.update_tree(store.active, bundle)
             store.commit(bundle)
     finally:
         store.close()

@@ -90,9 +90,13 @@ class Deployment:
     def staged(self) -> list[str]:
         return sorted(p.name for p in (self.store_path / "staged").iterdir())
 
-    def trees(self) -> list[int]:
-        return sorted(int(p.name.split("-")[0]) for p in (self.store_path / "trees").iterdir()
-                      if not p.name.startswith("."))
+    def tree_shows(self) -> int | None:
+        """The version whose files the store's tree holds, exactly (None: no version's)."""
+        root = self.ov.store.tree_root
+        files = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        active = self.ov.store.active
+        expected = {e.path: active.read(e.name) for e in active.entries.values()} if active else {}
+        return active.version if active is not None and files == expected else None
 
     def bundles(self) -> list[int]:
         return [v for v, _ in self.ov.store.stored()]

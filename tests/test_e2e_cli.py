@@ -81,7 +81,7 @@ def test_a_syntax_error_is_refused_with_the_local_path_and_the_old_version_keeps
     assert proc.returncode == 1
     assert "push refused: syntax_error: hello.views does not compile" in proc.stderr
     assert f"({project.root / HELLO_VIEWS}, line " in proc.stderr  # mapped onto the developer's file
-    assert "/trees/" not in proc.stderr
+    assert "/tree/" not in proc.stderr
     assert "the app still serves its previous version" in proc.stderr
     assert greeting(app)["message"] == "Hello, world"
     assert status_of(project, app.url)["version"] == 1
@@ -98,7 +98,7 @@ def test_an_import_time_exception_is_undone_and_its_traceback_points_at_local_fi
         in proc.stderr
     assert "--- traceback in the app (paths mapped to this project) ---" in proc.stderr
     assert re.search(rf'File "{re.escape(str(project.root / HELLO_VIEWS))}", line \d+, in <module>', proc.stderr)
-    assert "/trees/" not in proc.stderr
+    assert "/tree/" not in proc.stderr
     assert greeting(app)["message"] == "Hello, world"
     assert status_of(project, app.url)["version"] == 1
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from _overlay_helpers import APP_V1, APP_V2, lay_out, opened
 from overlay import _codecache
 from overlay._codecache import CodeCache
+from overlay._diff import entry_diff
 from overlay.errors import ConfigError, HabaneroError
 from overlay.finder import BundleIndex, BundleLoader, OverlayFinder, OverlayImportError, check_packages
 
@@ -97,7 +98,7 @@ def test_spec_of_a_package_has_file_in_the_tree_and_a_search_path(finder, tmp_pa
     assert spec.origin == str(tree / "hbapp" / "sub" / "__init__.py")
     assert spec.has_location and spec.parent == "hbapp.sub"
     assert spec.submodule_search_locations == [str(tree / "hbapp" / "sub")]
-    assert spec.cached == finder.code_cache.path_for(finder.index.modules["hbapp.sub"].entry.sha256)
+    assert spec.cached == finder.code_cache.path_for(finder.index.entry("hbapp.sub").sha256)
     module_spec = finder.find_spec("hbapp.core", None)
     assert module_spec.submodule_search_locations is None and module_spec.parent == "hbapp"
 
@@ -234,7 +235,8 @@ def test_set_index_swaps_the_version_new_imports_see_and_returns_the_previous(fi
     with pytest.raises(RuntimeError, match="v2 fails here"):
         hbapp.boom.fail()
     assert f"{os.sep}v2{os.sep}" in hbapp.boom.__file__ and hbapp.boom.__loader__ is finder.index.loader
-    assert hbapp.ORIGIN == "bundle v1" and hbapp.__loader__.get_source("hbapp").startswith('ORIGIN = "bundle v1"')
+    # hbapp did not run again, but its loader (the finder's, for every version) serves the active one
+    assert hbapp.ORIGIN == "bundle v1" and hbapp.__loader__.get_source("hbapp").startswith('ORIGIN = "bundle v2"')
     assert finder.set_index(previous).version == 2 and finder.index is first
     assert finder.set_index(None) is first and finder.find_spec("hbapp", None) is None
 
@@ -258,6 +260,29 @@ def test_set_index_refuses_an_index_for_undeclared_packages(import_state, make_b
     assert "other" not in index.modules and index.ignored == {"other"}
     finder.set_index(index)
     assert finder.find_spec("other", None) is None and finder.find_spec("hbapp", None) is not None
+
+
+@pytest.mark.parametrize("change", ["edit", "add and remove", "module becomes a package", "other package"])
+def test_an_index_derived_from_the_previous_equals_one_built_from_scratch(make_bundle, trusted, tmp_path,
+                                                                         v1, change):
+    files = dict(APP_V1)
+    if change == "edit":
+        files["hbapp.core"] = ("module", b"X = 'edited'\n")
+    elif change == "add and remove":
+        del files["hbapp.boom"]
+        files["hbapp.fresh"] = ("module", b"X = 1\n")
+    elif change == "module becomes a package":
+        files["hbapp.boom"] = ("package", files["hbapp.boom"][1])  # same bytes, another kind
+    else:
+        files["other"] = ("module", b"X = 1\n")
+    v2 = opened(make_bundle(files, app_id="hbapp", version=2), trusted)
+    finder = OverlayFinder(["hbapp"])
+    finder.set_index(finder.index_for(v1, tmp_path))
+    diff = entry_diff(v1, v2)
+    derived = finder.index_for(v2, tmp_path, changed=diff.names)
+    scratch = BundleIndex(v2, tmp_path, packages=["hbapp"])
+    assert derived.modules == scratch.modules and derived.ignored == scratch.ignored
+    assert derived.loader is finder.loader and diff.names, "a derived index shares the finder's loader"
 
 
 def test_an_index_never_serves_the_standard_library_or_habanero(make_bundle, trusted, tmp_path):

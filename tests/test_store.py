@@ -1,4 +1,4 @@
-"""The store: durable versions, the never-decreasing mark, fallbacks at start, retention, trees."""
+"""The store: durable versions, the never-decreasing mark, fallbacks at start, retention, the tree."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from overlay.bundle import Bundle, build_bundle, open_bundle
 from overlay.errors import BadEntryName, StaleVersion, StoreError, WrongApp
 from overlay.keys import SigningKey, TrustedKeys, generate_signing_key
+from overlay import _trees
 from overlay.store import Store
 
 APP = "shop"
@@ -122,7 +123,7 @@ def test_committed_bundle_is_active_after_reopen_with_same_highest(opener, store
 def test_store_directory_is_private_and_documented_parts_exist(opener, store_dir):
     opener()
     assert store_dir.stat().st_mode & 0o777 == 0o700
-    for part in ("bundles", "trees", "objects", "lock"):
+    for part in ("bundles", "objects", "lock"):
         assert (store_dir / part).exists()
 
 
@@ -402,8 +403,9 @@ def test_leftovers_of_interrupted_writes_are_removed_at_open(opener, store_dir, 
     store.close()
     (store_dir / ".tmp-abc123").write_bytes(b"half a state file")
     (store_dir / "bundles" / ".tmp-def456").write_bytes(b"half a bundle")
-    (store_dir / "trees" / ".tmp-tree").mkdir()
-    (store_dir / "trees" / ".tmp-tree" / "x.py").write_text("")
+    (store_dir / "objects" / ".tmp-789").write_bytes(b"half an object")
+    (store_dir / "tree" / "shop").mkdir(parents=True)
+    (store_dir / "tree" / "shop" / ".tmp-link").write_bytes(b"a link a push did not rename yet")
     promoted = make(key, 3)  # promoted to bundles/ by a commit killed before its pointer flip
     (store_dir / "bundles" / f"{3:010d}-{promoted.digest}.hbn").write_bytes(promoted.raw)
 
@@ -434,23 +436,53 @@ def test_retention_keeps_the_last_n_and_always_the_active_and_the_one_before(ope
                                       "shop.same": ("module", b"SAME = 1\n")}) for v in range(1, 6)}
     for version in (1, 2, 3, 4):
         push(store, bundles[version])
-        store.tree(bundles[version])
     assert [v for v, _ in store.stored()] == [3, 4]  # the last 1, plus the one before the active
-    store.settle()  # dropped trees are deleted in the background
-    assert sorted(p.name[:10] for p in (store_dir / "trees").iterdir()) == [f"{3:010d}", f"{4:010d}"]
 
     store.commit(store.previous(), action="rollback")
     assert [v for v, _ in store.stored()] == [3, 4]  # active 3 is not among the last 1, but kept
     push(store, bundles[5])
     assert [v for v, _ in store.stored()] == [4, 5]
-    store.settle()  # dropped trees are deleted in the background
-    assert [p.name[:10] for p in (store_dir / "trees").iterdir()] == [f"{4:010d}"]
 
-    objects = {p.name for p in (store_dir / "objects").rglob("*") if p.is_file()}
-    live = {e.sha256 for e in bundles[4].entries.values()}
-    assert live <= objects
-    gone = {e.sha256 for v in (1, 2, 3) for e in bundles[v].entries.values()} - live
-    assert gone and not gone & objects, "objects that only pruned trees linked must be swept"
+
+def objects_in(store_dir: Path) -> set[str]:
+    return {p.name for p in (store_dir / "objects").rglob("*") if p.is_file()}
+
+
+def test_objects_of_dropped_versions_are_swept_in_the_background_and_kept_ones_stay(
+        opener, store_dir, key, monkeypatch):
+    monkeypatch.setattr(_trees, "SWEEP_EVERY", 2)
+    store = opener(keep=1)
+    bundles = {v: make(key, v, files={"shop": ("package", f"V = {v}\n".encode()),
+                                      "shop.same": ("module", b"SAME = 1\n")}) for v in range(1, 6)}
+    for version in (1, 2, 3):
+        push(store, bundles[version])
+    store.settle()
+    assert {e.sha256 for e in bundles[1].entries.values()} <= objects_in(store_dir), \
+        "one drop is below SWEEP_EVERY: nothing swept yet"
+    push(store, bundles[4])  # the second drop: a sweep runs on the worker
+    store.settle()
+    kept = {e.sha256 for v in (3, 4) for e in bundles[v].entries.values()}
+    gone = {e.sha256 for v in (1, 2) for e in bundles[v].entries.values()} - kept
+    assert kept <= objects_in(store_dir)
+    assert gone and not gone & objects_in(store_dir), "objects only dropped versions used must go"
+    store.close()
+    reopened = opener(keep=1)  # and every stored delta still opens from what is left
+    assert reopened.load(3).read("shop") == b"V = 3\n" and reopened.startup_problems == []
+
+
+def test_a_sweep_never_takes_the_objects_of_a_push_staged_meanwhile(opener, store_dir, key):
+    store = opener(keep=0)
+    push(store, make(key, 1))
+    staged = make(key, 2, files={"shop": ("package", b"NEW = 2\n")})
+    with store._lock:  # white box: the sweep reads manifests outside the lock, deletes under it
+        sweep = threading.Thread(target=store._sweep_objects)
+        sweep.start()
+        time.sleep(0.05)
+        store.stage(staged)
+    sweep.join(10)
+    assert {e.sha256 for e in staged.entries.values()} <= objects_in(store_dir)
+    store.commit(staged)
+    assert opener().active.digest == staged.digest
 
 
 def test_default_retention_keeps_twenty(opener, key):
@@ -463,7 +495,11 @@ def test_default_retention_keeps_twenty(opener, key):
 # ------------------------------------------------------------------------------ trees
 
 
-def test_tree_lays_out_every_entry_read_only(opener, key):
+def tree_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_tree_lays_out_every_entry_as_read_only_files(opener, key):
     store = opener()
     bundle = make(key, 1, files={
         "shop": ("package", b"A = 1\n"),
@@ -473,26 +509,59 @@ def test_tree_lays_out_every_entry_read_only(opener, key):
         "shop/templates/x.html": ("data", b"<p>x</p>\n"),
     })
     push(store, bundle)
-    root = store.tree(bundle)
-    expected = {"shop/__init__.py": b"A = 1\n", "shop/mod.py": b"B = 2\n", "shop/sub/__init__.py": b"",
-                "shop/sub/deep.py": b"C = 3\n", "shop/templates/x.html": b"<p>x</p>\n"}
-    files = {str(p.relative_to(root)): p for p in root.rglob("*") if p.is_file()}
-    assert {name: p.read_bytes() for name, p in files.items()} == expected
-    assert all(p.stat().st_mode & 0o777 == 0o444 for p in files.values())
-    assert all(d.stat().st_mode & 0o222 == 0 for d in [root, *root.rglob("*")] if d.is_dir())
-    assert store.tree(bundle) == root
-    assert not [p for p in root.parent.iterdir() if p.name.startswith(".tmp-")]
+    store.update_tree(None, bundle)
+    root = store.tree_root
+    assert tree_files(root) == {"shop/__init__.py": b"A = 1\n", "shop/mod.py": b"B = 2\n",
+                                "shop/sub/__init__.py": b"", "shop/sub/deep.py": b"C = 3\n",
+                                "shop/templates/x.html": b"<p>x</p>\n"}
+    assert all(p.stat().st_mode & 0o777 == 0o444 for p in root.rglob("*") if p.is_file())
+    assert not [p for p in root.rglob(".tmp-*")]
 
 
-def test_tree_of_a_one_file_change_links_every_unchanged_file(opener, key):
+def test_a_one_file_change_rewrites_that_file_only_and_its_undo_puts_it_back(opener, key):
     store = opener()
     files = {"shop": ("package", b"")} | {f"shop.m{i}": ("module", f"X = {i}\n".encode()) for i in range(50)}
     v1 = make(key, 1, files=files)
     v2 = make(key, 2, files=files | {"shop.m7": ("module", b"X = 'changed'\n")})
-    old, new = store.tree(v1), store.tree(v2)
-    assert (new / "shop/m8.py").stat().st_ino == (old / "shop/m8.py").stat().st_ino
-    assert (new / "shop/m7.py").stat().st_ino != (old / "shop/m7.py").stat().st_ino
-    assert (new / "shop/m7.py").read_bytes() == b"X = 'changed'\n"
+    push(store, v1)
+    store.update_tree(None, v1)
+    root = store.tree_root
+    inodes = {p.name: p.stat().st_ino for p in (root / "shop").iterdir()}
+    store.stage(v2)
+    undo = store.update_tree(v1, v2)
+    assert (root / "shop/m7.py").read_bytes() == b"X = 'changed'\n"
+    after = {p.name: p.stat().st_ino for p in (root / "shop").iterdir()}
+    assert {n for n in inodes if inodes[n] != after[n]} == {"m7.py"}
+    undo()
+    assert tree_files(root) == {v1.entries[n].path: v1.read(n) for n in v1.entries}
+
+
+def test_a_removed_module_leaves_the_tree_with_its_empty_directory_and_the_undo_restores_it(opener, key):
+    # An empty directory left behind would import as a namespace package of the same name.
+    store = opener()
+    files = {"shop": ("package", b""), "shop.sub": ("package", b"S = 1\n"),
+             "shop.sub.deep": ("module", b"D = 1\n"), "shop.mod": ("module", b"M = 1\n")}
+    v1 = make(key, 1, files=files)
+    v2 = make(key, 2, files={"shop": files["shop"], "shop.mod": ("module", b"M = 2\n")})
+    push(store, v1)
+    store.update_tree(None, v1)
+    store.stage(v2)
+    undo = store.update_tree(v1, v2)
+    assert tree_files(store.tree_root) == {"shop/__init__.py": b"", "shop/mod.py": b"M = 2\n"}
+    assert not (store.tree_root / "shop" / "sub").exists()
+    undo()
+    assert tree_files(store.tree_root) == {v1.entries[n].path: v1.read(n) for n in v1.entries}
+
+
+def test_a_module_that_becomes_a_package_moves_its_file(opener, key):
+    store = opener()
+    v1 = make(key, 1, files={"shop": ("package", b""), "shop.mod": ("module", b"X = 1\n")})
+    v2 = make(key, 2, files={"shop": ("package", b""), "shop.mod": ("package", b"X = 1\n")})
+    push(store, v1)
+    store.update_tree(None, v1)
+    store.stage(v2)
+    store.update_tree(v1, v2)
+    assert tree_files(store.tree_root) == {"shop/__init__.py": b"", "shop/mod/__init__.py": b"X = 1\n"}
 
 
 @pytest.mark.parametrize("evil", ["shop/../../escaped.py", "{tmp}/escaped.py", "../escaped.py", "."])
@@ -501,12 +570,13 @@ def test_tree_refuses_an_entry_path_outside_the_tree(opener, store_dir, tmp_path
     evil = evil.format(tmp=tmp_path)
     store = opener()
     bundle = make(key, 1)
+    push(store, bundle)
     entry = bundle.entries["shop.mod"]._replace(name=evil, kind="data")
     forged = dataclasses.replace(bundle, entries={**bundle.entries, evil: entry})
     with pytest.raises(BadEntryName):
-        store.tree(forged)
+        store.update_tree(None, forged)
     assert not list(tmp_path.rglob("escaped.py"))
-    assert list((store_dir / "trees").iterdir()) == []
+    assert tree_files(store.tree_root) == {}, "the steps done before the refusal are undone"
 
 
 def test_cache_dir_is_created_inside_the_store(opener, store_dir):
@@ -563,12 +633,13 @@ def test_a_writer_gives_up_with_store_locked_after_its_timeout(opener, key, held
 def test_readers_and_open_never_wait_for_a_writer(opener, key, held_lock):
     store = opener()
     push(store, make(key, 1))
-    store.tree(store.active)
+    store.update_tree(None, store.active)
     held_lock(1.0)
     started = time.monotonic()
     other = opener()
     assert other.active.version == 1
-    assert other.history() and other.stored() and other.load(1) and other.tree(other.active)
+    assert other.history() and other.stored() and other.load(1)
+    assert (other.tree_root / "shop" / "mod.py").read_bytes() == other.active.read("shop.mod")
     assert time.monotonic() - started < 0.5
 
 
@@ -601,24 +672,26 @@ def test_two_store_objects_racing_for_each_version_accept_exactly_one(opener, ke
 # ------------------------------------------------------------------------ trees after a crash
 
 
-@pytest.mark.parametrize("damage", ["truncate", "remove"])
-def test_a_damaged_active_tree_is_rebuilt_when_the_store_opens(opener, store_dir, key, damage):
-    # Trees are derived data and not fsynced: a power cut may leave one short, so open() checks it.
+@pytest.mark.parametrize("damage", ["truncate", "remove", "another version's file"])
+def test_a_damaged_tree_is_repaired_when_the_store_opens(opener, store_dir, key, damage):
+    # The tree is derived data and not fsynced, and a crash mid-push leaves the files of a version
+    # that never committed: open() checks it file by file against the active bundle.
     store = opener()
     bundle = make(key, 1)
     push(store, bundle)
-    tree = store.tree(bundle)
-    victim = tree / "shop" / "mod.py"
-    os.chmod(victim.parent, 0o755)
+    store.update_tree(None, bundle)
+    victim = store.tree_root / "shop" / "mod.py"
     if damage == "truncate":
         os.chmod(victim, 0o644)
         victim.write_bytes(b"")
-    else:
+    elif damage == "remove":
         victim.unlink()
+    else:
+        (store.tree_root / "shop" / "added.py").write_bytes(b"X = 'never committed'\n")
     store.close()
     reopened = opener()
     assert reopened.active is not None and reopened.active.digest == bundle.digest
-    assert (reopened.tree(bundle) / "shop" / "mod.py").read_bytes() == bundle.read("shop.mod")
+    assert tree_files(reopened.tree_root) == {bundle.entries[n].path: bundle.read(n) for n in bundle.entries}
 
 
 def test_history_read_incrementally_sees_appends_from_another_store_object(opener, key):
@@ -631,53 +704,15 @@ def test_history_read_incrementally_sees_appends_from_another_store_object(opene
     assert second.history(1)[0]["code"] == "syntax_error"
 
 
-def test_a_new_tree_shares_unchanged_directories_with_the_active_one(opener, store_dir, key):
-    files = {"shop": ("package", b"V = 1\n"), "shop.admin": ("package", b""),
-             "shop.admin.views": ("module", b"def index():\n    return 'admin'\n"),
-             "shop/templates/x.html": ("data", b"<p>1</p>\n")}
-    store = opener()
-    first = make(key, 1, files=files)
-    push(store, first)
-    store.tree(first)
-    second = make(key, 2, files={**files, "shop": ("package", b"V = 2\n")})
-    store.stage(second)
-    tree = store.tree(second)  # as a push does: the tree is built while the old version is active
-    store.commit(second)
-    assert (tree / "shop" / "admin").is_symlink() and (tree / "shop" / "templates").is_symlink()
-    assert not (tree / "shop").is_symlink()
-    for entry in second.entries.values():
-        assert (tree / entry.path).read_bytes() == second.read(entry.name)
-
-
-def test_retention_keeps_a_tree_that_a_kept_tree_links_into(opener, store_dir, key):
-    files = {"shop": ("package", b"V = 0\n"), "shop.admin": ("package", b""),
-             "shop.admin.views": ("module", b"def index():\n    return 'admin'\n")}
-    store = opener(keep=1)
-    for version in range(1, 5):
-        bundle = make(key, version, files={**files, "shop": ("package", f"V = {version}\n".encode())})
-        store.stage(bundle)
-        store.tree(bundle)
-        store.commit(bundle)
-    store.settle()
-    assert [v for v, _ in store.stored()] == [3, 4]
-    latest = store.tree(store.active)
-    assert (latest / "shop" / "admin").is_symlink()
-    assert (latest / "shop" / "admin" / "views.py").read_bytes() == files["shop.admin.views"][1]
-    reopened = opener(keep=1)
-    assert reopened.startup_problems == [] and reopened.active.version == 4
-
-
-def test_a_commit_never_waits_on_the_background_clean_up(opener, key):
-    # Retention hands dropped trees to a worker that needs the store lock to sweep objects; a commit
-    # holds that lock while it prunes, so it must never wait for the worker (that would deadlock).
-    import threading
-
+def test_a_commit_never_waits_on_the_background_clean_up(opener, key, monkeypatch):
+    # Retention hands a sweep of objects to a worker that needs the store lock; a commit holds that
+    # lock while it prunes, so it must never wait for the worker (that would deadlock).
+    monkeypatch.setattr(_trees, "SWEEP_EVERY", 1)
     store = opener(keep=1)
 
     def version(v: int) -> Bundle:
         bundle = make(key, v, files={"shop": ("package", f"V = {v}\n".encode())})
         store.stage(bundle)
-        store.tree(bundle)
         return bundle
 
     for v in (1, 2, 3):
@@ -696,3 +731,59 @@ def test_a_commit_never_waits_on_the_background_clean_up(opener, key):
     assert done.is_set(), "a commit waited on the clean-up worker"
     store.settle()
     assert [v for v, _ in store.stored()] == [4, 5]
+
+
+# ------------------------------------------------------------------------------ sync modes
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of what gets fsynced, in order (a file's name via /proc/self/fd)."""
+    calls: list[str] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return calls
+
+
+def test_sync_background_answers_before_any_fsync_and_flushes_right_after(opener, store_dir, key, fsynced):
+    store = opener()  # sync="background" is the default
+    push(store, make(key, 1))
+    store.settle()
+    fsynced.clear()
+    bundle = make(key, 2)
+    store.stage(bundle)
+    store.commit(bundle)
+    assert fsynced == [], "a background-sync commit waits for no disk flush"
+    store.settle()
+    changed = bundle.entries["shop"].sha256
+    assert {str(bundle_file(store_dir, bundle)), str(store_dir / "state.json"), str(store_dir / "history.jsonl"),
+            str(store_dir / "objects" / changed[:2] / changed), str(store_dir / "bundles"),
+            str(store_dir)} <= set(fsynced)
+
+
+def test_sync_commit_fsyncs_before_the_commit_returns(opener, store_dir, key, fsynced):
+    store = opener(sync="commit")
+    push(store, make(key, 1))
+    store.settle()
+    fsynced.clear()
+    bundle = make(key, 2)
+    store.stage(bundle)
+    staged = list(fsynced)
+    store.commit(bundle)
+    # Temp files are fsynced before their rename: the object, the staged bundle, then state.json.
+    assert len([p for p in staged if ".tmp-" in p]) == 2 and str(store_dir / "objects") in staged[-1]
+    committed = fsynced[len(staged):]
+    assert str(store_dir / "bundles") in committed and str(store_dir) in committed
+    assert str(store_dir / "history.jsonl") in committed
+    store.settle()
+    assert len(fsynced) == len(staged) + len(committed), "nothing is left for the worker"
+
+
+def test_an_unknown_sync_mode_is_refused(opener):
+    with pytest.raises(ValueError, match="sync must be one of"):
+        opener(sync="sometimes")

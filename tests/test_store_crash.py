@@ -77,10 +77,9 @@ def test_kill_9_at_random_moments_always_leaves_a_clean_store(tmp_path: Path) ->
             if store.highest:
                 assert store.active is not None and store.active.version == store.highest, where
                 open_bundle(store.active.raw, trusted, app_id="crashy")  # verifies, or raises
-                tree = store_dir / "trees" / f"{store.active.version:010d}-{store.active.digest}"
-                if tree.exists():  # a tree is all there or not there
-                    for entry in store.active.entries.values():
-                        assert (tree / entry.path).read_bytes() == store.active.read(entry.name), where
+                tree = store.tree_root  # repaired by open(): exactly the active version's files
+                files = {str(p.relative_to(tree)): p.read_bytes() for p in tree.rglob("*") if p.is_file()}
+                assert files == {e.path: store.active.read(e.name) for e in store.active.entries.values()}, where
             leftovers = [p for p in store_dir.rglob(".tmp-*")] + list((store_dir / "staged").iterdir())
             assert leftovers == [], f"{where}: {leftovers}"
             assert all(e["outcome"] in ("ok", "failed") for e in store.history()), where

@@ -282,8 +282,8 @@ def test_a_new_module_imported_by_a_changed_module_is_served_from_the_new_versio
     assert report.added == ["upapp.tax"] and report.changed == ["upapp.core"]
     tax = sys.modules["upapp.tax"]
     assert m.core.with_tax is tax.with_tax and probe.runs["upapp.tax"] == 1
-    assert Path(tax.__file__).is_relative_to(deploy.store_path / "trees")
-    assert "0000000002-" in tax.__file__ and tax.__spec__.loader.index is deploy.ov.finder.index
+    assert tax.__file__ == str(deploy.store_path / "tree" / "upapp" / "tax.py")
+    assert tax.__spec__.loader is deploy.ov.finder.loader and tax.__spec__.loader.index.version == 2
 
 
 def test_two_changed_modules_run_in_dependency_order_not_name_order(deploy):
@@ -298,14 +298,15 @@ def test_two_changed_modules_run_in_dependency_order_not_name_order(deploy):
 
 def test_from_import_in_an_unchanged_module_runs_the_new_code(deploy):
     start(deploy, "from_import")
-    checkout = m.views.checkout
+    checkout, views_spec = m.views.checkout, m.views.__spec__
 
     report = deploy.push("from_import", "v2")
 
     assert report.changed == ["upapp.core"] and [r.module for r in report.modules] == ["upapp.core"]
     assert m.views.checkout is checkout and m.views.checkout(10) == 30
-    # the unchanged module now belongs to version 2 too: its file is in the tree retention keeps
-    assert "/0000000002-" in m.views.__file__ and m.views.__loader__ is deploy.ov.finder.index.loader
+    # the unchanged module kept its spec: its path and the finder's loader serve every version
+    assert m.views.__spec__ is views_spec and m.views.__loader__ is deploy.ov.finder.loader
+    assert m.views.__loader__.get_source("upapp.views") == Path(m.views.__file__).read_text()
 
 
 @pytest.mark.parametrize("when", ["before_install", "through_the_finder"])
@@ -335,7 +336,7 @@ def test_a_module_first_imported_from_disk_is_upgraded_against_the_source_it_ran
         assert probe.runs["upapp.core top level"] == 1  # the unchanged top level did not run again
         assert core.greet is greet and core.CALLS is calls and calls == ["ann"]
         assert greet("bob") == "hello bob from bundle v2" and calls == ["ann", "bob"]
-        assert Path(core.__file__).is_relative_to(deploy.store_path / "trees")
+        assert core.__file__ == str(deploy.store_path / "tree" / "upapp" / "core.py")
         assert not hasattr(core, "EDITED_AFTER_IMPORT")
     finally:
         ov.uninstall()
@@ -368,7 +369,7 @@ def test_removing_a_module_others_still_import_is_refused_naming_them_and_nothin
     assert error.details["importers"] == ["upapp.reports", "upapp.views"]
     assert probe.runs == {"upapp.views v1": 1}  # views v2 changed its counter line: it did not run
     assert_same(before, deploy.ov.finder)
-    assert deploy.ov.version == 1 and deploy.staged() == [] and deploy.trees() == [1]
+    assert deploy.ov.version == 1 and deploy.staged() == [] and deploy.tree_shows() == 1
     last = deploy.ov.history()[-1]
     assert len(deploy.ov.history()) == history + 1
     assert (last["outcome"], last["code"], last["version"]) == ("failed", "removed_module_in_use", 2)
@@ -402,7 +403,7 @@ def test_an_exception_while_running_the_new_code_undoes_everything_by_identity(d
     assert core.greet("ann") == "hello ann (v1)" and views.page("ann") == "hello ann (v1)"
     assert core.__file__ == before.namespaces["upapp.core"]["__file__"]
     assert store.active is active and store.highest == highest == 1 and deploy.ov.version == 1
-    assert deploy.staged() == [] and deploy.trees() == [1] and deploy.bundles() == [1]
+    assert deploy.staged() == [] and deploy.tree_shows() == 1 and deploy.bundles() == [1]
     last = deploy.ov.history()[-1]
     assert (last["action"], last["outcome"], last["version"], last["code"]) == (
         "push", "failed", 2, "activation_failed")
@@ -421,12 +422,12 @@ def test_a_syntax_error_refuses_the_bundle_before_anything_runs_or_is_staged(dep
     error = info.value
     assert error.code == "syntax_error" and "nothing ran" in error.message
     assert error.details["module"] == "upapp.zebra" and error.details["line"] == 5
-    assert error.details["file"].endswith("/upapp/zebra.py") and "0000000002-" in error.details["file"]
+    assert error.details["file"] == str(deploy.store_path / "tree" / "upapp" / "zebra.py")
     assert error.details["text"] == "def broken(:"
     assert "upapp.zebra does not compile: invalid syntax" in error.message and "line 5" in error.message
     assert probe.runs == {"upapp.counter v1": 1}  # counter (sorted before zebra) did not run
     assert_same(before, deploy.ov.finder)
-    assert deploy.staged() == [] and deploy.trees() == [1] and deploy.bundles() == [1]
+    assert deploy.staged() == [] and deploy.tree_shows() == 1 and deploy.bundles() == [1]
     assert deploy.ov.store.highest == 1 and deploy.ov.version == 1
     last = deploy.ov.history()[-1]
     assert (last["outcome"], last["code"], last["version"]) == ("failed", "syntax_error", 2)

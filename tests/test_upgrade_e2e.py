@@ -84,7 +84,8 @@ def test_a_restart_serves_the_last_committed_version(tmp_path, trusted_keys_file
 
     assert pushed == {"outcomes": [["push", 1], ["push", 2]], "version": 2, "greet": "hello ann from v2"}
     assert restarted["version"] == 2 and restarted["greet"] == "hello ann from v2"
-    assert "/0000000002-" in restarted["file"] and restarted["problems"] == []
+    assert restarted["file"] == str(Path(store, "tree", "upapp", "core.py")) and restarted["problems"] == []
+    assert "from v2" in Path(restarted["file"]).read_text()  # the tree shows the version that runs
 
 
 def test_after_a_failed_push_a_restart_serves_the_previous_version(tmp_path, trusted_keys_file, bundles):
@@ -99,7 +100,8 @@ def test_after_a_failed_push_a_restart_serves_the_previous_version(tmp_path, tru
     assert pushed == {"outcomes": [["push", 1], ["failed", "activation_failed"]], "version": 1,
                       "greet": "hello ann (v1)"}
     assert restarted["version"] == 1 and restarted["greet"] == "hello ann (v1)"
-    assert restarted["extra"] == "not served" and "/0000000001-" in restarted["file"]
+    assert restarted["extra"] == "not served" and restarted["problems"] == []
+    assert "(v1)" in Path(restarted["file"]).read_text()  # the failed push's files are gone
     assert restarted["history"] == [["push", 1, "ok"], ["push", 2, "failed"]]
 
 

@@ -9,14 +9,21 @@ from overlay import _journal, rebind
 
 
 def test_rebind_exports():
-    assert rebind.__all__ == ["ModuleReport", "update_module", "one_heap_pass", "HeapPass"]
+    assert rebind.__all__ == ["ModuleReport", "check_update", "update_module", "one_heap_pass", "HeapPass"]
 
 
 def test_update_module_signature():
     assert str(inspect.signature(rebind.update_module)) == (
         "(module: 'types.ModuleType', new_source: 'str | bytes', *, filename: 'str', "
         "old_source: 'str | bytes | None', journal: 'Journal', version: 'int | None' = None, "
-        "code: 'types.CodeType | None' = None, migrate: 'bool' = True) -> 'ModuleReport'")
+        "code: 'types.CodeType | None' = None, migrate: 'bool' = True, diff: 'Diff | None' = None) "
+        "-> 'ModuleReport'")
+
+
+def test_check_update_signature():
+    assert str(inspect.signature(rebind.check_update)) == (
+        "(name: 'str', new_source: 'str | bytes', *, filename: 'str', old_source: 'str | bytes | None') "
+        "-> 'Diff'")
 
 
 def test_module_report_fields():

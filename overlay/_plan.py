@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import re
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -150,6 +151,33 @@ def imported_names(name: str, is_package: bool, source: bytes) -> set[str]:
     return found
 
 
+_WORD = re.compile(rb"\w+")
+
+
+def _import_words(source: bytes) -> set[bytes]:
+    """Every word of the lines that mention ``import`` (with a parenthesised name list that
+    continues on later lines): a superset of the names a module imports, found without parsing.
+    A prefilter for :func:`imported_names`."""
+    words: set[bytes] = set()
+    at = source.find(b"import")
+    while at != -1:
+        start = source.rfind(b"\n", 0, at) + 1
+        end = source.find(b"\n", at)
+        end = len(source) if end == -1 else end
+        line = source[start:end]
+        if b"(" in line and b")" not in line:
+            close = source.find(b")", end)
+            end = len(source) if close == -1 else close
+            line = source[start:end]
+        elif line.rstrip().endswith(b"\\"):
+            nl = source.find(b"\n", end + 1)
+            end = len(source) if nl == -1 else nl
+            line = source[start:end]
+        words.update(_WORD.findall(line))
+        at = source.find(b"import", max(end, at + 6))
+    return words
+
+
 def _import_statements(body: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
     """Every import statement of a module, at any depth; only statement bodies are walked, since an
     import is always a statement (a tenth of the nodes ``ast.walk`` would visit)."""
@@ -190,10 +218,16 @@ def dependency_order(changes: Mapping[str, ModuleChange], target: Bundle) -> lis
     """Order modules so that each runs after the changed modules it imports (cycles: by name)."""
     if len(changes) < 2:
         return list(changes)  # nothing to order: skip parsing the source
-    deps = {
-        name: imported_names(name, change.kind == "package", change.new_source) & changes.keys() - {name}
-        for name, change in changes.items()
-    }
+    # Any import of a.b.c spells "c" in an import statement: a source whose import lines name no
+    # other changed module's last part needs no parsing, which is most of them.
+    tails: dict[bytes, set[str]] = {}
+    for name in changes:
+        tails.setdefault(name.rpartition(".")[2].encode(), set()).add(name)
+    deps: dict[str, set[str]] = {}
+    for name, change in changes.items():
+        named = {n for word in _import_words(change.new_source) for n in tails.get(word, ())} - {name}
+        deps[name] = (imported_names(name, change.kind == "package", change.new_source) & changes.keys() - {name}
+                      if named else set())
     order: list[str] = []
     state: dict[str, int] = {}  # 1 visiting, 2 done
 

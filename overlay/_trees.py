@@ -90,15 +90,19 @@ class TreesMixin:
     def _object_path(self, sha256: str) -> str:
         return os.path.join(self._objects, sha256[:2], sha256)
 
-    def _write_objects(self, bundle: Bundle, known: Bundle | None) -> list[str]:
+    def _write_objects(self, bundle: Bundle, known: Bundle | None, names: Iterable[str] | None = None
+                       ) -> list[str]:
         """Store the bodies of ``bundle`` this store does not hold yet; return the files written.
 
         ``known`` is a bundle whose objects are all stored (the active one): its hashes are skipped
-        without a look at the disk, so a push writes only what it changed.
+        without a look at the disk, so a push writes only what it changed. ``names``, when given,
+        are the only entries that can differ from ``known`` (the push's diff).
         """
         held = known.by_hash if known is not None else {}
         written: list[str] = []
-        for entry in bundle.entries.values():
+        entries = bundle.entries
+        for entry in (entries.values() if names is None or known is None else
+                      (entries[n] for n in names if n in entries)):
             sha256 = entry.sha256
             if sha256 in held:
                 continue

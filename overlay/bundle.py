@@ -73,7 +73,12 @@ _SHA256 = itemgetter(4)  # of an Entry
 
 @dataclass(frozen=True, eq=False)
 class Bundle:
-    """A verified, decompressed bundle. ``digest`` (sha256 of the manifest) names it."""
+    """A verified, decompressed bundle. ``digest`` (sha256 of the manifest) names it.
+
+    Opened against a ``base`` with the same names and kinds, it also carries ``changed_from``:
+    ``(base digest, names whose body differs)``, what ``overlay._diff`` would otherwise find by a
+    pass over every entry.
+    """
 
     manifest: dict[str, Any]
     manifest_bytes: bytes
@@ -379,6 +384,8 @@ def open_bundle(
     entries = dict(zip(table.names, table.rows))
     bundle = Bundle(manifest, parts.manifest_bytes, data, key_ids, entries, payload)
     bundle.__dict__["_table"] = table._replace(changed=None)  # its cached property, already at hand
+    if base is not None and table.changed is not None:  # the same names and kinds as base's
+        bundle.__dict__["changed_from"] = (base.digest, tuple(table.names[i] for i in table.changed))
     return bundle
 
 

@@ -40,7 +40,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -283,11 +283,12 @@ class Store(TreesMixin):
 
     # ---------------------------------------------------------------------------- writing
 
-    def stage(self, bundle: Bundle, *, known: Bundle | None = None) -> Path:
+    def stage(self, bundle: Bundle, *, known: Bundle | None = None, names: Iterable[str] | None = None) -> Path:
         """Store the bundle's new bodies in ``objects/`` and the bundle in ``staged/``; not active yet.
 
         ``known`` is a bundle whose bodies are stored already (the active one, by default): only
-        the others are written, so a push costs what it changed. An already stored bundle is not
+        the others are written, so a push costs what it changed; ``names`` (the entries that differ
+        from ``known``) spares even the look at the others. An already stored bundle is not
         written again. Objects and the staged file are written under one hold of the lock, which the
         object sweep relies on.
         """
@@ -298,7 +299,8 @@ class Store(TreesMixin):
             if (self._bundles / name).exists():  # a stored version: its objects are there too
                 return self._bundles / name
             self.check_fresh(bundle)
-            self._written = self._write_objects(bundle, known if known is not None else self.active)
+            self._written = self._write_objects(bundle, known if known is not None else self.active,
+                                                names if known is not None else None)
             if not (self._staged / name).exists():
                 commit_sync = self.sync == "commit"
                 _fsutil.write_atomic(self._staged / name, bundle.raw, mode=0o444, sync=commit_sync,

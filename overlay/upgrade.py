@@ -200,7 +200,7 @@ def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> Upgr
                          filename_of=index.filename, compile_module=finder.code_cache.compile_module,
                          check_update=check_update)
         clock.lap("plan")
-        store.stage(bundle, known=current)
+        store.stage(bundle, known=current, names=(*diff.added, *diff.changed))
         clock.lap("stage")
     except HabaneroError as exc:
         _record(host, action, bundle, exc)

@@ -3,8 +3,8 @@
 The CLI's whole run (interpreter start included) is on the save-to-live path, so this imports
 neither aiohttp nor ``http.client`` (which pulls in the ``email`` package to parse a few headers:
 ~20 ms, more than a push's transfer), and ``ssl`` only for ``https://``. It keeps one keep-alive
-connection for the status / push / status-again dance. Every failure becomes one ``RemoteError``
-whose message says what to check.
+connection: for a one-off push's status and push, and for every push of a watch session. Every
+failure becomes one ``RemoteError`` whose message says what to check.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class Remote:
                  timeout: float = 30.0) -> None:
         self.endpoint = Endpoint.parse(url)
         self.app_id, self.key, self.ca_file, self.timeout = app_id, key, ca_file, timeout
+        self.store: str | None = None  # the app's store directory, once a status has said it
         self._conn: _Connection | None = None
 
     def _connection(self) -> _Connection:
@@ -165,7 +166,9 @@ class Remote:
                            "overlay.install(listen=...) or app=..., and is the URL right?", code="unreachable")
 
     def status(self) -> dict[str, Any]:
-        return self.request("GET", "status")
+        status = self.request("GET", "status")
+        self.store = status.get("store") if isinstance(status.get("store"), str) else self.store
+        return status
 
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
         return self.request("GET", f"history?limit={int(limit)}")["history"]
@@ -270,11 +273,20 @@ class _Connection:
         self.sock.close()
 
 
-# A file in one version's tree in the app's store: <store>/trees/<version>-<digest>/<relative path>
+# A file in one version's tree in an older app's store: <store>/trees/<version>-<digest>/<relative path>.
+# Its own name says what it is, wherever the store is.
 _TREE_PATH = re.compile(r'[^\s"\'(]*/trees/\d+-[0-9a-f]{64}/')
 
 
-def map_traceback(text: str, project_root: str) -> str:
-    """Point the bundle-tree paths in a server message or traceback at the developer's own files."""
-    root = project_root.rstrip("/")
-    return _TREE_PATH.sub(lambda _: f"{root}/", text)
+def map_traceback(text: str, project_root: str, store: str | None = None) -> str:
+    """Point the bundle-tree paths in a server message or traceback at the developer's own files.
+
+    The app's one source tree is ``<store>/tree/<relative path>``: ``tree`` alone could be any
+    directory (``sklearn/tree/``), so those paths are mapped only when ``store`` (from the app's
+    status) is known. The per-version trees of older apps, ``<store>/trees/<version>-<digest>/``,
+    are recognised by their name.
+    """
+    root = project_root.rstrip("/") + "/"
+    if store:
+        text = text.replace(store.rstrip("/") + "/tree/", root)
+    return _TREE_PATH.sub(lambda _: root, text)

@@ -107,6 +107,8 @@ class SourceSnapshot:
         self._entries: Entries = {}
         self._layout: list[tuple[str, str, str]] = []  # (name, kind, path), valid for _layout_keys
         self._layout_keys: set[str] | None = None
+        self._named: dict[str, tuple[str, str]] = {}  # path -> (name, kind), as in _layout
+        self._in_step = False  # _entries are _files as named by _layout
         self._skipped: set[str] = set()
         self._scanned = False
 
@@ -131,6 +133,7 @@ class SourceSnapshot:
         """
         reads, skipped_before = self.reads, set(self._skipped)
         now = time.time_ns()
+        touched: set[str] | None = None  # the relative paths looked at; None: all of them
         if changed is None or not self._scanned:
             fresh: dict[str, _File] = {}
             self._skipped = set()
@@ -138,14 +141,23 @@ class SourceSnapshot:
                 self._scan(str(source), source.name, fresh, self._files, now, set())
             self._files, self._scanned = fresh, True
         else:
+            touched = set()
             for path in changed:
-                self._refresh_path(Path(path), now)
+                touched |= self._refresh_path(Path(path), now)
         news = sorted(self._skipped - skipped_before)
         if news:
             log.warning("skipped %s (native code and path hooks never ride in a bundle): %s",
                         _plural(len(news), "file"), ", ".join(news))
-        before, self._entries = self._entries, self._classify()
-        after = self._entries
+        before = self._entries
+        in_step, self._in_step = self._in_step, False  # until the entries match the files (naming may fail)
+        if touched is not None and in_step and self._layout_keys == self._files.keys():
+            # A save: contents changed, names did not; only the entries it touched need a look.
+            self._entries = after = self._reclassify(touched)
+            self._in_step = True
+            names = sorted(self._named[rel][0] for rel in touched if rel in self._named)
+            return Changes(modified=tuple(n for n in names if before[n] != after[n]), read=self.reads - reads)
+        self._entries = after = self._classify()
+        self._in_step = True
         return Changes(
             added=tuple(n for n in after if n not in before),
             modified=tuple(n for n in after if n in before and before[n] != after[n]),
@@ -155,29 +167,39 @@ class SourceSnapshot:
 
     # ------------------------------------------------------------------------------- reading
 
-    def _refresh_path(self, path: Path, now: int) -> None:
+    def _refresh_path(self, path: Path, now: int) -> set[str]:
+        """Look at ``path`` (and below it) again; returns the relative paths there, before and now."""
         found = self._relative(path)
         if found is None:
-            return
+            return set()
         base, rel = found
         if any(_is_junk(part) for part in rel.split("/")):
-            return
+            return set()
         prefix = rel + "/"
-        old = {k: f for k, f in self._files.items() if k == rel or k.startswith(prefix)}
-        for k in old:
-            del self._files[k]
-        self._skipped = {s for s in self._skipped if s != rel and not s.startswith(prefix)}
+        if rel in self._files:  # a file we hold (the usual save): nothing lies below it
+            old = {rel: self._files.pop(rel)}
+        else:
+            old = {k: f for k, f in self._files.items() if k.startswith(prefix)}
+            for k in old:
+                del self._files[k]
+        if self._skipped:
+            self._skipped = {s for s in self._skipped if s != rel and not s.startswith(prefix)}
         self._scan(os.path.join(base, rel), rel, self._files, old, now, set())
+        if rel in self._files:
+            return {rel, *old}
+        return {*old, *(k for k in self._files if k.startswith(prefix))}
 
     def _relative(self, path: Path) -> tuple[Path, str] | None:
         """``(package parent, path relative to it)``, or None when ``path`` is in no package."""
-        candidates = [Path(os.path.abspath(path))]
-        if path.exists():
-            candidates.append(path.resolve())  # a watcher may report the real path
+        found = self._inside(Path(os.path.abspath(path)))
+        if found is None and path.exists():
+            found = self._inside(path.resolve())  # a watcher may report the real path
+        return found
+
+    def _inside(self, path: Path) -> tuple[Path, str] | None:
         for source in self._sources.values():
-            for p in candidates:
-                if p == source or source in p.parents:
-                    return source.parent, p.relative_to(source.parent).as_posix()
+            if path == source or source in path.parents:
+                return source.parent, path.relative_to(source.parent).as_posix()
         return None
 
     def _scan(self, path: str, rel: str, into: dict[str, _File], cache: dict[str, _File], now: int,
@@ -240,12 +262,31 @@ class SourceSnapshot:
     # ------------------------------------------------------------------------------ naming
 
     def _classify(self) -> Entries:
-        files = self._files
+        """The entries, named anew if files came or went (a save only changes contents).
+
+        An entry whose content is the same object as before is the same tuple as before: a
+        consumer (the watch's builder) finds what changed by identity.
+        """
+        files, before = self._files, self._entries
         layout = self._layout if self._layout_keys == files.keys() else None
-        if layout is None:  # files came or went: name everything again (a save only changes contents)
+        if layout is None:
             layout = self._layout = self._name_all()
             self._layout_keys = set(files)
-        return {name: (kind, files[rel].content) for name, kind, rel in layout}
+            self._named = {rel: (name, kind) for name, kind, rel in layout}
+        entries: Entries = {}
+        for name, kind, rel in layout:
+            content, old = files[rel].content, before.get(name)
+            entries[name] = old if old is not None and old[1] is content and old[0] == kind else (kind, content)
+        return entries
+
+    def _reclassify(self, touched: set[str]) -> Entries:
+        """The entries after a refresh of ``touched`` files that changed no names (see _classify)."""
+        entries, files = dict(self._entries), self._files
+        for rel in touched:
+            named = self._named.get(rel)
+            if named is not None and entries[named[0]][1] is not files[rel].content:
+                entries[named[0]] = (named[1], files[rel].content)
+        return entries
 
     def _name_all(self) -> list[tuple[str, str, str]]:
         """``(name, kind, relative path)`` for every shipped file, sorted by name."""

@@ -1,25 +1,49 @@
 """Deploying to a running app: ``--push``, ``status``, ``history`` and ``rollback``.
 
 A push asks the app for its highest accepted version and active bundle, builds version
-``highest + 1`` on top of the active one, signs and sends it, then reads the status back and fails
-loudly unless the active bundle is the one it pushed: a "200 OK" that hides a failed deploy (TUF's
-indefinite freeze) does not pass unnoticed.
+``highest + 1`` on top of the active one, signs and sends it. The app answers after its commit,
+naming the bundle it then runs, and the push fails loudly unless that is the one it sent: a "200 OK"
+that hides a failed deploy (TUF's indefinite freeze) does not pass unnoticed. Watch mode does not
+even ask first: the answer to its last push says where the app stands (see :func:`push_once`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .cli import APP_ID, CA_FILE, JSON, KEY, PROJECT, arg, command
 
 if TYPE_CHECKING:  # the client pulls in cryptography: imported when a command runs, not at start-up
+    from overlay.bundle import Base
     from overlay.errors import HabaneroError
 
+    from .build import BuiltBundle
     from .client import Remote
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tip:
+    """Where the app stands: the highest version it accepted and the digest of the bundle it runs.
+
+    The next push is version ``highest + 1`` on top of ``active``. Read from the app's status, or
+    from the answer to this side's last push (which the app sends after its commit).
+    """
+
+    highest: int
+    active: str | None
+
+    @classmethod
+    def of(cls, status: dict[str, Any]) -> Tip:
+        return cls(int(status.get("highest") or 0), (status.get("active") or {}).get("digest"))
 
 
 @dataclass
@@ -35,6 +59,17 @@ class PushResult:
     @property
     def report(self) -> dict[str, Any]:
         return self.response["report"]
+
+    @property
+    def tip(self) -> Tip:
+        """Where the app stands after this push: what the next one builds on."""
+        return Tip(self.version, self.digest)
+
+
+#: Built bundle and wire bytes for ``(version, parent, base)``; the wire form is packed against base.
+Make = Callable[[int, "str | None", "Base | None"], "tuple[BuiltBundle, bytes]"]
+#: Refusals that say the tip a push was built on is out of date: another push, a rollback, a reset store.
+_OUTDATED = frozenset({"stale_version", "parent_missing"})
 
 
 def _target(args: argparse.Namespace) -> tuple[Any, str]:
@@ -66,24 +101,30 @@ def _remote(config: Any, url: str, args: argparse.Namespace, *, signed: bool = T
 class BaseCache:
     """Manifests of bundles this project pushed, so the next push can be a delta against them.
 
-    Kept in memory (watch mode) and in ``<project>/.habanero/pushed/`` (one-off pushes), keyed by
-    digest. Only manifests this side built are cached, so their content is trusted here.
+    Kept in memory (the newest, parsed at its first ``get``: the watch asks right after a push, while
+    it waits for the next save) and in ``<project>/.habanero/pushed/``, keyed by digest: written at
+    each ``put``, or with ``write_through=False`` (watch mode, where a push must not wait for the
+    disk) only the newest, at :meth:`save`. Only manifests this side built are cached, so their
+    content is trusted here.
     """
 
     KEEP = 8
 
-    def __init__(self, root: Any | None) -> None:
+    def __init__(self, root: Any | None, *, write_through: bool = True) -> None:
         from pathlib import Path
 
-        self._memory: dict[str, bytes] = {}
+        self._memory: dict[str, Base | bytes] = {}
         self._dir = Path(root) / ".habanero" / "pushed" if root is not None else None
+        self._write_through = write_through
 
-    def get(self, digest: str | None) -> Any:
+    def get(self, digest: str | None) -> Base | None:
         from overlay.bundle import Base
 
         if not digest:
             return None
         manifest = self._memory.get(digest)
+        if isinstance(manifest, Base):
+            return manifest
         if manifest is None and self._dir is not None:
             try:
                 manifest = (self._dir / f"{digest}.json").read_bytes()
@@ -95,10 +136,23 @@ class BaseCache:
             base = Base.from_manifest(manifest)
         except (ValueError, KeyError, TypeError):
             return None
-        return base if base.digest == digest else None
+        if base.digest != digest:
+            return None
+        self._memory = {digest: base}
+        return base
 
     def put(self, digest: str, manifest_bytes: bytes) -> None:
+        """Remember a pushed manifest (parsed at the first ``get``)."""
         self._memory = {digest: manifest_bytes}  # the newest is the one the server runs
+        if self._write_through:
+            self._write(digest, manifest_bytes)
+
+    def save(self) -> None:
+        """Write the newest manifest to disk, for the next session or one-off push."""
+        for digest, manifest in self._memory.items():
+            self._write(digest, manifest.manifest_bytes if not isinstance(manifest, bytes) else manifest)
+
+    def _write(self, digest: str, manifest_bytes: bytes) -> None:
         if self._dir is None:
             return
         try:
@@ -113,61 +167,116 @@ class BaseCache:
 
 
 def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int = 3,
-              bases: BaseCache | None = None, builder: Any = None) -> PushResult:
+              bases: BaseCache | None = None, builder: Any = None, tip: Tip | None = None,
+              make: Make | None = None) -> PushResult:
     """Build the next version on top of what the app runs, push it, and confirm it is live.
+
+    Without ``tip`` the app is asked for its status first. With the ``tip`` of this side's last
+    push (watch mode) nothing is asked: should the app refuse because it moved on meanwhile
+    (``parent_missing``: another bundle is active, pushed or rolled back to by someone else, or the
+    app lost its store; ``stale_version``: the version was taken), its status is read once and the
+    push built again on it.
 
     When ``bases`` holds the manifest of the app's active bundle, the push is a packed delta (only
     changed entries, manifest compressed against the active one); a server that lacks that parent
-    answers ``parent_missing`` and the push is repeated in full.
+    answers ``parent_missing`` and the push is repeated in full. The app answers after its commit,
+    naming its active bundle: unless that is the one pushed, this fails loudly (``not_confirmed``).
+    ``make`` builds (the watch passes its warm builder); by default ``build`` does, from ``snapshot``.
     """
-    from overlay._delta import pack
-
-    from .build import build
     from .client import RemoteError
 
-    started = time.perf_counter()
-    before = remote.status()
-    asked = time.perf_counter()
-    version = int(before.get("highest") or 0) + 1
-    parent = (before.get("active") or {}).get("digest")
-    base = bases.get(parent) if bases is not None else None
-    built = build(config, version=version, signer=remote.key, parent=parent, snapshot=snapshot,
-                  level=level, base=base, builder=builder)
-    wire = pack(built.data, base, [remote.key]) if base is not None else built.data
-    made = time.perf_counter()
+    make = make or _make_afresh(config, remote.key, snapshot=snapshot, level=level, builder=builder)
+    clock = _Clock()
+    guessed = tip is not None
+    if tip is None:
+        with clock("status"):
+            tip = Tip.of(remote.status())
     try:
-        response = remote.push(wire)
+        built, wire, response = _send(remote, make, tip, bases, clock, full_retry=not guessed)
     except RemoteError as exc:
-        if exc.code != "parent_missing" or base is None:
+        if not guessed or exc.code not in _OUTDATED:
             raise
-        built = build(config, version=version, signer=remote.key, parent=parent, snapshot=snapshot,
-                      level=level, builder=built.manifest["builder"])
-        wire = built.data
-        made = time.perf_counter()
-        response = remote.push(wire)
-    sent = time.perf_counter()
-    after = remote.status()
-    confirmed = time.perf_counter()
-    live = (after.get("active") or {}).get("digest")
+        log.info("the app moved on since the last push (%s); reading its status and pushing again", exc.code)
+        with clock("status"):
+            tip = Tip.of(remote.status())
+        built, wire, response = _send(remote, make, tip, bases, clock, full_retry=True)
+    with clock("confirm"):
+        active = response["active"] if "active" in response else _active_of(remote)
+    live = (active or {}).get("digest")
     if live != built.digest:
         raise RemoteError(
-            f"the server answered OK to version {version} but its active bundle is "
-            f"{(after.get('active') or {}).get('version', 'none')} ({(live or 'none')[:12]}); the push did "
+            f"the server answered OK to version {built.version} but its active bundle is "
+            f"{(active or {}).get('version', 'none')} ({(live or 'none')[:12]}); the push did "
             "not take effect — check the app's log", code="not_confirmed")
     if bases is not None:
         bases.put(built.digest, built.manifest_bytes)
     server_ms = float(response.get("server_ms", 0.0))
-    timings = {
-        "status": (asked - started) * 1000,
-        "build": (made - asked) * 1000,
-        "transfer": max(0.0, (sent - made) * 1000 - server_ms),
-        "server": server_ms,
-        "confirm": (confirmed - sent) * 1000,
-        "total": (confirmed - started) * 1000,
-    }
-    return PushResult(version, built.digest, str(remote.endpoint), response,
-                      {k: round(v, 2) for k, v in timings.items()}, len(wire), delta=base is not None
-                      and wire is not built.data)
+    timings = {"status": clock.ms["status"], "build": clock.ms["build"],
+               "transfer": max(0.0, clock.ms["push"] - server_ms), "server": server_ms,
+               "confirm": clock.ms["confirm"], "total": clock.total()}
+    return PushResult(built.version, built.digest, str(remote.endpoint), response,
+                      {k: round(v, 2) for k, v in timings.items()}, len(wire), delta=wire is not built.data)
+
+
+def _send(remote: Remote, make: Make, tip: Tip, bases: BaseCache | None, clock: _Clock, *,
+          full_retry: bool) -> tuple[BuiltBundle, bytes, dict[str, Any]]:
+    """Build version ``tip.highest + 1`` on the active bundle and push it; in full if need be."""
+    from .client import RemoteError
+
+    version, parent = tip.highest + 1, tip.active
+    base = bases.get(parent) if bases is not None else None
+    with clock("build"):
+        built, wire = make(version, parent, base)
+    try:
+        with clock("push"):
+            return built, wire, remote.push(wire)
+    except RemoteError as exc:
+        if exc.code != "parent_missing" or base is None or not full_retry:
+            raise
+    with clock("build"):
+        built, wire = make(version, parent, None)
+    with clock("push"):
+        return built, wire, remote.push(wire)
+
+
+def _make_afresh(config: Any, signer: Any, *, snapshot: Any, level: int, builder: Any) -> Make:
+    """``build`` and ``pack``, from scratch each time: a one-off push builds once per process."""
+    from overlay._delta import pack
+
+    from .build import build
+
+    def make(version: int, parent: str | None, base: Base | None) -> tuple[BuiltBundle, bytes]:
+        nonlocal builder
+        built = build(config, version=version, signer=signer, parent=parent, snapshot=snapshot, level=level,
+                      base=base, builder=builder)
+        builder = built.manifest["builder"]  # a rebuild (in full) takes git's answer again for free
+        return built, (pack(built.data, base, [signer]) if base is not None else built.data)
+
+    return make
+
+
+def _active_of(remote: Remote) -> dict[str, Any] | None:
+    """The app's active bundle from its status: for an app whose push answer does not name it."""
+    return remote.status().get("active")
+
+
+class _Clock:
+    """Milliseconds spent per phase of a push, and in all."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.ms = dict.fromkeys(("status", "build", "push", "confirm"), 0.0)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[phase] += (time.perf_counter() - start) * 1000
+
+    def total(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
 
 
 def describe_push(result: PushResult) -> str:
@@ -204,22 +313,25 @@ def push_json(result: PushResult) -> dict[str, Any]:
             "report": result.report}
 
 
-def failure_json(exc: HabaneroError, project_root: str) -> dict[str, Any]:
+def failure_json(exc: HabaneroError, project_root: str, store: str | None = None) -> dict[str, Any]:
     from .client import map_traceback
 
-    return {"ok": False, "code": exc.code, "message": map_traceback(exc.message, project_root),
-            "remote_traceback": map_traceback(getattr(exc, "remote_traceback", ""), project_root)}
+    return {"ok": False, "code": exc.code, "message": map_traceback(exc.message, project_root, store),
+            "remote_traceback": map_traceback(getattr(exc, "remote_traceback", ""), project_root, store)}
 
 
-def describe_failure(exc: HabaneroError, project_root: str) -> str:
-    """The server's reason, and its traceback mapped onto the developer's files."""
+def describe_failure(exc: HabaneroError, project_root: str, store: str | None = None) -> str:
+    """The server's reason, and its traceback mapped onto the developer's files.
+
+    ``store`` is the app's store directory (its status says it): paths in its tree are mapped.
+    """
     from .client import map_traceback
 
-    text = f"{exc.code}: {map_traceback(exc.message, project_root)}"
+    text = f"{exc.code}: {map_traceback(exc.message, project_root, store)}"
     remote_tb = getattr(exc, "remote_traceback", "")
     if remote_tb:
         text += "\n--- traceback in the app (paths mapped to this project) ---\n"
-        text += map_traceback(remote_tb, project_root).rstrip()
+        text += map_traceback(remote_tb, project_root, store).rstrip()
     return text
 
 
@@ -238,8 +350,9 @@ def run_push(args: argparse.Namespace) -> int:
             if not exc.status or exc.code == "not_habanero":  # one line from main()
                 raise
             if args.json:
-                print(json.dumps(failure_json(exc, str(config.root)), indent=2))
-            print(f"{PROG}: push refused: {describe_failure(exc, str(config.root))}", file=sys.stderr)
+                print(json.dumps(failure_json(exc, str(config.root), remote.store), indent=2))
+            print(f"{PROG}: push refused: {describe_failure(exc, str(config.root), remote.store)}",
+                  file=sys.stderr)
             print(f"{PROG}: the app still serves its previous version", file=sys.stderr)
             return 1
     print(json.dumps(push_json(result), indent=2) if args.json else describe_push(result))
@@ -285,11 +398,13 @@ def _history(args: argparse.Namespace) -> int:
     config, url = _target(args)
     with _remote(config, url, args) as remote:
         entries = remote.history(args.limit)
+        if not args.json and any(e.get("outcome") != "ok" for e in entries):
+            remote.status()  # where the app's store is: reasons name files in its tree
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
     for e in entries:
-        reason = (f"  {e.get('code')}: {map_traceback(str(e.get('reason')), str(config.root))}"
+        reason = (f"  {e.get('code')}: {map_traceback(str(e.get('reason')), str(config.root), remote.store)}"
                   if e.get("outcome") != "ok" else "")
         print(f"{e.get('time', '?'):<27} {e.get('action', '?'):<9} v{e.get('version')!s:<5} "
               f"{e.get('outcome', '?'):<7} {(e.get('digest') or '')[:12]:<12}{reason}")

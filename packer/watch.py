@@ -1,8 +1,12 @@
 """Deploy on save: ``habanero-pack --push --watch [URL] [--check CMD] [--debounce MS]``.
 
 A session keeps warm all a push needs: config, signing key, one keep-alive connection, the source
-snapshot, the builder metadata, the manifest of the last push (so the next one is a delta). A save
-then costs a re-read of the changed files and one :func:`~packer.deploy.push_once`: nothing is
+snapshot, the builder metadata, the last push's manifest (so the next one is a delta) and its
+entries' hashes and JSON (:class:`~packer._warm.WarmBuilder`), and where the app stands. A save
+then costs a re-read of the changed files and one :func:`~packer.deploy.push_once`, one request:
+the app's answer to a push names its new active bundle, which confirms the push and is what the
+next one builds on, so the status is read only at start, after a push that failed, and when the app
+moved on meanwhile (a push or rollback by someone else, a restart on a fresh store). Nothing is
 imported, loaded or forked per push. The builder metadata (user, host, git commit, dirty flag) is
 taken once at start, so the ``git_dirty`` the app reports describes the tree when the watch began.
 
@@ -26,7 +30,6 @@ one-off ``--push``, is always replaced).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import queue
 import statistics
@@ -35,14 +38,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from overlay.bundle import Base
 from overlay.errors import HabaneroError
 
+from ._warm import WarmBuilder
 from ._watching import CheckRun, Event, FileEvents, stop_on_sigterm
-from .build import builder_info
+from .build import BuiltBundle, builder_info
 from .client import Remote, RemoteError
 from .collect import SourceSnapshot
 from .config import ProjectConfig
-from .deploy import BaseCache, PushResult, _remote, _target, describe_failure, push_once
+from .deploy import BaseCache, PushResult, Tip, _remote, _target, describe_failure, push_once
 
 __all__ = ["DEBOUNCE_MS", "WatchSession", "run_watch"]
 
@@ -79,11 +84,12 @@ class WatchSession:
         self.snapshot = SourceSnapshot(config)
         self.snapshot.refresh()
         self.builder = builder_info(config.root)  # once: git is a subprocess
-        self.bases = BaseCache(config.root)
+        self.bases = BaseCache(config.root, write_through=False)  # saved when the watch stops
+        self.warm = WarmBuilder(config.app_id, remote.key, level=level)  # type: ignore[arg-type]
         self.events: queue.Queue[Event] = queue.Queue()
         self.pushes = self.failures = self.blocked = 0
         self.latencies_ms: list[float] = []
-        self._sources = _SourcesDigest()
+        self._tip: Tip | None = None  # where the app stands, as its answer to our last push said
         self._live: dict[str, Any] | None = None  # the entries the app runs, once we know them
         self._saved: float | None = None  # wall time of the earliest save that is not live yet
         self._check: CheckRun | None = None
@@ -114,6 +120,7 @@ class WatchSession:
             if self._check is not None:
                 self._check.cancel()
             self.remote.close()
+            self.bases.save()
             restore()
         self.out(self.summary())
         return 0
@@ -135,7 +142,7 @@ class WatchSession:
             self._unreachable(exc)
             return
         files = self.snapshot.files()
-        if (active.get("builder") or {}).get("sources") == self._sources.of(files):
+        if (active.get("builder") or {}).get("sources") == self.warm.sources(files):
             self._live = files
             self.out(f"{_now()}  v{active['version']} is live and runs this code; nothing to push")
         else:
@@ -226,11 +233,15 @@ class WatchSession:
 
     def _push(self) -> None:
         files = self.snapshot.files()
-        builder = {**self.builder, "sources": self._sources.of(files)}
+        builder = {**self.builder, "sources": self.warm.sources(files)}
+
+        def make(version: int, parent: str | None, base: Base | None) -> tuple[BuiltBundle, bytes]:
+            return self.warm.make(files, builder, version=version, parent=parent, base=base)
+
         try:
-            result = push_once(self.remote, self.config, snapshot=self.snapshot, level=self.level,
-                               bases=self.bases, builder=builder)
+            result = push_once(self.remote, self.config, bases=self.bases, tip=self._tip, make=make)
         except HabaneroError as exc:  # refused by the app, or by the build (a name that cannot ship)
+            self._tip = None  # the app may have restarted, or moved on: the next push asks first
             if isinstance(exc, RemoteError) and exc.code in _TRANSIENT:
                 self._unreachable(exc)
             else:
@@ -238,7 +249,7 @@ class WatchSession:
             return
         live_at = time.time()
         self._answered()
-        self._live, self._last_refusal = files, None
+        self._live, self._tip, self._last_refusal = files, result.tip, None
         self.pushes += 1
         ms = None if self._saved is None else (live_at - self._saved) * 1000
         self._saved = None
@@ -249,6 +260,9 @@ class WatchSession:
                 self.out(f"    replaced {module['module']}.{name}: {reason}")
         log.info("push v%d: %d bytes (%s), client %s, server %s", result.version, result.bytes_sent,
                  "delta" if result.delta else "full", result.timings_ms, result.report.get("timings_ms"))
+        base = self.bases.get(result.digest)
+        if base is not None:
+            self.warm.prepare(base)  # while no save waits: the next push is packed against this one
 
     def _refused(self, exc: HabaneroError) -> None:
         self._answered()
@@ -258,7 +272,7 @@ class WatchSession:
             self.out(f"{_now()}  refused again, same reason: {exc.code}")
             return
         self._last_refusal = (exc.code, exc.message)
-        self.out(f"{_now()}  refused: {describe_failure(exc, str(self.config.root))}")
+        self.out(f"{_now()}  refused: {describe_failure(exc, str(self.config.root), self.remote.store)}")
         if getattr(exc, "status", 0):
             self.out("    the app still serves its previous version")
 
@@ -277,23 +291,6 @@ class WatchSession:
             self._down = False
             self.out(f"{_now()}  {self.remote.endpoint} answers again")
         self._wake_at, self._backoff = None, BACKOFF_FIRST_S
-
-
-class _SourcesDigest:
-    """A digest of the entry table; hashes only the contents it has not seen before."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, tuple[bytes, str]] = {}
-
-    def of(self, files: dict[str, tuple[str, bytes]]) -> str:
-        total, seen = hashlib.sha256(), {}
-        for name, (kind, content) in files.items():  # sorted by name
-            old = self._seen.get(name)
-            digest = old[1] if old is not None and old[0] is content else hashlib.sha256(content).hexdigest()
-            seen[name] = (content, digest)
-            total.update(f"{kind} {name} {digest}\n".encode())
-        self._seen = seen
-        return total.hexdigest()
 
 
 def _push_line(result: PushResult, ms: float | None) -> str:

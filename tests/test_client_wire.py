@@ -2,7 +2,9 @@
 
 The end-to-end tests talk to real aiohttp apps; these cover the framings and failures aiohttp never
 produces: chunked bodies, bodies that end when the connection does, keep-alive connections the
-server dropped, oversized answers and peers that do not speak HTTP at all.
+server dropped, oversized answers and peers that do not speak HTTP at all; and a push's answers an
+honest app never gives (an OK that names another active bundle, an older app's OK that names none).
+Last, how the app's paths in a refusal are mapped onto the developer's files.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from packer.client import MAX_RESPONSE_BYTES, Remote, RemoteError
+from packer.client import MAX_RESPONSE_BYTES, Remote, RemoteError, map_traceback
 
 Answer = Callable[[int], bytes]  # request number (from 0) -> raw bytes to send back
 
@@ -125,3 +127,74 @@ def test_a_closed_port_is_unreachable() -> None:
     with Remote(f"http://127.0.0.1:{port}", app_id="app") as remote, pytest.raises(RemoteError) as info:
         remote.status()
     assert info.value.code == "unreachable" and "connection refused" in info.value.message
+
+
+# ------------------------------------------------------------------------ a push's confirmation
+
+STORE = "/srv/shop/.habanero-store"
+OTHER = {"version": 4, "digest": "ab" * 32}
+
+
+@pytest.fixture
+def shop(tmp_path, signing_key):
+    """A project to push, and its config with the test key."""
+    from _project import make_project
+    from packer.config import load_config
+
+    return load_config(make_project(tmp_path / "proj"), key=str(signing_key.path))
+
+
+def _push_answer(**extra) -> bytes:
+    return _json_answer({"ok": True, "report": {"version": 5, "timings_ms": {}}, "server_ms": 1.0, **extra})
+
+
+def test_an_ok_that_names_another_active_bundle_is_not_confirmed_and_nothing_more_is_asked(serve, shop,
+                                                                                            signing_key) -> None:
+    from packer.deploy import push_once
+
+    seen: list[int] = []
+    answers = [_json_answer({"highest": 4, "active": OTHER, "store": STORE}), _push_answer(active=OTHER)]
+    url = serve(lambda n: seen.append(n) or answers[n])
+    with Remote(url, app_id="shop", key=signing_key) as remote, pytest.raises(RemoteError) as info:
+        push_once(remote, shop)
+    assert info.value.code == "not_confirmed"
+    assert "answered OK to version 5 but its active bundle is 4 (abababababab)" in info.value.message
+    assert seen == [0, 1]  # status, push: the push's own answer is the confirmation
+
+
+def test_an_older_app_whose_ok_names_no_active_bundle_is_checked_against_its_status(serve, shop, signing_key) -> None:
+    from packer.deploy import push_once
+
+    seen: list[int] = []
+    answers = [_json_answer({"highest": 4, "active": None}), _push_answer(),
+               _json_answer({"highest": 5, "active": OTHER})]
+    url = serve(lambda n: seen.append(n) or answers[n])
+    with Remote(url, app_id="shop", key=signing_key) as remote, pytest.raises(RemoteError) as info:
+        push_once(remote, shop)
+    assert info.value.code == "not_confirmed"
+    assert seen == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------ paths in a refusal
+
+
+def test_a_path_in_the_apps_source_tree_is_mapped_once_its_store_is_known(serve) -> None:
+    url = serve(lambda n: _json_answer({"highest": 1, "active": None, "store": STORE}))
+    text = f'File "{STORE}/tree/shop/cart.py", line 3, in <module>'
+    assert map_traceback(text, "/home/me/shop") == text  # "tree" alone proves nothing
+    with Remote(url, app_id="shop") as remote:
+        remote.status()
+    assert remote.store == STORE
+    assert map_traceback(text, "/home/me/shop/", remote.store) == 'File "/home/me/shop/shop/cart.py", line 3, in <module>'
+
+
+def test_a_path_in_an_older_apps_per_version_tree_is_mapped_by_its_name() -> None:
+    tree = f"{STORE}/trees/0000000007-{'c' * 64}"
+    text = f"invalid syntax ({tree}/shop/cart.py, line 3); and File \"{tree}/shop/admin/views.py\""
+    assert map_traceback(text, "/home/me/shop") == ('invalid syntax (/home/me/shop/shop/cart.py, line 3); '
+                                                   'and File "/home/me/shop/shop/admin/views.py"')
+
+
+def test_a_tree_directory_outside_the_store_is_left_alone() -> None:
+    text = 'File "/venv/lib/python3.11/site-packages/sklearn/tree/_classes.py", line 1'
+    assert map_traceback(text, "/home/me/shop", STORE) == text

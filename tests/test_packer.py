@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -15,8 +16,9 @@ import packer.build
 import packer.cli
 import packer.collect
 import packer.config
-from overlay.bundle import Limits, open_bundle
+from overlay.bundle import Base, Limits, build_bundle, bundle_digest, open_bundle
 from overlay.errors import BadEntryName, ConfigError, HabaneroError, TooLarge
+from packer._warm import WarmBuilder
 from packer.build import build, builder_info, inspect_bundle
 from packer.collect import SourceSnapshot, collect
 from packer.config import ProjectConfig, load_config
@@ -421,6 +423,28 @@ def test_removing_the_package_init_is_a_config_error(snapshot: SourceSnapshot, p
     assert snapshot.refresh({project / "shop" / "__init__.py"}).modified == ("shop",)
 
 
+def test_a_save_keeps_every_entry_it_did_not_change_as_the_same_object(snapshot: SourceSnapshot,
+                                                                      project: Path) -> None:
+    before = snapshot.files()
+    write_files(project, {"shop/cart.py": "def total(items):\n    return 0\n"})
+    changes = snapshot.refresh({project / "shop" / "cart.py"})
+    after = snapshot.files()
+    assert changes.modified == ("shop.cart",)
+    assert [name for name in after if after[name] is not before[name]] == ["shop.cart"]  # what the watch relies on
+
+
+def test_a_save_after_a_refused_refresh_still_takes_what_that_refresh_read(snapshot: SourceSnapshot,
+                                                                          project: Path) -> None:
+    write_files(project, {"shop/cart.py": "def total(items):\n    return 0\n"})
+    (project / "shop" / "__init__.py").unlink()
+    with pytest.raises(ConfigError, match="has no __init__.py"):
+        snapshot.refresh({project / "shop" / "cart.py", project / "shop" / "__init__.py"})
+    write_files(project, {"shop/__init__.py": "VERSION = 2\n"})
+    changes = snapshot.refresh({project / "shop" / "__init__.py"})
+    assert set(changes.modified) == {"shop", "shop.cart"}
+    assert snapshot.files()["shop.cart"][1] == b"def total(items):\n    return 0\n"
+
+
 # -------------------------------------------------------------------------------------- build
 
 
@@ -479,6 +503,52 @@ def test_write_replaces_the_file_atomically(project: Path, signing_key) -> None:
     built.write(out)
     assert out.read_bytes() == built.data
     assert [p.name for p in project.iterdir() if p.name.startswith(".out.hbn")] == []
+
+
+# ------------------------------------------------------------------------------- warm builds
+
+CREATED = "2030-01-02T03:04:05.000006Z"
+# Each step edits the project on disk (None deletes); the warm build must match a cold one each time.
+STEPS = [
+    {},
+    {"shop/cart.py": "def total(items):\n    return 0\n"},  # a save
+    {"shop/cart.py": "def total(items):\n    return 0\n", "shop/admin/views.py": "X = 'é'\n"},  # one of two
+    {"shop/orders.py": "ORDERS = []\n", "shop/static/site.css": None},  # a module added, a data file gone
+    {"shop/scripts/tool.py": "print(1)\n"},  # data; then a module once scripts/ is a package
+    {"shop/scripts/__init__.py": ""},
+    {},  # nothing changed: the delta carries no body
+]
+
+
+def test_warm_builds_write_what_build_bundle_writes_and_unpack_to_it(project: Path, signing_key, trusted) -> None:
+    age(project)
+    snapshot = SourceSnapshot(load_config(project))
+    warm = WarmBuilder("shop", signing_key, level=1)
+    builder, base, held = {"user": "ci", "host": "ünicode"}, None, {}
+    for version, step in enumerate(STEPS, 1):
+        for rel, text in step.items():
+            (project / rel).unlink() if text is None else write_files(project, {rel: text})
+        snapshot.refresh()
+        files = snapshot.files()
+        built, wire = warm.make(files, builder, version=version, parent=None, base=base, created=CREATED)
+        cold = build_bundle(files, app_id="shop", version=version, signers=[signing_key], builder=builder,
+                            created=CREATED, level=1, base=base)
+        assert built.data == cold, f"step {version}"
+        assert (built.digest, built.version, built.entries) == (bundle_digest(cold), version, len(files))
+        held.update({hashlib.sha256(c).hexdigest(): c for _, c in files.values()})
+        lookup = {base.digest: base.manifest_bytes}.get if base is not None else None
+        opened = open_bundle(wire, trusted, app_id="shop", content=held.get, base_manifest=lookup)
+        assert opened.raw == cold and (version == 1) == (wire is built.data)
+        assert warm.sources(files) == warm.sources(dict(files))
+        base = Base.from_manifest(built.manifest_bytes)
+    assert opened.manifest["payload"]["included"] == []
+
+
+def test_a_warm_build_refuses_an_entry_over_the_limit_naming_it(project: Path, signing_key) -> None:
+    files = collect(load_config(project))
+    warm = WarmBuilder("shop", signing_key, level=1, limits=Limits(max_entry_bytes=39))
+    with pytest.raises(TooLarge, match="'shop.cart' is 40 bytes, over the 39 byte limit"):
+        warm.make(files, {}, version=1, parent=None)
 
 
 # ------------------------------------------------------------------------------------ inspect

@@ -5,6 +5,10 @@ that copy's ``serve.py`` on a port of its own choosing, with its store and trust
 Each test reads the watcher's lines as they come (the ``watching`` line, one line per push, the
 summary at Ctrl-C) and asks the app itself what it serves. Speed is measured in ``make bench``,
 never asserted here.
+
+The last tests drive a :class:`~packer.watch.WatchSession` in the test process against an overlay
+serving a real loopback endpoint, and count the requests its client sends: one per save, and one
+status read more when the app moved on since the session's last push.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import os
 import re
 import shlex
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +28,9 @@ from _e2e import launcher  # noqa: F401  (fixture)
 from _watch_helpers import GREETING, PUSHED, VIEWS, save, start_app, wait_until
 from _watch_helpers import watchers  # noqa: F401  (fixture)
 from packer.cli import main
+from packer.client import Remote
+from packer.deploy import BaseCache, push_once
+from packer.watch import WatchSession
 
 
 @pytest.fixture
@@ -207,6 +216,127 @@ def test_the_watch_outlives_an_app_restart_and_pushes_what_was_saved_meanwhile(l
 def test_check_and_debounce_go_with_watch(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert "--check and --debounce go with --watch" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ requests per push, in process
+
+
+class Session:
+    """A WatchSession on a served overlay whose client logs each request as ``"GET status"``."""
+
+    def __init__(self, config, url: str, key) -> None:
+        self.remote = Remote(url, app_id=config.app_id, key=key)
+        self.sent: list[str] = []
+        self.lines: list[str] = []
+        request = self.remote.request
+
+        def logged(method: str, route: str, *args, **kwargs):
+            self.sent.append(f"{method} {route}")
+            return request(method, route, *args, **kwargs)
+
+        self.remote.request = logged  # type: ignore[method-assign]
+        self.watch = WatchSession(self.remote, config, out=self.lines.append)
+        self.root = config.root
+
+    def save(self, rel: str, text: str) -> None:
+        """Write a file and hand the watch its event, as watchfiles' thread would."""
+        path = self.root / rel
+        path.write_text(text)
+        self.watch.events.put(("saved", {path}, time.time()))
+        self.watch._step()
+
+    def since(self, mark: int) -> list[str]:
+        return self.sent[mark:]
+
+
+@pytest.fixture
+def served(tmp_path: Path, trusted_keys_file, signing_key, import_state, monkeypatch) -> Iterator[tuple]:
+    """An overlay serving package ``wapp`` on a loopback endpoint, and a watch session on its project."""
+    import overlay
+    from _project import make_project as make_packer_project
+    from packer.config import load_config
+
+    monkeypatch.delenv("HABANERO_DISABLE", raising=False)
+    files = {"wapp/__init__.py": "", **{f"wapp/m{i}.py": f"def f():\n    return {i}\n" for i in range(5)}}
+    root = make_packer_project(tmp_path / "proj", files, table='packages = ["wapp"]\n')
+    ov = overlay.install(packages=["wapp"], trusted_keys=str(trusted_keys_file), store=str(tmp_path / "store"),
+                         listen="127.0.0.1:0", code_cache=False)
+    config = load_config(root, key=str(signing_key.path))
+    url = f"http://127.0.0.1:{ov.address[1]}"
+    session = Session(config, url, signing_key)
+    try:
+        yield ov, session, config, url
+    finally:
+        session.remote.close()
+        ov.uninstall()
+
+
+def _f(module: str) -> object:
+    import importlib
+
+    return importlib.import_module(module).f()
+
+
+def test_after_its_first_push_the_watch_sends_one_request_per_save_on_one_connection(served) -> None:
+    ov, session, _, _ = served
+    session.watch._start()
+    assert session.sent == ["GET status", "GET status", "POST push"]  # is it live? / where does it stand?
+    assert _f("wapp.m3") == 3  # imported: each save patches it in place
+    connection, mark = session.remote._conn, len(session.sent)
+
+    for i in range(3):
+        session.save("wapp/m3.py", f"def f():\n    return 'save {i}'\n")
+
+    assert session.since(mark) == ["POST push"] * 3  # the push's answer confirms it: no status read
+    assert session.remote._conn is connection  # kept alive from the first request on
+    assert (_f("wapp.m3"), ov.version) == ("save 2", 4)
+    assert re.search(r"  v4  wapp\.m3  patched 1, replaced 0  save-to-live \d+ ms$", session.lines[-1])
+
+
+def test_a_push_from_elsewhere_costs_the_next_save_one_status_read_and_a_second_try(served, signing_key) -> None:
+    ov, session, config, url = served
+    session.watch._start()
+    with Remote(url, app_id=config.app_id, key=signing_key) as other:  # another developer: v2
+        push_once(other, config, bases=BaseCache(None))
+    mark = len(session.sent)
+
+    session.save("wapp/m3.py", "def f():\n    return 'mine'\n")  # built on v1, which the app no longer runs
+
+    assert session.since(mark) == ["POST push", "GET status", "POST push"]
+    assert [(e["version"], e["code"]) for e in ov.history()][-2:] == [(None, "parent_missing"), (3, None)]
+    assert (_f("wapp.m3"), ov.version) == ("mine", 3)
+    mark = len(session.sent)
+    session.save("wapp/m3.py", "def f():\n    return 'mine again'\n")
+    assert session.since(mark) == ["POST push"]
+    assert (_f("wapp.m3"), ov.version) == ("mine again", 4)
+
+
+def test_a_version_taken_meanwhile_costs_one_status_read_and_a_second_try(served, signing_key) -> None:
+    ov, session, config, url = served
+    session.watch._start()
+    with Remote(url, app_id=config.app_id, key=signing_key) as other:  # v2 pushed, then rolled back to v1
+        push_once(other, config, bases=BaseCache(None))
+        other.rollback(1)
+    mark = len(session.sent)
+
+    session.save("wapp/m3.py", "def f():\n    return 'mine'\n")  # v2 on v1: the app runs v1, v2 is taken
+
+    assert session.since(mark) == ["POST push", "GET status", "POST push"]
+    assert [(e["version"], e["code"]) for e in ov.history()][-2:] == [(None, "stale_version"), (3, None)]
+    assert (_f("wapp.m3"), ov.version) == ("mine", 3)
+
+
+def test_after_a_refused_push_the_next_one_reads_the_status_first(served) -> None:
+    ov, session, _, _ = served
+    session.watch._start()
+    session.save("wapp/m3.py", "def f(:\n")
+    assert "refused: syntax_error: wapp.m3 does not compile" in session.lines[-2]
+    mark = len(session.sent)
+
+    session.save("wapp/m3.py", "def f():\n    return 'fixed'\n")
+
+    assert session.since(mark) == ["GET status", "POST push"]
+    assert (_f("wapp.m3"), ov.version) == ("fixed", 2)
 
 
 def _read(path: Path) -> str | None:

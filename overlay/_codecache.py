@@ -1,10 +1,10 @@
 """Compiled code for bundle entries: kept in memory, and on disk in the store like ``__pycache__``.
 
 A restart should not recompile what it ran before, and a push should compile only what changed.
-The key is the entry's sha256 (its content), not its path: every version lives in its own tree, so
-an unchanged module has a new filename in each version. Compiling the same bytes under another
-filename only changes ``co_filename``, so a cached code object is re-pointed at the new file with
-``code.replace`` (cheap, exact) instead of being compiled again.
+The key is the entry's sha256 (its content), not its path: the same bytes may be served under
+another filename (a module moved, a store directory moved, an index laid out elsewhere).
+Compiling them there only changes ``co_filename``, so a cached code object is re-pointed at the
+new file with ``code.replace`` (cheap, exact) instead of being compiled again.
 
 On disk, one file per source content, ``<sha256>.<cache_tag>[.opt-N].pyc`` in the store's cache
 directory, written atomically (temp file, ``os.replace``)::

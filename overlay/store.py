@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 STATE_FORMAT = 1
 ACTIONS = ("push", "rollback")
 SYNC_MODES = ("background", "commit")
-_NAME = re.compile(r"^(\d{1,30})-([0-9a-f]{64})(\.hbn)?$")  # bundles/ files and trees/ dirs
+_NAME = re.compile(r"^(\d{1,30})-([0-9a-f]{64})(\.hbn)?$")  # bundles/ and staged/ files
 Pointer = dict[str, Any]  # {"version": int, "digest": str}, as in state.json
 
 

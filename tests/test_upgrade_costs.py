@@ -1,0 +1,58 @@
+"""What a push does in proportion to its change: unchanged modules are left alone, the collector
+waits, and the tree is touched only where files changed."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import sys
+
+import pytest
+
+from _upgrade_helpers import APP
+from overlay.bundle import build_bundle
+from test_upgrade import deploy, probe  # noqa: F401  (fixtures)
+
+FILES = {
+    APP: ("package", b""),
+    f"{APP}.core": ("module", b"import gc\nSEEN = []\n"),
+    **{f"{APP}.m{i}": ("module", f"X = {i}\n".encode()) for i in range(20)},
+}
+
+
+def push(deploy, files):
+    data = build_bundle(files, app_id=APP, version=deploy.ov.store.highest + 1, signers=[deploy.key])
+    return deploy.ov.apply(data)
+
+
+@pytest.fixture
+def running(deploy):
+    push(deploy, FILES)
+    for name in FILES:
+        importlib.import_module(name)
+    return deploy
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_collector_waits_while_a_push_applies_and_comes_back_as_it_was(running, enabled):
+    changed = {**FILES, f"{APP}.core": ("module", b"import gc\nSEEN = []\nSEEN.append(gc.isenabled())\n")}
+    (gc.enable if enabled else gc.disable)()
+    try:
+        push(running, changed)
+        assert sys.modules[f"{APP}.core"].SEEN == [False]
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
+
+
+def test_a_push_re_points_and_rewrites_only_the_module_it_changes(running):
+    specs = {name: sys.modules[name].__spec__ for name in FILES}
+    tree = running.ov.store.tree_root / APP
+    inodes = {p.name: p.stat().st_ino for p in tree.iterdir()}
+
+    report = push(running, {**FILES, f"{APP}.m7": ("module", b"X = 'seven'\n")})
+
+    assert report.changed == [f"{APP}.m7"] and sys.modules[f"{APP}.m7"].X == "seven"
+    assert [n for n in FILES if sys.modules[n].__spec__ is not specs[n]] == [f"{APP}.m7"]
+    assert [p.name for p in tree.iterdir() if p.stat().st_ino != inodes[p.name]] == ["m7.py"]
+    assert (tree / "m7.py").read_text() == "X = 'seven'\n"

@@ -158,8 +158,8 @@ def setup(work: Path, files: dict[str, str]) -> tuple[Path, Path, Path]:
     with Store.open(store, trusted=trusted, app_id=PACKAGE) as opened:
         bundle = open_bundle(data, trusted, app_id=PACKAGE)
         opened.stage(bundle)
+        opened.update_tree(None, bundle)  # as a push does
         opened.commit(bundle)
-        opened.tree(bundle)
     return fs, store, keys
 
 

@@ -67,10 +67,10 @@ PHASES = [
     ("server side (the push handler)", ("timings_ms", "server"), 1),
     ("verify", ("report", "timings_ms", "verify"), 2),
     ("plan (diff, compile)", ("report", "timings_ms", "plan"), 2),
-    ("stage (store writes)", ("report", "timings_ms", "stage"), 2),
-    ("apply (re-run, patch in place)", ("report", "timings_ms", "apply"), 2),
+    ("stage (new objects, the bundle file)", ("report", "timings_ms", "stage"), 2),
+    ("apply (source tree, re-run, patch in place)", ("report", "timings_ms", "apply"), 2),
     ("commit", ("report", "timings_ms", "commit"), 2),
-    ("confirm: read the status back", ("timings_ms", "confirm"), 1),
+    ("confirm (the push's answer names the active bundle: no request)", ("timings_ms", "confirm"), 1),
 ]
 
 

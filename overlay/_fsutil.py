@@ -51,6 +51,11 @@ def read_json(path: Path) -> tuple[Any, str]:
         return None, "missing"
     except OSError as exc:
         return None, f"unreadable ({exc.strerror})"
+    return parse_json(raw)
+
+
+def parse_json(raw: bytes) -> tuple[Any, str]:
+    """:func:`read_json` for bytes already read."""
     if not raw.strip():
         return None, "empty"
     try:

@@ -91,6 +91,7 @@ class Store(TreesMixin):
         self._lock = lock
         self._bundles, self._staged, self._objects = path / "bundles", path / "staged", path / "objects"
         self._written: list[str] = []  # files a staged push wrote, to flush once it commits
+        self._state_cache: tuple[bytes, dict[str, Any]] | None = None  # state.json's bytes, parsed
 
     # ------------------------------------------------------------------------------- opening
 
@@ -182,9 +183,21 @@ class Store(TreesMixin):
     # ---------------------------------------------------------------------------- reading
 
     def _read_state(self) -> tuple[dict[str, Any] | None, str]:
-        """The state file, or None and what is wrong with it (``"missing"``, ``"empty"``, ...)."""
+        """The state file, or None and what is wrong with it (``"missing"``, ``"empty"``, ...).
+
+        Read on every check of a push (another process may have committed); bytes equal to the
+        last read are not parsed and checked again.
+        """
         path = self.path / "state.json"
-        state, why = _fsutil.read_json(path)
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            raw = None
+        cached = self._state_cache
+        if raw is not None and cached is not None and cached[0] == raw:
+            return dict(cached[1]), ""
+        state, why = _fsutil.read_json(path) if raw is None else _fsutil.parse_json(raw)
         if why or not _valid_state(state):
             return None, why or "corrupt (not the shape of a state file)"
         if state["format"] > STATE_FORMAT:
@@ -193,6 +206,8 @@ class Store(TreesMixin):
         if state["app_id"] != self.app_id:
             raise StoreError(f"{path} belongs to app {state['app_id']!r}, not {self.app_id!r}; give "
                              "each app its own store directory", code="store_app_mismatch")
+        if raw is not None:
+            self._state_cache = (raw, dict(state))
         return state, ""
 
     def _verify_file(self, version: int, digest: str) -> tuple[Bundle | None, str]:

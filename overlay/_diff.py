@@ -31,9 +31,9 @@ def entry_diff(old: Bundle | None, new: Bundle) -> EntryDiff:
     new_entries = new.entries
     if old is None:
         return EntryDiff(tuple(new_entries), (), ())
-    known = new.__dict__.get("changed_from")  # set by open_bundle(base=old): names and kinds equal
+    known = new.__dict__.get("changed_from")  # set by open_bundle(base=old) when nothing was removed
     if known is not None and known[0] == old.digest:
-        return EntryDiff((), known[1], ())
+        return EntryDiff(known[1], known[2], ())
     old_entries = old.entries
     added: list[str] = []
     changed: list[str] = []

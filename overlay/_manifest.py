@@ -190,6 +190,22 @@ def check_manifest(m: Any, limits: Limits, *, own: bool = False, known: Table | 
     are skipped too. Offset and size types, contiguity and limits are checked for every entry.
     ``own=True`` is for a manifest this process just built from typed values.
     """
+    delta = check_top(m, limits)
+    entries = m["entries"]
+    if len(entries) > limits.max_entries:
+        raise TooLarge(f"bundle has {len(entries)} entries, over the {limits.max_entries} limit",
+                       code="too_many_entries")
+    total = m["payload"]["uncompressed_size"]
+    table = _fast_table(entries, total, limits, known)
+    if table is None:
+        table = Table.of(_check_entries(entries, total, limits, own))
+    if delta:
+        check_included(m["payload"]["included"], table.names)
+    return table
+
+
+def check_top(m: Any, limits: Limits) -> bool:
+    """Everything about a manifest but its entries; True for a delta payload (``zstd-delta``)."""
     _check_fields(m, _TOP, "manifest")
     if m["format"] != FORMAT:
         raise UnknownFormat(f"manifest format {m['format']} is not supported (expected {FORMAT})")
@@ -215,20 +231,10 @@ def check_manifest(m: Any, limits: Limits, *, own: bool = False, known: Table | 
     if payload["size"] > limits.max_bundle_bytes:
         raise TooLarge(f"payload declares {payload['size']} bytes, over the bundle limit",
                        code="bundle_too_large")
-    entries = m["entries"]
-    if len(entries) > limits.max_entries:
-        raise TooLarge(f"bundle has {len(entries)} entries, over the {limits.max_entries} limit",
-                       code="too_many_entries")
-    total = payload["uncompressed_size"]
-    table = _fast_table(entries, total, limits, known)
-    if table is None:
-        table = Table.of(_check_entries(entries, total, limits, own))
-    if delta:
-        _check_included(payload["included"], table.names)
-    return table
+    return delta
 
 
-def _check_included(included: list[Any], names: tuple[str, ...]) -> None:
+def check_included(included: list[Any], names: tuple[str, ...]) -> None:
     """The delta's entries: names of this manifest (sorted, checked), unique, in entry order."""
     last = -1
     for name in included:

@@ -27,6 +27,7 @@ from typing import Any
 
 import zstandard
 
+from . import _proof
 from ._manifest import CODECS, FORMAT, Entry, Table, check_manifest, parse_manifest
 from .errors import (
     BadSignature,
@@ -75,9 +76,10 @@ _SHA256 = itemgetter(4)  # of an Entry
 class Bundle:
     """A verified, decompressed bundle. ``digest`` (sha256 of the manifest) names it.
 
-    Opened against a ``base`` with the same names and kinds, it also carries ``changed_from``:
-    ``(base digest, names whose body differs)``, what ``overlay._diff`` would otherwise find by a
-    pass over every entry.
+    ``manifest`` holds the manifest's top-level fields; its entry table is ``entries``. Opened
+    against a ``base`` it may also carry ``changed_from``: ``(base digest, names added, names
+    changed)`` when nothing was removed, what ``overlay._diff`` would otherwise find by a pass over
+    every entry.
     """
 
     manifest: dict[str, Any]
@@ -104,6 +106,11 @@ class Bundle:
         """
         entries = list(self.entries.values())[::-1]  # reversed: of equal hashes, the first stays
         return dict(zip(map(_SHA256, entries), entries))
+
+    @cached_property
+    def _pieces(self) -> _proof.Pieces:
+        """Each entry's canonical JSON around its offset, for proving the next push (see ``_proof``)."""
+        return _proof.pieces_of(self._table.rows)
 
     @cached_property
     def _table(self) -> Table:
@@ -366,8 +373,14 @@ def open_bundle(
         data = _delta.unpack(data, trusted, base_manifest, limits)
     parts = _split(data, limits)
     key_ids = _verify(parts, trusted)  # before the manifest is parsed or anything decompressed
-    manifest = parse_manifest(parts.manifest_bytes)
-    table = check_manifest(manifest, limits, known=base._table if base is not None else None)
+    proven = (_proof.proven_table(parts.manifest_bytes, base._table, base._pieces, limits)
+              if base is not None else None)
+    if proven is not None:  # the table of a delta against base, proven by the bytes (see _proof)
+        manifest, table = proven.manifest, proven.table
+    else:
+        manifest = parse_manifest(parts.manifest_bytes)
+        table = check_manifest(manifest, limits, known=base._table if base is not None else None)
+    del manifest["entries"]  # they are Bundle.entries; the dicts would only hold memory
     if app_id is not None and manifest["app_id"] != app_id:
         raise WrongApp(f"this bundle is for app {manifest['app_id']!r} but this server runs "
                        f"{app_id!r}; push to the right server or set app_id in [tool.habanero]",
@@ -384,8 +397,11 @@ def open_bundle(
     entries = dict(zip(table.names, table.rows))
     bundle = Bundle(manifest, parts.manifest_bytes, data, key_ids, entries, payload)
     bundle.__dict__["_table"] = table._replace(changed=None)  # its cached property, already at hand
-    if base is not None and table.changed is not None:  # the same names and kinds as base's
-        bundle.__dict__["changed_from"] = (base.digest, tuple(table.names[i] for i in table.changed))
+    if proven is not None:
+        bundle.__dict__["_pieces"] = proven.pieces
+        bundle.__dict__["changed_from"] = (base.digest, proven.added, proven.changed)  # type: ignore[union-attr]
+    elif base is not None and table.changed is not None:  # the same names and kinds as base's
+        bundle.__dict__["changed_from"] = (base.digest, (), tuple(table.names[i] for i in table.changed))
     return bundle
 
 

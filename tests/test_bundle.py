@@ -68,7 +68,8 @@ def test_round_trip_preserves_every_entry(make_bundle, trusted):
 
 def test_manifest_records_offsets_hashes_and_payload(make_bundle, trusted):
     bundle = open_bundle(make_bundle(FILES), trusted)
-    m = bundle.manifest
+    m = json.loads(bundle.manifest_bytes)
+    assert "entries" not in bundle.manifest and m["payload"] == bundle.manifest["payload"]
     offset = 0
     for entry in m["entries"]:
         assert entry["offset"] == offset

@@ -271,7 +271,7 @@ def test_a_badly_changed_entry_is_refused_against_base_too(case, with_base, base
 
 def _manifest_text(base: Bundle) -> str:
     """A valid manifest for a one-line push, as text to edit."""
-    manifest = dict(base.manifest, version=2, builder={"user": "ci", "note": "a: b"})
+    manifest = dict(json.loads(base.manifest_bytes), version=2, builder={"user": "ci", "note": "a: b"})
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"))
 
 

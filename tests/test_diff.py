@@ -35,7 +35,7 @@ def test_the_diff_names_what_was_added_changed_and_removed(push, base, signing_k
 def test_a_push_opened_against_base_carries_its_diff_when_names_and_kinds_are_the_same(base, signing_key, trusted):
     data = _delta_push(PUSHES["one line"], base, signing_key)
     opened = open_bundle(data, trusted, content=_held(base), base=base)
-    assert opened.changed_from == (base.digest, ("app.a",))
+    assert opened.changed_from == (base.digest, (), ("app.a",))
     other = open_bundle(build_bundle(FILES, app_id="app", version=3, signers=[signing_key]), trusted)
     assert entry_diff(other, opened).changed == ("app.a",), "against another bundle: the full pass"
     assert "changed_from" not in vars(open_bundle(data, trusted, content=_held(base)))

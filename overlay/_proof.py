@@ -1,0 +1,170 @@
+"""A delta push's entry table without parsing its manifest: rebuilt from the active one, proven by
+the signed bytes.
+
+The manifest of a one-line push lists 1,000 entries, 999 of them as the active bundle has them
+(offsets shifted). Parsing and checking all of them costs most of a push. Instead:
+
+1. the manifest's top level (everything but ``entries``) is cut out, parsed strictly and checked;
+2. a candidate table is the active bundle's, with the entries the push carries (its payload's
+   ``included`` list) replaced or inserted, each read from its own small JSON object and checked;
+3. the candidate is serialized the way every manifest is written (canonical JSON: sorted keys, no
+   spaces, ASCII escapes) around the manifest's own top level. If that gives the signed manifest,
+   byte for byte, then parsing the manifest would give exactly the candidate: a JSON text has one
+   value, and canonical serialization writes each value one way. How the candidate was found does
+   not matter to that argument; only the byte comparison does.
+
+Everything in the candidate that did not come from the push was checked when the active bundle
+was opened (names, kinds, hash format, the package tree), under the same limits; what is new is
+checked here (its entry, sizes, totals, order, the tree when names or kinds change). A manifest
+the proof cannot vouch for (written another way, an entry removed, a candidate that does not match)
+gets ``None`` and is parsed and checked in full, as without a base: the slow path decides every
+refusal, so its error messages stay the only ones.
+"""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_left
+from itertools import accumulate, chain
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from . import _manifest
+from ._manifest import _ENTRY, Entry, Table, check_included, check_top, is_sha256, parse_manifest
+from .errors import BundleRejected
+
+if TYPE_CHECKING:
+    from .bundle import Limits
+
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode  # as build_bundle writes
+_OPEN, _CLOSE = b',"entries":[', b'],"format":'  # keys after "created" and before "format"
+
+
+class Pieces(NamedTuple):
+    """Each entry's canonical JSON on either side of its offset (the one field a change before it
+    moves): ``{"kind":…,"name":…,"offset":`` and ``,"sha256":"…","size":…},``."""
+
+    heads: list[str]
+    tails: list[str]
+
+
+def pieces_of(rows: list[Entry]) -> Pieces:
+    return Pieces([_head(e.kind, e.name) for e in rows], [_tail(e.sha256, e.size) for e in rows])
+
+
+def _head(kind: str, name: str) -> str:
+    return f'{{"kind":{_ENCODE(kind)},"name":{_ENCODE(name)},"offset":'
+
+
+def _tail(sha256: str, size: int) -> str:
+    return f',"sha256":"{sha256}","size":{size}}},'
+
+
+class Proven(NamedTuple):
+    manifest: dict[str, Any]       # the top level; ``entries`` is the empty list it was cut to
+    table: Table
+    pieces: Pieces
+    added: tuple[str, ...]         # names the known table lacked
+    changed: tuple[str, ...]       # names whose hash or kind differ from the known table's
+
+
+def proven_table(raw: bytes, known: Table, pieces: Pieces, limits: Limits) -> Proven | None:
+    """The checked table of manifest ``raw`` built from ``known``, or None: parse it in full."""
+    start, end = raw.find(_OPEN), raw.rfind(_CLOSE)
+    if start < 0 or end < start:
+        return None
+    try:
+        top = parse_manifest(raw[:start] + b',"entries":[]' + raw[end + 1:])
+        delta = check_top(top, limits)
+    except BundleRejected:
+        return None  # not this layout after all, or a real problem the full check will name
+    if not delta:
+        return None
+    included = top["payload"]["included"]
+    if not all(type(name) is str for name in included):
+        return None
+    rows = list(known.rows)
+    heads, tails = list(pieces.heads), list(pieces.tails)
+    names = list(known.names)
+    added: list[str] = []
+    changed: list[str] = []
+    first = len(rows)
+    kinds_changed = False
+    for name in included:
+        entry = _carried(raw, start, end, name, limits)
+        if entry is None:
+            return None
+        at = bisect_left(names, name)
+        known_name = at < len(names) and names[at] == name
+        if not (known_name and rows[at].kind == entry.kind) and not _name_holds(name, entry.kind):
+            return None  # a name (or kind) base did not have, and it is not valid
+        if known_name:
+            before = rows[at]
+            if before.kind == entry.kind and before.sha256 == entry.sha256:
+                return None  # carried though unchanged: not how a delta is built; let the full check see
+            kinds_changed = kinds_changed or before.kind != entry.kind
+            rows[at], heads[at], tails[at] = entry, _head(entry.kind, name), _tail(entry.sha256, entry.size)
+            changed.append(name)
+        else:
+            names.insert(at, name)
+            rows.insert(at, entry)
+            heads.insert(at, _head(entry.kind, name))
+            tails.insert(at, _tail(entry.sha256, entry.size))
+            added.append(name)
+        first = min(first, at)
+    if len(rows) > limits.max_entries:
+        return None
+    sizes = [e.size for e in rows]
+    offsets = list(accumulate(sizes, initial=0))
+    if offsets.pop() != top["payload"]["uncompressed_size"]:
+        return None
+    body = "".join(chain.from_iterable(zip(heads, map(str, offsets), tails)))[:-1]
+    if raw[: start + len(_OPEN)] + body.encode("ascii") + raw[end:] != raw:
+        return None  # the proof: anything else is parsed in full
+    try:
+        check_included(included, tuple(names))
+    except BundleRejected:
+        return None
+    if added or kinds_changed:
+        try:
+            _manifest._check_tree(dict(zip(names, (e.kind for e in rows))))
+        except BundleRejected:
+            return None
+    # Entries before the first change keep their offsets: reuse them; the rest move.
+    final = rows[:first] + [Entry(e.name, e.kind, offset, e.size, e.sha256)
+                            for e, offset in zip(rows[first:], offsets[first:])]
+    same_names = not added and not kinds_changed
+    table = Table(final, tuple(names), tuple(e.kind for e in final), tuple(offsets), tuple(sizes),
+                  tuple(e.sha256 for e in final),
+                  sorted(bisect_left(names, n) for n in changed) if same_names else None)
+    return Proven(top, table, Pieces(heads, tails), tuple(added), tuple(changed))
+
+
+def _carried(raw: bytes, start: int, end: int, name: str, limits: Limits) -> Entry | None:
+    """The entry object of ``name`` in the manifest's entry list, its fields checked (the name by
+    the caller, when base lacks it); None if not found as expected (the byte comparison would fail
+    anyway) or not valid (the full check says why)."""
+    marker = f'"name":{_ENCODE(name)},"offset":'.encode("ascii")
+    at = raw.find(marker, start, end)
+    if at < 0:
+        return None
+    left, right = raw.rfind(b"{", start, at), raw.find(b"}", at, end)
+    if left < 0 or right < 0:
+        return None
+    try:
+        obj = json.loads(raw[left: right + 1])
+    except (ValueError, RecursionError):
+        return None
+    if not (type(obj) is dict and obj.keys() == _ENTRY.keys() and obj["name"] == name
+            and type(obj["kind"]) is str and type(obj["offset"]) is int and type(obj["size"]) is int
+            and type(obj["sha256"]) is str and 0 <= obj["size"] <= limits.max_entry_bytes
+            and is_sha256(obj["sha256"])):
+        return None
+    return Entry(name, obj["kind"], obj["offset"], obj["size"], obj["sha256"])
+
+
+def _name_holds(name: str, kind: str) -> bool:
+    try:
+        _manifest._check_name(name, kind)
+    except BundleRejected:
+        return False
+    return True

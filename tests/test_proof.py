@@ -1,0 +1,104 @@
+"""Opening a delta push by proof: the same bundle as a full parse, and nothing the full check
+would refuse gets in."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from overlay import _proof
+from overlay.bundle import build_bundle, manifest_bytes_of, open_bundle
+from overlay.errors import BundleRejected
+from test_bundle_base import FILES, PUSHES, _delta_push, _held, _same, _signed, _wrap
+
+# Pushes the proof covers; the others are parsed in full: a removal, and a body base holds under
+# another name (an emptied __init__.py), which the push does not carry, so its list cannot say.
+PROVEN = {"one line", "a file added", "everything", "nothing"}
+
+
+@pytest.fixture
+def base(signing_key, trusted):
+    return open_bundle(build_bundle(FILES, app_id="app", version=1, signers=[signing_key]), trusted)
+
+
+@pytest.fixture
+def proofs(monkeypatch) -> list[bool]:
+    """Whether each open proved its table (True) or fell back to the full parse (False)."""
+    seen: list[bool] = []
+    real = _proof.proven_table
+    monkeypatch.setattr(_proof, "proven_table", lambda *a: seen.append((r := real(*a)) is not None) or r)
+    return seen
+
+
+@pytest.mark.parametrize("push", PUSHES, ids=list(PUSHES))
+def test_a_proven_table_opens_the_same_bundle_as_the_full_parse(push, base, signing_key, trusted, proofs):
+    data = _delta_push(PUSHES[push], base, signing_key)
+    fast = open_bundle(data, trusted, content=_held(base), base=base)
+    assert proofs == [push in PROVEN]
+    _same(fast, open_bundle(data, trusted, content=_held(base)))
+    assert fast.manifest == {k: v for k, v in json.loads(fast.manifest_bytes).items() if k != "entries"}
+
+
+def test_push_after_push_keeps_proving(base, signing_key, trusted, proofs):
+    active = base
+    for version in range(2, 6):
+        files = {**FILES, "app.a": ("module", f"A = {version}\n".encode())}
+        data = build_bundle(files, app_id="app", version=version, signers=[signing_key],
+                            base=_base_of(active))
+        active = open_bundle(data, trusted, content=_held(active), base=active)
+        assert active.read("app.a") == f"A = {version}\n".encode()
+    assert proofs == [True] * 4
+
+
+def _base_of(bundle):
+    from overlay.bundle import Base
+
+    return Base.from_manifest(bundle.manifest_bytes)
+
+
+def test_a_manifest_written_another_way_is_parsed_in_full_and_still_opens(base, signing_key, trusted, proofs):
+    # Same content, not canonical (spaces after separators): the proof cannot vouch, the parse can.
+    canonical = _delta_push(PUSHES["one line"], base, signing_key)
+    manifest = manifest_bytes_of(canonical)
+    frame = canonical[-json.loads(manifest)["payload"]["size"]:]
+    spaced = json.dumps(json.loads(manifest), sort_keys=True).encode()
+    data = _wrap(spaced, signing_key, frame)
+    opened = open_bundle(data, trusted, content=_held(base), base=base)
+    assert proofs == [False] and opened.read("app.a") == PUSHES["one line"]["app.a"][1]
+
+
+FORGERIES = {
+    "offset of a carried entry": {"app.a": {"offset": 1}},
+    "size of a carried entry": {"app.a": {"size": 1}},
+    "bad hash of a carried entry": {"app.a": {"sha256": "AB" * 32}},
+    "kind of a carried entry": {"app.a": {"kind": "widget"}},
+    "an unchanged entry's hash": {"app.b": {"sha256": "ab" * 32}},
+}
+
+
+@pytest.mark.parametrize("forgery", FORGERIES, ids=list(FORGERIES))
+def test_a_signed_but_inconsistent_manifest_is_refused_with_base_as_without(forgery, base, signing_key, trusted):
+    rows = [(n, k, b) for n, (k, b) in sorted(PUSHES["one line"].items())]
+    data = _signed(signing_key, rows, parent=base.digest, included=["app.a"], **FORGERIES[forgery])
+    with pytest.raises(BundleRejected) as without:
+        open_bundle(data, trusted, content=_held(base))
+    with pytest.raises(BundleRejected) as with_base:
+        open_bundle(data, trusted, content=_held(base), base=base)
+    assert (with_base.value.code, with_base.value.message) == (without.value.code, without.value.message)
+
+
+names = st.sampled_from(sorted(n for n, (k, _) in FILES.items() if k == "module"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.dictionaries(names, st.binary(max_size=40), max_size=3),
+       new=st.dictionaries(st.from_regex(r"app\.n[a-z]{1,4}", fullmatch=True), st.binary(max_size=20), max_size=2),
+       drop=st.sets(names, max_size=1))
+def test_any_edit_opens_the_same_with_base_and_without(edits, new, drop, base, signing_key, trusted):
+    files = {**FILES, **{n: ("module", b) for n, b in edits.items()}, **{n: ("module", b) for n, b in new.items()}}
+    files = {n: v for n, v in files.items() if n not in drop}
+    data = _delta_push(files, base, signing_key)
+    _same(open_bundle(data, trusted, content=_held(base), base=base), open_bundle(data, trusted, content=_held(base)))

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_left
+from functools import partial
+from operator import attrgetter
 from itertools import accumulate, chain
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -35,6 +37,8 @@ from .errors import BundleRejected
 if TYPE_CHECKING:
     from .bundle import Limits
 
+_KIND, _SIZE, _SHA256 = attrgetter("kind"), attrgetter("size"), attrgetter("sha256")
+_ENTRY_OF = partial(tuple.__new__, Entry)  # Entry(*fields) without a Python-level __new__ call
 _ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode  # as build_bundle writes
 _OPEN, _CLOSE = b',"entries":[', b'],"format":'  # keys after "created" and before "format"
 
@@ -113,7 +117,7 @@ def proven_table(raw: bytes, known: Table, pieces: Pieces, limits: Limits) -> Pr
         first = min(first, at)
     if len(rows) > limits.max_entries:
         return None
-    sizes = [e.size for e in rows]
+    sizes = list(map(_SIZE, rows))
     offsets = list(accumulate(sizes, initial=0))
     if offsets.pop() != top["payload"]["uncompressed_size"]:
         return None
@@ -124,17 +128,19 @@ def proven_table(raw: bytes, known: Table, pieces: Pieces, limits: Limits) -> Pr
         check_included(included, tuple(names))
     except BundleRejected:
         return None
+    kinds = tuple(map(_KIND, rows))
     if added or kinds_changed:
         try:
-            _manifest._check_tree(dict(zip(names, (e.kind for e in rows))))
+            _manifest._check_tree(dict(zip(names, kinds)))
         except BundleRejected:
             return None
-    # Entries before the first change keep their offsets: reuse them; the rest move.
-    final = rows[:first] + [Entry(e.name, e.kind, offset, e.size, e.sha256)
-                            for e, offset in zip(rows[first:], offsets[first:])]
+    # Entries before the first change keep their offsets: reuse them; the rest move (made at C
+    # speed: this is the one step that may touch every entry).
+    hashes = tuple(map(_SHA256, rows))
+    final = rows[:first] + list(map(_ENTRY_OF, zip(names[first:], kinds[first:], offsets[first:],
+                                                   sizes[first:], hashes[first:])))
     same_names = not added and not kinds_changed
-    table = Table(final, tuple(names), tuple(e.kind for e in final), tuple(offsets), tuple(sizes),
-                  tuple(e.sha256 for e in final),
+    table = Table(final, tuple(names), kinds, tuple(offsets), tuple(sizes), hashes,
                   sorted(bisect_left(names, n) for n in changed) if same_names else None)
     return Proven(top, table, Pieces(heads, tails), tuple(added), tuple(changed))
 

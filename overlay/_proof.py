@@ -7,11 +7,12 @@ The manifest of a one-line push lists 1,000 entries, 999 of them as the active b
 1. the manifest's top level (everything but ``entries``) is cut out, parsed strictly and checked;
 2. a candidate table is the active bundle's, with the entries the push carries (its payload's
    ``included`` list) replaced or inserted, each read from its own small JSON object and checked;
-3. the candidate is serialized the way every manifest is written (canonical JSON: sorted keys, no
-   spaces, ASCII escapes) around the manifest's own top level. If that gives the signed manifest,
-   byte for byte, then parsing the manifest would give exactly the candidate: a JSON text has one
-   value, and canonical serialization writes each value one way. How the candidate was found does
-   not matter to that argument; only the byte comparison does.
+3. the candidate (the parsed top level with the candidate entries) is serialized the way every
+   manifest is written (canonical JSON: sorted keys, no spaces, ASCII escapes), all of it from
+   parsed values. If that gives the signed manifest, byte for byte, then the manifest is the
+   canonical text of exactly the candidate, so parsing it would give the candidate. How the
+   candidate was found (where the entry list was cut out, how the carried entries were located)
+   does not matter to that argument; only the byte comparison does.
 
 Everything in the candidate that did not come from the push was checked when the active bundle
 was opened (names, kinds, hash format, the package tree), under the same limits; what is new is
@@ -41,6 +42,7 @@ _KIND, _SIZE, _SHA256 = attrgetter("kind"), attrgetter("size"), attrgetter("sha2
 _ENTRY_OF = partial(tuple.__new__, Entry)  # Entry(*fields) without a Python-level __new__ call
 _ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode  # as build_bundle writes
 _OPEN, _CLOSE = b',"entries":[', b'],"format":'  # keys after "created" and before "format"
+_BEFORE, _AFTER = ("app_id", "builder", "created"), ("format", "parent", "payload", "version")  # sorted
 
 
 class Pieces(NamedTuple):
@@ -121,8 +123,7 @@ def proven_table(raw: bytes, known: Table, pieces: Pieces, limits: Limits) -> Pr
     offsets = list(accumulate(sizes, initial=0))
     if offsets.pop() != top["payload"]["uncompressed_size"]:
         return None
-    body = "".join(chain.from_iterable(zip(heads, map(str, offsets), tails)))[:-1]
-    if raw[: start + len(_OPEN)] + body.encode("ascii") + raw[end:] != raw:
+    if _canonical(top, heads, offsets, tails) != raw:
         return None  # the proof: anything else is parsed in full
     try:
         check_included(included, tuple(names))
@@ -143,6 +144,18 @@ def proven_table(raw: bytes, known: Table, pieces: Pieces, limits: Limits) -> Pr
     table = Table(final, tuple(names), kinds, tuple(offsets), tuple(sizes), hashes,
                   sorted(bisect_left(names, n) for n in changed) if same_names else None)
     return Proven(top, table, Pieces(heads, tails), tuple(added), tuple(changed))
+
+
+def _canonical(top: dict[str, Any], heads: list[str], offsets: list[int], tails: list[str]) -> bytes:
+    """The manifest ``top`` with these entries, written as ``build_bundle`` writes every manifest.
+
+    All of it is written here from parsed values (none of it is copied from the bytes being
+    checked), so equal bytes mean the manifest is exactly this value.
+    """
+    head = _ENCODE({k: top[k] for k in _BEFORE})
+    tail = _ENCODE({k: top[k] for k in _AFTER})
+    body = "".join(chain.from_iterable(zip(heads, map(str, offsets), tails)))[:-1]
+    return f'{head[:-1]},"entries":[{body}],{tail[1:]}'.encode("ascii")
 
 
 def _carried(raw: bytes, start: int, end: int, name: str, limits: Limits) -> Entry | None:

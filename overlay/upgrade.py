@@ -1,12 +1,15 @@
 """The push transaction: verify, stage, plan, apply in place, then commit or undo everything.
 
-One deploy runs at a time (a second gets ``DeployInProgress``). Every mutation of the apply step
-(module dicts, function attributes, class dicts, ``sys.modules``, the app's modules first imported
-during the apply, the finder's index, live modules' ``__spec__``/``__file__``) is recorded in a
-journal; on any exception, or if the store cannot commit, the journal is replayed backwards, leaving
-the process exactly as before (the same objects, ``is``-identical), and the error is re-raised as
-``ActivationFailed`` carrying the traceback text. The store's active pointer flips only after a
-clean apply, so a crash mid-apply boots the previous version.
+One deploy runs at a time (a second gets ``DeployInProgress``). A push costs what it changed: one
+pass over the entries finds what differs (often none: opening the bundle knew), and the plan, the
+finder's index, the store's objects and tree, and the re-pointing of live modules look only at that.
+Every mutation of the apply step (the files of the store's tree, module dicts, function attributes,
+class dicts, ``sys.modules``, the app's modules first imported during the apply, the finder's
+index, live modules' ``__spec__``/``__file__``) is recorded in a journal; on any exception, or if
+the store cannot commit, the journal is replayed backwards, leaving the process exactly as before
+(the same objects, ``is``-identical), and the error is re-raised as ``ActivationFailed`` carrying
+the traceback text. The store's active pointer flips only after a clean apply, so a crash
+mid-apply boots the previous version.
 
 What other threads can observe while a push applies:
 
@@ -28,8 +31,8 @@ What other threads can observe while a push applies:
   needs the import lock for a nested import while the new code of this push imports X too, both
   threads wait for each other: a deadlock the import system cannot detect. It needs an import of
   the same not-yet-imported module racing the apply step.
-* The import lock is also held while the store commits (an fsync, and the store's file lock if
-  another process is writing), so first imports elsewhere wait for that too.
+* The import lock is also held while the store commits (a rename; an fsync with ``sync="commit"``;
+  the store's file lock if another process is writing), so first imports elsewhere wait for that too.
 """
 
 from __future__ import annotations

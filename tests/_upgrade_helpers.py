@@ -12,14 +12,19 @@ uses to pause the apply step.
 from __future__ import annotations
 
 import collections
+import importlib
+import linecache
 import sys
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+import overlay
 from _overlay_helpers import tree_entries
 from overlay import _delta
 from overlay.bundle import Base, build_bundle
@@ -172,3 +177,72 @@ def assert_same(before: Snapshot, finder: Any, package: str = APP) -> None:
         for key, value in attrs.items():
             assert cls.__dict__[key] is value, f"{cls.__qualname__}.{key} is another object"
     assert finder.index is before.index, "the finder serves another index"
+
+
+# ------------------------------------------------------------------ fixtures and test helpers
+
+THREAD_TIMEOUT = 10
+
+
+@pytest.fixture
+def probe(import_state):
+    return make_probe()
+
+
+@pytest.fixture
+def deploy(probe, tmp_path, trusted_keys_file, signing_key, monkeypatch):
+    """An overlay serving ``upapp`` from an empty store in ``tmp_path``; uninstalled afterwards."""
+    for name in ("PACKAGES", "TRUSTED_KEYS", "STORE", "LISTEN", "APP_ID", "DISABLE", "CODE_CACHE"):
+        monkeypatch.delenv(f"HABANERO_{name}", raising=False)
+    saved_lines = dict(linecache.cache)
+    ov = overlay.install(packages=[APP], trusted_keys=trusted_keys_file, store=tmp_path / "store")
+    try:
+        yield Deployment(ov, signing_key)
+    finally:
+        ov.uninstall()
+        linecache.cache.clear()
+        linecache.cache.update(saved_lines)
+
+
+class Modules:
+    """``m.core`` is ``sys.modules["upapp.core"]``, looked up at each access; ``m.probe`` the probe."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "probe":
+            return sys.modules["upgrade_probe"]
+        return sys.modules[f"{APP}.{name}"]
+
+
+m = Modules()
+
+
+def start(deploy: Deployment, scenario: str, version: str = "v1") -> Any:
+    """Push ``version`` of a scenario as the first bundle and import every module of it."""
+    report = deploy.push(scenario, version)
+    for name, (kind, _) in sorted(snippet_files(scenario, version).items()):
+        if kind != "data":
+            importlib.import_module(name)
+    return report
+
+
+def in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``target`` in a daemon thread; the dict gets its ``result`` or its ``error``."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = target()
+        except BaseException as exc:  # handed to the test thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def joined(thread: threading.Thread, out: dict[str, Any]) -> Any:
+    thread.join(THREAD_TIMEOUT)
+    assert not thread.is_alive(), "the thread did not finish"
+    if "error" in out:
+        raise out["error"]
+    return out.get("result")

@@ -9,13 +9,9 @@ the overlay is uninstalled even when a test fails.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import importlib
-import linecache
 import sys
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +20,18 @@ from typing import Any
 import pytest
 
 import overlay
-from _upgrade_helpers import APP, Deployment, assert_same, make_probe, snapshot, snippet_files, write_tree
+from _upgrade_helpers import (  # noqa: F401  (deploy, probe: fixtures)
+    APP,
+    Deployment,
+    assert_same,
+    deploy,
+    m,
+    probe,
+    snapshot,
+    snippet_files,
+    start,
+    write_tree,
+)
 from overlay._plan import imported_names
 from overlay.bundle import _HEADER, FLAG_PACKED
 from overlay.errors import (
@@ -32,75 +39,7 @@ from overlay.errors import (
     BundleRejected,
     CompileFailed,
     ControlRejected,
-    DeployInProgress,
 )
-
-THREAD_TIMEOUT = 10
-
-
-@pytest.fixture
-def probe(import_state):
-    return make_probe()
-
-
-@pytest.fixture
-def deploy(probe, tmp_path, trusted_keys_file, signing_key, monkeypatch):
-    """An overlay serving ``upapp`` from an empty store in ``tmp_path``; uninstalled afterwards."""
-    for name in ("PACKAGES", "TRUSTED_KEYS", "STORE", "LISTEN", "APP_ID", "DISABLE", "CODE_CACHE"):
-        monkeypatch.delenv(f"HABANERO_{name}", raising=False)
-    saved_lines = dict(linecache.cache)
-    ov = overlay.install(packages=[APP], trusted_keys=trusted_keys_file, store=tmp_path / "store")
-    try:
-        yield Deployment(ov, signing_key)
-    finally:
-        ov.uninstall()
-        linecache.cache.clear()
-        linecache.cache.update(saved_lines)
-
-
-class Modules:
-    """``m.core`` is ``sys.modules["upapp.core"]``, looked up at each access; ``m.probe`` the probe."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "probe":
-            return sys.modules["upgrade_probe"]
-        return sys.modules[f"{APP}.{name}"]
-
-
-m = Modules()
-
-
-def start(deploy: Deployment, scenario: str, version: str = "v1") -> Any:
-    """Push ``version`` of a scenario as the first bundle and import every module of it."""
-    report = deploy.push(scenario, version)
-    for name, (kind, _) in sorted(snippet_files(scenario, version).items()):
-        if kind != "data":
-            importlib.import_module(name)
-    return report
-
-
-def in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """Run ``target`` in a daemon thread; the dict gets its ``result`` or its ``error``."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = target()
-        except BaseException as exc:  # handed to the test thread
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
-
-
-def joined(thread: threading.Thread, out: dict[str, Any]) -> Any:
-    thread.join(THREAD_TIMEOUT)
-    assert not thread.is_alive(), "the thread did not finish"
-    if "error" in out:
-        raise out["error"]
-    return out.get("result")
-
 
 # ------------------------------------------------------------------------- the scenario matrix
 
@@ -458,147 +397,6 @@ def test_a_migration_hook_that_raises_undoes_the_push(deploy):
     assert_same(before, deploy.ov.finder)
     assert m.sessions.SESSIONS is sessions and sessions == {"ann": "2024-01-01", "bob": "2024-06-01"}
     assert m.sessions.since("bob") == "2024-06-01" and deploy.ov.version == 1
-
-
-# -------------------------------------------------------------------------- running code
-
-
-def test_a_thread_looping_on_a_function_picks_up_the_new_code(deploy):
-    start(deploy, "running")
-    work = m.worker.work  # held by the loop, as a worker would
-    seen: list[int] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            seen.append(work())
-            time.sleep(0.0005)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + THREAD_TIMEOUT
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.001)
-        deploy.push("running", "v2")
-        while 2 not in seen and time.monotonic() < deadline:
-            time.sleep(0.001)
-    finally:
-        stop.set()
-        thread.join(THREAD_TIMEOUT)
-    assert seen[0] == 1 and 2 in seen
-    assert 1 not in seen[seen.index(2):]  # once it ran the new code, never the old again
-
-
-def test_an_in_flight_generator_and_coroutine_finish_on_the_code_they_started_with(deploy):
-    start(deploy, "running")
-    steps = m.worker.steps()
-    assert next(steps) == "v1-a"
-    loop = asyncio.new_event_loop()
-    try:
-        gate = loop.create_future()
-        task = loop.create_task(m.worker.handle(gate))
-        loop.run_until_complete(asyncio.sleep(0))  # parked on the gate
-
-        deploy.push("running", "v2")
-        gate.set_result(None)
-
-        assert next(steps) == "v1-b" and loop.run_until_complete(task) == "v1"
-        assert list(m.worker.steps()) == ["v2-a", "v2-b"]
-        ready = loop.create_future()
-        ready.set_result(None)
-        assert loop.run_until_complete(m.worker.handle(ready)) == "v2"
-    finally:
-        loop.close()
-
-
-def test_no_thread_imports_a_new_module_until_the_transaction_is_done(deploy, probe):
-    start(deploy, "slow_apply")
-    applying, release = probe.events["applying"], probe.events["release"]
-    pusher = in_thread(lambda: deploy.push("slow_apply", "v2"))
-    try:
-        assert applying.wait(THREAD_TIMEOUT), "the apply step never started"
-
-        def import_fresh() -> tuple[int, int | None, int | None]:
-            fresh = importlib.import_module("upapp.fresh")
-            return fresh.SEEN, deploy.ov.version, deploy.ov.store.active.version
-
-        importer = in_thread(import_fresh)
-        importer[0].join(0.3)
-        assert importer[0].is_alive(), "a thread imported a module of a half-applied version"
-        assert "upapp.fresh" not in sys.modules
-    finally:
-        release.set()
-    report = joined(*pusher)
-    # The import waited for the whole transaction: it ran the new module against the new core,
-    # with the finder and the store both already at version 2.
-    assert joined(*importer) == (2, 2, 2)
-    assert report.version == 2 and probe.runs["upapp.fresh"] == 1
-    assert sys.modules["upapp.fresh"].__spec__.loader.index is deploy.ov.finder.index
-
-
-def test_threads_calling_into_live_modules_are_not_blocked_by_the_apply_step(deploy, probe):
-    start(deploy, "slow_apply")
-    version = m.core.version
-    pusher = in_thread(lambda: deploy.push("slow_apply", "v2"))
-    try:
-        assert probe.events["applying"].wait(THREAD_TIMEOUT)
-        # Requests keep being served while the push is paused in its migration hook, and they
-        # already run the patched function: a push is visible before it commits (see upgrade.py).
-        caller = in_thread(version)
-        assert joined(*caller) == 2 and deploy.ov.store.active.version == 1
-    finally:
-        probe.events["release"].set()
-    assert joined(*pusher).version == 2
-
-
-def test_a_module_another_thread_is_still_importing_is_not_changed_under_it(deploy, probe):
-    deploy.push("import_in_flight", "v1")
-    importer = in_thread(lambda: importlib.import_module("upapp.slow"))
-    try:
-        assert probe.events["importing"].wait(THREAD_TIMEOUT)
-        with pytest.raises(ActivationFailed) as info:
-            deploy.push("import_in_flight", "v2")
-    finally:
-        probe.events["finish_import"].set()
-    slow = joined(*importer)
-    assert "upapp.slow is being imported by another thread" in info.value.message
-    assert deploy.ov.version == 1 and slow.answer() == "v1"  # consistent: the push did not land
-    assert deploy.push("import_in_flight", "v2").version == 2 and slow.answer() == "v2"
-
-
-def test_a_push_leaves_an_unchanged_module_another_thread_is_importing_marked_as_in_flight(deploy, probe):
-    deploy.push("unchanged_in_flight", "v1")
-    importlib.import_module("upapp.other")
-    first = in_thread(lambda: importlib.import_module("upapp.slow"))
-    try:
-        assert probe.events["importing"].wait(THREAD_TIMEOUT)
-        assert deploy.push("unchanged_in_flight", "v2").version == 2 and m.other.version() == 2
-        # A second importer must still wait for the first one to finish the module's body; had the
-        # push replaced its __spec__, it would be handed a half-run module without answer().
-        second = in_thread(lambda: importlib.import_module("upapp.slow").answer())
-        second[0].join(0.3)
-        assert second[0].is_alive(), "a thread was handed a module that is still being imported"
-    finally:
-        probe.events["finish_import"].set()
-    assert joined(*first).answer() == "v1" and joined(*second) == "v1"
-
-
-def test_a_second_deploy_while_one_is_applying_is_refused_with_deploy_in_progress(deploy, probe):
-    start(deploy, "slow_apply")
-    third = deploy.bundle("function_body", "v1", number=3)
-    pusher = in_thread(lambda: deploy.push("slow_apply", "v2"))
-    try:
-        assert probe.events["applying"].wait(THREAD_TIMEOUT)
-        with pytest.raises(DeployInProgress) as pushed:
-            deploy.ov.apply(third)
-        with pytest.raises(DeployInProgress):
-            deploy.ov.rollback()
-    finally:
-        probe.events["release"].set()
-    assert joined(*pusher).version == 2
-    assert pushed.value.code == "deploy_in_progress" and pushed.value.http_status == 409
-    assert deploy.ov.apply(third).version == 3  # refused, not lost: it applies once the first is done
 
 
 # ------------------------------------------------------------------------------- rollback

@@ -11,7 +11,7 @@ import pytest
 
 from _upgrade_helpers import APP
 from overlay.bundle import build_bundle
-from test_upgrade import deploy, probe  # noqa: F401  (fixtures)
+from _upgrade_helpers import deploy, probe  # noqa: F401  (fixtures)
 
 FILES = {
     APP: ("package", b""),

@@ -102,3 +102,16 @@ def test_any_edit_opens_the_same_with_base_and_without(edits, new, drop, base, s
     files = {n: v for n, v in files.items() if n not in drop}
     data = _delta_push(files, base, signing_key)
     _same(open_bundle(data, trusted, content=_held(base), base=base), open_bundle(data, trusted, content=_held(base)))
+
+
+@pytest.mark.parametrize("builder, proven", [
+    ({"entries": [{"kind": "module", "name": "app.a", "offset": 0}], "format": 1}, True),
+    ({"a": 1, "entries": [{"kind": "module", "name": "app.a", "offset": 0}], "format": 1}, False),
+], ids=["lookalike first in the builder", "lookalike cut out first"])
+def test_an_entry_list_lookalike_in_the_builder_cannot_mislead_the_proof(builder, proven, base, signing_key,
+                                                                         trusted, proofs):
+    # The builder is free-form JSON: here it holds an "entries" list of its own before the real one.
+    data = _delta_push(PUSHES["one line"], base, signing_key, builder=builder)
+    opened = open_bundle(data, trusted, content=_held(base), base=base)
+    _same(opened, open_bundle(data, trusted, content=_held(base)))
+    assert opened.manifest["builder"] == builder and proofs == [proven]

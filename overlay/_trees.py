@@ -19,8 +19,9 @@ under ``sync="background"`` and flushed by a worker thread right after the push 
 (see ``Store``); a power cut before that makes the store fall back to the newest version whose
 bodies verify.
 
-Unreferenced objects (of versions retention dropped) are swept by the same worker, now and then,
-never on a push's path. ``TreesMixin`` is part of :class:`overlay.store.Store`.
+Unreferenced objects (of versions retention dropped) are swept by the same worker once every
+``SWEEP_EVERY`` dropped versions, never on a push's path and never while the app starts: until
+then they only take disk space. ``TreesMixin`` is part of :class:`overlay.store.Store`.
 """
 
 from __future__ import annotations

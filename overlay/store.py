@@ -24,9 +24,12 @@ the page cache hold it when the push answers (a ``kill -9`` or a crash of the ap
 a worker thread fsyncs every file and directory it wrote right after the answer; a power cut in
 those milliseconds may boot the previous version (the store falls back to the newest bundle that
 verifies) and forget that the newest version was accepted. ``"commit"`` fsyncs before the push
-answers (about 3 ms a push on a typical SSD): an acknowledged push survives a power cut. What a crash can leave is recognisable and removed by ``open()``: temp
-files, staged bundles, and a bundle promoted by a commit that died before its pointer flip (its
-version is above ``highest``, which no committed bundle's is: ``reset_highest`` drops those).
+answers (a few fsyncs, about 3 ms a push here): an acknowledged push survives a power cut.
+
+What a crash can leave is recognisable and removed by ``open()``: temp files, staged bundles, a
+bundle promoted by a commit that died before its pointer flip (its version is above ``highest``,
+which no committed bundle's is: ``reset_highest`` drops those), and tree files of a push that never
+committed (the tree is checked against the active bundle and repaired).
 
 Nothing on disk is trusted: ``open()`` re-verifies the active bundle against the current trusted
 keys and, when it fails, serves the newest earlier bundle that verifies, down to none (the code on
@@ -125,7 +128,6 @@ class Store(TreesMixin):
             with store._io("repair the store"):
                 store._recover()
                 store._check_tree()
-                store._later(store._sweep_objects)
         except BaseException:
             lock.close()
             raise

@@ -192,7 +192,7 @@ def probe(import_state):
 @pytest.fixture
 def deploy(probe, tmp_path, trusted_keys_file, signing_key, monkeypatch):
     """An overlay serving ``upapp`` from an empty store in ``tmp_path``; uninstalled afterwards."""
-    for name in ("PACKAGES", "TRUSTED_KEYS", "STORE", "LISTEN", "APP_ID", "DISABLE", "CODE_CACHE"):
+    for name in ("PACKAGES", "TRUSTED_KEYS", "STORE", "LISTEN", "APP_ID", "DISABLE", "CODE_CACHE", "SYNC"):
         monkeypatch.delenv(f"HABANERO_{name}", raising=False)
     saved_lines = dict(linecache.cache)
     ov = overlay.install(packages=[APP], trusted_keys=trusted_keys_file, store=tmp_path / "store")

@@ -17,7 +17,7 @@ from overlay.finder import OverlayFinder
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for name in ("PACKAGES", "TRUSTED_KEYS", "STORE", "LISTEN", "APP_ID", "DISABLE", "CODE_CACHE"):
+    for name in ("PACKAGES", "TRUSTED_KEYS", "STORE", "LISTEN", "APP_ID", "DISABLE", "CODE_CACHE", "SYNC"):
         monkeypatch.delenv(f"HABANERO_{name}", raising=False)
 
 
@@ -135,6 +135,22 @@ def test_arguments_win_over_the_environment(install, monkeypatch, tmp_path):
     monkeypatch.setenv("HABANERO_LISTEN", "not a listen address")
     ov = install(packages="hbapp", app_id="from-arg", listen="[::1]:9000")
     assert ov.packages == ("hbapp",) and ov.app_id == "from-arg" and ov.listen == "[::1]:9000"
+
+
+@pytest.mark.parametrize("argument, variable, expected", [
+    (None, None, "background"), (None, "commit", "commit"), ("background", "commit", "background"),
+])
+def test_sync_comes_from_the_keyword_then_the_environment(install, monkeypatch, argument, variable, expected):
+    if variable is not None:
+        monkeypatch.setenv("HABANERO_SYNC", variable)
+    assert install(sync=argument).store.sync == expected
+
+
+def test_an_unknown_sync_mode_is_a_config_error_naming_both_settings(install, monkeypatch):
+    monkeypatch.setenv("HABANERO_SYNC", "sometimes")
+    with pytest.raises(ConfigError, match="'background'.*'commit'.*sync=.*HABANERO_SYNC") as info:
+        install()
+    assert info.value.code == "bad_config"
 
 
 def test_app_id_defaults_to_the_first_package_and_store_to_dot_habanero(install, monkeypatch, tmp_path):

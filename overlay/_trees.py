@@ -119,21 +119,6 @@ class TreesMixin:
             written.append(path)
         return written
 
-    def _ensure_objects(self, bundle: Bundle) -> None:
-        """At open: the active bundle's bodies are all in ``objects/`` (a power cut may have lost some)."""
-        for entry in bundle.entries.values():
-            path = self._object_path(entry.sha256)
-            try:
-                with open(path, "rb") as fh:
-                    if fh.read() == bundle.read(entry.name):
-                        continue
-            except OSError:
-                pass
-            logger.warning("object %s of v%s is missing or damaged; writing it again", entry.sha256[:12],
-                           bundle.version)
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            _fsutil.write_atomic(Path(path), bundle.read(entry.name), mode=0o444, sync_dir=False)
-
     # --------------------------------------------------------------------------------- tree
 
     def update_tree(self, old: Bundle | None, new: Bundle, names: Iterable[str] | None = None) -> Task:
@@ -207,17 +192,22 @@ class TreesMixin:
             if root.exists():
                 self._drop_later(root)
             return
-        self._ensure_objects(bundle)
         expected = {e.path: e for e in bundle.entries.values()}
         wrong: list[Entry] = []
         for entry in expected.values():
-            try:
-                with open(os.path.join(root, entry.path), "rb") as fh:
-                    if fh.read() == bundle.read(entry.name):
-                        continue
-            except OSError:
-                pass
-            wrong.append(entry)
+            body = bundle.read(entry.name)
+            tree_ok, inode = _holds(os.path.join(root, entry.path), body)
+            # The tree file is a hard link to the object: the same inode, already read, is the
+            # object checked too. Otherwise (a copy, a repair pending) the object is read as well.
+            obj = self._object_path(entry.sha256)
+            if not (inode is not None and _inode(obj) == inode) and not _holds(obj, body)[0]:
+                logger.warning("object %s of v%s is missing or damaged; writing it again",
+                               entry.sha256[:12], bundle.version)
+                os.makedirs(os.path.dirname(obj), mode=0o700, exist_ok=True)
+                _fsutil.write_atomic(Path(obj), body, mode=0o444, sync_dir=False)
+                tree_ok = False  # relink the tree file to the new object
+            if not tree_ok:
+                wrong.append(entry)
         extra = [p for p in _files_below(root) if p not in expected] if root.is_dir() else []
         if not wrong and not extra:
             return
@@ -324,6 +314,24 @@ class TreesMixin:
     def _bundle_files(self) -> list[str]:
         return [os.path.join(d, n) for d in (self._bundles, self._staged) for n in os.listdir(d)
                 if n.endswith(".hbn")]
+
+
+def _holds(path: str, body: bytes) -> tuple[bool, int | None]:
+    """Whether the file at ``path`` holds exactly ``body``, and its inode when it does."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read() == body:
+                return True, os.fstat(fh.fileno()).st_ino
+    except OSError:
+        pass
+    return False, None
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def _differs(before: Entry | None, after: Entry) -> bool:

@@ -672,7 +672,7 @@ def test_two_store_objects_racing_for_each_version_accept_exactly_one(opener, ke
 # ------------------------------------------------------------------------ trees after a crash
 
 
-@pytest.mark.parametrize("damage", ["truncate", "remove", "another version's file"])
+@pytest.mark.parametrize("damage", ["truncate", "remove", "another version's file", "object removed"])
 def test_a_damaged_tree_is_repaired_when_the_store_opens(opener, store_dir, key, damage):
     # The tree is derived data and not fsynced, and a crash mid-push leaves the files of a version
     # that never committed: open() checks it file by file against the active bundle.
@@ -686,12 +686,16 @@ def test_a_damaged_tree_is_repaired_when_the_store_opens(opener, store_dir, key,
         victim.write_bytes(b"")
     elif damage == "remove":
         victim.unlink()
+    elif damage == "object removed":  # objects are not fsynced either (sync="background")
+        sha = bundle.entries["shop.mod"].sha256
+        (store_dir / "objects" / sha[:2] / sha).unlink()
     else:
         (store.tree_root / "shop" / "added.py").write_bytes(b"X = 'never committed'\n")
     store.close()
     reopened = opener()
     assert reopened.active is not None and reopened.active.digest == bundle.digest
     assert tree_files(reopened.tree_root) == {bundle.entries[n].path: bundle.read(n) for n in bundle.entries}
+    assert all(reopened.object(e.sha256) == bundle.read(n) for n, e in bundle.entries.items())
 
 
 def test_history_read_incrementally_sees_appends_from_another_store_object(opener, key):

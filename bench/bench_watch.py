@@ -124,7 +124,10 @@ class _Project:
         self.module = f"{self.packages[0]}.{self.file.stem}"
         self.original = self.file.read_text() + TARGET.format(value="edit-0")
         self.file.write_text(self.original)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("HABANERO_")}
+        # As on a developer's machine: bytecode is cached (a restart would otherwise recompile all
+        # 1,000 modules each time, which flatters habanero), and no HABANERO_* setting leaks in.
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith("HABANERO_") and k != "PYTHONDONTWRITEBYTECODE"}
         self.env.update(BENCH_TARGET=self.module, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
 
     def edit(self, value: str) -> None:
@@ -242,6 +245,12 @@ class _Poller:
         raise RuntimeError(f"{path} never answered {want!r}")
 
 
+def _default_sigint() -> None:
+    """A benchmark started in the background inherits an ignored SIGINT, and so would the app: then
+    run_process's SIGINT would not stop it, and every restart would wait out its 5 s timeout."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _Proc:
     """A child in its own session whose output lines a thread collects."""
 
@@ -249,7 +258,8 @@ class _Proc:
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self.proc = subprocess.Popen(argv, cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_default_sigint)
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:

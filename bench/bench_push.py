@@ -70,7 +70,7 @@ PHASES = [
     ("stage (new objects, the bundle file)", ("report", "timings_ms", "stage"), 2),
     ("apply (source tree, re-run, patch in place)", ("report", "timings_ms", "apply"), 2),
     ("commit", ("report", "timings_ms", "commit"), 2),
-    ("confirm (the push's answer names the active bundle: no request)", ("timings_ms", "confirm"), 1),
+    ("confirm: read the status back", ("timings_ms", "confirm"), 1),
 ]
 
 

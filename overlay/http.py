@@ -147,7 +147,8 @@ async def history(request: web.Request) -> web.Response:
 
 
 def _active(ov: Any) -> dict[str, Any] | None:
-    bundle = ov.store.active
+    """What imports serve now (the finder's bundle), as ``status`` reports it."""
+    bundle = ov.active
     return {"version": bundle.version, "digest": bundle.digest} if bundle else None
 
 

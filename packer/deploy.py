@@ -1,10 +1,11 @@
 """Deploying to a running app: ``--push``, ``status``, ``history`` and ``rollback``.
 
 A push asks the app for its highest accepted version and active bundle, builds version
-``highest + 1`` on top of the active one, signs and sends it. The app answers after its commit,
-naming the bundle it then runs, and the push fails loudly unless that is the one it sent: a "200 OK"
-that hides a failed deploy (TUF's indefinite freeze) does not pass unnoticed. Watch mode does not
-even ask first: the answer to its last push says where the app stands (see :func:`push_once`).
+``highest + 1`` on top of the active one, signs and sends it, then reads the status back and fails
+loudly unless the active bundle is the one it pushed: a "200 OK" that hides a failed deploy (TUF's
+indefinite freeze) does not pass unnoticed. Watch mode asks neither before nor after: the app's
+answer to each push, sent after its commit, says which bundle its imports serve and where the next
+push starts (see :func:`push_once`).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class BaseCache:
 
 def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int = 3,
               bases: BaseCache | None = None, builder: Any = None, tip: Tip | None = None,
-              make: Make | None = None) -> PushResult:
+              make: Make | None = None, read_back: bool = True) -> PushResult:
     """Build the next version on top of what the app runs, push it, and confirm it is live.
 
     Without ``tip`` the app is asked for its status first. With the ``tip`` of this side's last
@@ -179,8 +180,10 @@ def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int =
 
     When ``bases`` holds the manifest of the app's active bundle, the push is a packed delta (only
     changed entries, manifest compressed against the active one); a server that lacks that parent
-    answers ``parent_missing`` and the push is repeated in full. The app answers after its commit,
-    naming its active bundle: unless that is the one pushed, this fails loudly (``not_confirmed``).
+    answers ``parent_missing`` and the push is repeated in full. Then the app's active bundle must be
+    the one pushed, or this fails loudly (``not_confirmed``): the status is read back for that
+    (``read_back``, as a one-off push does), or the push answer's word is taken (watch mode: the
+    app sends it after its commit, naming the bundle its imports serve, so a save costs one request).
     ``make`` builds (the watch passes its warm builder); by default ``build`` does, from ``snapshot``.
     """
     from .client import RemoteError
@@ -201,7 +204,7 @@ def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int =
             tip = Tip.of(remote.status())
         built, wire, response = _send(remote, make, tip, bases, clock, full_retry=True)
     with clock("confirm"):
-        active = response["active"] if "active" in response else _active_of(remote)
+        active = response["active"] if not read_back and "active" in response else _active_of(remote)
     live = (active or {}).get("digest")
     if live != built.digest:
         raise RemoteError(

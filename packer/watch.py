@@ -239,7 +239,8 @@ class WatchSession:
             return self.warm.make(files, builder, version=version, parent=parent, base=base)
 
         try:
-            result = push_once(self.remote, self.config, bases=self.bases, tip=self._tip, make=make)
+            result = push_once(self.remote, self.config, bases=self.bases, tip=self._tip, make=make,
+                               read_back=False)
         except HabaneroError as exc:  # refused by the app, or by the build (a name that cannot ship)
             self._tip = None  # the app may have restarted, or moved on: the next push asks first
             if isinstance(exc, RemoteError) and exc.code in _TRANSIENT:

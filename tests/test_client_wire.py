@@ -148,18 +148,20 @@ def _push_answer(**extra) -> bytes:
     return _json_answer({"ok": True, "report": {"version": 5, "timings_ms": {}}, "server_ms": 1.0, **extra})
 
 
-def test_an_ok_that_names_another_active_bundle_is_not_confirmed_and_nothing_more_is_asked(serve, shop,
-                                                                                            signing_key) -> None:
+@pytest.mark.parametrize("read_back", [True, False], ids=["one-off: status read back", "watch: the answer"])
+def test_an_ok_that_names_another_active_bundle_is_not_confirmed(serve, shop, signing_key, read_back) -> None:
     from packer.deploy import push_once
 
     seen: list[int] = []
-    answers = [_json_answer({"highest": 4, "active": OTHER, "store": STORE}), _push_answer(active=OTHER)]
+    status = _json_answer({"highest": 4, "active": OTHER, "store": STORE})
+    answers = [status, _push_answer(active=OTHER), status]
     url = serve(lambda n: seen.append(n) or answers[n])
     with Remote(url, app_id="shop", key=signing_key) as remote, pytest.raises(RemoteError) as info:
-        push_once(remote, shop)
+        push_once(remote, shop, read_back=read_back)
     assert info.value.code == "not_confirmed"
     assert "answered OK to version 5 but its active bundle is 4 (abababababab)" in info.value.message
-    assert seen == [0, 1]  # status, push: the push's own answer is the confirmation
+    # status, push, and the status read back; in watch mode the push's own answer is the confirmation
+    assert seen == ([0, 1, 2] if read_back else [0, 1])
 
 
 def test_an_older_app_whose_ok_names_no_active_bundle_is_checked_against_its_status(serve, shop, signing_key) -> None:

@@ -99,7 +99,7 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         value = _FAST.decode(text)
         if not _surely_unique(raw, value):
             value = _STRICT.decode(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer of 4,300+ digits
         raise BadManifest(f"manifest is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise BadManifest("manifest must be a JSON object")
@@ -350,8 +350,19 @@ def _check_name(name: str, kind: str) -> None:
 
 
 def _check_tree(names: Mapping[str, str]) -> None:
-    """Every module's parent is a package in the bundle; no data file shadows a module's file."""
+    """Every module's parent is a package in the bundle; no data file shadows a module's file; no
+    file sits where another entry needs a directory (``app/sub`` beside ``app/sub/x.txt``)."""
     files = {module_path(n, k) for n, k in names.items() if k != "data"}
+    paths = files | {n for n, k in names.items() if k == "data"}
+    directories: set[str] = set()
+    for path in paths:
+        parent = path.rpartition("/")[0]
+        while parent and parent not in directories:  # a parent seen before has its own seen too
+            directories.add(parent)
+            parent = parent.rpartition("/")[0]
+    for path in sorted(paths & directories):
+        raise BadEntryName(f"entry {path!r} is a file where other entries need a directory of that "
+                           "name; rename one of them", name=path)
     for name, kind in names.items():
         if kind == "data":
             if name in files:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .bundle import Limits
 
 _KIND, _SIZE, _SHA256 = attrgetter("kind"), attrgetter("size"), attrgetter("sha256")
+_FEW = 64  # carried entries always worth proving; beyond that, only up to an eighth of the table
 _ENTRY_OF = partial(tuple.__new__, Entry)  # Entry(*fields) without a Python-level __new__ call
 _ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode  # as build_bundle writes
 _OPEN, _CLOSE = b',"entries":[', b'],"format":'  # keys after "created" and before "format"
@@ -88,6 +89,8 @@ def proven_table(raw: bytes, known: Table, pieces: Pieces, limits: Limits) -> Pr
     included = top["payload"]["included"]
     if not all(type(name) is str for name in included):
         return None
+    if len(included) > max(_FEW, len(known.rows) // 8) or len(known.rows) + len(included) > limits.max_entries:
+        return None  # a large change: the full parse is linear, this is not (inserts, a scan each)
     rows = list(known.rows)
     heads, tails = list(pieces.heads), list(pieces.tails)
     names = list(known.names)
@@ -95,10 +98,12 @@ def proven_table(raw: bytes, known: Table, pieces: Pieces, limits: Limits) -> Pr
     changed: list[str] = []
     first = len(rows)
     kinds_changed = False
+    cursor = start  # included is sorted, and so are the entries: each search starts at the last
     for name in included:
-        entry = _carried(raw, start, end, name, limits)
-        if entry is None:
+        found = _carried(raw, cursor, end, name, limits)
+        if found is None:
             return None
+        entry, cursor = found
         at = bisect_left(names, name)
         known_name = at < len(names) and names[at] == name
         if not (known_name and rows[at].kind == entry.kind) and not _name_holds(name, entry.kind):
@@ -158,10 +163,10 @@ def _canonical(top: dict[str, Any], heads: list[str], offsets: list[int], tails:
     return f'{head[:-1]},"entries":[{body}],{tail[1:]}'.encode("ascii")
 
 
-def _carried(raw: bytes, start: int, end: int, name: str, limits: Limits) -> Entry | None:
+def _carried(raw: bytes, start: int, end: int, name: str, limits: Limits) -> tuple[Entry, int] | None:
     """The entry object of ``name`` in the manifest's entry list, its fields checked (the name by
     the caller, when base lacks it); None if not found as expected (the byte comparison would fail
-    anyway) or not valid (the full check says why)."""
+    anyway) or not valid (the full check says why). Also where the entry's object ends."""
     marker = f'"name":{_ENCODE(name)},"offset":'.encode("ascii")
     at = raw.find(marker, start, end)
     if at < 0:
@@ -178,7 +183,7 @@ def _carried(raw: bytes, start: int, end: int, name: str, limits: Limits) -> Ent
             and type(obj["sha256"]) is str and 0 <= obj["size"] <= limits.max_entry_bytes
             and is_sha256(obj["sha256"])):
         return None
-    return Entry(name, obj["kind"], obj["offset"], obj["size"], obj["sha256"])
+    return Entry(name, obj["kind"], obj["offset"], obj["size"], obj["sha256"]), right
 
 
 def _name_holds(name: str, kind: str) -> bool:

@@ -146,9 +146,17 @@ class TreesMixin:
         done: list[tuple[str, str | None]] = []
 
         def undo() -> None:
+            """Every step is tried even when one fails (the first failure is raised after): a
+            half-reverted tree is repaired at the next open, but should be as small as can be."""
+            failed: BaseException | None = None
             with self._lock:
                 for path, sha256 in reversed(done):
-                    self._put(root, path, sha256)
+                    try:
+                        self._put(root, path, sha256)
+                    except Exception as exc:  # noqa: BLE001  (re-raised below)
+                        failed = failed or exc
+            if failed is not None:
+                raise failed
 
         with self._lock, self._io(f"update the source tree for v{new.version}"):
             os.makedirs(root, mode=0o700, exist_ok=True)

@@ -111,7 +111,7 @@ class Store(TreesMixin):
             raise ValueError("keep must be >= 0 and max_version_jump >= 1")
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, not {sync!r}")
-        root = Path(path).absolute()
+        root = Path(os.path.abspath(path))  # normalised: tree paths are checked against it
         try:
             for directory in (root, *(root / d for d in ("bundles", "staged", "objects"))):
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)

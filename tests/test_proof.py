@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from overlay import _proof
 from overlay.bundle import build_bundle, manifest_bytes_of, open_bundle
 from overlay.errors import BundleRejected
-from test_bundle_base import FILES, PUSHES, _delta_push, _held, _same, _signed, _wrap
+from test_bundle_base import FILES, PUSHES, _delta_push, _held, _rows, _same, _signed, _wrap
 
 # Pushes the proof covers; the others are parsed in full: a removal, and a body base holds under
 # another name (an emptied __init__.py), which the push does not carry, so its list cannot say.
@@ -115,3 +115,38 @@ def test_an_entry_list_lookalike_in_the_builder_cannot_mislead_the_proof(builder
     opened = open_bundle(data, trusted, content=_held(base), base=base)
     _same(opened, open_bundle(data, trusted, content=_held(base)))
     assert opened.manifest["builder"] == builder and proofs == [proven]
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["no base", "base"])
+def test_an_integer_too_long_to_read_is_a_bad_manifest_not_a_crash(with_base, base, signing_key, trusted):
+    # Python refuses to read integers of 4,300+ digits (a ValueError, not a JSONDecodeError).
+    text = json.dumps(dict(json.loads(base.manifest_bytes), version=2), sort_keys=True, separators=(",", ":"))
+    text = text.replace('"builder":{', '"builder":{"n":' + "9" * 5000 + ",", 1)
+    data = _wrap(text.encode(), signing_key, base.raw[-base.manifest["payload"]["size"]:])
+    with pytest.raises(BundleRejected) as info:
+        open_bundle(data, trusted, **({"base": base} if with_base else {}))
+    assert info.value.code == "bad_manifest" and "not valid JSON" in info.value.message
+
+
+def test_a_change_to_most_files_is_parsed_in_full_not_proven(base, signing_key, trusted, proofs):
+    many = {name: (kind, body + b"# v2\n") for name, (kind, body) in FILES.items()}
+    wide = {**many, **{f"app.n{i:03d}": ("module", f"N = {i}\n".encode()) for i in range(70)}}
+    data = _delta_push(wide, base, signing_key)
+    opened = open_bundle(data, trusted, content=_held(base), base=base)
+    assert proofs == [False], "over 64 carried entries and an eighth of the table: the linear full parse"
+    _same(opened, open_bundle(data, trusted, content=_held(base)))
+
+
+@pytest.mark.parametrize("files", [
+    {"app.sub": ("package", b""), "app/sub": ("data", b"a file where a directory must be")},
+    {"app/data": ("data", b"x"), "app/data/x.txt": ("data", b"y")},
+    {"app/a.py/x": ("data", b"under a module's file")},
+], ids=["data file named like a package directory", "data file and a directory", "under a module file"])
+def test_a_file_where_another_entry_needs_a_directory_is_refused(files, base, signing_key, trusted):
+    # build_bundle refuses to write these; a hand-signed delta carrying them is refused too.
+    new = sorted(n for n in files if n not in FILES)
+    data = _signed(signing_key, _rows({**FILES, **files}), parent=base.digest, included=new)
+    for kw in ({}, {"base": base}):
+        with pytest.raises(BundleRejected) as info:
+            open_bundle(data, trusted, content=_held(base), **kw)
+        assert info.value.code == "bad_entry_name" and "need a directory" in info.value.message

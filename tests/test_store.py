@@ -805,3 +805,30 @@ def test_sync_commit_fsyncs_before_the_commit_returns(opener, store_dir, key, fs
 def test_an_unknown_sync_mode_is_refused(opener):
     with pytest.raises(ValueError, match="sync must be one of"):
         opener(sync="sometimes")
+
+
+def test_a_relative_store_path_with_dot_dot_lays_out_its_tree(tmp_path, trusted, key, monkeypatch):
+    (tmp_path / "app").mkdir()
+    monkeypatch.chdir(tmp_path / "app")
+    with Store.open("../store", trusted=trusted, app_id=APP) as store:
+        bundle = make(key, 1)
+        push(store, bundle)
+        store.update_tree(None, bundle)
+        assert store.tree_root == tmp_path / "store" / "tree"
+        assert tree_files(store.tree_root)["shop/mod.py"] == bundle.read("shop.mod")
+
+
+def test_an_undo_that_cannot_restore_one_file_still_restores_the_others(opener, store_dir, key):
+    store = opener()
+    files = {"shop": ("package", b""), "shop.a": ("module", b"A = 1\n"), "shop.b": ("module", b"B = 1\n")}
+    v1 = make(key, 1, files=files)
+    v2 = make(key, 2, files={**files, "shop.a": ("module", b"A = 2\n"), "shop.b": ("module", b"B = 2\n")})
+    push(store, v1)
+    store.update_tree(None, v1)
+    store.stage(v2)
+    undo = store.update_tree(v1, v2)
+    lost = v1.entries["shop.b"].sha256  # the object the undo needs for shop/b.py
+    (store_dir / "objects" / lost[:2] / lost).unlink()
+    with pytest.raises(OSError):
+        undo()
+    assert (store.tree_root / "shop" / "a.py").read_bytes() == b"A = 1\n"

@@ -57,13 +57,22 @@ _idle: dict[str, tuple[bytes, zstandard.ZstdDecompressor]] = {}
 _idle_lock = threading.Lock()
 
 
-def pack(bundle: bytes, base: Base, signers: Sequence[SigningKey], *, level: int = 3) -> bytes:
-    """The transport form of ``bundle`` (an unpacked one this side built) for a server holding ``base``."""
+def manifest_compressor(base: Base, *, level: int = 3) -> zstandard.ZstdCompressor:
+    """A compressor of manifests against ``base``'s: building one digests its whole manifest, so a
+    caller pushing again and again on the same base (watch mode) keeps it."""
+    dictionary = zstandard.ZstdCompressionDict(base.manifest_bytes, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    dictionary.precompute_compress(level=level)
+    return zstandard.ZstdCompressor(level=level, dict_data=dictionary, write_content_size=True)
+
+
+def pack(bundle: bytes, base: Base, signers: Sequence[SigningKey], *, level: int = 3,
+         compressor: zstandard.ZstdCompressor | None = None) -> bytes:
+    """The transport form of ``bundle`` (an unpacked one this side built) for a server holding ``base``;
+    ``compressor`` is a :func:`manifest_compressor` for ``base`` kept from an earlier push."""
     _, _, _, manifest_len, sig_len = _HEADER.unpack_from(bundle)
     manifest = manifest_bytes_of(bundle)
     rest = bundle[_HEADER.size + manifest_len :]
-    dictionary = zstandard.ZstdCompressionDict(base.manifest_bytes, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-    packed = zstandard.ZstdCompressor(level=level, dict_data=dictionary, write_content_size=True).compress(manifest)
+    packed = (compressor or manifest_compressor(base, level=level)).compress(manifest)
     base_raw = bytes.fromhex(base.digest)
     body = packed + rest
     signatures = sign_block(TRANSPORT_DOMAIN + base_raw + body, signers)

@@ -28,11 +28,23 @@ import json
 from bisect import bisect_left
 from functools import partial
 from operator import attrgetter
-from itertools import accumulate, chain
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _manifest
-from ._manifest import _ENTRY, Entry, Table, check_included, check_top, is_sha256, parse_manifest
+from ._manifest import (
+    _ENTRY,
+    Entry,
+    Table,
+    canonical_json,
+    canonical_manifest,
+    check_included,
+    check_top,
+    entry_head,
+    entry_tail,
+    is_sha256,
+    parse_manifest,
+)
 from .errors import BundleRejected
 
 if TYPE_CHECKING:
@@ -41,9 +53,7 @@ if TYPE_CHECKING:
 _KIND, _SIZE, _SHA256 = attrgetter("kind"), attrgetter("size"), attrgetter("sha256")
 _FEW = 64  # carried entries always worth proving; beyond that, only up to an eighth of the table
 _ENTRY_OF = partial(tuple.__new__, Entry)  # Entry(*fields) without a Python-level __new__ call
-_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode  # as build_bundle writes
 _OPEN, _CLOSE = b',"entries":[', b'],"format":'  # keys after "created" and before "format"
-_BEFORE, _AFTER = ("app_id", "builder", "created"), ("format", "parent", "payload", "version")  # sorted
 
 
 class Pieces(NamedTuple):
@@ -55,15 +65,7 @@ class Pieces(NamedTuple):
 
 
 def pieces_of(rows: list[Entry]) -> Pieces:
-    return Pieces([_head(e.kind, e.name) for e in rows], [_tail(e.sha256, e.size) for e in rows])
-
-
-def _head(kind: str, name: str) -> str:
-    return f'{{"kind":{_ENCODE(kind)},"name":{_ENCODE(name)},"offset":'
-
-
-def _tail(sha256: str, size: int) -> str:
-    return f',"sha256":"{sha256}","size":{size}}},'
+    return Pieces([entry_head(e.kind, e.name) for e in rows], [entry_tail(e.sha256, e.size) for e in rows])
 
 
 class Proven(NamedTuple):
@@ -113,13 +115,13 @@ def proven_table(raw: bytes, known: Table, pieces: Pieces, limits: Limits) -> Pr
             if before.kind == entry.kind and before.sha256 == entry.sha256:
                 return None  # carried though unchanged: not how a delta is built; let the full check see
             kinds_changed = kinds_changed or before.kind != entry.kind
-            rows[at], heads[at], tails[at] = entry, _head(entry.kind, name), _tail(entry.sha256, entry.size)
+            rows[at], heads[at], tails[at] = entry, entry_head(entry.kind, name), entry_tail(entry.sha256, entry.size)
             changed.append(name)
         else:
             names.insert(at, name)
             rows.insert(at, entry)
-            heads.insert(at, _head(entry.kind, name))
-            tails.insert(at, _tail(entry.sha256, entry.size))
+            heads.insert(at, entry_head(entry.kind, name))
+            tails.insert(at, entry_tail(entry.sha256, entry.size))
             added.append(name)
         first = min(first, at)
     if len(rows) > limits.max_entries:
@@ -128,7 +130,9 @@ def proven_table(raw: bytes, known: Table, pieces: Pieces, limits: Limits) -> Pr
     offsets = list(accumulate(sizes, initial=0))
     if offsets.pop() != top["payload"]["uncompressed_size"]:
         return None
-    if _canonical(top, heads, offsets, tails) != raw:
+    # Written entirely from parsed values, none of it copied from ``raw``: equal bytes mean the
+    # manifest is exactly this value.
+    if canonical_manifest(top, heads, offsets, tails) != raw:
         return None  # the proof: anything else is parsed in full
     try:
         check_included(included, tuple(names))
@@ -151,23 +155,11 @@ def proven_table(raw: bytes, known: Table, pieces: Pieces, limits: Limits) -> Pr
     return Proven(top, table, Pieces(heads, tails), tuple(added), tuple(changed))
 
 
-def _canonical(top: dict[str, Any], heads: list[str], offsets: list[int], tails: list[str]) -> bytes:
-    """The manifest ``top`` with these entries, written as ``build_bundle`` writes every manifest.
-
-    All of it is written here from parsed values (none of it is copied from the bytes being
-    checked), so equal bytes mean the manifest is exactly this value.
-    """
-    head = _ENCODE({k: top[k] for k in _BEFORE})
-    tail = _ENCODE({k: top[k] for k in _AFTER})
-    body = "".join(chain.from_iterable(zip(heads, map(str, offsets), tails)))[:-1]
-    return f'{head[:-1]},"entries":[{body}],{tail[1:]}'.encode("ascii")
-
-
 def _carried(raw: bytes, start: int, end: int, name: str, limits: Limits) -> tuple[Entry, int] | None:
     """The entry object of ``name`` in the manifest's entry list, its fields checked (the name by
     the caller, when base lacks it); None if not found as expected (the byte comparison would fail
     anyway) or not valid (the full check says why). Also where the entry's object ends."""
-    marker = f'"name":{_ENCODE(name)},"offset":'.encode("ascii")
+    marker = f'"name":{canonical_json(name)},"offset":'.encode("ascii")
     at = raw.find(marker, start, end)
     if at < 0:
         return None

@@ -226,17 +226,23 @@ def build_bundle(
     }
     check_manifest(manifest, limits, own=True)  # never write what a server would refuse
     manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode("ascii")
+    data = signed_bundle(manifest_bytes, frame, signers, limits)
+    if manifest_out is not None:
+        manifest_out.update(manifest)
+    return data
+
+
+def signed_bundle(manifest_bytes: bytes, frame: bytes, signers: Sequence[SigningKey], limits: Limits) -> bytes:
+    """Header, manifest, signatures and payload frame: a bundle, or ``TooLarge`` if a server would
+    refuse its size (never write what a server would refuse)."""
     if len(manifest_bytes) > limits.max_manifest_bytes:
         raise TooLarge(f"manifest is {len(manifest_bytes)} bytes, over the {limits.max_manifest_bytes} "
                        "byte limit", code="manifest_too_large")
     sigblock = _sign(manifest_bytes, signers)
-    header = _HEADER.pack(MAGIC, FORMAT, 0, len(manifest_bytes), len(sigblock))
-    data = header + manifest_bytes + sigblock + frame
+    data = _HEADER.pack(MAGIC, FORMAT, 0, len(manifest_bytes), len(sigblock)) + manifest_bytes + sigblock + frame
     if len(data) > limits.max_bundle_bytes:
         raise TooLarge(f"bundle is {len(data)} bytes, over the {limits.max_bundle_bytes} byte limit; "
                        "exclude large data files or raise the limit", code="bundle_too_large")
-    if manifest_out is not None:
-        manifest_out.update(manifest)
     return data
 
 

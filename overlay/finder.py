@@ -10,8 +10,9 @@ set by the import machinery; nothing here builds module attributes by hand.
 lock, and never an exception for a name that is not ours. One exception to "not ours": a module of a
 declared package that the bundle lacks (every module, before the first push) is found by the
 standard path finder, as it would be anyway, with a loader that also keeps the bytes it executed, so
-the first push diffs against what runs rather than against a file the developer has since edited. Switching versions is one attribute
-assignment (:meth:`OverlayFinder.set_index`), so an import sees either the old index or the new one.
+the first push diffs against what runs rather than against a file the developer has since edited.
+Switching versions is one attribute assignment (:meth:`OverlayFinder.set_index`), so an import sees
+either the old index or the new one.
 
 Every index points at the store's tree (``<store>/tree``), which holds the active version's files
 at paths that do not change from one version to the next: ``__file__`` is a real file with the

@@ -364,8 +364,9 @@ class Store(TreesMixin):
                 self._append_history(action, bundle.version, bundle.digest, bundle.key_ids, "ok", None, "",
                                      sync=commit_sync)
                 written.append(os.fspath(self.path / "history.jsonl"))
-                if len(self.stored()) > self.keep:  # else nothing can go
-                    self._prune(on_disk=_pointer(bundle))
+                stored = self.stored()
+                if len(stored) > self.keep:  # else nothing can go
+                    self._prune(on_disk=_pointer(bundle), stored=stored)
             except (OSError, HabaneroError):
                 logger.exception("v%d is committed, but its history entry or retention failed",
                                  bundle.version)
@@ -455,10 +456,10 @@ class Store(TreesMixin):
             state, _ = self._read_state()
             self._prune(on_disk=state["active"] if state is not None else None)
 
-    def _prune(self, *, on_disk: Pointer | None) -> None:
+    def _prune(self, *, on_disk: Pointer | None, stored: list[tuple[int, str]] | None = None) -> None:
         """``prune()`` under the lock, given the active pointer on disk (just written by a commit)."""
         with self._lock, self._io("prune old versions"):
-            stored = self.stored()
+            stored = self.stored() if stored is None else stored  # a commit just listed them
             kept = set(stored[-self.keep:]) if self.keep else set()
             for p in filter(None, (_pointer(self.active), on_disk)):
                 kept.add((p["version"], p["digest"]))  # ours, and the one on disk if another's

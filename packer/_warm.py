@@ -17,19 +17,18 @@ sizes can change, which are checked against the limits on every build.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
-from itertools import accumulate, chain, compress
+from itertools import accumulate, compress
 from operator import attrgetter, not_
 from typing import Any, NamedTuple
 
 import zstandard
 
-from overlay._delta import _LEN, TRANSPORT_DOMAIN
-from overlay._manifest import FORMAT, check_manifest
-from overlay.bundle import _HEADER, DEFAULT_LIMITS, FLAG_PACKED, MAGIC, SIGNATURE_DOMAIN, Base, Limits, sign_block
+from overlay._delta import manifest_compressor, pack
+from overlay._manifest import FORMAT, canonical_manifest, check_manifest, entry_head, entry_tail
+from overlay.bundle import DEFAULT_LIMITS, Base, Limits, signed_bundle
 from overlay.errors import TooLarge
 from overlay.keys import SigningKey
 
@@ -38,7 +37,6 @@ from .build import BuiltBundle
 __all__ = ["WarmBuilder"]
 
 Entries = Mapping[str, tuple[str, bytes]]  # {name: (kind, content)}, sorted by name
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode  # as build_bundle dumps
 PACK_LEVEL = 3  # the manifest against its base: overlay._delta.pack's default
 _SIZE, _SHA256, _HEAD, _TAIL = (attrgetter(f) for f in ("size", "sha256", "head", "tail"))
 
@@ -55,20 +53,9 @@ class _Row(NamedTuple):
     line: str  # its line in the sources digest
 
 
-def _canonical(manifest: dict[str, Any], rows: list[_Row], offsets: list[int]) -> bytes:
-    """``manifest`` as build_bundle encodes it (sorted keys, no spaces, ASCII), entries from ``rows``."""
-    head = _CANONICAL({k: manifest[k] for k in ("app_id", "builder", "created")})
-    tail = _CANONICAL({k: manifest[k] for k in ("format", "parent", "payload", "version")})
-    # Each entry is its head, its offset and its tail (which ends with a comma): joined at C speed.
-    entries = "".join(chain.from_iterable(zip(map(_HEAD, rows), map(str, offsets), map(_TAIL, rows))))[:-1]
-    # The keys in sorted order are app_id, builder, created, entries, format, parent, payload, version.
-    return f'{head[:-1]},"entries":[{entries}],{tail[1:]}'.encode("ascii")
-
-
 def _row(name: str, kind: str, content: bytes) -> _Row:
     sha = hashlib.sha256(content).hexdigest()
-    head = f'{{"kind":{_CANONICAL(kind)},"name":{_CANONICAL(name)},"offset":'
-    return _Row(kind, content, len(content), sha, head, f',"sha256":"{sha}","size":{len(content)}}},',
+    return _Row(kind, content, len(content), sha, entry_head(kind, name), entry_tail(sha, len(content)),
                 f"{kind} {name} {sha}\n")
 
 
@@ -134,15 +121,8 @@ class WarmBuilder:
                        for n, r, o in zip(names, rows, offsets)]
             check_manifest({**manifest, "entries": entries}, limits, own=True)
             self._unchecked = False
-        manifest_bytes = _canonical(manifest, rows, offsets)
-        if len(manifest_bytes) > limits.max_manifest_bytes:
-            raise TooLarge(f"manifest is {len(manifest_bytes)} bytes, over the {limits.max_manifest_bytes} "
-                           "byte limit", code="manifest_too_large")
-        sigblock = sign_block(SIGNATURE_DOMAIN + manifest_bytes, [self.signer])
-        data = _HEADER.pack(MAGIC, FORMAT, 0, len(manifest_bytes), len(sigblock)) + manifest_bytes + sigblock + frame
-        if len(data) > limits.max_bundle_bytes:
-            raise TooLarge(f"bundle is {len(data)} bytes, over the {limits.max_bundle_bytes} byte limit; "
-                           "exclude large data files or raise the limit", code="bundle_too_large")
+        manifest_bytes = canonical_manifest(manifest, map(_HEAD, rows), offsets, map(_TAIL, rows))
+        data = signed_bundle(manifest_bytes, frame, [self.signer], limits)
         ms = round((time.perf_counter() - start) * 1000, 2)
         return BuiltBundle(data=data, manifest_bytes=manifest_bytes, digest=hashlib.sha256(manifest_bytes).hexdigest(),
                            version=version, entries=len(rows), size=len(data), uncompressed_size=total,
@@ -151,13 +131,7 @@ class WarmBuilder:
 
     def pack(self, built: BuiltBundle, base: Base) -> bytes:
         """The transport form of ``built`` for a server running ``base`` (see ``overlay._delta``)."""
-        packed = self._compressor(base).compress(built.manifest_bytes)
-        base_raw = bytes.fromhex(base.digest)
-        body = packed + built.data[_HEADER.size + len(built.manifest_bytes):]
-        signatures = sign_block(TRANSPORT_DOMAIN + base_raw + body, [self.signer])
-        sig_len = _HEADER.unpack_from(built.data)[4]
-        header = _HEADER.pack(MAGIC, FORMAT, FLAG_PACKED, len(packed), sig_len)
-        return header + base_raw + _LEN.pack(len(signatures)) + signatures + body
+        return pack(built.data, base, [self.signer], compressor=self._compressor(base))
 
     def prepare(self, base: Base) -> None:
         """Digest ``base``'s manifest into the dictionary the next push is packed with, ahead of time."""
@@ -165,9 +139,7 @@ class WarmBuilder:
 
     def _compressor(self, base: Base) -> zstandard.ZstdCompressor:
         if self._packer is None or self._packer[0] != base.digest:
-            dictionary = zstandard.ZstdCompressionDict(base.manifest_bytes, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-            dictionary.precompute_compress(level=PACK_LEVEL)
-            self._packer = (base.digest, zstandard.ZstdCompressor(dict_data=dictionary, write_content_size=True))
+            self._packer = (base.digest, manifest_compressor(base, level=PACK_LEVEL))
         return self._packer[1]
 
     def _update(self, files: Entries) -> None:

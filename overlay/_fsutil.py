@@ -71,15 +71,24 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool = True,
-                 sync: bool = True) -> None:
+                 sync: bool = True, retire: list[str] | None = None) -> None:
     """Replace ``path`` with ``data``: after a crash it holds the old content or the new, never a mix.
 
     ``sync_dir=False`` lets a caller writing many files fsync their directories once at the end;
-    ``sync=False`` leaves flushing to the caller (the store's background sync).
+    ``sync=False`` leaves flushing to the caller (the store's background sync). With ``retire``,
+    the file being replaced keeps a second name (a temp name, appended to ``retire``) for the
+    caller to unlink later: freeing its blocks is then not part of this call.
+
+    Without ``sync``, the file's space is allocated before it is written: ext4 (``auto_da_alloc``)
+    starts writing back a file with delayed allocation when it is renamed over another, inside the
+    rename. With both measures a replace costs ~10 µs instead of ~200 µs here.
     """
     fd, tmp = _temp_file(path.parent, mode)
     try:
         try:
+            if not sync and data:
+                with contextlib.suppress(OSError):  # only a speed-up: any file system may refuse it
+                    os.posix_fallocate(fd, 0, len(data))
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -88,6 +97,10 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool =
                 os.fsync(fd)  # data before name: a rename must never expose unwritten blocks
         finally:
             os.close(fd)
+        if retire is not None:
+            kept = _keep_old(path)
+            if kept is not None:
+                retire.append(kept)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -95,6 +108,20 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool =
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+def _keep_old(path: Path) -> str | None:
+    """A second (temp) name for the file at ``path``, or None when there is none (no file, or a
+    file system without hard links)."""
+    while True:
+        name = os.path.join(path.parent, f"{TMP_PREFIX}old-{os.getpid()}-{next(_temp_names)}")
+        try:
+            os.link(path, name)
+            return name
+        except FileExistsError:
+            continue
+        except OSError:  # no file there, or no hard links here: the replace frees it, slower
+            return None
 
 
 _temp_names = itertools.count()

@@ -268,8 +268,9 @@ class TreesMixin:
             self._tasks.put(None)
             self._worker.join()
 
-    def _flush_later(self, files: list[str]) -> None:
-        """``sync="background"``: make what a commit wrote durable, off the push's path."""
+    def _flush_later(self, files: list[str], retired: Iterable[str] = ()) -> None:
+        """``sync="background"``: make what a commit wrote durable, off the push's path; then drop
+        ``retired``, the second names that kept replaced files (their blocks are freed here)."""
         if self.sync != "background" or not files:
             return
 
@@ -278,6 +279,9 @@ class TreesMixin:
                 _fsutil.fsync_path(path)
             for directory in sorted({os.path.dirname(p) for p in files}):
                 _fsutil.fsync_path(directory)
+            for path in retired:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
         self._later(flush)
 

@@ -356,7 +356,8 @@ class Store(TreesMixin):
                     if commit_sync:
                         _fsutil.fsync_dir(self._bundles)
                 highest = max(self.highest, bundle.version)  # check_fresh just read it from disk
-                self._write_state(_pointer(bundle), highest, sync=commit_sync)  # the commit point
+                retired: list[str] | None = None if commit_sync else []  # the old state file, freed later
+                self._write_state(_pointer(bundle), highest, sync=commit_sync, retire=retired)  # the commit point
                 written.append(os.fspath(self.path / "state.json"))
             self.active, self.highest = bundle, highest
             # Past the commit point nothing may raise: the caller would undo what disk says is live.
@@ -370,7 +371,7 @@ class Store(TreesMixin):
             except (OSError, HabaneroError):
                 logger.exception("v%d is committed, but its history entry or retention failed",
                                  bundle.version)
-            self._flush_later(written)
+            self._flush_later(written, retired or ())
 
     def discard(self, bundle: Bundle) -> None:
         """Forget a staged bundle whose push failed: a failed push leaves no trace but its history
@@ -407,10 +408,11 @@ class Store(TreesMixin):
             self._drop_above(value, keep=pointer, reason=f"highest was reset to {value}")
             self._append_history("reset_highest", value, None, (), "ok", None, f"highest {old} -> {value}")
 
-    def _write_state(self, pointer: Pointer | None, highest: int, *, sync: bool = True) -> None:
+    def _write_state(self, pointer: Pointer | None, highest: int, *, sync: bool = True,
+                     retire: list[str] | None = None) -> None:
         state = {"format": STATE_FORMAT, "app_id": self.app_id, "active": pointer, "highest": highest}
         data = json.dumps(state, indent=2, sort_keys=True).encode("ascii") + b"\n"
-        _fsutil.write_atomic(self.path / "state.json", data, sync=sync, sync_dir=sync)
+        _fsutil.write_atomic(self.path / "state.json", data, sync=sync, sync_dir=sync, retire=retire)
 
     def _append_history(self, action: str, version: int | None, digest: str | None,
                         key_ids: Sequence[str], outcome: str, code: str | None, reason: str, *,

@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import itertools
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .errors import BadEntryName, StoreError
+from .errors import StoreError
 
 TMP_PREFIX = ".tmp-"
 

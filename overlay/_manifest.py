@@ -17,7 +17,7 @@ import re
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache, partial
-from itertools import accumulate, chain, compress, count, repeat
+from itertools import accumulate, compress, count, repeat
 from operator import itemgetter, lt, ne
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -27,7 +27,8 @@ from .errors import BadEntryName, BadManifest, TooLarge, UnknownFormat
 if TYPE_CHECKING:
     from .bundle import Limits
 
-FORMAT = 1
+FORMAT = 2  #: what this habanero writes
+READABLE = (1, 2)  #: what it reads: format 1 entries also list their offsets (see docs/bundle-format.md)
 CODECS = ("zstd", "zstd-delta")
 
 
@@ -37,7 +38,6 @@ class Entry(NamedTuple):
 
     name: str
     kind: str  # "module", "package" (an __init__) or "data"
-    offset: int
     size: int
     sha256: str
 
@@ -57,14 +57,13 @@ class Table(NamedTuple):
     rows: list[Entry]
     names: tuple[str, ...]
     kinds: tuple[str, ...]
-    offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     hashes: tuple[str, ...]
     changed: list[int] | None = None
 
     @classmethod
     def of(cls, rows: list[Entry]) -> Table:
-        return cls(rows, *zip(*rows)) if rows else cls(rows, (), (), (), (), ())
+        return cls(rows, *zip(*rows)) if rows else cls(rows, (), (), (), ())
 
 
 # ------------------------------------------------------------------------------- canonical text
@@ -73,25 +72,29 @@ class Table(NamedTuple):
 canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 _BEFORE, _AFTER = ("app_id", "builder", "created"), ("format", "parent", "payload", "version")  # sorted
 
-
-def entry_head(kind: str, name: str) -> str:
-    """An entry's canonical JSON up to its offset (the one field a change before it moves)."""
-    return f'{{"kind":{canonical_json(kind)},"name":{canonical_json(name)},"offset":'
-
-
-def entry_tail(sha256: str, size: int) -> str:
-    """An entry's canonical JSON after its offset, with the comma before the next entry."""
-    return f',"sha256":"{sha256}","size":{size}}},'
+#: A format 2 entry's canonical JSON, given kind, name, sha256 and size (``str.format`` runs at C
+#: speed over columns). Exact for valid entries only: their names and kinds need no JSON escape.
+ENTRY_JSON = '{{"kind":"{}","name":"{}","sha256":"{}","size":{}}}'.format
+_ENTRIES_OPEN = ',"entries":['
 
 
-def canonical_manifest(top: Mapping[str, Any], heads: Iterable[str], offsets: Iterable[int],
-                       tails: Iterable[str]) -> bytes:
-    """The manifest ``top`` (its fields but ``entries``) with these entries, as ``build_bundle``
-    writes it; each entry joined from its head, offset and tail at C speed."""
+def entry_json(entry: Entry) -> str:
+    """``entry``'s canonical JSON in a format 2 manifest (a valid entry: see ``ENTRY_JSON``)."""
+    return ENTRY_JSON(entry.kind, entry.name, entry.sha256, entry.size)
+
+
+def canonical_parts(top: Mapping[str, Any]) -> tuple[str, str]:
+    """What comes before and after the entries' JSON in the canonical text of manifest ``top``."""
     head = canonical_json({k: top[k] for k in _BEFORE})
     tail = canonical_json({k: top[k] for k in _AFTER})
-    entries = "".join(chain.from_iterable(zip(heads, map(str, offsets), tails)))[:-1]
-    return f'{head[:-1]},"entries":[{entries}],{tail[1:]}'.encode("ascii")
+    return head[:-1] + _ENTRIES_OPEN, "]," + tail[1:]
+
+
+def canonical_manifest(top: Mapping[str, Any], texts: Iterable[str]) -> bytes:
+    """The format 2 manifest ``top`` (its fields but ``entries``) with entries of these canonical
+    JSON texts, as ``build_bundle`` writes it."""
+    head, tail = canonical_parts(top)
+    return f'{head}{",".join(texts)}{tail}'.encode("ascii")
 
 
 # ---------------------------------------------------------------------------------------- parsing
@@ -177,8 +180,10 @@ _TOP = {"format": int, "app_id": str, "version": int, "parent": (str, type(None)
 _PAYLOAD = {"codec": str, "size": int, "uncompressed_size": int, "sha256": str}
 # A delta payload carries only the ``included`` entries; the rest come from the parent bundle.
 _DELTA_PAYLOAD = {**_PAYLOAD, "included": list}
-_ENTRY = {"name": str, "kind": str, "offset": int, "size": int, "sha256": str}
+_ENTRY = {"name": str, "kind": str, "size": int, "sha256": str}
+_ENTRY_V1 = {"name": str, "kind": str, "offset": int, "size": int, "sha256": str}  # offsets: contiguous
 _ROW = itemgetter(*_ENTRY)
+_OFFSET = itemgetter("offset")
 _new_entry = partial(map, tuple.__new__, repeat(Entry))  # Entries from (name, kind, ...) tuples
 
 
@@ -222,10 +227,10 @@ def check_manifest(m: Any, limits: Limits, *, own: bool = False, known: Table | 
     if len(entries) > limits.max_entries:
         raise TooLarge(f"bundle has {len(entries)} entries, over the {limits.max_entries} limit",
                        code="too_many_entries")
-    total = m["payload"]["uncompressed_size"]
-    table = _fast_table(entries, total, limits, known)
+    total, v1 = m["payload"]["uncompressed_size"], m["format"] == 1
+    table = _fast_table(entries, total, limits, known, v1)
     if table is None:
-        table = Table.of(_check_entries(entries, total, limits, own))
+        table = Table.of(_check_entries(entries, total, limits, own, v1))
     if delta:
         check_included(m["payload"]["included"], table.names)
     return table
@@ -234,8 +239,9 @@ def check_manifest(m: Any, limits: Limits, *, own: bool = False, known: Table | 
 def check_top(m: Any, limits: Limits) -> bool:
     """Everything about a manifest but its entries; True for a delta payload (``zstd-delta``)."""
     _check_fields(m, _TOP, "manifest")
-    if m["format"] != FORMAT:
-        raise UnknownFormat(f"manifest format {m['format']} is not supported (expected {FORMAT})")
+    if m["format"] not in READABLE:
+        raise UnknownFormat(f"manifest format {m['format']} is not supported (this habanero reads formats "
+                            f"{', '.join(map(str, READABLE))}); upgrade habanero on the server")
     if not m["app_id"] or not m["app_id"].isascii() or len(m["app_id"]) > 128:
         raise BadManifest("manifest.app_id must be 1-128 ASCII characters")
     if m["version"] < 1:
@@ -272,7 +278,7 @@ def check_included(included: list[Any], names: tuple[str, ...]) -> None:
         last = position
 
 
-def _fast_table(entries: list[Any], total: int, limits: Limits, known: Table | None) -> Table | None:
+def _fast_table(entries: list[Any], total: int, limits: Limits, known: Table | None, v1: bool) -> Table | None:
     """The table, if every entry check holds; None if one fails (``_check_entries`` then says which).
 
     The checks of ``_check_entries``, a column at a time. Integer columns are type-checked before
@@ -280,26 +286,30 @@ def _fast_table(entries: list[Any], total: int, limits: Limits, known: Table | N
     is a string.
     """
     try:
-        return _columns_hold(entries, total, limits, known)
+        return _columns_hold(entries, total, limits, known, v1)
     except (TypeError, KeyError):  # an entry that is not an object, lacks a field, or a list for a name
         return None
 
 
-def _columns_hold(entries: list[Any], total: int, limits: Limits, known: Table | None) -> Table | None:
+def _columns_hold(entries: list[Any], total: int, limits: Limits, known: Table | None, v1: bool) -> Table | None:
     """``_fast_table``'s checks, raising TypeError or KeyError on some odd entries."""
     if not entries:
         return None
     table = Table.of(list(_new_entry(map(_ROW, entries))))
-    if sum(map(len, entries)) != len(_ENTRY) * len(entries):  # all five fields, so none but them
+    if sum(map(len, entries)) != len(_ENTRY_V1 if v1 else _ENTRY) * len(entries):  # all fields, none else
         return None
     names, kinds, sizes, hashes = table.names, table.kinds, table.sizes, table.hashes
-    if not set(map(type, table.offsets)) == set(map(type, sizes)) == {int}:
+    if set(map(type, sizes)) != {int}:
         return None
     if min(sizes) < 0 or max(sizes) > limits.max_entry_bytes:
         return None
     starts = tuple(accumulate(sizes, initial=0))
-    if starts[:-1] != table.offsets or starts[-1] != total:
+    if starts[-1] != total:
         return None
+    if v1:
+        offsets = tuple(map(_OFFSET, entries))
+        if set(map(type, offsets)) != {int} or starts[:-1] != offsets:
+            return None
     if known is not None and names == known.names and kinds == known.kinds:
         # The same valid, sorted names, the same tree: only a changed hash is new.
         changed = sorted({*compress(count(), map(ne, hashes, known.hashes)),
@@ -340,13 +350,14 @@ def _all_valid(names: Sequence[Any], kinds: Sequence[Any], hashes: Sequence[Any]
     return True
 
 
-def _check_entries(entries: list[Any], total: int, limits: Limits, own: bool = False) -> list[Entry]:
+def _check_entries(entries: list[Any], total: int, limits: Limits, own: bool = False, v1: bool = False
+                   ) -> list[Entry]:
     rows: list[Entry] = []
     offset, previous = 0, None
     names: dict[str, str] = {}
     for i, e in enumerate(entries):
         if not own:
-            _check_fields(e, _ENTRY, f"manifest.entries[{i}]")
+            _check_fields(e, _ENTRY_V1 if v1 else _ENTRY, f"manifest.entries[{i}]")
         name, kind = e["name"], e["kind"]
         _check_name(name, kind)
         if previous is not None and name <= previous:
@@ -356,7 +367,7 @@ def _check_entries(entries: list[Any], total: int, limits: Limits, own: bool = F
         if e["size"] > limits.max_entry_bytes:
             raise TooLarge(f"entry {name!r} is {e['size']} bytes, over the {limits.max_entry_bytes} "
                            "byte limit", code="entry_too_large", name=name)
-        if e["offset"] != offset:
+        if v1 and e["offset"] != offset:
             raise BadManifest(f"entry {name!r} starts at {e['offset']}, expected {offset}: offsets "
                               "must be contiguous")
         if not own and not is_sha256(e["sha256"]):

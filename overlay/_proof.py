@@ -1,181 +1,227 @@
-"""A delta push's entry table without parsing its manifest: rebuilt from the active one, proven by
-the signed bytes.
+"""A delta push's entry table without parsing its manifest: the active one's, proven by the signed bytes.
 
-The manifest of a one-line push lists 1,000 entries, 999 of them as the active bundle has them
-(offsets shifted). Parsing and checking all of them costs most of a push. Instead:
+The manifest of a one-line push lists 1,000 entries, 999 of them exactly as the active bundle lists
+them. Parsing and checking all of them would cost most of a push. Instead (format 2 manifests, whose
+entries carry no offsets, so an entry's text does not depend on the entries before it):
 
 1. the manifest's top level (everything but ``entries``) is cut out, parsed strictly and checked;
-2. a candidate table is the active bundle's, with the entries the push carries (its payload's
-   ``included`` list) replaced or inserted, each read from its own small JSON object and checked;
-3. the candidate (the parsed top level with the candidate entries) is serialized the way every
-   manifest is written (canonical JSON: sorted keys, no spaces, ASCII escapes), all of it from
-   parsed values. If that gives the signed manifest, byte for byte, then the manifest is the
-   canonical text of exactly the candidate, so parsing it would give the candidate. How the
-   candidate was found (where the entry list was cut out, how the carried entries were located)
-   does not matter to that argument; only the byte comparison does.
+2. the entries the push carries (its payload's ``included`` list) are read one by one, each from
+   its own small JSON object, and checked;
+3. the manifest must then be, byte for byte, the canonical text (sorted keys, no spaces, ASCII
+   escapes: how every manifest is written) of the parsed top level with the active bundle's entries,
+   the carried ones replaced or inserted. The active bundle's entries are compared as runs of its
+   own manifest's bytes, which were checked to be the canonical text of its entries (``Spans``); a
+   carried entry as the canonical text of its parsed values. If every byte matches, the manifest is
+   the canonical text of exactly the candidate, so parsing it would give the candidate. How the
+   pieces were located does not matter to that argument; only the byte comparison does.
 
-Everything in the candidate that did not come from the push was checked when the active bundle
-was opened (names, kinds, hash format, the package tree), under the same limits; what is new is
-checked here (its entry, sizes, totals, order, the tree when names or kinds change). A manifest
-the proof cannot vouch for (written another way, an entry removed, a candidate that does not match)
-gets ``None`` and is parsed and checked in full, as without a base: the slow path decides every
-refusal, so its error messages stay the only ones.
+Everything in the candidate that did not come from the push was checked when the active bundle was
+opened (names, kinds, hash format, the package tree), under the same limits; what is new is checked
+here (its entry, sizes, totals, order, the tree when names or kinds change). A manifest the proof
+cannot vouch for (written another way, an entry removed, a candidate that does not match) gets
+``None`` and is parsed and checked in full, as without a base: the slow path decides every refusal,
+so its error messages stay the only ones. The cost is a few memory comparisons and the carried
+entries: flat in the project's size but for copying four columns of references.
 """
 
 from __future__ import annotations
 
 import json
 from bisect import bisect_left
-from functools import partial
-from operator import attrgetter
+from collections.abc import Mapping
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _manifest
 from ._manifest import (
-    _ENTRY,
+    ENTRY_JSON,
     Entry,
     Table,
-    canonical_json,
-    canonical_manifest,
-    check_included,
+    canonical_parts,
     check_top,
-    entry_head,
-    entry_tail,
     is_sha256,
     parse_manifest,
 )
 from .errors import BundleRejected
 
 if TYPE_CHECKING:
-    from .bundle import Limits
+    from .bundle import Bundle, Limits
 
-_KIND, _SIZE, _SHA256 = attrgetter("kind"), attrgetter("size"), attrgetter("sha256")
 _FEW = 64  # carried entries always worth proving; beyond that, only up to an eighth of the table
-_ENTRY_OF = partial(tuple.__new__, Entry)  # Entry(*fields) without a Python-level __new__ call
 _OPEN, _CLOSE = b',"entries":[', b'],"format":'  # keys after "created" and before "format"
+_FIELDS = frozenset(("kind", "name", "sha256", "size"))
+_AFTER_NAME = b',"sha256":"'  # in an entry's text, what follows its name (a name holds no quote)
 
 
-class Pieces(NamedTuple):
-    """Each entry's canonical JSON on either side of its offset (the one field a change before it
-    moves): ``{"kind":…,"name":…,"offset":`` and ``,"sha256":"…","size":…},``."""
+class Spans(NamedTuple):
+    """Where a canonical manifest's entries are: the first one's start, then each one's length (a
+    comma sits between two)."""
 
-    heads: list[str]
-    tails: list[str]
+    start: int
+    lengths: list[int]
 
 
-def pieces_of(rows: list[Entry]) -> Pieces:
-    return Pieces([entry_head(e.kind, e.name) for e in rows], [entry_tail(e.sha256, e.size) for e in rows])
+def spans_of(raw: bytes, top: Mapping[str, Any], texts: list[str]) -> Spans | None:
+    """The spans of manifest ``raw`` if it is exactly the canonical text of ``top`` with entries of
+    these canonical ``texts``; None if it is written any other way."""
+    head, tail = canonical_parts(top)
+    if f'{head}{",".join(texts)}{tail}'.encode("ascii") != raw:
+        return None
+    return Spans(len(head), list(map(len, texts)))
 
 
 class Proven(NamedTuple):
     manifest: dict[str, Any]       # the top level; ``entries`` is the empty list it was cut to
     table: Table
-    pieces: Pieces
-    added: tuple[str, ...]         # names the known table lacked
-    changed: tuple[str, ...]       # names whose hash or kind differ from the known table's
+    spans: Spans
+    added: tuple[str, ...]         # names the base table lacked
+    changed: tuple[str, ...]       # names whose hash or kind differ from the base table's
 
 
-def proven_table(raw: bytes, known: Table, pieces: Pieces, limits: Limits) -> Proven | None:
-    """The checked table of manifest ``raw`` built from ``known``, or None: parse it in full."""
+class _Carried(NamedTuple):
+    at: int          # its position in the base table (of its name, or where it goes)
+    entry: Entry
+    length: int      # of its text
+    replaces: bool   # base has an entry of that name
+
+
+def proven_table(raw: bytes, base: Bundle, limits: Limits) -> Proven | None:
+    """The checked table of manifest ``raw`` built from ``base``'s, or None: parse it in full."""
+    spans = base._spans
     start, end = raw.find(_OPEN), raw.rfind(_CLOSE)
-    if start < 0 or end < start:
+    if spans is None or start < 0 or end < start:
         return None
     try:
         top = parse_manifest(raw[:start] + b',"entries":[]' + raw[end + 1:])
         delta = check_top(top, limits)
     except BundleRejected:
         return None  # not this layout after all, or a real problem the full check will name
-    if not delta:
+    if not delta or top["format"] == 1:
+        return None
+    head, tail = (part.encode("ascii") for part in canonical_parts(top))
+    if not (raw.startswith(head) and raw.endswith(tail)) or len(head) + len(tail) > len(raw):
         return None
     included = top["payload"]["included"]
+    known = base._table
+    n = len(known.rows)
     if not all(type(name) is str for name in included):
         return None
-    if len(included) > max(_FEW, len(known.rows) // 8) or len(known.rows) + len(included) > limits.max_entries:
+    if len(included) > max(_FEW, n // 8) or n + len(included) > limits.max_entries:
         return None  # a large change: the full parse is linear, this is not (inserts, a scan each)
-    rows = list(known.rows)
-    heads, tails = list(pieces.heads), list(pieces.tails)
-    names = list(known.names)
-    added: list[str] = []
-    changed: list[str] = []
-    first = len(rows)
-    kinds_changed = False
-    cursor = start  # included is sorted, and so are the entries: each search starts at the last
+    carried = _walk(raw, len(head), len(raw) - len(tail), base, spans, included, limits)
+    if carried is None:
+        return None
+    return _table(top, known, spans, carried, limits)
+
+
+def _walk(raw: bytes, pos: int, stop: int, base: Bundle, spans: Spans, included: list[str],
+          limits: Limits) -> list[_Carried] | None:
+    """Match ``raw[pos:stop]`` against base's entries with the ``included`` ones replaced or
+    inserted; the carried entries, or None at the first byte that differs."""
+    known, source = base._table, memoryview(base.manifest_bytes)
+    # edges[i]: where base's entry i starts in its manifest; a run [a, b) ends at edges[b] - 1.
+    edges = list(accumulate((length + 1 for length in spans.lengths), initial=spans.start))
+    names, n = known.names, len(known.rows)
+    found: list[_Carried] = []
+    next_base, previous = 0, None
     for name in included:
-        found = _carried(raw, cursor, end, name, limits)
-        if found is None:
+        if previous is not None and name <= previous:
+            return None  # included must be sorted and unique
+        previous = name
+        at = bisect_left(names, name, next_base)
+        if at > next_base:  # base's entries before this one, unchanged: one comparison
+            pos = _same(raw, pos, source[edges[next_base] : edges[at] - 1], found or next_base)
+            if pos < 0:
+                return None
+        if found or at > 0:
+            if raw[pos : pos + 1] != b",":
+                return None
+            pos += 1
+        carried = _entry_at(raw, pos, stop, name, limits)
+        if carried is None:
             return None
-        entry, cursor = found
-        at = bisect_left(names, name)
-        known_name = at < len(names) and names[at] == name
-        if not (known_name and rows[at].kind == entry.kind) and not _name_holds(name, entry.kind):
-            return None  # a name (or kind) base did not have, and it is not valid
-        if known_name:
-            before = rows[at]
+        entry, text_end = carried
+        replaces = at < n and names[at] == name
+        if replaces:
+            before = known.rows[at]
             if before.kind == entry.kind and before.sha256 == entry.sha256:
                 return None  # carried though unchanged: not how a delta is built; let the full check see
-            kinds_changed = kinds_changed or before.kind != entry.kind
-            rows[at], heads[at], tails[at] = entry, entry_head(entry.kind, name), entry_tail(entry.sha256, entry.size)
-            changed.append(name)
-        else:
-            names.insert(at, name)
-            rows.insert(at, entry)
-            heads.insert(at, entry_head(entry.kind, name))
-            tails.insert(at, entry_tail(entry.sha256, entry.size))
-            added.append(name)
-        first = min(first, at)
-    if len(rows) > limits.max_entries:
+            if before.kind != entry.kind and not _name_holds(name, entry.kind):
+                return None
+        elif not _name_holds(name, entry.kind):
+            return None  # a name base did not have, and it is not valid
+        found.append(_Carried(at, entry, text_end - pos, replaces))
+        pos = text_end
+        next_base = at + 1 if replaces else at
+    if next_base < n:
+        pos = _same(raw, pos, source[edges[next_base] : edges[n] - 1], found or next_base)
+    return found if pos == stop else None
+
+
+def _same(raw: bytes, pos: int, run: memoryview, after_another: object) -> int:
+    """Past ``run`` (base's bytes) at ``pos`` in ``raw``, after a comma if it follows an entry; -1
+    if the bytes differ."""
+    if after_another:
+        if raw[pos : pos + 1] != b",":
+            return -1
+        pos += 1
+    return pos + len(run) if raw.startswith(run, pos) else -1
+
+
+def _entry_at(raw: bytes, pos: int, stop: int, name: str, limits: Limits) -> tuple[Entry, int] | None:
+    """The entry ``name`` whose canonical text starts at ``pos``, checked, and where its text ends."""
+    after_name = raw.find(_AFTER_NAME, pos, stop)
+    right = raw.find(b"}", after_name, stop) if after_name >= 0 else -1
+    if right < 0:
         return None
-    sizes = list(map(_SIZE, rows))
-    offsets = list(accumulate(sizes, initial=0))
-    if offsets.pop() != top["payload"]["uncompressed_size"]:
-        return None
-    # Written entirely from parsed values, none of it copied from ``raw``: equal bytes mean the
-    # manifest is exactly this value.
-    if canonical_manifest(top, heads, offsets, tails) != raw:
-        return None  # the proof: anything else is parsed in full
     try:
-        check_included(included, tuple(names))
-    except BundleRejected:
+        obj = json.loads(raw[pos : right + 1])
+    except (ValueError, RecursionError):
         return None
-    kinds = tuple(map(_KIND, rows))
+    if not (type(obj) is dict and obj.keys() == _FIELDS and obj["name"] == name
+            and type(obj["kind"]) is str and type(obj["size"]) is int and type(obj["sha256"]) is str
+            and 0 <= obj["size"] <= limits.max_entry_bytes and is_sha256(obj["sha256"])):
+        return None
+    entry = Entry(name, obj["kind"], obj["size"], obj["sha256"])
+    # Written from the parsed values: equal bytes mean this text is exactly that entry.
+    if raw[pos : right + 1] != ENTRY_JSON(entry.kind, name, entry.sha256, entry.size).encode("ascii"):
+        return None
+    return entry, right + 1
+
+
+def _table(top: dict[str, Any], known: Table, spans: Spans, carried: list[_Carried], limits: Limits
+           ) -> Proven | None:
+    """Base's table with the carried entries put in, and the checks that depend on them."""
+    rows, names, kinds = list(known.rows), list(known.names), list(known.kinds)
+    sizes, hashes, lengths = list(known.sizes), list(known.hashes), list(spans.lengths)
+    added: list[str] = []
+    changed: list[str] = []
+    kinds_changed = False
+    shift = 0
+    for at, entry, length, replaces in carried:
+        i = at + shift
+        if replaces:
+            kinds_changed = kinds_changed or kinds[i] != entry.kind
+            rows[i], kinds[i], sizes[i], hashes[i], lengths[i] = entry, entry.kind, entry.size, entry.sha256, length
+            changed.append(entry.name)
+        else:
+            for column, value in ((rows, entry), (names, entry.name), (kinds, entry.kind), (sizes, entry.size),
+                                  (hashes, entry.sha256), (lengths, length)):
+                column.insert(i, value)
+            shift += 1
+            added.append(entry.name)
+    if len(rows) > limits.max_entries or sum(sizes) != top["payload"]["uncompressed_size"]:
+        return None
     if added or kinds_changed:
         try:
             _manifest._check_tree(dict(zip(names, kinds)))
         except BundleRejected:
             return None
-    # Entries before the first change keep their offsets: reuse them; the rest move (made at C
-    # speed: this is the one step that may touch every entry).
-    hashes = tuple(map(_SHA256, rows))
-    final = rows[:first] + list(map(_ENTRY_OF, zip(names[first:], kinds[first:], offsets[first:],
-                                                   sizes[first:], hashes[first:])))
+    names_t = tuple(names)
     same_names = not added and not kinds_changed
-    table = Table(final, tuple(names), kinds, tuple(offsets), tuple(sizes), hashes,
-                  sorted(bisect_left(names, n) for n in changed) if same_names else None)
-    return Proven(top, table, Pieces(heads, tails), tuple(added), tuple(changed))
-
-
-def _carried(raw: bytes, start: int, end: int, name: str, limits: Limits) -> tuple[Entry, int] | None:
-    """The entry object of ``name`` in the manifest's entry list, its fields checked (the name by
-    the caller, when base lacks it); None if not found as expected (the byte comparison would fail
-    anyway) or not valid (the full check says why). Also where the entry's object ends."""
-    marker = f'"name":{canonical_json(name)},"offset":'.encode("ascii")
-    at = raw.find(marker, start, end)
-    if at < 0:
-        return None
-    left, right = raw.rfind(b"{", start, at), raw.find(b"}", at, end)
-    if left < 0 or right < 0:
-        return None
-    try:
-        obj = json.loads(raw[left: right + 1])
-    except (ValueError, RecursionError):
-        return None
-    if not (type(obj) is dict and obj.keys() == _ENTRY.keys() and obj["name"] == name
-            and type(obj["kind"]) is str and type(obj["offset"]) is int and type(obj["size"]) is int
-            and type(obj["sha256"]) is str and 0 <= obj["size"] <= limits.max_entry_bytes
-            and is_sha256(obj["sha256"])):
-        return None
-    return Entry(name, obj["kind"], obj["offset"], obj["size"], obj["sha256"]), right
+    table = Table(rows, names_t, tuple(kinds), tuple(sizes), tuple(hashes),
+                  sorted(bisect_left(names_t, name) for name in changed) if same_names else None)
+    return Proven(top, table, Spans(spans.start, lengths), tuple(added), tuple(changed))
 
 
 def _name_holds(name: str, kind: str) -> bool:

@@ -99,7 +99,9 @@ class TreesMixin:
         without a look at the disk, so a push writes only what it changed. ``names``, when given,
         are the only entries that can differ from ``known`` (the push's diff).
         """
-        held = known.by_hash if known is not None else {}
+        # Given the diff, the few entries it names are looked up on disk; otherwise every entry is
+        # checked against known's bodies first (building that index costs a pass over them).
+        held = known.by_hash if known is not None and names is None else {}
         written: list[str] = []
         entries = bundle.entries
         for entry in (entries.values() if names is None or known is None else

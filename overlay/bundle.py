@@ -6,8 +6,9 @@ Layout (all integers big-endian; see docs/bundle-format.md)::
     manifest (canonical JSON) | signature block | payload (one zstd frame)
 
 This module is pure: bytes in, a verified :class:`Bundle` or a precise :class:`BundleRejected` out.
-Reading follows *verify before parse*: the Ed25519 signature over the exact manifest bytes is checked
-against the locally trusted keys before the manifest is parsed, before anything is decompressed.
+Reading follows *verify before parse*: the Ed25519 signature over the exact manifest bytes (format 2:
+over their sha256, the bundle's digest) is checked against the locally trusted keys before the
+manifest is parsed, before anything is decompressed.
 Only then: app id, declared sizes against :class:`Limits`, the payload hash, a bounded
 decompression, and every entry's size and hash.
 """
@@ -28,7 +29,7 @@ from typing import Any
 import zstandard
 
 from . import _proof
-from ._manifest import CODECS, FORMAT, Entry, Table, check_manifest, parse_manifest
+from ._manifest import CODECS, ENTRY_JSON, FORMAT, READABLE, Entry, Table, check_manifest, parse_manifest
 from .errors import (
     BadSignature,
     CorruptPayload,
@@ -45,7 +46,8 @@ __all__ = ["Base", "Bundle", "Entry", "Limits", "build_bundle", "bundle_digest",
 ContentLookup = Callable[[str], "bytes | None"]  # sha256 -> an entry body the server already holds
 
 MAGIC = b"HABANERO"
-SIGNATURE_DOMAIN = b"habanero-bundle-v1\x00"
+SIGNATURE_DOMAIN = b"habanero-bundle-v2\x00"  # + sha256(manifest): signing cost flat in project size
+_SIGNATURE_DOMAIN_V1 = b"habanero-bundle-v1\x00"  # + the manifest itself: format 1, still read
 FLAG_PACKED = 1  # transport form: manifest compressed against the parent's (see overlay._delta)
 _HEADER = struct.Struct(">8sHHII")
 _SIG_LEN = 64
@@ -69,14 +71,16 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
-_SHA256 = itemgetter(4)  # of an Entry
+_SHA256 = itemgetter(3)  # of an Entry
 
 
 @dataclass(frozen=True, eq=False)
 class Bundle:
     """A verified, decompressed bundle. ``digest`` (sha256 of the manifest) names it.
 
-    ``manifest`` holds the manifest's top-level fields; its entry table is ``entries``. Opened
+    ``manifest`` holds the manifest's top-level fields; its entry table is ``entries``, and each
+    entry's body is in ``bodies``: one bytes object per entry, so a push shares the bodies it did
+    not change with the bundle it was opened against instead of copying a whole snapshot. Opened
     against a ``base`` it may also carry ``changed_from``: ``(base digest, names added, names
     changed)`` when nothing was removed, what ``overlay._diff`` would otherwise find by a pass over
     every entry.
@@ -87,11 +91,15 @@ class Bundle:
     raw: bytes
     key_ids: tuple[str, ...]
     entries: dict[str, Entry]
-    payload: bytes = field(repr=False)
+    bodies: dict[str, bytes] = field(repr=False)
 
     @cached_property
     def digest(self) -> str:
         return hashlib.sha256(self.manifest_bytes).hexdigest()
+
+    @property
+    def format(self) -> int:
+        return self.manifest["format"]
 
     @cached_property
     def hashes(self) -> dict[str, str]:
@@ -108,9 +116,14 @@ class Bundle:
         return dict(zip(map(_SHA256, entries), entries))
 
     @cached_property
-    def _pieces(self) -> _proof.Pieces:
-        """Each entry's canonical JSON around its offset, for proving the next push (see ``_proof``)."""
-        return _proof.pieces_of(self._table.rows)
+    def _spans(self) -> _proof.Spans | None:
+        """Where each entry's JSON is in the manifest, for proving the next push (see ``_proof``);
+        None when the manifest is not the canonical text of its values (another writer's)."""
+        if self.format == 1:
+            return None
+        table = self._table
+        texts = list(map(ENTRY_JSON, table.kinds, table.names, table.hashes, table.sizes))
+        return _proof.spans_of(self.manifest_bytes, self.manifest, texts)
 
     @cached_property
     def _table(self) -> Table:
@@ -130,8 +143,7 @@ class Bundle:
         return self.manifest["parent"]
 
     def read(self, name: str) -> bytes:
-        entry = self.entries[name]
-        return self.payload[entry.offset : entry.offset + entry.size]
+        return self.bodies[name]
 
     def summary(self) -> dict[str, Any]:
         """What status pages and the CLI show about a bundle."""
@@ -197,13 +209,12 @@ def build_bundle(
     items = sorted((name, kind, bytes(content)) for name, (kind, content) in rows)
     if not signers:
         raise BadSignature("a bundle needs at least one signing key", code="unsigned")
-    entries, chunks, offset = [], [], 0
+    entries, chunks = [], []
     for name, kind, content in items:
-        entries.append({"name": name, "kind": kind, "offset": offset, "size": len(content),
+        entries.append({"name": name, "kind": kind, "size": len(content),
                         "sha256": hashlib.sha256(content).hexdigest()})
         chunks.append(content)
-        offset += len(content)
-    total = offset
+    total = sum(map(len, chunks))
     if base is not None:
         parent = base.digest
         included = [e["name"] for e in entries if e["sha256"] not in base.hashes]
@@ -247,7 +258,15 @@ def signed_bundle(manifest_bytes: bytes, frame: bytes, signers: Sequence[Signing
 
 
 def _sign(manifest_bytes: bytes, signers: Sequence[SigningKey]) -> bytes:
-    return sign_block(SIGNATURE_DOMAIN + manifest_bytes, signers)
+    return sign_block(signed_message(FORMAT, manifest_bytes), signers)
+
+
+def signed_message(fmt: int, manifest_bytes: bytes, digest: bytes | None = None) -> bytes:
+    """What a bundle's signatures sign: from format 2 on, the manifest's sha256 (``digest``, if the
+    caller has it), so that a signature costs the same whatever the manifest's size."""
+    if fmt == 1:
+        return _SIGNATURE_DOMAIN_V1 + manifest_bytes
+    return SIGNATURE_DOMAIN + (digest or hashlib.sha256(manifest_bytes).digest())
 
 
 def sign_block(message: bytes, signers: Sequence[SigningKey]) -> bytes:
@@ -266,6 +285,7 @@ def sign_block(message: bytes, signers: Sequence[SigningKey]) -> bytes:
 
 @dataclass(frozen=True)
 class _Parts:
+    format: int
     manifest_bytes: bytes
     signatures: tuple[tuple[str, bytes], ...]
     frame: bytes
@@ -280,10 +300,10 @@ def _split(data: bytes, limits: Limits) -> _Parts:
         raise UnknownFormat("this is not a habanero bundle (bad magic); build one with "
                             "`habanero-pack build`", code="unknown_format")
     _, fmt, flags, manifest_len, sig_len = _HEADER.unpack_from(data)
-    if fmt != FORMAT or flags != 0:
+    if fmt not in READABLE or flags != 0:
         raise UnknownFormat(f"bundle format {fmt} (flags {flags}) is not supported by this habanero, "
-                            f"which reads format {FORMAT}; upgrade habanero on the server or build with "
-                            "a matching habanero-pack", code="unknown_format")
+                            f"which reads formats {', '.join(map(str, READABLE))}; upgrade habanero on "
+                            "the server or build with a matching habanero-pack", code="unknown_format")
     if manifest_len > limits.max_manifest_bytes:
         raise TooLarge(f"manifest declares {manifest_len} bytes, over the {limits.max_manifest_bytes} "
                        "byte limit", code="manifest_too_large")
@@ -293,7 +313,7 @@ def _split(data: bytes, limits: Limits) -> _Parts:
                              code="truncated")
     manifest_bytes = data[start : start + manifest_len]
     sigblock = data[start + manifest_len : start + manifest_len + sig_len]
-    return _Parts(manifest_bytes, parse_sigblock(sigblock), data[start + manifest_len + sig_len :])
+    return _Parts(fmt, manifest_bytes, parse_sigblock(sigblock), data[start + manifest_len + sig_len :])
 
 
 def parse_sigblock(block: bytes) -> tuple[tuple[str, bytes], ...]:
@@ -322,9 +342,9 @@ def parse_sigblock(block: bytes) -> tuple[tuple[str, bytes], ...]:
     return tuple(sigs)
 
 
-def _verify(parts: _Parts, trusted: TrustedKeys) -> tuple[str, ...]:
+def _verify(parts: _Parts, trusted: TrustedKeys, digest: bytes | None = None) -> tuple[str, ...]:
     """Return the ids of trusted keys whose signature holds; refuse otherwise."""
-    return verify_block(parts.signatures, SIGNATURE_DOMAIN + parts.manifest_bytes, trusted)
+    return verify_block(parts.signatures, signed_message(parts.format, parts.manifest_bytes, digest), trusted)
 
 
 def verify_block(signatures: Sequence[tuple[str, bytes]], message: bytes, trusted: TrustedKeys) -> tuple[str, ...]:
@@ -364,9 +384,10 @@ def open_bundle(
     is missing raises ``ParentMissing``. ``Bundle.raw`` is always the unpacked form.
 
     ``base`` is a bundle this process opened earlier (the active one), so its bodies are known good.
-    An entry the push does not carry takes its body from ``base`` by hash, and is not hashed again;
-    nor is an entry of a full payload whose bytes equal base's same-named entry. Entries identical
-    to base's skip the manifest checks they passed then. Without ``base`` every body is hashed.
+    An entry the push does not carry takes its body from ``base`` (the same bytes object), and is
+    not hashed again; nor is an entry of a full payload whose bytes equal base's same-named entry.
+    Entries identical to base's skip the manifest checks they passed then (a delta's table is proven
+    from base's, see ``overlay._proof``). Without ``base`` every body is hashed.
 
     Example::
 
@@ -378,14 +399,18 @@ def open_bundle(
     if len(data) >= _HEADER.size and data.startswith(MAGIC) and _HEADER.unpack_from(data)[2] == FLAG_PACKED:
         data = _delta.unpack(data, trusted, base_manifest, limits)
     parts = _split(data, limits)
-    key_ids = _verify(parts, trusted)  # before the manifest is parsed or anything decompressed
-    proven = (_proof.proven_table(parts.manifest_bytes, base._table, base._pieces, limits)
-              if base is not None else None)
+    digest = hashlib.sha256(parts.manifest_bytes).digest()  # the bundle's name, and format 2 signs it
+    key_ids = _verify(parts, trusted, digest)  # before the manifest is parsed or anything decompressed
+    proven = (_proof.proven_table(parts.manifest_bytes, base, limits)
+              if base is not None and parts.format != 1 else None)
     if proven is not None:  # the table of a delta against base, proven by the bytes (see _proof)
         manifest, table = proven.manifest, proven.table
     else:
         manifest = parse_manifest(parts.manifest_bytes)
         table = check_manifest(manifest, limits, known=base._table if base is not None else None)
+        if manifest["format"] != parts.format:
+            raise UnknownFormat(f"the bundle's header says format {parts.format}, its manifest "
+                                f"{manifest['format']}; rebuild it with habanero-pack", code="unknown_format")
     del manifest["entries"]  # they are Bundle.entries; the dicts would only hold memory
     if app_id is not None and manifest["app_id"] != app_id:
         raise WrongApp(f"this bundle is for app {manifest['app_id']!r} but this server runs "
@@ -393,29 +418,38 @@ def open_bundle(
                        expected=app_id, got=manifest["app_id"])
     declared = manifest["payload"]
     if declared["codec"] == "zstd-delta":
-        carried = {bisect_left(table.names, name) for name in declared["included"]}  # all there: checked
-        body = _decompress(parts.frame, declared, sum(table.rows[i].size for i in carried))
-        payload, unproven = _delta.assemble(table, carried, body, content, manifest["parent"], base)
+        included = declared["included"]  # entry names in entry order: checked
+        body = _decompress(parts.frame, declared, sum(table.sizes[bisect_left(table.names, n)] for n in included))
+        # Proven: every entry not carried is base's own. The same names and kinds as base's: all
+        # but the ``changed`` positions are.
+        differ = () if proven is not None else table.changed
+        bodies, unproven = _delta.assemble(table, included, body, content, manifest["parent"], base,
+                                           differ=differ)
     else:
         payload = _decompress(parts.frame, declared, declared["uncompressed_size"])
-        unproven = _delta.unlike(table, payload, base) if base is not None else table.rows
-    _check_hashes(unproven, payload)
+        bodies = _delta.split_payload(table, payload)
+        unproven = _delta.unlike(table, bodies, base) if base is not None else table.rows
+    _check_hashes(unproven, bodies)
     entries = dict(zip(table.names, table.rows))
-    bundle = Bundle(manifest, parts.manifest_bytes, data, key_ids, entries, payload)
-    bundle.__dict__["_table"] = table._replace(changed=None)  # its cached property, already at hand
+    bundle = Bundle(manifest, parts.manifest_bytes, data, key_ids, entries, bodies)
+    bundle.__dict__["digest"] = digest.hex()  # cached properties, already at hand
+    bundle.__dict__["_table"] = table._replace(changed=None)
     if proven is not None:
-        bundle.__dict__["_pieces"] = proven.pieces
+        bundle.__dict__["_spans"] = proven.spans
         bundle.__dict__["changed_from"] = (base.digest, proven.added, proven.changed)  # type: ignore[union-attr]
     elif base is not None and table.changed is not None:  # the same names and kinds as base's
         bundle.__dict__["changed_from"] = (base.digest, (), tuple(table.names[i] for i in table.changed))
     return bundle
 
 
-def _check_hashes(entries: Iterable[Entry], payload: bytes) -> None:
-    """Refuse the first of ``entries`` whose body in ``payload`` does not have its sha256."""
-    view = memoryview(payload)
+def _check_hashes(entries: Iterable[Entry], bodies: Mapping[str, bytes]) -> None:
+    """Refuse the first of ``entries`` whose body does not have its size and sha256."""
     for entry in entries:
-        if hashlib.sha256(view[entry.offset : entry.offset + entry.size]).hexdigest() != entry.sha256:
+        body = bodies[entry.name]
+        if len(body) != entry.size:  # a body of the right hash for a size the manifest misstates
+            raise CorruptPayload(f"entry {entry.name!r} does not match its size in the manifest",
+                                 code="entry_hash_mismatch", name=entry.name)
+        if hashlib.sha256(body).hexdigest() != entry.sha256:
             raise CorruptPayload(f"entry {entry.name!r} does not match its hash in the manifest",
                                  code="entry_hash_mismatch", name=entry.name)
 

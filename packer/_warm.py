@@ -3,15 +3,15 @@
 A one-line save in a 1,000-module project changes one entry, yet ``overlay.bundle.build_bundle``
 hashes every body and builds, checks and encodes 1,000 entry dicts (5-8 ms), and
 ``overlay._delta.pack`` digests the base's 160 KB manifest into a zstd dictionary (0.5 ms) each
-time. :class:`WarmBuilder` keeps, per entry, its sha256 and its canonical JSON on either side of its
-offset (the one field an edit elsewhere moves), a payload compressor, and a manifest compressor for
-the base of the next push, prepared while the watch waits for a save.
+time. :class:`WarmBuilder` keeps, per entry, its sha256 and its canonical JSON, a payload
+compressor, and a manifest compressor for the base of the next push, prepared while the watch waits
+for a save.
 
 It writes the bundle ``build_bundle`` writes, byte for byte (``tests/test_packer.py`` holds it to
 that), and a packed form that the server unpacks into that bundle. What it does not rebuild it
 does not re-check either: the whole manifest goes through ``check_manifest`` when names or kinds
-change (and on the first build); in between, names, order and offsets hold by construction and only
-sizes can change, which are checked against the limits on every build.
+change (and on the first build); in between, names and order hold by construction and only sizes
+can change, which are checked against the limits on every build.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import hashlib
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
-from itertools import accumulate, compress
+from itertools import compress
 from operator import attrgetter, not_
 from typing import Any, NamedTuple
 
 import zstandard
 
 from overlay._delta import manifest_compressor, pack
-from overlay._manifest import FORMAT, canonical_manifest, check_manifest, entry_head, entry_tail
+from overlay._manifest import ENTRY_JSON, FORMAT, canonical_manifest, check_manifest
 from overlay.bundle import DEFAULT_LIMITS, Base, Limits, signed_bundle
 from overlay.errors import TooLarge
 from overlay.keys import SigningKey
@@ -38,7 +38,7 @@ __all__ = ["WarmBuilder"]
 
 Entries = Mapping[str, tuple[str, bytes]]  # {name: (kind, content)}, sorted by name
 PACK_LEVEL = 3  # the manifest against its base: overlay._delta.pack's default
-_SIZE, _SHA256, _HEAD, _TAIL = (attrgetter(f) for f in ("size", "sha256", "head", "tail"))
+_SIZE, _SHA256, _TEXT = (attrgetter(f) for f in ("size", "sha256", "text"))
 
 
 class _Row(NamedTuple):
@@ -48,15 +48,13 @@ class _Row(NamedTuple):
     content: bytes
     size: int
     sha256: str
-    head: str  # '{"kind":…,"name":…,"offset":' : the entry's JSON up to its offset
-    tail: str  # ',"sha256":"…","size":…},' : and after it, with the comma before the next
+    text: str  # its canonical JSON in the manifest
     line: str  # its line in the sources digest
 
 
 def _row(name: str, kind: str, content: bytes) -> _Row:
     sha = hashlib.sha256(content).hexdigest()
-    return _Row(kind, content, len(content), sha, entry_head(kind, name), entry_tail(sha, len(content)),
-                f"{kind} {name} {sha}\n")
+    return _Row(kind, content, len(content), sha, ENTRY_JSON(kind, name, sha, len(content)), f"{kind} {name} {sha}\n")
 
 
 class WarmBuilder:
@@ -96,8 +94,7 @@ class WarmBuilder:
         start = time.perf_counter()
         self._update(files)
         names, rows, limits = list(self._rows), list(self._rows.values()), self.limits
-        offsets = list(accumulate(map(_SIZE, rows), initial=0))
-        total = offsets.pop()
+        total = sum(map(_SIZE, rows))
         if len(rows) > limits.max_entries:
             raise TooLarge(f"bundle has {len(rows)} entries, over the {limits.max_entries} limit",
                            code="too_many_entries")
@@ -117,11 +114,10 @@ class WarmBuilder:
                     "created": created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
                     "builder": dict(builder or {}), "payload": payload}
         if self._unchecked:  # never write what a server would refuse
-            entries = [{"name": n, "kind": r.kind, "offset": o, "size": r.size, "sha256": r.sha256}
-                       for n, r, o in zip(names, rows, offsets)]
+            entries = [{"name": n, "kind": r.kind, "size": r.size, "sha256": r.sha256} for n, r in zip(names, rows)]
             check_manifest({**manifest, "entries": entries}, limits, own=True)
             self._unchecked = False
-        manifest_bytes = canonical_manifest(manifest, map(_HEAD, rows), offsets, map(_TAIL, rows))
+        manifest_bytes = canonical_manifest(manifest, map(_TEXT, rows))
         data = signed_bundle(manifest_bytes, frame, [self.signer], limits)
         ms = round((time.perf_counter() - start) * 1000, 2)
         return BuiltBundle(data=data, manifest_bytes=manifest_bytes, digest=hashlib.sha256(manifest_bytes).hexdigest(),

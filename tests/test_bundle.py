@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from overlay.bundle import (
     FORMAT,
     MAGIC,
-    SIGNATURE_DOMAIN,
     Limits,
     build_bundle,
     open_bundle,
     read_unverified,
+    signed_message,
 )
 from overlay.errors import BundleRejected, HabaneroError
 from overlay.keys import load_trusted_keys
@@ -40,12 +40,14 @@ def _split(data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     return data[:start], data[start : start + mlen], data[start + mlen : start + mlen + slen], data[start + mlen + slen :]
 
 
-def _resign(manifest: dict, key, frame: bytes) -> bytes:
-    """Build a bundle by hand, correctly signed, around an arbitrary manifest and frame."""
+def _resign(manifest: dict, key, frame: bytes, *, fmt: int | None = None) -> bytes:
+    """Build a bundle by hand, correctly signed for format ``fmt`` (the manifest's by default),
+    around an arbitrary manifest and frame."""
     mbytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    fmt = manifest.get("format", FORMAT) if fmt is None else fmt
     kid = key.key_id.encode()
-    sig = bytes([1, len(kid)]) + kid + key.sign(SIGNATURE_DOMAIN + mbytes)
-    return struct.pack(">8sHHII", MAGIC, FORMAT, 0, len(mbytes), len(sig)) + mbytes + sig + frame
+    sig = bytes([1, len(kid)]) + kid + key.sign(signed_message(fmt, mbytes))
+    return struct.pack(">8sHHII", MAGIC, fmt, 0, len(mbytes), len(sig)) + mbytes + sig + frame
 
 
 def _rejected(code: str, data: bytes, trusted, **kw) -> BundleRejected:
@@ -66,16 +68,17 @@ def test_round_trip_preserves_every_entry(make_bundle, trusted):
     assert bundle.key_ids == (next(iter(trusted)).key_id,)
 
 
-def test_manifest_records_offsets_hashes_and_payload(make_bundle, trusted):
+def test_manifest_records_sizes_hashes_and_payload(make_bundle, trusted):
     bundle = open_bundle(make_bundle(FILES), trusted)
     m = json.loads(bundle.manifest_bytes)
+    assert m["format"] == FORMAT == 2
     assert "entries" not in bundle.manifest and m["payload"] == bundle.manifest["payload"]
-    offset = 0
+    total = 0
     for entry in m["entries"]:
-        assert entry["offset"] == offset
+        assert set(entry) == {"name", "kind", "size", "sha256"}  # offsets follow from the sizes
         assert entry["sha256"] == hashlib.sha256(FILES[entry["name"]][1]).hexdigest()
-        offset += entry["size"]
-    assert m["payload"]["uncompressed_size"] == offset
+        total += entry["size"]
+    assert m["payload"]["uncompressed_size"] == total
     assert m["payload"]["codec"] == "zstd"
     assert bundle.digest == hashlib.sha256(bundle.manifest_bytes).hexdigest()
 
@@ -169,9 +172,10 @@ def _manifest_for(payload: bytes, frame: bytes, entries: list[dict], **over) -> 
     return manifest
 
 
-def _entry(name, kind, content, offset=0):
-    return {"name": name, "kind": kind, "offset": offset, "size": len(content),
-            "sha256": hashlib.sha256(content).hexdigest()}
+def _entry(name, kind, content, offset=None):
+    """A format 2 entry; with ``offset``, a format 1 entry."""
+    entry = {"name": name, "kind": kind, "size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    return entry if offset is None else {**entry, "offset": offset}
 
 
 def test_zstd_bomb_declaring_huge_content_size_is_refused_before_decompression(signing_key, trusted):
@@ -250,7 +254,7 @@ def test_duplicate_json_keys_are_refused(signing_key, trusted):
     text = text.replace('"version":1', '"version":1,"version":999')
     mbytes = text.encode()
     kid = signing_key.key_id.encode()
-    sig = bytes([1, len(kid)]) + kid + signing_key.sign(SIGNATURE_DOMAIN + mbytes)
+    sig = bytes([1, len(kid)]) + kid + signing_key.sign(signed_message(FORMAT, mbytes))
     data = struct.pack(">8sHHII", MAGIC, FORMAT, 0, len(mbytes), len(sig)) + mbytes + sig + frame
     err = _rejected("bad_manifest", data, trusted)
     assert "version" in err.message
@@ -274,11 +278,51 @@ def test_malformed_manifest_fields_are_refused(signing_key, trusted, change, mes
     assert message in err.message
 
 
-def test_non_contiguous_offsets_are_refused(signing_key, trusted):
-    a, b = b"A = 1\n", b"B = 2\n"
+def _format_1(a: bytes, b: bytes, *, second_at: int) -> tuple[dict, bytes]:
     frame = zstandard.ZstdCompressor().compress(a + b)
-    entries = [_entry("app", "package", a), _entry("app.b", "module", b, offset=len(a) + 1)]
-    _rejected("bad_manifest", _resign(_manifest_for(a + b, frame, entries), signing_key, frame), trusted)
+    entries = [_entry("app", "package", a, offset=0), _entry("app.b", "module", b, offset=second_at)]
+    return _manifest_for(a + b, frame, entries, format=1), frame
+
+
+def test_a_format_1_bundle_is_still_read(signing_key, trusted):
+    # Stores written before format 2 hold format 1 bundles: signed over the whole manifest, with offsets.
+    a, b = b"A = 1\n", b"B = 2\n"
+    manifest, frame = _format_1(a, b, second_at=len(a))
+    bundle = open_bundle(_resign(manifest, signing_key, frame), trusted)
+    assert bundle.format == 1 and bundle.read("app") == a and bundle.read("app.b") == b
+
+
+def test_non_contiguous_offsets_of_a_format_1_bundle_are_refused(signing_key, trusted):
+    a, b = b"A = 1\n", b"B = 2\n"
+    manifest, frame = _format_1(a, b, second_at=len(a) + 1)
+    _rejected("bad_manifest", _resign(manifest, signing_key, frame), trusted)
+
+
+def test_an_offset_in_a_format_2_entry_is_refused(signing_key, trusted):
+    a = b"A = 1\n"
+    frame = zstandard.ZstdCompressor().compress(a)
+    manifest = _manifest_for(a, frame, [_entry("app", "package", a, offset=0)])
+    err = _rejected("bad_manifest", _resign(manifest, signing_key, frame), trusted)
+    assert "offset" in err.message
+
+
+@pytest.mark.parametrize("signed_as, header", [(1, 2), (2, 1)], ids=["v1 signature, v2 header", "v2 signature, v1 header"])
+def test_a_signature_for_the_other_format_is_refused(signing_key, trusted, signed_as, header):
+    # The signed message depends on the format: relabelling a bundle's header cannot reuse its signature.
+    a = b"A = 1\n"
+    frame = zstandard.ZstdCompressor().compress(a)
+    entry = _entry("app", "package", a, offset=0 if header == 1 else None)
+    data = _resign(_manifest_for(a, frame, [entry], format=header), signing_key, frame, fmt=signed_as)
+    data = data[:8] + struct.pack(">H", header) + data[10:]
+    _rejected("bad_signature", data, trusted)
+
+
+def test_a_header_and_manifest_of_different_formats_are_refused(signing_key, trusted):
+    a = b"A = 1\n"
+    frame = zstandard.ZstdCompressor().compress(a)
+    manifest = _manifest_for(a, frame, [_entry("app", "package", a, offset=0)], format=1)
+    err = _rejected("unknown_format", _resign(manifest, signing_key, frame, fmt=2), trusted)
+    assert "header says format 2" in err.message
 
 
 @pytest.mark.parametrize(
@@ -307,11 +351,10 @@ def test_bad_entry_names_are_refused(signing_key, trusted, name, kind):
     root = b"ROOT = 1\n"
     content = b"payload"
     rows = sorted([("app", "package", root), (name, kind, content)])
-    payload, entries, offset = b"", [], 0
+    payload, entries = b"", []
     for n, k, c in rows:
-        entries.append(_entry(n, k, c, offset))
+        entries.append(_entry(n, k, c))
         payload += c
-        offset += len(c)
     frame = zstandard.ZstdCompressor().compress(payload)
     _rejected("bad_entry_name", _resign(_manifest_for(payload, frame, entries), signing_key, frame), trusted)
     with pytest.raises(BundleRejected):
@@ -322,7 +365,7 @@ def test_bad_entry_names_are_refused(signing_key, trusted, name, kind):
 def test_duplicate_and_unsorted_entries_are_refused(signing_key, trusted):
     a = b"A = 1\n"
     frame = zstandard.ZstdCompressor().compress(a + a)
-    entries = [_entry("app", "package", a), _entry("app", "package", a, offset=len(a))]
+    entries = [_entry("app", "package", a), _entry("app", "package", a)]
     _rejected("bad_entry_name", _resign(_manifest_for(a + a, frame, entries), signing_key, frame), trusted)
 
 

@@ -15,7 +15,7 @@ from overlay import _manifest
 from overlay import bundle as bundle_module
 from overlay._delta import pack
 from overlay._manifest import parse_manifest
-from overlay.bundle import FORMAT, MAGIC, SIGNATURE_DOMAIN, Base, Bundle, build_bundle, open_bundle
+from overlay.bundle import FORMAT, MAGIC, Base, Bundle, build_bundle, open_bundle, signed_message
 from overlay.errors import BadManifest, BundleRejected
 
 FILES = {
@@ -56,7 +56,7 @@ def _held(bundle: Bundle, **lies: bytes):
 
 
 def _same(a: Bundle, b: Bundle) -> None:
-    assert a.payload == b.payload and a.entries == b.entries and a.raw == b.raw
+    assert a.bodies == b.bodies and a.entries == b.entries and a.raw == b.raw
     assert {n: a.read(n) for n in a.entries} == {n: b.read(n) for n in b.entries}
 
 
@@ -109,10 +109,10 @@ def hashed(monkeypatch) -> list[str]:
     names: list[str] = []
     check = bundle_module._check_hashes
 
-    def spy(entries, payload):
+    def spy(entries, bodies):
         entries = list(entries)
         names.extend(e.name for e in entries)
-        return check(entries, payload)
+        return check(entries, bodies)
 
     monkeypatch.setattr(bundle_module, "_check_hashes", spy)
     return names
@@ -179,7 +179,7 @@ def _signed(key, rows, *, parent: str | None, included: list[str] | None = None,
     given (any order, any name); ``entry_over`` replaces fields of the named entries."""
     entries, offset, bodies = [], 0, {}
     for name, kind, body in rows:
-        entries.append({"name": name, "kind": kind, "offset": offset, "size": len(body), "sha256": _sha(body)})
+        entries.append({"name": name, "kind": kind, "size": len(body), "sha256": _sha(body)})
         entries[-1].update(entry_over.get(name, {}))
         offset += len(body)
         bodies[name] = body
@@ -195,7 +195,7 @@ def _signed(key, rows, *, parent: str | None, included: list[str] | None = None,
 
 def _wrap(manifest: bytes, key, frame: bytes) -> bytes:
     kid = key.key_id.encode()
-    sig = bytes([1, len(kid)]) + kid + key.sign(SIGNATURE_DOMAIN + manifest)
+    sig = bytes([1, len(kid)]) + kid + key.sign(signed_message(FORMAT, manifest))
     return struct.pack(">8sHHII", MAGIC, FORMAT, 0, len(manifest), len(sig)) + manifest + sig + frame
 
 
@@ -244,7 +244,7 @@ CHANGED_BADLY = {  # how the entry table changes, what the delta carries, fields
     "a hash of another length": (lambda rows: rows, ["app.a"], {"app.a": {"sha256": "a" * 63}}, "bad_manifest"),
     "a size that is not an integer": (lambda rows: rows, ["app.a"], {"app.a": {"size": float(ONE_LINE_SIZE)}},
                                       "bad_manifest"),
-    "an offset that is a boolean": (lambda rows: rows, ["app"], {"app": {"offset": False}}, "bad_manifest"),
+    "an offset (a format 1 field)": (lambda rows: rows, ["app"], {"app": {"offset": 0}}, "bad_manifest"),
     "an entry out of order": (lambda rows: [rows[2], rows[1], rows[0], *rows[3:]], ["app.a"], {}, "bad_entry_name"),
     "a package removed, its module kept": (lambda rows: [r for r in rows if r[0] != "app.sub"], ["app.a"], {},
                                            "bad_entry_name"),

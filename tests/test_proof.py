@@ -150,3 +150,27 @@ def test_a_file_where_another_entry_needs_a_directory_is_refused(files, base, si
         with pytest.raises(BundleRejected) as info:
             open_bundle(data, trusted, content=_held(base), **kw)
         assert info.value.code == "bad_entry_name" and "need a directory" in info.value.message
+
+
+def test_a_proven_bundle_knows_where_its_entries_are_as_a_full_parse_finds_them(base, signing_key, trusted, proofs):
+    active = base
+    for files in (PUSHES["one line"], PUSHES["a file added"], {**PUSHES["a file added"], "app.aa": ("module", b"AA = 1\n")}):
+        data = build_bundle(files, app_id="app", version=active.version + 1, signers=[signing_key],
+                            base=_base_of(active))
+        fresh = open_bundle(data, trusted, content=_held(active))
+        active = open_bundle(data, trusted, content=_held(active), base=active)
+        assert "_spans" in active.__dict__ and active._spans == fresh._spans is not None
+    assert proofs == [True] * 3
+
+
+def test_a_base_written_another_way_is_not_proven_against(base, signing_key, trusted, proofs):
+    # The proof compares runs of base's own manifest bytes: only a base whose manifest is the
+    # canonical text of its entries may lend them.
+    manifest = json.loads(base.manifest_bytes)
+    spaced = json.dumps(manifest, sort_keys=True).encode()
+    odd = open_bundle(_wrap(spaced, signing_key, base.raw[-manifest["payload"]["size"]:]), trusted)
+    assert odd._spans is None
+    data = _delta_push(PUSHES["one line"], odd, signing_key)
+    opened = open_bundle(data, trusted, content=_held(odd), base=odd)
+    assert proofs == [False]
+    _same(opened, open_bundle(data, trusted, content=_held(odd)))

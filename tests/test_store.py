@@ -77,9 +77,10 @@ def push(store: Store, bundle: Bundle) -> None:
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its content (None for directories): to prove nothing changed."""
+    """Every path under ``root`` with its content (None for directories): to prove nothing changed.
+    Temp files are left out: the store's worker removes those of earlier commits when it gets to it."""
     return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes())
-            for p in sorted(root.rglob("*"))}
+            for p in sorted(root.rglob("*")) if not p.name.startswith(".tmp-")}
 
 
 def bundle_file(store_dir: Path, bundle: Bundle) -> Path:

@@ -331,7 +331,8 @@ class Store(TreesMixin):
         """Make ``bundle`` active and raise ``highest``, in one atomic replace of the state file.
 
         A push is re-checked for freshness under the lock (another process may have pushed since);
-        a rollback target must already be stored. Then a history entry, then retention.
+        a rollback target must already be stored. Then a history entry; retention runs on the
+        worker, after the push has answered (until then the store holds one bundle more).
         """
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, not {action!r}")
@@ -365,13 +366,10 @@ class Store(TreesMixin):
                 self._append_history(action, bundle.version, bundle.digest, bundle.key_ids, "ok", None, "",
                                      sync=commit_sync)
                 written.append(os.fspath(self.path / "history.jsonl"))
-                stored = self.stored()
-                if len(stored) > self.keep:  # else nothing can go
-                    self._prune(on_disk=_pointer(bundle), stored=stored)
             except (OSError, HabaneroError):
-                logger.exception("v%d is committed, but its history entry or retention failed",
-                                 bundle.version)
+                logger.exception("v%d is committed, but its history entry failed", bundle.version)
             self._flush_later(written, retired or ())
+            self._later(self._retain)
 
     def discard(self, bundle: Bundle) -> None:
         """Forget a staged bundle whose push failed: a failed push leaves no trace but its history
@@ -457,6 +455,11 @@ class Store(TreesMixin):
         with self._lock:
             state, _ = self._read_state()
             self._prune(on_disk=state["active"] if state is not None else None)
+
+    def _retain(self) -> None:
+        """Retention after a commit, on the worker: only when there is something to drop."""
+        if len(self.stored()) > self.keep:
+            self.prune()
 
     def _prune(self, *, on_disk: Pointer | None, stored: list[tuple[int, str]] | None = None) -> None:
         """``prune()`` under the lock, given the active pointer on disk (just written by a commit)."""

@@ -437,12 +437,30 @@ def test_retention_keeps_the_last_n_and_always_the_active_and_the_one_before(ope
                                       "shop.same": ("module", b"SAME = 1\n")}) for v in range(1, 6)}
     for version in (1, 2, 3, 4):
         push(store, bundles[version])
+    store.settle()  # retention runs on the worker, after the commit has answered
     assert [v for v, _ in store.stored()] == [3, 4]  # the last 1, plus the one before the active
 
     store.commit(store.previous(), action="rollback")
+    store.settle()
     assert [v for v, _ in store.stored()] == [3, 4]  # active 3 is not among the last 1, but kept
     push(store, bundles[5])
+    store.settle()
     assert [v for v, _ in store.stored()] == [4, 5]
+
+
+def test_retention_runs_after_the_commit_not_inside_it(opener, key):
+    store = opener(keep=1)
+    for version in (1, 2):
+        push(store, make(key, version))
+    gate = threading.Event()
+    store._later(gate.wait)  # white box: hold the worker
+    try:
+        push(store, make(key, 3))
+        assert [v for v, _ in store.stored()] == [1, 2, 3], "the commit dropped nothing itself"
+    finally:
+        gate.set()
+    store.settle()
+    assert [v for v, _ in store.stored()] == [2, 3]
 
 
 def objects_in(store_dir: Path) -> set[str]:
@@ -490,6 +508,7 @@ def test_default_retention_keeps_twenty(opener, key):
     store = opener()
     for version in range(1, 24):
         push(store, make(key, version))
+    store.settle()
     assert [v for v, _ in store.stored()] == list(range(4, 24))
 
 

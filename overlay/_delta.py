@@ -130,6 +130,15 @@ def _inflate(frame: bytes, digest: str, dictionary: bytes, cap: int) -> bytes:
     return out
 
 
+def prepare(digest: str, manifest: bytes) -> None:
+    """Build now the decompressor that pushes packed against this manifest need: building one
+    digests the whole manifest, which the server does on a worker after a push, not in the next."""
+    with _idle_lock:
+        if digest in _idle:
+            return
+    _give_back(digest, manifest, _take(digest, manifest))
+
+
 def _take(digest: str, dictionary: bytes) -> zstandard.ZstdDecompressor:
     """A decompressor for ``dictionary``, ours alone until given back (they are not thread-safe).
 

@@ -62,6 +62,19 @@ def parse_json(raw: bytes) -> tuple[Any, str]:
         return None, f"corrupt ({exc})"
 
 
+def read_small(path: str | os.PathLike[str]) -> bytes:
+    """A small file's bytes, read with three system calls (``open()``'s file object costs six,
+    and a push reads the state file three times)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len({key for key, _ in pairs}) != len(pairs):
         raise ValueError("a key is repeated")

@@ -376,7 +376,8 @@ def _derive(old_table: Table, old: str, new: str, filename: str) -> Diff | None:
             _is_future(p) for p in gone):
         return _whole(old, new, filename, rerun_reason="its `from __future__` imports changed")
     prefix = [(s, s) for s in stmts[:a]]
-    suffix = [(s, s.moved(line_delta, char_delta)) for s in stmts[b:]]
+    suffix = ([(s, s.moved(line_delta, char_delta)) for s in stmts[b:]] if line_delta or char_delta
+              else [(s, s) for s in stmts[b:]])  # an edit of the same length moves nothing
     new_stmts = [s for s, _ in prefix] + [p.stmt for p in new_parsed] + [n for _, n in suffix]
     diff = _diff(Table(filename, new_stmts, old_table.future,
                        nodes={id(p.stmt): p.node for p in new_parsed}), pairs, gone)

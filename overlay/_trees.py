@@ -239,8 +239,10 @@ class TreesMixin:
 
     # ------------------------------------------------------------------- background work
 
-    def _later(self, task: Task) -> None:
-        """Run ``task`` on the store's worker thread, after the current push has answered."""
+    def later(self, task: Task) -> None:
+        """Run ``task`` on the store's worker thread, after the current push has answered: work a
+        push makes necessary but need not wait for (flushes, retention, the next push's set-up).
+        An ``OSError`` or ``StoreError`` it raises is logged as a warning."""
         if self._worker is None or not self._worker.is_alive():
             self._worker = threading.Thread(target=self._work, name="habanero-store-worker", daemon=True)
             self._worker.start()
@@ -285,20 +287,20 @@ class TreesMixin:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
 
-        self._later(flush)
+        self.later(flush)
 
     def _drop_later(self, path: Path) -> None:
         """Take a directory away now (a rename), delete it on the worker."""
         doomed = path.with_name(f"{_fsutil.TMP_PREFIX}rm-{uuid.uuid4().hex}")
         os.replace(path, doomed)
-        self._later(lambda: shutil.rmtree(doomed, ignore_errors=True))
+        self.later(lambda: shutil.rmtree(doomed, ignore_errors=True))
 
     def _dropped(self, count: int) -> None:
         """Retention dropped ``count`` versions: sweep their objects once enough have gone."""
         self._dropped_since_sweep += count
         if self._dropped_since_sweep >= SWEEP_EVERY:
             self._dropped_since_sweep = 0
-            self._later(self._sweep_objects)
+            self.later(self._sweep_objects)
 
     def _sweep_objects(self) -> None:
         """Delete objects no stored or staged bundle refers to.

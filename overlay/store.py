@@ -192,8 +192,7 @@ class Store(TreesMixin):
         """
         path = self.path / "state.json"
         try:
-            with open(path, "rb") as fh:
-                raw = fh.read()
+            raw = _fsutil.read_small(path)
         except OSError:
             raw = None
         cached = self._state_cache
@@ -369,7 +368,7 @@ class Store(TreesMixin):
             except (OSError, HabaneroError):
                 logger.exception("v%d is committed, but its history entry failed", bundle.version)
             self._flush_later(written, retired or ())
-            self._later(self._retain)
+            self.later(self._retain)
 
     def discard(self, bundle: Bundle) -> None:
         """Forget a staged bundle whose push failed: a failed push leaves no trace but its history

@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from . import _delta
 from ._diff import entry_diff
 from ._journal import MISSING, Journal
 from ._plan import Plan, make_plan
@@ -253,9 +254,17 @@ def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> Upgr
             raise failure from exc
     host.retargeted = True  # every live module of the app now has the finder's loader and paths
     report.timings_ms = clock.done()
+    store.later(lambda: _prepare_next(bundle))
     log.info("%s to version %s: %d changed, %d added, %d removed in %.1f ms", action, bundle.version,
              len(plan.changed), len(plan.added), len(plan.removed), report.timings_ms["total"])
     return report
+
+
+def _prepare_next(bundle: Bundle) -> None:
+    """What the next push, opened against ``bundle``, needs from it: built on the store's worker
+    once this push has answered (see ``overlay._proof`` and ``overlay._delta``)."""
+    bundle._spans  # noqa: B018  (a cached property: the proof's index of its manifest)
+    _delta.prepare(bundle.digest, bundle.manifest_bytes)
 
 
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

@@ -453,7 +453,7 @@ def test_retention_runs_after_the_commit_not_inside_it(opener, key):
     for version in (1, 2):
         push(store, make(key, version))
     gate = threading.Event()
-    store._later(gate.wait)  # white box: hold the worker
+    store.later(gate.wait)  # hold the worker
     try:
         push(store, make(key, 3))
         assert [v for v, _ in store.stored()] == [1, 2, 3], "the commit dropped nothing itself"
@@ -861,7 +861,7 @@ def test_a_background_commit_frees_the_replaced_state_file_on_the_worker(opener,
     push(store, make(key, 1))
     store.settle()
     gate = threading.Event()
-    store._later(gate.wait)  # white box: hold the worker so what it would do next is visible
+    store.later(gate.wait)  # hold the worker so what it would do next is visible
     old_state = (store_dir / "state.json").read_bytes()
     push(store, make(key, 2))
     kept = [p for p in store_dir.iterdir() if p.name.startswith(".tmp-old-")]
@@ -884,7 +884,7 @@ def test_a_second_name_left_by_a_crash_is_removed_at_open(opener, store_dir, key
     push(store, make(key, 1))
     store.settle()
     gate = threading.Event()
-    store._later(gate.wait)  # the worker does not get to it before the reopen: as if killed
+    store.later(gate.wait)  # the worker does not get to it before the reopen: as if killed
     try:
         push(store, make(key, 2))
         assert [p for p in store_dir.iterdir() if p.name.startswith(".tmp-old-")]

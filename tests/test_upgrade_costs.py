@@ -56,3 +56,25 @@ def test_a_push_re_points_and_rewrites_only_the_module_it_changes(running):
     assert [n for n in FILES if sys.modules[n].__spec__ is not specs[n]] == [f"{APP}.m7"]
     assert [p.name for p in tree.iterdir() if p.stat().st_ino != inodes[p.name]] == ["m7.py"]
     assert (tree / "m7.py").read_text() == "X = 'seven'\n"
+
+
+def test_what_the_next_push_needs_from_the_active_bundle_is_built_after_the_answer(running, monkeypatch):
+    # The proof's index of the active manifest and the packed form's zstd dictionary each cost a
+    # pass over the whole manifest: the store's worker builds them once a push has answered.
+    from overlay import _delta
+
+    store = running.ov.store
+    store.settle()
+    assert "_spans" in store.active.__dict__, "a full push's index, built on the worker"
+    assert store.active.digest in _delta._idle
+    built = []
+    monkeypatch.setattr(_delta, "_take", lambda *a, real=_delta._take: built.append(a[0]) or real(*a))
+    gate = __import__("threading").Event()
+    store.later(gate.wait)  # hold the worker: the answer does not wait for it
+    try:
+        push(running, {**FILES, f"{APP}.m3": ("module", b"X = 'three'\n")})
+        assert built == [] and store.active.digest not in _delta._idle
+    finally:
+        gate.set()
+    store.settle()
+    assert built == [store.active.digest] and store.active.digest in _delta._idle

@@ -27,6 +27,7 @@ then they only take disk space. ``TreesMixin`` is part of :class:`overlay.store.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -183,7 +184,7 @@ class TreesMixin:
             return
         parent = os.path.dirname(target)
         os.makedirs(parent, mode=0o700, exist_ok=True)
-        if not os.path.realpath(parent).startswith(os.path.realpath(root) + os.sep) and parent != root:
+        if not os.path.realpath(parent).startswith(_real(root) + os.sep) and parent != root:
             raise BadEntryName(f"entry path {relative!r} resolves outside the source tree", name=relative)
         tmp = os.path.join(parent, f"{_fsutil.TMP_PREFIX}{uuid.uuid4().hex[:12]}")
         _fsutil.link_or_copy(self._object_path(sha256), tmp)
@@ -330,6 +331,13 @@ class TreesMixin:
     def _bundle_files(self) -> list[str]:
         return [os.path.join(d, n) for d in (self._bundles, self._staged) for n in os.listdir(d)
                 if n.endswith(".hbn")]
+
+
+@functools.lru_cache(maxsize=16)
+def _real(root: str) -> str:
+    """The tree root with symlinks resolved: once per root, not per file (a system call per
+    component of the path)."""
+    return os.path.realpath(root)
 
 
 def _holds(path: str, body: bytes) -> tuple[bool, int | None]:

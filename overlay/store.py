@@ -93,6 +93,10 @@ class Store(TreesMixin):
         self.startup_problems: list[str] = []
         self._lock = lock
         self._bundles, self._staged, self._objects = path / "bundles", path / "staged", path / "objects"
+        # The same as strings, for what every push does (a pathlib join costs more than the system call).
+        self._bundles_dir, self._staged_dir = os.fspath(self._bundles), os.fspath(self._staged)
+        self._state_file = os.path.join(path, "state.json")
+        self._history_file = os.path.join(path, "history.jsonl")
         self._written: list[str] = []  # files a staged push wrote, to flush once it commits
         self._state_cache: tuple[bytes, dict[str, Any]] | None = None  # state.json's bytes, parsed
 
@@ -190,7 +194,7 @@ class Store(TreesMixin):
         Read on every check of a push (another process may have committed); bytes equal to the
         last read are not parsed and checked again.
         """
-        path = self.path / "state.json"
+        path = self._state_file
         try:
             raw = _fsutil.read_small(path)
         except OSError:
@@ -198,7 +202,7 @@ class Store(TreesMixin):
         cached = self._state_cache
         if raw is not None and cached is not None and cached[0] == raw:
             return dict(cached[1]), ""
-        state, why = _fsutil.read_json(path) if raw is None else _fsutil.parse_json(raw)
+        state, why = _fsutil.read_json(Path(path)) if raw is None else _fsutil.parse_json(raw)
         if why or not _valid_state(state):
             return None, why or "corrupt (not the shape of a state file)"
         if state["format"] > STATE_FORMAT:
@@ -310,21 +314,21 @@ class Store(TreesMixin):
         """
         self._check_app(bundle)
         name = f"{_stem(bundle.version, bundle.digest)}.hbn"
+        final, staged = os.path.join(self._bundles_dir, name), os.path.join(self._staged_dir, name)
         with self._lock, self._io(f"stage v{bundle.version}"):
             self._written = []
-            if (self._bundles / name).exists():  # a stored version: its objects are there too
-                return self._bundles / name
+            if os.path.exists(final):  # a stored version: its objects are there too
+                return Path(final)
             self.check_fresh(bundle)
             self._written = self._write_objects(bundle, known if known is not None else self.active,
                                                 names if known is not None else None)
-            if not (self._staged / name).exists():
+            if not os.path.exists(staged):
                 commit_sync = self.sync == "commit"
-                _fsutil.write_atomic(self._staged / name, bundle.raw, mode=0o444, sync=commit_sync,
-                                     sync_dir=False)
+                _fsutil.write_atomic(staged, bundle.raw, mode=0o444, sync=commit_sync, sync_dir=False)
                 if commit_sync and self._written:
                     for shard in {os.path.dirname(p) for p in self._written}:
                         _fsutil.fsync_path(shard)
-            return self._staged / name
+            return Path(staged)
 
     def commit(self, bundle: Bundle, *, action: str = "push") -> None:
         """Make ``bundle`` active and raise ``highest``, in one atomic replace of the state file.
@@ -337,34 +341,34 @@ class Store(TreesMixin):
             raise ValueError(f"action must be one of {ACTIONS}, not {action!r}")
         self._check_app(bundle)
         name = f"{_stem(bundle.version, bundle.digest)}.hbn"
-        final, staged = self._bundles / name, self._staged / name
+        final, staged = os.path.join(self._bundles_dir, name), os.path.join(self._staged_dir, name)
         with self._lock:
             with self._io(f"commit v{bundle.version}"):
                 if action == "push":
                     self.check_fresh(bundle)
-                elif not final.exists():
+                elif not os.path.exists(final):
                     raise StoreError(f"rollback target v{bundle.version} ({_short(bundle.digest)}) is not "
                                      "in the store; roll back to a stored version", code="unknown_version")
                 commit_sync = self.sync == "commit"
                 written, self._written = self._written, []
-                if not final.exists():  # bundle before pointer
-                    if staged.exists():
+                if not os.path.exists(final):  # bundle before pointer
+                    try:
                         os.replace(staged, final)
-                    else:  # another process's open() cleared staged/ meanwhile
+                    except FileNotFoundError:  # another process's open() cleared staged/ meanwhile
                         _fsutil.write_atomic(final, bundle.raw, mode=0o444, sync=commit_sync, sync_dir=False)
-                    written.append(os.fspath(final))
+                    written.append(final)
                     if commit_sync:
-                        _fsutil.fsync_dir(self._bundles)
+                        _fsutil.fsync_dir(self._bundles_dir)
                 highest = max(self.highest, bundle.version)  # check_fresh just read it from disk
                 retired: list[str] | None = None if commit_sync else []  # the old state file, freed later
                 self._write_state(_pointer(bundle), highest, sync=commit_sync, retire=retired)  # the commit point
-                written.append(os.fspath(self.path / "state.json"))
+                written.append(self._state_file)
             self.active, self.highest = bundle, highest
             # Past the commit point nothing may raise: the caller would undo what disk says is live.
             try:
                 self._append_history(action, bundle.version, bundle.digest, bundle.key_ids, "ok", None, "",
                                      sync=commit_sync)
-                written.append(os.fspath(self.path / "history.jsonl"))
+                written.append(self._history_file)
             except (OSError, HabaneroError):
                 logger.exception("v%d is committed, but its history entry failed", bundle.version)
             self._flush_later(written, retired or ())
@@ -409,13 +413,13 @@ class Store(TreesMixin):
                      retire: list[str] | None = None) -> None:
         state = {"format": STATE_FORMAT, "app_id": self.app_id, "active": pointer, "highest": highest}
         data = json.dumps(state, indent=2, sort_keys=True).encode("ascii") + b"\n"
-        _fsutil.write_atomic(self.path / "state.json", data, sync=sync, sync_dir=sync, retire=retire)
+        _fsutil.write_atomic(self._state_file, data, sync=sync, sync_dir=sync, retire=retire)
 
     def _append_history(self, action: str, version: int | None, digest: str | None,
                         key_ids: Sequence[str], outcome: str, code: str | None, reason: str, *,
                         sync: bool = True) -> None:
         now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        _fsutil.append_record(self.path / "history.jsonl", {
+        _fsutil.append_record(self._history_file, {
             "time": now, "action": action, "version": version, "digest": digest,
             "key_ids": list(key_ids), "outcome": outcome, "code": code, "reason": reason}, sync=sync)
 

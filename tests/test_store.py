@@ -452,6 +452,7 @@ def test_retention_runs_after_the_commit_not_inside_it(opener, key):
     store = opener(keep=1)
     for version in (1, 2):
         push(store, make(key, version))
+    store.settle()
     gate = threading.Event()
     store.later(gate.wait)  # hold the worker
     try:

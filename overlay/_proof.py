@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 from bisect import bisect_left
 from collections.abc import Mapping
-from itertools import accumulate
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _manifest
@@ -118,21 +117,22 @@ def _walk(raw: bytes, pos: int, stop: int, base: Bundle, spans: Spans, included:
           limits: Limits) -> list[_Carried] | None:
     """Match ``raw[pos:stop]`` against base's entries with the ``included`` ones replaced or
     inserted; the carried entries, or None at the first byte that differs."""
-    known, source = base._table, memoryview(base.manifest_bytes)
-    # edges[i]: where base's entry i starts in its manifest; a run [a, b) ends at edges[b] - 1.
-    edges = list(accumulate((length + 1 for length in spans.lengths), initial=spans.start))
+    known, source, lengths = base._table, memoryview(base.manifest_bytes), spans.lengths
     names, n = known.names, len(known.rows)
     found: list[_Carried] = []
     next_base, previous = 0, None
+    at_base = spans.start  # where base's entry ``next_base`` starts in its manifest
     for name in included:
         if previous is not None and name <= previous:
             return None  # included must be sorted and unique
         previous = name
         at = bisect_left(names, name, next_base)
         if at > next_base:  # base's entries before this one, unchanged: one comparison
-            pos = _same(raw, pos, source[edges[next_base] : edges[at] - 1], found or next_base)
+            run = sum(lengths[next_base:at]) + at - next_base - 1  # and the commas between them
+            pos = _same(raw, pos, source[at_base : at_base + run], found)
             if pos < 0:
                 return None
+            at_base += run + 1
         if found or at > 0:
             if raw[pos : pos + 1] != b",":
                 return None
@@ -148,13 +148,15 @@ def _walk(raw: bytes, pos: int, stop: int, base: Bundle, spans: Spans, included:
                 return None  # carried though unchanged: not how a delta is built; let the full check see
             if before.kind != entry.kind and not _name_holds(name, entry.kind):
                 return None
+            at_base += lengths[at] + 1
         elif not _name_holds(name, entry.kind):
             return None  # a name base did not have, and it is not valid
         found.append(_Carried(at, entry, text_end - pos, replaces))
         pos = text_end
         next_base = at + 1 if replaces else at
     if next_base < n:
-        pos = _same(raw, pos, source[edges[next_base] : edges[n] - 1], found or next_base)
+        run = sum(lengths[next_base:]) + n - next_base - 1
+        pos = _same(raw, pos, source[at_base : at_base + run], found)
     return found if pos == stop else None
 
 

@@ -236,12 +236,15 @@ def unlike(table: Table, bodies: dict[str, bytes], base: Bundle) -> list[Entry]:
     Comparing bytes costs a fraction of hashing them (0.1 ms against 1 ms for 1.4 MB). An equal
     body is replaced by base's object, so versions share the memory of what they did not change.
     """
-    held = base.bodies
+    held, twins = base.bodies, base.entries
     unproven: list[Entry] = []
     for entry in table.rows:
-        old = held.get(entry.name)
-        if old is not None and old == bodies[entry.name]:
-            bodies[entry.name] = old
+        twin = twins.get(entry.name)
+        # Base's body is known to have base's hash: the same bytes prove this entry only if it
+        # claims that same hash and size.
+        if twin is not None and twin.sha256 == entry.sha256 and twin.size == entry.size \
+                and held[entry.name] == bodies[entry.name]:
+            bodies[entry.name] = held[entry.name]
         else:
             unproven.append(entry)
     return unproven

@@ -110,7 +110,7 @@ def proven_table(raw: bytes, base: Bundle, limits: Limits) -> Proven | None:
     carried = _walk(raw, len(head), len(raw) - len(tail), base, spans, included, limits)
     if carried is None:
         return None
-    return _table(top, known, spans, carried, limits)
+    return _table(top, known, spans.lengths, carried, len(head), limits)
 
 
 def _walk(raw: bytes, pos: int, stop: int, base: Bundle, spans: Spans, included: list[str],
@@ -185,17 +185,20 @@ def _entry_at(raw: bytes, pos: int, stop: int, name: str, limits: Limits) -> tup
             and 0 <= obj["size"] <= limits.max_entry_bytes and is_sha256(obj["sha256"])):
         return None
     entry = Entry(name, obj["kind"], obj["size"], obj["sha256"])
+    if not (name.isascii() and entry.kind.isascii()):
+        return None  # not a valid entry (the full check names it), nor one ENTRY_JSON can write
     # Written from the parsed values: equal bytes mean this text is exactly that entry.
     if raw[pos : right + 1] != ENTRY_JSON(entry.kind, name, entry.sha256, entry.size).encode("ascii"):
         return None
     return entry, right + 1
 
 
-def _table(top: dict[str, Any], known: Table, spans: Spans, carried: list[_Carried], limits: Limits
-           ) -> Proven | None:
-    """Base's table with the carried entries put in, and the checks that depend on them."""
+def _table(top: dict[str, Any], known: Table, base_lengths: list[int], carried: list[_Carried], start: int,
+           limits: Limits) -> Proven | None:
+    """Base's table with the carried entries put in, and the checks that depend on them; ``start``
+    is where this manifest's first entry begins (its own head's length, not base's)."""
     rows, names, kinds = list(known.rows), list(known.names), list(known.kinds)
-    sizes, hashes, lengths = list(known.sizes), list(known.hashes), list(spans.lengths)
+    sizes, hashes, lengths = list(known.sizes), list(known.hashes), list(base_lengths)
     added: list[str] = []
     changed: list[str] = []
     kinds_changed = False
@@ -223,7 +226,7 @@ def _table(top: dict[str, Any], known: Table, spans: Spans, carried: list[_Carri
     same_names = not added and not kinds_changed
     table = Table(rows, names_t, tuple(kinds), tuple(sizes), tuple(hashes),
                   sorted(bisect_left(names_t, name) for name in changed) if same_names else None)
-    return Proven(top, table, Spans(spans.start, lengths), tuple(added), tuple(changed))
+    return Proven(top, table, Spans(start, lengths), tuple(added), tuple(changed))
 
 
 def _name_holds(name: str, kind: str) -> bool:

@@ -356,14 +356,16 @@ def verify_block(signatures: Sequence[tuple[str, bytes]], message: bytes, truste
             f".pub file) to {trusted.source}, then restart the app",
             key_ids=[kid for kid, _ in signatures],
         )
-    good = tuple(kid for kid, sig in known if trusted.get(kid).verify(sig, message))  # type: ignore[union-attr]
-    if not good:
-        raise BadSignature(
-            f"the signature by {known[0][0]} does not match the bundle's contents: the bundle was "
-            "altered after signing, or signed by another key with the same id; rebuild and push again",
-            key_ids=[kid for kid, _ in known],
-        )
-    return good
+    # A signature under a trusted key id that does not hold is tampering: refuse at the first,
+    # so a forged request costs one check, not one per signature it lists.
+    for kid, sig in known:
+        if not trusted.get(kid).verify(sig, message):  # type: ignore[union-attr]
+            raise BadSignature(
+                f"the signature by {kid} does not match the bundle's contents: the bundle was "
+                "altered after signing, or signed by another key with the same id; rebuild and push again",
+                key_ids=[k for k, _ in known],
+            )
+    return tuple(kid for kid, _ in known)
 
 
 def open_bundle(

@@ -408,3 +408,21 @@ def test_any_byte_flip_or_truncation_ends_in_a_habanero_error(data, signing_key,
         mutated = bundle[:pos] + data.draw(st.binary(min_size=1, max_size=8)) + bundle[pos:]
     with pytest.raises(HabaneroError):
         open_bundle(mutated, trusted, app_id="app")
+
+
+def test_a_forged_signature_is_refused_after_one_check_however_many_it_lists(signing_key, other_key, monkeypatch):
+    # Key ids are public: a forger can list several trusted ones. Each check hashes what is signed
+    # (a packed push's whole body), so the first that fails refuses the bundle.
+    from overlay import keys
+    from overlay.keys import TrustedKeys
+
+    trusted = TrustedKeys([signing_key.public, other_key.public], source="test keys")
+    data = bytearray(build_bundle(FILES, app_id="app", version=1, signers=[signing_key, other_key]))
+    head, manifest, sigblock, _ = _split(bytes(data))
+    first_sig = len(head) + len(manifest) + 2 + sigblock[1]  # count, id length, id
+    data[first_sig] ^= 1
+    checks = []
+    real = keys.PublicKey.verify
+    monkeypatch.setattr(keys.PublicKey, "verify", lambda self, *a: checks.append(self) or real(self, *a))
+    _rejected("bad_signature", bytes(data), trusted)
+    assert len(checks) == 1

@@ -349,3 +349,12 @@ def test_parsing_refuses_a_manifest_exactly_when_a_key_repeats(top, data):
             parse_manifest(text.encode())
     else:
         assert parse_manifest(text.encode()) == json.loads(text)
+
+
+def test_a_full_payload_equal_to_base_but_claiming_another_hash_is_refused(base, signing_key, trusted):
+    # The bytes are base's, known good for base's hash: that proves nothing about another hash.
+    lie = _sha(b"something else")
+    data = _signed(signing_key, _rows(FILES), parent=None, **{"app.b": {"sha256": lie}})
+    for kw in ({}, {"base": base}):
+        err = _refused("entry_hash_mismatch", data, trusted, **kw)
+        assert err.details["name"] == "app.b"

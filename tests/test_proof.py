@@ -174,3 +174,56 @@ def test_a_base_written_another_way_is_not_proven_against(base, signing_key, tru
     opened = open_bundle(data, trusted, content=_held(odd), base=odd)
     assert proofs == [False]
     _same(opened, open_bundle(data, trusted, content=_held(odd)))
+
+
+def test_a_push_whose_top_level_changes_length_keeps_its_own_entry_spans(base, signing_key, trusted, proofs):
+    # Builder fields come and go between pushes (a user name, git_dirty): the first entry then
+    # starts elsewhere in each manifest, and each bundle's spans must be its own, not its base's.
+    active = base
+    for version, builder in enumerate([{"git_dirty": True}, {"user": "someone-with-a-long-name"}, {}], start=2):
+        files = {**FILES, "app.a": ("module", f"A = {version}\n".encode())}
+        data = build_bundle(files, app_id="app", version=version, signers=[signing_key], builder=builder,
+                            base=_base_of(active))
+        fresh = open_bundle(data, trusted, content=_held(active))
+        active = open_bundle(data, trusted, content=_held(active), base=active)
+        assert active._spans == fresh._spans is not None
+    assert proofs == [True] * 3
+
+
+def test_a_manifest_laid_out_from_misplaced_runs_is_refused_with_base_as_without(base, signing_key, trusted):
+    # A bundle opened by proof whose head is longer than its base's; then a manifest that copies its
+    # bytes from where its base's first entry began: cut mid-entry, not JSON. Only an index of the
+    # wrong manifest would line those bytes up with entries.
+    import hashlib
+
+    import zstandard
+
+    from overlay import _manifest
+
+    files = {**FILES, "app.a": ("module", b"A = 2\n")}
+    data = build_bundle(files, app_id="app", version=2, signers=[signing_key], base=_base_of(base),
+                        builder={"user": "someone-with-a-long-name"})
+    active = open_bundle(data, trusted, content=_held(base), base=base)
+    top = dict(active.manifest, version=3, parent=active.digest, builder={})
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"")
+    top["payload"] = {"codec": "zstd-delta", "included": [], "size": len(frame),
+                      "sha256": hashlib.sha256(frame).hexdigest(),
+                      "uncompressed_size": active.manifest["payload"]["uncompressed_size"]}
+    head, tail = _manifest.canonical_parts(top)
+    lengths = active._spans.lengths
+    start = base._spans.start  # where base's entries began, not this manifest's
+    misplaced = active.manifest_bytes[start : start + sum(lengths) + len(lengths) - 1]
+    forged = _wrap(head.encode() + misplaced + tail.encode(), signing_key, frame)
+    for kw in ({}, {"base": active}):
+        with pytest.raises(BundleRejected) as info:
+            open_bundle(forged, trusted, content=_held(active), **kw)
+        assert info.value.code == "bad_manifest"
+
+
+def test_a_carried_entry_with_a_non_ascii_name_is_refused_with_base_as_without(base, signing_key, trusted):
+    rows = sorted(_rows(FILES) + [("app.\u00e9", "module", b"x = 1\n")])
+    data = _signed(signing_key, rows, parent=base.digest, included=["app.\u00e9"])
+    for kw in ({}, {"base": base}):
+        with pytest.raises(BundleRejected) as info:
+            open_bundle(data, trusted, content=_held(base), **kw)
+        assert info.value.code == "bad_entry_name"

@@ -219,7 +219,7 @@ def check_manifest(m: Any, limits: Limits, *, own: bool = False, known: Table | 
     Returns the checked entry table. With ``known`` (the active bundle's table), an entry with the
     name, kind and hash of a known one skips the checks that depend on nothing else (name, hash
     format, their types); with the same names and kinds in the same order, the order and tree checks
-    are skipped too. Offset and size types, contiguity and limits are checked for every entry.
+    are skipped too. Size types, totals and limits (and format 1's offsets) are checked for every entry.
     ``own=True`` is for a manifest this process just built from typed values.
     """
     delta = check_top(m, limits)

@@ -38,6 +38,7 @@ class Runner:
         self.ctx = ctx
         self.filename = filename
         self.future = diff.table.future
+        self.compiled = diff.compiled
         self.stmts = diff.table.stmts
         self.rerun_all = diff.rerun_all
         # Without the old source there are no old line ranges: pair by qualified name alone.
@@ -105,6 +106,10 @@ class Runner:
             # Alone in a module, a string statement would become the module's __doc__.
             body = [ast.Pass(lineno=node.lineno, col_offset=0, end_lineno=node.lineno,
                              end_col_offset=0), node]
+        else:
+            code = self.compiled.get(id(node))  # check_update compiled it, the same way
+            if code is not None and code.co_filename == self.filename:
+                return code
         return compile(ast.Module(body=body, type_ignores=[]), self.filename, "exec",
                        flags=self.future, dont_inherit=True)
 

@@ -24,6 +24,7 @@ import __future__
 import ast
 import bisect
 import importlib.util
+import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -36,6 +37,10 @@ __all__ = ["Stmt", "Table", "Parsed", "Diff", "Region", "normalize", "plan", "de
 
 _CACHE: OrderedDict[tuple[str, int, int], "Table"] = OrderedDict()
 _CACHE_SIZE = 256  # tables are small (a few ints per statement); this covers large pushes
+# Decoded sources by their bytes: a push decodes a module's new source to plan it and again to run
+# it, and the next push decodes the same bytes object as the old source.
+_DECODED: OrderedDict[bytes, str] = OrderedDict()
+_DECODED_SIZE = 32
 
 
 class Stmt(NamedTuple):
@@ -101,11 +106,21 @@ class Diff:
     rerun_all: bool = False  # every statement runs again (old source unknown, futures changed)
     reason: str = ""  # why rerun_all
     old_filename: str | None = None  # the file name the old version was applied under, if known
+    compiled: dict[int, types.CodeType] = field(default_factory=dict)  # changed statements' code, by id(node)
 
 
 def normalize(source: str | bytes) -> str:
     """Source text with ``\\n`` line ends, decoded as the import system would."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
+    if isinstance(source, bytes):
+        text = _DECODED.get(source)
+        if text is None:
+            text = _DECODED[source] = importlib.util.decode_source(source)
+            if len(_DECODED) > _DECODED_SIZE:
+                _DECODED.popitem(last=False)
+        else:
+            _DECODED.move_to_end(source)
+        return text
+    if isinstance(source, (bytearray, memoryview)):
         return importlib.util.decode_source(bytes(source))
     if "\r" in source:
         source = source.replace("\r\n", "\n").replace("\r", "\n")

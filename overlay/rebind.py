@@ -115,9 +115,9 @@ def check_update(name: str, new_source: str | bytes, *, filename: str, old_sourc
     if diff.rerun_all or "__future__" in new_text[first:]:
         compile(new_text, filename, "exec", dont_inherit=True)
     else:
-        for parsed, _ in diff.changed:
-            compile(ast.Module(body=[parsed.node], type_ignores=[]), filename, "exec",
-                    flags=diff.table.future, dont_inherit=True)
+        for parsed, _ in diff.changed:  # kept: update_module runs this very code
+            diff.compiled[id(parsed.node)] = compile(ast.Module(body=[parsed.node], type_ignores=[]), filename,
+                                                     "exec", flags=diff.table.future, dont_inherit=True)
     return diff
 
 

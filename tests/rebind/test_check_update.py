@@ -61,3 +61,33 @@ def test_a_change_below_the_future_imports_keeps_their_flags():
 def test_unknown_old_source_compiles_the_whole_module():
     with pytest.raises(SyntaxError, match="'return' outside function"):
         check(OLD + "\nreturn 3\n", old=None)
+
+
+def test_the_code_checked_is_the_code_that_runs_and_each_source_is_decoded_once(monkeypatch):
+    import importlib.util
+    import types
+
+    from overlay import _statements
+    from overlay._journal import Journal
+    from overlay.rebind import update_module
+
+    module = types.ModuleType("checked_runs")
+    old = OLD.encode()
+    exec(compile(old, "/app/m.py", "exec"), module.__dict__)
+    check_update("checked_runs", old, filename="/app/m.py", old_source=None)  # as its own push did
+    new = OLD.replace("return x + 7\n", "return x + 70\n").encode()
+    decoded: list[int] = []
+    real_decode = importlib.util.decode_source
+    monkeypatch.setattr(importlib.util, "decode_source", lambda b: decoded.append(len(b)) or real_decode(b))
+    diff = check_update("checked_runs", new, filename="/app/m.py", old_source=old)
+    compiled: list[object] = []
+    monkeypatch.setattr(builtins, "compile", lambda *a, **k: compiled.append(a[0]) or _real_compile(*a, **k))
+    before = module.f7
+    update_module(module, new, filename="/app/m.py", old_source=old, journal=Journal(), diff=diff)
+    assert module.f7 is before and module.f7(1) == 71
+    assert compiled == [], "the changed def runs the code check_update compiled"
+    assert decoded == [len(new)], "the old source was decoded by its own push; the new one once"
+    assert _statements._DECODED  # (the cache this relies on)
+
+
+_real_compile = builtins.compile

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import __future__
 import ast
+import contextlib
 import bisect
 import importlib.util
 import types
@@ -115,10 +116,10 @@ def normalize(source: str | bytes) -> str:
         text = _DECODED.get(source)
         if text is None:
             text = _DECODED[source] = importlib.util.decode_source(source)
-            if len(_DECODED) > _DECODED_SIZE:
-                _DECODED.popitem(last=False)
-        else:
+        with contextlib.suppress(KeyError):  # another thread may have moved or dropped it
             _DECODED.move_to_end(source)
+            while len(_DECODED) > _DECODED_SIZE:
+                _DECODED.popitem(last=False)
         return text
     if isinstance(source, (bytearray, memoryview)):
         return importlib.util.decode_source(bytes(source))

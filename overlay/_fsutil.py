@@ -82,23 +82,27 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600, sync_dir: bool = True,
-                 sync: bool = True, retire: list[str] | None = None) -> None:
+                 sync: bool = True, retire: list[str] | None = None, preallocate: bool = False) -> None:
     """Replace ``path`` with ``data``: after a crash it holds the old content or the new, never a mix.
 
     ``sync_dir=False`` lets a caller writing many files fsync their directories once at the end;
     ``sync=False`` leaves flushing to the caller (the store's background sync). With ``retire``,
     the file being replaced keeps a second name (a temp name, appended to ``retire``) for the
-    caller to unlink later: freeing its blocks is then not part of this call.
+    caller to unlink later: freeing its blocks is then not part of this call (~0.15 ms on ext4).
 
-    Without ``sync``, the file's space is allocated before it is written: ext4 (``auto_da_alloc``)
-    starts writing back a file with delayed allocation when it is renamed over another, inside the
-    rename. With both measures a replace costs ~10 µs instead of ~200 µs here.
+    ``preallocate`` allocates the file's space before writing it. ext4 (``auto_da_alloc``) writes
+    back a file with delayed allocation when it is renamed over another, inside the rename: that is
+    what makes write-then-rename give the old content or the new after a power cut. A preallocated
+    file skips that write, so a power cut before the caller's flush can leave it full of zeros:
+    only for files whose content is checked where they are used (the store's objects, hashed, and
+    the tree files linked to them, checked at open), never for a commit point.
     """
     directory = os.path.dirname(path)
     fd, tmp = _temp_file(directory, mode)
+    kept = None
     try:
         try:
-            if not sync and data:
+            if preallocate and not sync and data:
                 with contextlib.suppress(OSError):  # only a speed-up: any file system may refuse it
                     os.posix_fallocate(fd, 0, len(data))
             view = memoryview(data)
@@ -111,13 +115,15 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600
             os.close(fd)
         if retire is not None:
             kept = _keep_old(path, directory)
-            if kept is not None:
-                retire.append(kept)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for leftover in (tmp, kept):
+            if leftover is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
         raise
+    if kept is not None:
+        retire.append(kept)  # type: ignore[union-attr]
     if sync_dir:
         fsync_dir(directory)
 

@@ -117,8 +117,8 @@ class TreesMixin:
             except FileNotFoundError:
                 pass
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            _fsutil.write_atomic(Path(path), bundle.read(entry.name), mode=0o444,
-                                 sync=self.sync == "commit", sync_dir=False)
+            _fsutil.write_atomic(path, bundle.read(entry.name), mode=0o444, sync=self.sync == "commit",
+                                 sync_dir=False, preallocate=True)  # hashed where used: see write_atomic
             written.append(path)
         return written
 
@@ -184,7 +184,7 @@ class TreesMixin:
             return
         parent = os.path.dirname(target)
         os.makedirs(parent, mode=0o700, exist_ok=True)
-        if not os.path.realpath(parent).startswith(_real(root) + os.sep) and parent != root:
+        if parent != root and not _below(os.path.realpath(parent), root):
             raise BadEntryName(f"entry path {relative!r} resolves outside the source tree", name=relative)
         tmp = os.path.join(parent, f"{_fsutil.TMP_PREFIX}{uuid.uuid4().hex[:12]}")
         _fsutil.link_or_copy(self._object_path(sha256), tmp)
@@ -338,6 +338,15 @@ def _real(root: str) -> str:
     """The tree root with symlinks resolved: once per root, not per file (a system call per
     component of the path)."""
     return os.path.realpath(root)
+
+
+def _below(real_path: str, root: str) -> bool:
+    """Whether ``real_path`` is inside the tree ``root``; the root is resolved again before saying
+    no, in case a link in the store's path was re-pointed since it was cached."""
+    if real_path.startswith(_real(root) + os.sep):
+        return True
+    _real.cache_clear()
+    return real_path.startswith(_real(root) + os.sep)
 
 
 def _holds(path: str, body: bytes) -> tuple[bool, int | None]:

@@ -172,7 +172,8 @@ def assemble(table: Table, included: Sequence[str], body: bytes, content: Conten
     ``base``: by name when base's entry has the same hash (the same bytes object, known good: not
     hashed again), else by hash from anywhere in base, else from ``content`` (the store's files:
     hashed). ``differ``, when given, are the only positions whose entry may differ from base's of
-    the same name apart from the included ones; then the others need no look at all.
+    the same name apart from the included ones, and the table lists every name base does (a proven
+    table, or one with base's names): then the others need no look at all.
     """
     names, rows = table.names, table.rows
     carried: dict[str, bytes] = {}
@@ -219,8 +220,6 @@ def assemble(table: Table, included: Sequence[str], body: bytes, content: Conten
             f"this delta bundle is built on {parent[:12]}, and {missing} of its entries are not held "
             "here (another version is active, or it was pruned); push the full bundle instead "
             "(habanero-pack does this by itself)", parent=parent, missing=missing)
-    if differ is not None and base is not None and len(bodies) != len(rows):
-        bodies = {name: bodies[name] for name in names}  # base had entries this table does not
     return bodies, unproven
 
 

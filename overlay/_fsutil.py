@@ -38,22 +38,11 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def read_json(path: Path) -> tuple[Any, str]:
-    """The JSON value in ``path``, or None and what is wrong (missing, empty, unreadable, corrupt).
+def parse_json(raw: bytes) -> tuple[Any, str]:
+    """The JSON value in ``raw``, or None and what is wrong (empty, corrupt).
 
     Duplicate keys count as corruption: ``json.loads`` would silently keep the last one.
     """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None, "missing"
-    except OSError as exc:
-        return None, f"unreadable ({exc.strerror})"
-    return parse_json(raw)
-
-
-def parse_json(raw: bytes) -> tuple[Any, str]:
-    """:func:`read_json` for bytes already read."""
     if not raw.strip():
         return None, "empty"
     try:

@@ -75,19 +75,14 @@ _BEFORE, _AFTER = ("app_id", "builder", "created"), ("format", "parent", "payloa
 #: A format 2 entry's canonical JSON, given kind, name, sha256 and size (``str.format`` runs at C
 #: speed over columns). Exact for valid entries only: their names and kinds need no JSON escape.
 ENTRY_JSON = '{{"kind":"{}","name":"{}","sha256":"{}","size":{}}}'.format
-_ENTRIES_OPEN = ',"entries":['
-
-
-def entry_json(entry: Entry) -> str:
-    """``entry``'s canonical JSON in a format 2 manifest (a valid entry: see ``ENTRY_JSON``)."""
-    return ENTRY_JSON(entry.kind, entry.name, entry.sha256, entry.size)
+ENTRIES_OPEN = ',"entries":['  # in the canonical text, between "created" and the first entry
 
 
 def canonical_parts(top: Mapping[str, Any]) -> tuple[str, str]:
     """What comes before and after the entries' JSON in the canonical text of manifest ``top``."""
     head = canonical_json({k: top[k] for k in _BEFORE})
     tail = canonical_json({k: top[k] for k in _AFTER})
-    return head[:-1] + _ENTRIES_OPEN, "]," + tail[1:]
+    return head[:-1] + ENTRIES_OPEN, "]," + tail[1:]
 
 
 def canonical_manifest(top: Mapping[str, Any], texts: Iterable[str]) -> bytes:
@@ -232,7 +227,7 @@ def check_manifest(m: Any, limits: Limits, *, own: bool = False, known: Table | 
     if table is None:
         table = Table.of(_check_entries(entries, total, limits, own, v1))
     if delta:
-        check_included(m["payload"]["included"], table.names)
+        _check_included(m["payload"]["included"], table.names)
     return table
 
 
@@ -267,7 +262,7 @@ def check_top(m: Any, limits: Limits) -> bool:
     return delta
 
 
-def check_included(included: list[Any], names: tuple[str, ...]) -> None:
+def _check_included(included: list[Any], names: tuple[str, ...]) -> None:
     """The delta's entries: names of this manifest (sorted, checked), unique, in entry order."""
     last = -1
     for name in included:

@@ -33,9 +33,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _manifest
 from ._manifest import (
+    ENTRIES_OPEN,
     ENTRY_JSON,
     Entry,
     Table,
+    canonical_manifest,
     canonical_parts,
     check_top,
     is_sha256,
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from .bundle import Bundle, Limits
 
 _FEW = 64  # carried entries always worth proving; beyond that, only up to an eighth of the table
-_OPEN, _CLOSE = b',"entries":[', b'],"format":'  # keys after "created" and before "format"
+_OPEN, _CLOSE = ENTRIES_OPEN.encode("ascii"), b'],"format":'  # "format" is the key after "entries"
 _FIELDS = frozenset(("kind", "name", "sha256", "size"))
 _AFTER_NAME = b',"sha256":"'  # in an entry's text, what follows its name (a name holds no quote)
 
@@ -63,10 +65,9 @@ class Spans(NamedTuple):
 def spans_of(raw: bytes, top: Mapping[str, Any], texts: list[str]) -> Spans | None:
     """The spans of manifest ``raw`` if it is exactly the canonical text of ``top`` with entries of
     these canonical ``texts``; None if it is written any other way."""
-    head, tail = canonical_parts(top)
-    if f'{head}{",".join(texts)}{tail}'.encode("ascii") != raw:
+    if canonical_manifest(top, texts) != raw:
         return None
-    return Spans(len(head), list(map(len, texts)))
+    return Spans(len(canonical_parts(top)[0]), list(map(len, texts)))
 
 
 class Proven(NamedTuple):

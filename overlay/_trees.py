@@ -116,11 +116,16 @@ class TreesMixin:
                     continue
             except FileNotFoundError:
                 pass
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            _fsutil.write_atomic(path, bundle.read(entry.name), mode=0o444, sync=self.sync == "commit",
-                                 sync_dir=False, preallocate=True)  # hashed where used: see write_atomic
+            self._put_object(path, bundle.read(entry.name), sync=self.sync == "commit")
             written.append(path)
         return written
+
+    @staticmethod
+    def _put_object(path: str, body: bytes, *, sync: bool) -> None:
+        """Write one object, read-only. Preallocated: objects are hashed where they are used (see
+        ``_fsutil.write_atomic``)."""
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        _fsutil.write_atomic(path, body, mode=0o444, sync=sync, sync_dir=False, preallocate=True)
 
     # --------------------------------------------------------------------------------- tree
 
@@ -214,8 +219,7 @@ class TreesMixin:
             if not (inode is not None and _inode(obj) == inode) and not _holds(obj, body)[0]:
                 logger.warning("object %s of v%s is missing or damaged; writing it again",
                                entry.sha256[:12], bundle.version)
-                os.makedirs(os.path.dirname(obj), mode=0o700, exist_ok=True)
-                _fsutil.write_atomic(Path(obj), body, mode=0o444, sync_dir=False)
+                self._put_object(obj, body, sync=True)
                 tree_ok = False  # relink the tree file to the new object
             if not tree_ok:
                 wrong.append(entry)

@@ -197,12 +197,14 @@ class Store(TreesMixin):
         path = self._state_file
         try:
             raw = _fsutil.read_small(path)
-        except OSError:
-            raw = None
+        except FileNotFoundError:
+            return None, "missing"
+        except OSError as exc:
+            return None, f"unreadable ({exc.strerror})"
         cached = self._state_cache
-        if raw is not None and cached is not None and cached[0] == raw:
+        if cached is not None and cached[0] == raw:
             return dict(cached[1]), ""
-        state, why = _fsutil.read_json(Path(path)) if raw is None else _fsutil.parse_json(raw)
+        state, why = _fsutil.parse_json(raw)
         if why or not _valid_state(state):
             return None, why or "corrupt (not the shape of a state file)"
         if state["format"] > STATE_FORMAT:
@@ -211,8 +213,7 @@ class Store(TreesMixin):
         if state["app_id"] != self.app_id:
             raise StoreError(f"{path} belongs to app {state['app_id']!r}, not {self.app_id!r}; give "
                              "each app its own store directory", code="store_app_mismatch")
-        if raw is not None:
-            self._state_cache = (raw, dict(state))
+        self._state_cache = (raw, dict(state))
         return state, ""
 
     def _verify_file(self, version: int, digest: str) -> tuple[Bundle | None, str]:

@@ -243,22 +243,20 @@ def build_bundle(
     return data
 
 
-def signed_bundle(manifest_bytes: bytes, frame: bytes, signers: Sequence[SigningKey], limits: Limits) -> bytes:
+def signed_bundle(manifest_bytes: bytes, frame: bytes, signers: Sequence[SigningKey], limits: Limits,
+                  digest: bytes | None = None) -> bytes:
     """Header, manifest, signatures and payload frame: a bundle, or ``TooLarge`` if a server would
-    refuse its size (never write what a server would refuse)."""
+    refuse its size (never write what a server would refuse). ``digest``: the manifest's sha256, if
+    the caller has it already."""
     if len(manifest_bytes) > limits.max_manifest_bytes:
         raise TooLarge(f"manifest is {len(manifest_bytes)} bytes, over the {limits.max_manifest_bytes} "
                        "byte limit", code="manifest_too_large")
-    sigblock = _sign(manifest_bytes, signers)
+    sigblock = sign_block(signed_message(FORMAT, manifest_bytes, digest), signers)
     data = _HEADER.pack(MAGIC, FORMAT, 0, len(manifest_bytes), len(sigblock)) + manifest_bytes + sigblock + frame
     if len(data) > limits.max_bundle_bytes:
         raise TooLarge(f"bundle is {len(data)} bytes, over the {limits.max_bundle_bytes} byte limit; "
                        "exclude large data files or raise the limit", code="bundle_too_large")
     return data
-
-
-def _sign(manifest_bytes: bytes, signers: Sequence[SigningKey]) -> bytes:
-    return sign_block(signed_message(FORMAT, manifest_bytes), signers)
 
 
 def signed_message(fmt: int, manifest_bytes: bytes, digest: bytes | None = None) -> bytes:

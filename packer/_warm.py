@@ -118,9 +118,10 @@ class WarmBuilder:
             check_manifest({**manifest, "entries": entries}, limits, own=True)
             self._unchecked = False
         manifest_bytes = canonical_manifest(manifest, map(_TEXT, rows))
-        data = signed_bundle(manifest_bytes, frame, [self.signer], limits)
+        digest = hashlib.sha256(manifest_bytes).digest()  # signed, and the bundle's name
+        data = signed_bundle(manifest_bytes, frame, [self.signer], limits, digest)
         ms = round((time.perf_counter() - start) * 1000, 2)
-        return BuiltBundle(data=data, manifest_bytes=manifest_bytes, digest=hashlib.sha256(manifest_bytes).hexdigest(),
+        return BuiltBundle(data=data, manifest_bytes=manifest_bytes, digest=digest.hex(),
                            version=version, entries=len(rows), size=len(data), uncompressed_size=total,
                            key_id=self.signer.key_id,
                            timings={"collect": 0.0, "metadata": 0.0, "bundle": ms, "total": ms})

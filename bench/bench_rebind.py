@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from overlay._journal import Journal  # noqa: E402
+from overlay.rebinding.journal import Journal  # noqa: E402
 from overlay.rebind import update_module  # noqa: E402
 
 FUNCTIONS = 200

@@ -49,8 +49,8 @@ from bench_rebind import FUNCTIONS  # noqa: E402
 from bench_rebind import module_source as big_module_source  # noqa: E402
 
 import overlay  # noqa: E402
-from overlay import _delta  # noqa: E402
-from overlay.bundle import Base, build_bundle, manifest_bytes_of  # noqa: E402
+from overlay.format import delta as _delta  # noqa: E402
+from overlay.bundle import ParentManifest, build_bundle, manifest_bytes_of  # noqa: E402
 from overlay.keys import generate_signing_key  # noqa: E402
 
 RUNS = 21
@@ -150,7 +150,7 @@ class App:
             kind, source = self.sources[name]
             self.sources[name] = (kind, changed_source(source, variant if variant is not None else self.version))
         files = {name: (kind, source.encode()) for name, (kind, source) in self.sources.items()}
-        base = Base.from_manifest(self.manifest) if delta and self.manifest is not None else None
+        base = ParentManifest.from_manifest(self.manifest) if delta and self.manifest is not None else None
         data = build_bundle(files, app_id="synthetic", version=self.version, signers=[self.key], base=base)
         self.manifest = manifest_bytes_of(data)
         return _delta.pack(data, base, [self.key]) if base is not None else data

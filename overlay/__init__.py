@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-from .errors import (
+from overlay.errors import (
     ActivationFailed,
     BadEntryName,
     BadManifest,
@@ -34,14 +34,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from ._install import Overlay, install
+    from overlay.runtime.install import Overlay, install
 
 
 def __getattr__(name: str) -> object:
     # install() pulls in the store, finder and code cache; habanero-pack imports this package for
     # its errors and version only, and its start-up time is on the save-to-live path.
     if name in ("install", "Overlay"):
-        from . import _install
+        from overlay.runtime import install as _install
 
         return getattr(_install, name)
     raise AttributeError(f"module 'overlay' has no attribute {name!r}")

@@ -20,8 +20,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 
-from .errors import ControlRejected
-from .keys import SigningKey, TrustedKeys
+from overlay.errors import ControlRejected
+from overlay.keys import SigningKey, TrustedKeys
 
 __all__ = ["RequestVerifier", "sign_request"]
 

@@ -55,6 +55,7 @@ __all__ = [
     "ActivationFailed",
     "ControlRejected",
     "DeployInProgress",
+    "OverlayImportError",
 ]
 
 
@@ -189,3 +190,14 @@ class ControlRejected(HabaneroError):
 class DeployInProgress(HabaneroError):
     default_code = "deploy_in_progress"
     default_status = 409
+
+
+class OverlayImportError(HabaneroError, ImportError):
+    """Raised during an import; also an ``ImportError`` (with ``name=``) so ``except ImportError`` works."""
+
+    default_code = "import_failed"
+
+    def __init__(self, message: str, *, name: str, path: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, code=code, module=name)
+        self.name = name
+        self.path = path

@@ -32,8 +32,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .control import RequestVerifier
-from .errors import ConfigError, ControlRejected, HabaneroError, TooLarge
+from overlay.control import RequestVerifier
+from overlay.errors import ConfigError, ControlRejected, HabaneroError, TooLarge
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 # run: the OpenSSH wire formats of ed25519 keys are simple enough to read and write here, and the
 # module is imported only for what it alone can do (encrypted private keys, writing a new key).
 
-from .errors import KeyProblem
+from overlay.errors import KeyProblem
 
 __all__ = [
     "PublicKey",

@@ -42,12 +42,12 @@ import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from . import _codes
-from ._codes import HeapPass, children, is_function_code, makes_functions, moved, pair_nested
-from ._conform import Context, owned_functions
-from ._journal import MISSING, Journal
-from ._reexec import Runner
-from ._statements import Diff, Parsed, Stmt, describe, normalize, plan
+from overlay.rebinding import closures
+from overlay.rebinding.closures import HeapPass, children, is_function_code, makes_functions, moved, pair_nested
+from overlay.rebinding.functions import Context, owned_functions
+from overlay.rebinding.journal import MISSING, Journal
+from overlay.rebinding.runner import Runner
+from overlay.rebinding.statements import Diff, Parsed, Stmt, describe, normalize, plan
 
 __all__ = ["ModuleReport", "check_update", "update_module", "one_heap_pass", "HeapPass"]
 
@@ -73,7 +73,7 @@ class ModuleReport:
 
 
 @contextlib.contextmanager
-def one_heap_pass(journal: Journal, *, budget_s: float = _codes.DEFAULT_BUDGET_S,
+def one_heap_pass(journal: Journal, *, budget_s: float = closures.DEFAULT_BUDGET_S,
                   stop_at_budget: bool = False) -> Iterator[HeapPass]:
     """Batch the search for run-time closures of every ``update_module`` call inside.
 
@@ -288,6 +288,6 @@ def _relayout(old: Stmt, new: Parsed, ctx: Context, filename: str, flags: int,
                                     "objects could not be paired one to one")
             continue
         for fn, code in zip(fns, codes):
-            if _codes.same_logic(fn.__code__, code):
+            if closures.same_logic(fn.__code__, code):
                 pair_nested(fn.__code__, code, ctx.optional, ctx.optional)
                 ctx.journal.setattr(fn, "__code__", code)

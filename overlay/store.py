@@ -15,7 +15,7 @@ Layout (the directory is created with mode 0700: whoever can write it decides wh
       lock            flock()ed by writers only; readers never wait
       .tmp-*          (anywhere above) what an interrupted write left; open() removes it
 
-Crash safety: every file is written to a temp name and renamed into place (``overlay._fsutil``).
+Crash safety: every file is written to a temp name and renamed into place (``overlay.storage.fs``).
 ``commit()`` puts the bundle in ``bundles/`` *before* it replaces ``state.json``, and that replace
 is the commit point: a ``kill -9`` at any moment leaves the old pointer or the new one.
 
@@ -38,42 +38,46 @@ disk). A fallback is reported, not written: the pointer changes only through ``c
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import _fsutil
-from ._trees import TreesMixin, _stem
-from .bundle import DEFAULT_LIMITS, Bundle, Limits, open_bundle
-from .errors import HabaneroError, StaleVersion, StoreError, WrongApp
-from .keys import TrustedKeys
+from overlay.bundle import DEFAULT_LIMITS, Bundle, Limits, open_bundle
+from overlay.errors import HabaneroError, StaleVersion, StoreError, WrongApp
+from overlay.keys import TrustedKeys
+from overlay.storage import fs
+from overlay.storage.objects import ObjectStore
+from overlay.storage.state import Pointer, State, StateFile, pointer_to
+from overlay.storage.tree import SourceTree, Undo
+from overlay.storage.worker import Task, Worker
 
-__all__ = ["Store"]
+__all__ = ["SYNC_MODES", "Store", "write_atomic"]
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
 ACTIONS = ("push", "rollback")
 SYNC_MODES = ("background", "commit")
+#: Dropped versions between two object sweeps: a sweep reads every stored manifest (milliseconds
+#: of a worker thread), and what waits for it is only disk space.
+SWEEP_EVERY = 10
 _NAME = re.compile(r"^(\d{1,30})-([0-9a-f]{64})(\.hbn)?$")  # bundles/ and staged/ files
-Pointer = dict[str, Any]  # {"version": int, "digest": str}, as in state.json
+#: Replace a file atomically: the one helper every writer of habanero uses (see ``overlay.storage.fs``).
+write_atomic = fs.write_atomic
 
 
 def _short(digest: str) -> str:
     return digest[:12] + "…"
 
 
-def _pointer(bundle: Bundle | None) -> Pointer | None:
-    return None if bundle is None else {"version": bundle.version, "digest": bundle.digest}
+def _stem(version: int, digest: str) -> str:
+    return f"{version:010d}-{digest}"
 
 
-class Store(TreesMixin):
+class Store:
     """The versions of one app's code on disk; the module docstring has the layout and guarantees.
 
     Example::
@@ -83,22 +87,24 @@ class Store(TreesMixin):
     """
 
     def __init__(self, path: Path, *, trusted: TrustedKeys, app_id: str, limits: Limits, keep: int,
-                 max_version_jump: int, lock: _fsutil.FileLock, sync: str = "background") -> None:
+                 max_version_jump: int, lock: fs.FileLock, sync: str = "background") -> None:
         self.path, self.app_id, self.trusted, self.limits = path, app_id, trusted, limits
         self.keep, self.max_version_jump, self.sync = keep, max_version_jump, sync
         self.active: Bundle | None = None
-        self._history = _fsutil.RecordLog(path / "history.jsonl")  # read incrementally
-        self._init_trees()
         self.highest = 0
         self.startup_problems: list[str] = []
         self._lock = lock
-        self._bundles, self._staged, self._objects = path / "bundles", path / "staged", path / "objects"
+        self._bundles, self._staged = path / "bundles", path / "staged"
         # The same as strings, for what every push does (a pathlib join costs more than the system call).
         self._bundles_dir, self._staged_dir = os.fspath(self._bundles), os.fspath(self._staged)
-        self._state_file = os.path.join(path, "state.json")
+        self._state = StateFile(os.path.join(path, "state.json"), app_id)
         self._history_file = os.path.join(path, "history.jsonl")
+        self._history = fs.RecordLog(Path(self._history_file))  # read incrementally
+        self.objects = ObjectStore(os.fspath(path / "objects"), lock)
+        self.tree = SourceTree(path / "tree", self.objects, lock, label=str(path))
+        self.worker = Worker(str(path))
         self._written: list[str] = []  # files a staged push wrote, to flush once it commits
-        self._state_cache: tuple[bytes, dict[str, Any]] | None = None  # state.json's bytes, parsed
+        self._dropped_since_sweep = 0
 
     # ------------------------------------------------------------------------------- opening
 
@@ -119,7 +125,7 @@ class Store(TreesMixin):
         try:
             for directory in (root, *(root / d for d in ("bundles", "staged", "objects"))):
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            lock = _fsutil.FileLock(root / "lock", timeout=lock_timeout)
+            lock = fs.FileLock(root / "lock", timeout=lock_timeout)
         except OSError as exc:
             raise StoreError(f"cannot use {root} as the habanero store ({exc.strerror or exc}); point "
                              "it at a directory this process can create and write", path=str(root)) from None
@@ -131,7 +137,7 @@ class Store(TreesMixin):
         try:
             with store._io("repair the store"):
                 store._recover()
-                store._check_tree()
+                store.tree.repair(store.active, store.worker)
         except BaseException:
             lock.close()
             raise
@@ -142,20 +148,21 @@ class Store(TreesMixin):
         # now, else leave it to a later open (starting the app never waits for a deploy).
         with self._lock.attempt() as idle:
             if idle:
-                objects = [d for d in self._objects.iterdir() if d.is_dir()]
-                dirs = [self.path, self._bundles, self._staged, self._objects, *objects]
-                for path in _fsutil.remove_orphans(dirs):
+                objects_dir = Path(self.objects.root)
+                objects = [d for d in objects_dir.iterdir() if d.is_dir()]
+                dirs = [self.path, self._bundles, self._staged, objects_dir, *objects]
+                for path in fs.remove_orphans(dirs):
                     logger.warning("removed %s, left by an interrupted write", path)
                 for name in os.listdir(self._staged):
                     logger.info("removed staged bundle %s: its push never committed", name)
                     (self._staged / name).unlink()
                 if (self.path / "trees").is_dir():  # per-version trees of an older habanero
-                    self._drop_later(self.path / "trees")
+                    self.worker.remove_later(self.path / "trees")
             state, why = self._read_state()
             if idle and why == "missing" and not self.stored() and not self.history():
                 # A new store gets its state file now, so a crash during the first commit leaves a
                 # pointer to "nothing" and an unreferenced bundle, never a store without a pointer.
-                self._write_state(None, 0)
+                self._state.write(None, 0)
                 state, why = self._read_state()
             if idle and state is not None:
                 self._drop_above(state["highest"], keep=state["active"], reason="its commit did not finish")
@@ -188,33 +195,9 @@ class Store(TreesMixin):
 
     # ---------------------------------------------------------------------------- reading
 
-    def _read_state(self) -> tuple[dict[str, Any] | None, str]:
-        """The state file, or None and what is wrong with it (``"missing"``, ``"empty"``, ...).
-
-        Read on every check of a push (another process may have committed); bytes equal to the
-        last read are not parsed and checked again.
-        """
-        path = self._state_file
-        try:
-            raw = _fsutil.read_small(path)
-        except FileNotFoundError:
-            return None, "missing"
-        except OSError as exc:
-            return None, f"unreadable ({exc.strerror})"
-        cached = self._state_cache
-        if cached is not None and cached[0] == raw:
-            return dict(cached[1]), ""
-        state, why = _fsutil.parse_json(raw)
-        if why or not _valid_state(state):
-            return None, why or "corrupt (not the shape of a state file)"
-        if state["format"] > STATE_FORMAT:
-            raise StoreError(f"{path} has format {state['format']}, written by a newer habanero; "
-                             "upgrade habanero here or use another store directory", code="store_format")
-        if state["app_id"] != self.app_id:
-            raise StoreError(f"{path} belongs to app {state['app_id']!r}, not {self.app_id!r}; give "
-                             "each app its own store directory", code="store_app_mismatch")
-        self._state_cache = (raw, dict(state))
-        return state, ""
+    def _read_state(self) -> tuple[State | None, str]:
+        """The state file as on disk now (another process may have committed), or None and why."""
+        return self._state.read()
 
     def _verify_file(self, version: int, digest: str) -> tuple[Bundle | None, str]:
         path = self._bundles / f"{_stem(version, digest)}.hbn"
@@ -222,7 +205,7 @@ class Store(TreesMixin):
             if path.stat().st_size > self.limits.max_bundle_bytes:  # never read a planted huge file
                 return None, f"{path.name} is larger than any bundle may be"
             bundle = open_bundle(path.read_bytes(), self.trusted, app_id=self.app_id, limits=self.limits,
-                                 content=self.object)
+                                 content=self.objects.get)
         except FileNotFoundError:
             return None, f"{path.name} is missing"
         except OSError as exc:
@@ -321,14 +304,15 @@ class Store(TreesMixin):
             if os.path.exists(final):  # a stored version: its objects are there too
                 return Path(final)
             self.check_fresh(bundle)
-            self._written = self._write_objects(bundle, known if known is not None else self.active,
-                                                names if known is not None else None)
+            self._written = self.objects.write_missing(bundle, known if known is not None else self.active,
+                                                       names if known is not None else None,
+                                                       sync=self.sync == "commit")
             if not os.path.exists(staged):
                 commit_sync = self.sync == "commit"
-                _fsutil.write_atomic(staged, bundle.raw, mode=0o444, sync=commit_sync, sync_dir=False)
+                fs.write_atomic(staged, bundle.raw, mode=0o444, sync=commit_sync, sync_dir=False)
                 if commit_sync and self._written:
                     for shard in {os.path.dirname(p) for p in self._written}:
-                        _fsutil.fsync_path(shard)
+                        fs.fsync_path(shard)
             return Path(staged)
 
     def commit(self, bundle: Bundle, *, action: str = "push") -> None:
@@ -356,14 +340,14 @@ class Store(TreesMixin):
                     try:
                         os.replace(staged, final)
                     except FileNotFoundError:  # another process's open() cleared staged/ meanwhile
-                        _fsutil.write_atomic(final, bundle.raw, mode=0o444, sync=commit_sync, sync_dir=False)
+                        fs.write_atomic(final, bundle.raw, mode=0o444, sync=commit_sync, sync_dir=False)
                     written.append(final)
                     if commit_sync:
-                        _fsutil.fsync_dir(self._bundles_dir)
+                        fs.fsync_dir(self._bundles_dir)
                 highest = max(self.highest, bundle.version)  # check_fresh just read it from disk
                 retired: list[str] | None = None if commit_sync else []  # the old state file, freed later
-                self._write_state(_pointer(bundle), highest, sync=commit_sync, retire=retired)  # the commit point
-                written.append(self._state_file)
+                self._state.write(pointer_to(bundle), highest, sync=commit_sync, retire=retired)  # the commit point
+                written.append(self._state.path)
             self.active, self.highest = bundle, highest
             # Past the commit point nothing may raise: the caller would undo what disk says is live.
             try:
@@ -372,7 +356,8 @@ class Store(TreesMixin):
                 written.append(self._history_file)
             except (OSError, HabaneroError):
                 logger.exception("v%d is committed, but its history entry failed", bundle.version)
-            self._flush_later(written, retired or ())
+            if not commit_sync:
+                self.worker.flush_later(written, retired or ())
             self.later(self._retain)
 
     def discard(self, bundle: Bundle) -> None:
@@ -400,27 +385,21 @@ class Store(TreesMixin):
             raise StoreError(f"highest must be a non-negative integer, not {value!r}", code="bad_highest")
         with self._lock, self._io("reset the highest version"):
             state, _ = self._read_state()
-            pointer = state["active"] if state is not None else _pointer(self.active)
+            pointer = state["active"] if state is not None else pointer_to(self.active)
             if pointer and value < pointer["version"]:
                 raise StoreError(f"cannot set highest to {value}: active version {pointer['version']} is "
                                  "above it; roll back first", code="bad_highest")
             old = state["highest"] if state is not None else self.highest
-            self._write_state(pointer, value)
+            self._state.write(pointer, value)
             self.highest = value
             self._drop_above(value, keep=pointer, reason=f"highest was reset to {value}")
             self._append_history("reset_highest", value, None, (), "ok", None, f"highest {old} -> {value}")
-
-    def _write_state(self, pointer: Pointer | None, highest: int, *, sync: bool = True,
-                     retire: list[str] | None = None) -> None:
-        state = {"format": STATE_FORMAT, "app_id": self.app_id, "active": pointer, "highest": highest}
-        data = json.dumps(state, indent=2, sort_keys=True).encode("ascii") + b"\n"
-        _fsutil.write_atomic(self._state_file, data, sync=sync, sync_dir=sync, retire=retire)
 
     def _append_history(self, action: str, version: int | None, digest: str | None,
                         key_ids: Sequence[str], outcome: str, code: str | None, reason: str, *,
                         sync: bool = True) -> None:
         now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        _fsutil.append_record(self._history_file, {
+        fs.append_record(self._history_file, {
             "time": now, "action": action, "version": version, "digest": digest,
             "key_ids": list(key_ids), "outcome": outcome, "code": code, "reason": reason}, sync=sync)
 
@@ -432,21 +411,16 @@ class Store(TreesMixin):
 
     def _remove_version(self, version: int, digest: str) -> None:
         (self._bundles / f"{_stem(version, digest)}.hbn").unlink(missing_ok=True)
-        self._dropped(1)  # its objects go at a later sweep
+        self._dropped(1)
 
     def _check_app(self, bundle: Bundle) -> None:
         if bundle.app_id != self.app_id:
             raise WrongApp(f"bundle is for app {bundle.app_id!r}; this store holds {self.app_id!r}",
                            expected=self.app_id, got=bundle.app_id)
 
-    @contextlib.contextmanager
-    def _io(self, what: str) -> Iterator[None]:
+    def _io(self, what: str) -> Any:
         """Turn an OSError (disk full, permissions) into a StoreError that says what to do."""
-        try:
-            yield
-        except OSError as exc:
-            raise StoreError(f"could not {what} in {self.path}: {exc.strerror or exc}; the active "
-                             "version did not change: fix the disk (space, permissions) and retry") from exc
+        return fs.os_errors_as_store_errors(self.path, what)
 
     # ---------------------------------------------------------------------------- retention
 
@@ -470,7 +444,7 @@ class Store(TreesMixin):
         with self._lock, self._io("prune old versions"):
             stored = self.stored() if stored is None else stored  # a commit just listed them
             kept = set(stored[-self.keep:]) if self.keep else set()
-            for p in filter(None, (_pointer(self.active), on_disk)):
+            for p in filter(None, (pointer_to(self.active), on_disk)):
                 kept.add((p["version"], p["digest"]))  # ours, and the one on disk if another's
                 kept.update([s for s in stored if s[0] < p["version"]][-1:])
             for version, digest in [s for s in stored if s not in kept]:
@@ -479,6 +453,45 @@ class Store(TreesMixin):
             for name in os.listdir(self._staged):  # stale: can never be committed as a push
                 if (m := _NAME.match(name)) and int(m[1]) <= self.highest:
                     (self._staged / name).unlink(missing_ok=True)
+
+    def _dropped(self, count: int) -> None:
+        """Retention dropped ``count`` versions: sweep their objects once enough have gone."""
+        self._dropped_since_sweep += count
+        if self._dropped_since_sweep >= SWEEP_EVERY:
+            self._dropped_since_sweep = 0
+            self.later(self._sweep_objects)
+
+    def _sweep_objects(self) -> None:
+        """Delete the objects that no stored or staged bundle, nor the active one, refers to."""
+        active = self.active
+        self.objects.sweep(self._bundle_files, keep=active.by_hash if active is not None else ())
+
+    def _bundle_files(self) -> list[str]:
+        return [os.path.join(d, n) for d in (self._bundles_dir, self._staged_dir) for n in os.listdir(d)
+                if n.endswith(".hbn")]
+
+    # ---------------------------------------------------------------------------- the process's view
+
+    @property
+    def tree_root(self) -> Path:
+        """Where the running version's files are: ``__file__`` of every module served is below it."""
+        return self.tree.root
+
+    def object(self, sha256: str) -> bytes | None:
+        """An entry body this store holds (for delta bundles), or None. Its hash is checked by the reader."""
+        return self.objects.get(sha256)
+
+    def update_tree(self, old: Bundle | None, new: Bundle, names: Iterable[str] | None = None) -> Undo:
+        """Make the source tree show ``new`` where it differs from ``old``; return the undo."""
+        return self.tree.update(old, new, names)
+
+    def later(self, task: Task) -> None:
+        """Run ``task`` on the store's worker thread, after the current push has answered."""
+        self.worker.later(task)
+
+    def settle(self) -> None:
+        """Wait until background work is done (tests, shutdown). Never call it holding the lock."""
+        self.worker.settle()
 
     @property
     def cache_dir(self) -> Path:
@@ -489,7 +502,7 @@ class Store(TreesMixin):
 
     def close(self) -> None:
         """Finish background clean-up and release the lock file; this Store must not write afterwards."""
-        self._stop_worker()
+        self.worker.stop()
         self._lock.close()
 
     def __enter__(self) -> Store:
@@ -497,19 +510,3 @@ class Store(TreesMixin):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _positive(value: Any) -> bool:
-    return type(value) is int and value >= 1
-
-
-def _valid_state(state: Any) -> bool:
-    """The exact shape ``_write_state`` writes: a bit flip or a bad hand edit must not slip through."""
-    if not isinstance(state, dict) or set(state) != {"format", "app_id", "active", "highest"}:
-        return False
-    active = state["active"]
-    return (_positive(state["format"]) and isinstance(state["app_id"], str)
-            and (state["highest"] == 0 and type(state["highest"]) is int or _positive(state["highest"]))
-            and (active is None or (isinstance(active, dict) and set(active) == {"version", "digest"}
-                                    and _positive(active["version"]) and isinstance(active["digest"], str)
-                                    and re.fullmatch(r"[0-9a-f]{64}", active["digest"]) is not None)))

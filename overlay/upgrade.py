@@ -51,15 +51,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from . import _delta
-from ._diff import entry_diff
-from ._journal import MISSING, Journal
-from ._plan import Plan, make_plan
-from .bundle import Bundle, Limits, open_bundle
-from .errors import ActivationFailed, ControlRejected, DeployInProgress, HabaneroError
-from .finder import BundleIndex  # noqa: F401  (type of the index)
-from .keys import TrustedKeys
-from .rebind import ModuleReport, check_update, one_heap_pass, update_module
+from overlay.format import delta
+from overlay.transaction.diff import entry_diff
+from overlay.rebinding.journal import MISSING, Journal
+from overlay.transaction.plan import Plan, make_plan
+from overlay.bundle import Bundle, Limits, open_bundle
+from overlay.errors import ActivationFailed, ControlRejected, DeployInProgress, HabaneroError
+from overlay.finder import BundleIndex  # noqa: F401  (type of the index)
+from overlay.keys import TrustedKeys
+from overlay.rebind import ModuleReport, check_update, one_heap_pass, update_module
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +262,9 @@ def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> Upgr
 
 def _prepare_next(bundle: Bundle) -> None:
     """What the next push, opened against ``bundle``, needs from it: built on the store's worker
-    once this push has answered (see ``overlay._proof`` and ``overlay._delta``)."""
-    bundle._spans  # noqa: B018  (a cached property: the proof's index of its manifest)
-    _delta.prepare(bundle.digest, bundle.manifest_bytes)
+    once this push has answered (see ``overlay.format.proof`` and ``overlay.format.delta``)."""
+    bundle.spans  # noqa: B018  (worked out once and kept: the proof's index of its manifest)
+    delta.prepare(bundle.digest, bundle.manifest_bytes)
 
 
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

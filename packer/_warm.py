@@ -2,14 +2,14 @@
 
 A one-line save in a 1,000-module project changes one entry, yet ``overlay.bundle.build_bundle``
 hashes every body and builds, checks and encodes 1,000 entry dicts (5-8 ms), and
-``overlay._delta.pack`` digests the base's 160 KB manifest into a zstd dictionary (0.5 ms) each
+``overlay.bundle.pack`` digests the base's 160 KB manifest into a zstd dictionary (0.5 ms) each
 time. :class:`WarmBuilder` keeps, per entry, its sha256 and its canonical JSON, a payload
 compressor, and a manifest compressor for the base of the next push, prepared while the watch waits
 for a save.
 
 It writes the bundle ``build_bundle`` writes, byte for byte (``tests/test_packer.py`` holds it to
 that), and a packed form that the server unpacks into that bundle. What it does not rebuild it
-does not re-check either: the whole manifest goes through ``check_manifest`` when names or kinds
+does not re-check either: the whole manifest goes through ``check_new_manifest`` when names or kinds
 change (and on the first build); in between, names and order hold by construction and only sizes
 can change, which are checked against the limits on every build.
 """
@@ -26,9 +26,18 @@ from typing import Any, NamedTuple
 
 import zstandard
 
-from overlay._delta import manifest_compressor, pack
-from overlay._manifest import ENTRY_JSON, FORMAT, canonical_manifest, check_manifest
-from overlay.bundle import DEFAULT_LIMITS, Base, Limits, signed_bundle
+from overlay.bundle import (
+    DEFAULT_LIMITS,
+    FORMAT,
+    Limits,
+    ParentManifest,
+    check_new_manifest,
+    entry_json,
+    manifest_compressor,
+    pack,
+    sign_bundle,
+    write_manifest,
+)
 from overlay.errors import TooLarge
 from overlay.keys import SigningKey
 
@@ -37,7 +46,7 @@ from .build import BuiltBundle
 __all__ = ["WarmBuilder"]
 
 Entries = Mapping[str, tuple[str, bytes]]  # {name: (kind, content)}, sorted by name
-PACK_LEVEL = 3  # the manifest against its base: overlay._delta.pack's default
+PACK_LEVEL = 3  # the manifest against its base: overlay.bundle.pack's default
 _SIZE, _SHA256, _TEXT = (attrgetter(f) for f in ("size", "sha256", "text"))
 
 
@@ -54,7 +63,7 @@ class _Row(NamedTuple):
 
 def _row(name: str, kind: str, content: bytes) -> _Row:
     sha = hashlib.sha256(content).hexdigest()
-    return _Row(kind, content, len(content), sha, ENTRY_JSON(kind, name, sha, len(content)), f"{kind} {name} {sha}\n")
+    return _Row(kind, content, len(content), sha, entry_json(kind, name, sha, len(content)), f"{kind} {name} {sha}\n")
 
 
 class WarmBuilder:
@@ -72,7 +81,7 @@ class WarmBuilder:
         self._rows: dict[str, _Row] = {}
         self._files: dict[str, tuple[str, bytes]] | None = None  # what _rows were made from
         self._sources: str | None = None
-        self._unchecked = True  # names or kinds changed since check_manifest last passed them
+        self._unchecked = True  # names or kinds changed since check_new_manifest last passed them
         self._packer: tuple[str, zstandard.ZstdCompressor] | None = None  # for this base digest
 
     def sources(self, files: Entries) -> str:
@@ -83,13 +92,13 @@ class WarmBuilder:
         return self._sources
 
     def make(self, files: Entries, builder: Mapping[str, Any] | None, *, version: int, parent: str | None,
-             base: Base | None = None, created: str | None = None) -> tuple[BuiltBundle, bytes]:
+             base: ParentManifest | None = None, created: str | None = None) -> tuple[BuiltBundle, bytes]:
         """The signed bundle, and what goes on the wire: packed against ``base`` when given."""
         built = self.build(files, builder, version=version, parent=parent, base=base, created=created)
         return built, (self.pack(built, base) if base is not None else built.data)
 
     def build(self, files: Entries, builder: Mapping[str, Any] | None, *, version: int, parent: str | None,
-              base: Base | None = None, created: str | None = None) -> BuiltBundle:
+              base: ParentManifest | None = None, created: str | None = None) -> BuiltBundle:
         """What ``packer.build.build`` makes of ``files``; a delta carrying what ``base`` lacks."""
         start = time.perf_counter()
         self._update(files)
@@ -115,26 +124,26 @@ class WarmBuilder:
                     "builder": dict(builder or {}), "payload": payload}
         if self._unchecked:  # never write what a server would refuse
             entries = [{"name": n, "kind": r.kind, "size": r.size, "sha256": r.sha256} for n, r in zip(names, rows)]
-            check_manifest({**manifest, "entries": entries}, limits, own=True)
+            check_new_manifest({**manifest, "entries": entries}, limits)
             self._unchecked = False
-        manifest_bytes = canonical_manifest(manifest, map(_TEXT, rows))
+        manifest_bytes = write_manifest(manifest, map(_TEXT, rows))
         digest = hashlib.sha256(manifest_bytes).digest()  # signed, and the bundle's name
-        data = signed_bundle(manifest_bytes, frame, [self.signer], limits, digest)
+        data = sign_bundle(manifest_bytes, frame, [self.signer], limits, digest)
         ms = round((time.perf_counter() - start) * 1000, 2)
         return BuiltBundle(data=data, manifest_bytes=manifest_bytes, digest=digest.hex(),
                            version=version, entries=len(rows), size=len(data), uncompressed_size=total,
                            key_id=self.signer.key_id,
                            timings={"collect": 0.0, "metadata": 0.0, "bundle": ms, "total": ms})
 
-    def pack(self, built: BuiltBundle, base: Base) -> bytes:
-        """The transport form of ``built`` for a server running ``base`` (see ``overlay._delta``)."""
+    def pack(self, built: BuiltBundle, base: ParentManifest) -> bytes:
+        """The transport form of ``built`` for a server running ``base`` (see ``overlay.bundle.pack``)."""
         return pack(built.data, base, [self.signer], compressor=self._compressor(base))
 
-    def prepare(self, base: Base) -> None:
+    def prepare(self, base: ParentManifest) -> None:
         """Digest ``base``'s manifest into the dictionary the next push is packed with, ahead of time."""
         self._compressor(base)
 
-    def _compressor(self, base: Base) -> zstandard.ZstdCompressor:
+    def _compressor(self, base: ParentManifest) -> zstandard.ZstdCompressor:
         if self._packer is None or self._packer[0] != base.digest:
             self._packer = (base.digest, manifest_compressor(base, level=PACK_LEVEL))
         return self._packer[1]

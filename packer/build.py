@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from overlay import __version__
-from overlay.bundle import DEFAULT_LIMITS, Base, Limits, build_bundle, manifest_bytes_of, open_bundle, read_unverified
+from overlay.bundle import DEFAULT_LIMITS, ParentManifest, Limits, build_bundle, manifest_bytes_of, open_bundle, read_unverified
 from overlay.errors import BundleRejected
 from overlay.keys import SigningKey, TrustedKeys
 
@@ -90,7 +90,7 @@ def build(
     builder: Mapping[str, Any] | None = None,
     level: int = LEVEL,
     limits: Limits = DEFAULT_LIMITS,
-    base: Base | None = None,
+    base: ParentManifest | None = None,
 ) -> BuiltBundle:
     """Collect, hash, compress and sign the project's packages as bundle ``version``.
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from overlay._names import FORBIDDEN_SUFFIXES, check_entry_name
+from overlay.bundle import FORBIDDEN_SUFFIXES, check_entry_name
 from overlay.bundle import DEFAULT_LIMITS, Limits
 from overlay.errors import BadEntryName, ConfigError, TooLarge
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .cli import APP_ID, CA_FILE, JSON, KEY, PROJECT, arg, command
 
 if TYPE_CHECKING:  # the client pulls in cryptography: imported when a command runs, not at start-up
-    from overlay.bundle import Base
+    from overlay.bundle import ParentManifest
     from overlay.errors import HabaneroError
 
     from .build import BuiltBundle
@@ -68,7 +68,7 @@ class PushResult:
 
 
 #: Built bundle and wire bytes for ``(version, parent, base)``; the wire form is packed against base.
-Make = Callable[[int, "str | None", "Base | None"], "tuple[BuiltBundle, bytes]"]
+Make = Callable[[int, "str | None", "ParentManifest | None"], "tuple[BuiltBundle, bytes]"]
 #: Refusals that say the tip a push was built on is out of date: another push, a rollback, a reset store.
 _OUTDATED = frozenset({"stale_version", "parent_missing"})
 
@@ -114,17 +114,17 @@ class BaseCache:
     def __init__(self, root: Any | None, *, write_through: bool = True) -> None:
         from pathlib import Path
 
-        self._memory: dict[str, Base | bytes] = {}
+        self._memory: dict[str, ParentManifest | bytes] = {}
         self._dir = Path(root) / ".habanero" / "pushed" if root is not None else None
         self._write_through = write_through
 
-    def get(self, digest: str | None) -> Base | None:
-        from overlay.bundle import Base
+    def get(self, digest: str | None) -> ParentManifest | None:
+        from overlay.bundle import ParentManifest
 
         if not digest:
             return None
         manifest = self._memory.get(digest)
-        if isinstance(manifest, Base):
+        if isinstance(manifest, ParentManifest):
             return manifest
         if manifest is None and self._dir is not None:
             try:
@@ -134,7 +134,7 @@ class BaseCache:
         if manifest is None:
             return None
         try:
-            base = Base.from_manifest(manifest)
+            base = ParentManifest.from_manifest(manifest)
         except (ValueError, KeyError, TypeError):
             return None
         if base.digest != digest:
@@ -244,11 +244,11 @@ def _send(remote: Remote, make: Make, tip: Tip, bases: BaseCache | None, clock: 
 
 def _make_afresh(config: Any, signer: Any, *, snapshot: Any, level: int, builder: Any) -> Make:
     """``build`` and ``pack``, from scratch each time: a one-off push builds once per process."""
-    from overlay._delta import pack
+    from overlay.bundle import pack
 
     from .build import build
 
-    def make(version: int, parent: str | None, base: Base | None) -> tuple[BuiltBundle, bytes]:
+    def make(version: int, parent: str | None, base: ParentManifest | None) -> tuple[BuiltBundle, bytes]:
         nonlocal builder
         built = build(config, version=version, signer=signer, parent=parent, snapshot=snapshot, level=level,
                       base=base, builder=builder)

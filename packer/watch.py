@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from overlay.bundle import Base
+from overlay.bundle import ParentManifest
 from overlay.errors import HabaneroError
 
 from ._warm import WarmBuilder
@@ -235,7 +235,7 @@ class WatchSession:
         files = self.snapshot.files()
         builder = {**self.builder, "sources": self.warm.sources(files)}
 
-        def make(version: int, parent: str | None, base: Base | None) -> tuple[BuiltBundle, bytes]:
+        def make(version: int, parent: str | None, base: ParentManifest | None) -> tuple[BuiltBundle, bytes]:
             return self.warm.make(files, builder, version=version, parent=parent, base=base)
 
         try:

@@ -26,8 +26,8 @@ import pytest
 
 import overlay
 from _overlay_helpers import tree_entries
-from overlay import _delta
-from overlay.bundle import Base, build_bundle
+from overlay.format import delta as _delta
+from overlay.bundle import ParentManifest, build_bundle
 from overlay.keys import SigningKey
 
 SNIPPETS = Path(__file__).parent / "upgrade_snippets"
@@ -77,7 +77,7 @@ class Deployment:
         files = snippet_files(scenario, version)
         if not delta:
             return build_bundle(files, app_id=APP, version=number, signers=[self.key])
-        base = Base.from_manifest(self.ov.store.active.manifest_bytes)
+        base = ParentManifest.from_manifest(self.ov.store.active.manifest_bytes)
         data = build_bundle(files, app_id=APP, version=number, signers=[self.key], base=base)
         return _delta.pack(data, base, [self.key])
 

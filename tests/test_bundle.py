@@ -11,15 +11,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from overlay.bundle import (
-    FORMAT,
-    MAGIC,
-    Limits,
-    build_bundle,
-    open_bundle,
-    read_unverified,
-    signed_message,
-)
+from overlay.bundle import FORMAT, Limits, build_bundle, open_bundle, read_unverified
+from overlay.format.wire import MAGIC, signed_message
 from overlay.errors import BundleRejected, HabaneroError
 from overlay.keys import load_trusted_keys
 

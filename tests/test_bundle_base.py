@@ -11,11 +11,12 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlay import _manifest
+from overlay.format import manifest as _manifest
 from overlay import bundle as bundle_module
-from overlay._delta import pack
-from overlay._manifest import parse_manifest
-from overlay.bundle import FORMAT, MAGIC, Base, Bundle, build_bundle, open_bundle, signed_message
+from overlay.format.delta import pack
+from overlay.format.manifest import parse_manifest
+from overlay.bundle import FORMAT, Bundle, ParentManifest, build_bundle, open_bundle
+from overlay.format.wire import MAGIC, signed_message
 from overlay.errors import BadManifest, BundleRejected
 
 FILES = {
@@ -45,7 +46,7 @@ def base(signing_key, trusted) -> Bundle:
 
 
 def _delta_push(files, base: Bundle, key, **kw) -> bytes:
-    return build_bundle(files, app_id="app", version=2, signers=[key], base=Base.from_manifest(base.manifest_bytes),
+    return build_bundle(files, app_id="app", version=2, signers=[key], base=ParentManifest.from_manifest(base.manifest_bytes),
                         **kw)
 
 
@@ -74,7 +75,7 @@ def test_a_delta_opened_against_base_is_the_one_opened_from_the_store(push, base
 @pytest.mark.parametrize("push", PUSHES, ids=list(PUSHES))
 def test_a_packed_push_opened_against_base_is_the_same_bundle(push, base, signing_key, trusted):
     canonical = _delta_push(PUSHES[push], base, signing_key)
-    wire = pack(canonical, Base.from_manifest(base.manifest_bytes), [signing_key])
+    wire = pack(canonical, ParentManifest.from_manifest(base.manifest_bytes), [signing_key])
     lookup = {base.digest: base.manifest_bytes}.get
     fast = open_bundle(wire, trusted, content=_held(base), base_manifest=lookup, base=base)
     _same(fast, open_bundle(canonical, trusted, content=_held(base)))
@@ -135,7 +136,7 @@ def test_against_base_a_full_push_hashes_only_the_bodies_that_differ(base, signi
 
 def test_a_body_from_the_store_is_hashed_even_against_base(base, signing_key, trusted, hashed):
     new = b"NEW = 1\n"
-    claims = Base(base.digest, base.manifest_bytes, frozenset(base.hashes.values()) | {_sha(new)})
+    claims = ParentManifest(base.digest, base.manifest_bytes, frozenset(base.hashes.values()) | {_sha(new)})
     data = build_bundle({**FILES, "app.new": ("module", new)}, app_id="app", version=2, signers=[signing_key],
                         base=claims)  # the builder believes the server holds app.new's body
     open_bundle(data, trusted, content=_held(base, **{_sha(new): new}), base=base)
@@ -145,8 +146,8 @@ def test_a_body_from_the_store_is_hashed_even_against_base(base, signing_key, tr
 def test_against_base_entries_it_holds_skip_the_name_checks(base, signing_key, trusted, monkeypatch):
     added, one_line = (_delta_push(PUSHES[p], base, signing_key) for p in ("a file added", "one line"))
     checked: list[str] = []
-    check = _manifest._check_name
-    monkeypatch.setattr(_manifest, "_check_name", lambda name, kind: checked.append(name) or check(name, kind))
+    check = _manifest.check_name
+    monkeypatch.setattr(_manifest, "check_name", lambda name, kind: checked.append(name) or check(name, kind))
     open_bundle(added, trusted, content=_held(base), base=base)
     assert checked == ["app.new"]
     checked.clear()
@@ -213,7 +214,7 @@ def _refused(code: str, data: bytes, trusted, **kw) -> BundleRejected:
 @pytest.mark.parametrize("with_base", [False, True], ids=["no base", "base"])
 def test_a_wrong_body_from_the_store_is_refused_against_base(with_base, base, signing_key, trusted):
     new = b"NEW = 1\n"
-    claims = Base(base.digest, base.manifest_bytes, frozenset(base.hashes.values()) | {_sha(new)})
+    claims = ParentManifest(base.digest, base.manifest_bytes, frozenset(base.hashes.values()) | {_sha(new)})
     data = build_bundle({**FILES, "app.new": ("module", new)}, app_id="app", version=2, signers=[signing_key],
                         base=claims)
     kw = {"base": base} if with_base else {}

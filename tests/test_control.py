@@ -62,7 +62,7 @@ def test_unknown_key_and_unsigned_requests_are_refused(other_key, trusted):
 
 
 def test_bundle_signature_is_not_a_control_signature(signing_key, trusted):
-    from overlay.bundle import SIGNATURE_DOMAIN
+    from overlay.format.wire import SIGNATURE_DOMAIN
     from overlay.control import control_message
     import base64
 

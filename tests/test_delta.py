@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from overlay import _delta
-from overlay._delta import pack
-from overlay.bundle import Base, build_bundle, open_bundle
+from overlay.format import delta as _delta
+from overlay.format.delta import pack
+from overlay.bundle import ParentManifest, build_bundle, open_bundle
 from overlay.errors import BundleRejected, ParentMissing
 
 BIG = {"app": ("package", b"")}
@@ -41,7 +41,7 @@ def _held(bundle):
 
 
 def test_one_line_change_in_1000_modules_sends_under_4_kb(v1, signing_key, trusted):
-    base = Base.from_manifest(v1.manifest_bytes)
+    base = ParentManifest.from_manifest(v1.manifest_bytes)
     canonical = build_bundle(_one_line_change(BIG), app_id="app", version=2, signers=[signing_key], base=base)
     wire = pack(canonical, base, [signing_key])
     assert len(v1.raw) > 100_000  # the full bundle: mostly manifest
@@ -55,7 +55,7 @@ def test_one_line_change_in_1000_modules_sends_under_4_kb(v1, signing_key, trust
 
 
 def test_delta_without_the_parent_content_is_refused_as_parent_missing(v1, signing_key, trusted):
-    base = Base.from_manifest(v1.manifest_bytes)
+    base = ParentManifest.from_manifest(v1.manifest_bytes)
     canonical = build_bundle(_one_line_change(BIG), app_id="app", version=2, signers=[signing_key], base=base)
     with pytest.raises(ParentMissing) as info:
         open_bundle(canonical, trusted, content={}.get)
@@ -65,7 +65,7 @@ def test_delta_without_the_parent_content_is_refused_as_parent_missing(v1, signi
 
 
 def test_packed_push_from_an_untrusted_key_is_refused_before_inflating(v1, signing_key, other_key, trusted):
-    base = Base.from_manifest(v1.manifest_bytes)
+    base = ParentManifest.from_manifest(v1.manifest_bytes)
     canonical = build_bundle(_one_line_change(BIG), app_id="app", version=2, signers=[other_key], base=base)
     wire = pack(canonical, base, [other_key])
     inflated = []
@@ -80,7 +80,7 @@ def test_packed_push_from_an_untrusted_key_is_refused_before_inflating(v1, signi
 
 
 def test_tampered_packed_manifest_fails_the_transport_signature(v1, signing_key, trusted):
-    base = Base.from_manifest(v1.manifest_bytes)
+    base = ParentManifest.from_manifest(v1.manifest_bytes)
     wire = bytearray(pack(build_bundle(_one_line_change(BIG), app_id="app", version=2, signers=[signing_key],
                                        base=base), base, [signing_key]))
     wire[-20] ^= 1
@@ -90,8 +90,8 @@ def test_tampered_packed_manifest_fails_the_transport_signature(v1, signing_key,
 
 
 def test_packed_manifest_declaring_more_than_the_cap_is_refused(v1, signing_key, trusted):
-    from overlay import _delta
-    from overlay.bundle import _HEADER, FLAG_PACKED, FORMAT, MAGIC, sign_block
+    from overlay.format import delta as _delta
+    from overlay.format.wire import FLAG_PACKED, FORMAT, HEADER as _HEADER, MAGIC, sign_block
 
     bomb = zstandard.ZstdCompressor(write_content_size=True).compress(b"{" * (16 << 20))
     base_raw = bytes.fromhex(v1.digest)
@@ -105,7 +105,7 @@ def test_packed_manifest_declaring_more_than_the_cap_is_refused(v1, signing_key,
 
 
 def test_every_entry_hash_is_still_checked_after_rebuilding(v1, signing_key, trusted):
-    base = Base.from_manifest(v1.manifest_bytes)
+    base = ParentManifest.from_manifest(v1.manifest_bytes)
     canonical = build_bundle(_one_line_change(BIG), app_id="app", version=2, signers=[signing_key], base=base)
     lying = {e.sha256: b"not what you think" for e in v1.entries.values()}.get
     with pytest.raises(BundleRejected) as info:
@@ -114,7 +114,7 @@ def test_every_entry_hash_is_still_checked_after_rebuilding(v1, signing_key, tru
 
 
 def _packed_pushes(v1, key, count):
-    base = Base.from_manifest(v1.manifest_bytes)
+    base = ParentManifest.from_manifest(v1.manifest_bytes)
     pushes = []
     for i in range(count):
         files = dict(BIG, **{"app.p3.m3": ("module", f"VERSION = {i}\n".encode())})
@@ -218,7 +218,7 @@ def test_push_against_a_parent_the_server_does_not_run_falls_back_to_full(served
             """A cache that hands out the manifest of version 1, whatever the server runs now."""
 
             def get(self, digest):
-                return Base.from_manifest(ov.store.load(1).manifest_bytes)
+                return ParentManifest.from_manifest(ov.store.load(1).manifest_bytes)
 
         (config.root / "dapp" / "m5.py").write_text("def f():\n    return 'five'\n")
         third = push_once(remote, config, bases=OutOfDate(None))

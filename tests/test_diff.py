@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from overlay._diff import entry_diff
+from overlay.transaction.diff import entry_diff
 from overlay.bundle import build_bundle, open_bundle
 from test_bundle_base import FILES, PUSHES, _delta_push, _held
 
@@ -38,7 +38,7 @@ def test_a_push_opened_against_base_carries_its_diff_when_names_and_kinds_are_th
     assert opened.changed_from == (base.digest, (), ("app.a",))
     other = open_bundle(build_bundle(FILES, app_id="app", version=3, signers=[signing_key]), trusted)
     assert entry_diff(other, opened).changed == ("app.a",), "against another bundle: the full pass"
-    assert "changed_from" not in vars(open_bundle(data, trusted, content=_held(base)))
+    assert open_bundle(data, trusted, content=_held(base)).changed_from is None
 
 
 def test_a_module_that_becomes_a_package_with_the_same_bytes_is_changed(base, signing_key, trusted):

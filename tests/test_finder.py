@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _overlay_helpers import APP_V1, APP_V2, lay_out, opened
-from overlay import _codecache
-from overlay._codecache import CodeCache
-from overlay._diff import entry_diff
+from overlay.importing import codecache as _codecache
+from overlay.importing.codecache import CodeCache
+from overlay.transaction.diff import entry_diff
 from overlay.errors import ConfigError, HabaneroError
 from overlay.finder import BundleIndex, BundleLoader, OverlayFinder, OverlayImportError, check_packages
 

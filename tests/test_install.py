@@ -59,7 +59,7 @@ def disk_app(tmp_path, import_state):
 
 
 def test_install_and_overlay_are_exported():
-    assert overlay.install is overlay._install.install and overlay.Overlay is overlay._install.Overlay
+    assert overlay.install is overlay.runtime.install.install and overlay.Overlay is overlay.runtime.install.Overlay
 
 
 def test_install_serves_the_active_bundle_from_the_first_import(install, store_v1, disk_app):

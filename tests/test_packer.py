@@ -16,7 +16,7 @@ import packer.build
 import packer.cli
 import packer.collect
 import packer.config
-from overlay.bundle import Base, Limits, build_bundle, bundle_digest, open_bundle
+from overlay.bundle import ParentManifest, Limits, build_bundle, bundle_digest, open_bundle
 from overlay.errors import BadEntryName, ConfigError, HabaneroError, TooLarge
 from packer._warm import WarmBuilder
 from packer.build import build, builder_info, inspect_bundle
@@ -540,7 +540,7 @@ def test_warm_builds_write_what_build_bundle_writes_and_unpack_to_it(project: Pa
         opened = open_bundle(wire, trusted, app_id="shop", content=held.get, base_manifest=lookup)
         assert opened.raw == cold and (version == 1) == (wire is built.data)
         assert warm.sources(files) == warm.sources(dict(files))
-        base = Base.from_manifest(built.manifest_bytes)
+        base = ParentManifest.from_manifest(built.manifest_bytes)
     assert opened.manifest["payload"]["included"] == []
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from overlay import _proof
+from overlay.format import proof as _proof
 from overlay.bundle import build_bundle, manifest_bytes_of, open_bundle
 from overlay.errors import BundleRejected
 from test_bundle_base import FILES, PUSHES, _delta_push, _held, _rows, _same, _signed, _wrap
@@ -54,9 +54,9 @@ def test_push_after_push_keeps_proving(base, signing_key, trusted, proofs):
 
 
 def _base_of(bundle):
-    from overlay.bundle import Base
+    from overlay.bundle import ParentManifest
 
-    return Base.from_manifest(bundle.manifest_bytes)
+    return ParentManifest.from_manifest(bundle.manifest_bytes)
 
 
 def test_a_manifest_written_another_way_is_parsed_in_full_and_still_opens(base, signing_key, trusted, proofs):
@@ -159,7 +159,7 @@ def test_a_proven_bundle_knows_where_its_entries_are_as_a_full_parse_finds_them(
                             base=_base_of(active))
         fresh = open_bundle(data, trusted, content=_held(active))
         active = open_bundle(data, trusted, content=_held(active), base=active)
-        assert "_spans" in active.__dict__ and active._spans == fresh._spans is not None
+        assert active._spans == fresh.spans is not None  # set by the proof, not worked out afterwards
     assert proofs == [True] * 3
 
 
@@ -169,7 +169,7 @@ def test_a_base_written_another_way_is_not_proven_against(base, signing_key, tru
     manifest = json.loads(base.manifest_bytes)
     spaced = json.dumps(manifest, sort_keys=True).encode()
     odd = open_bundle(_wrap(spaced, signing_key, base.raw[-manifest["payload"]["size"]:]), trusted)
-    assert odd._spans is None
+    assert odd.spans is None
     data = _delta_push(PUSHES["one line"], odd, signing_key)
     opened = open_bundle(data, trusted, content=_held(odd), base=odd)
     assert proofs == [False]
@@ -186,7 +186,7 @@ def test_a_push_whose_top_level_changes_length_keeps_its_own_entry_spans(base, s
                             base=_base_of(active))
         fresh = open_bundle(data, trusted, content=_held(active))
         active = open_bundle(data, trusted, content=_held(active), base=active)
-        assert active._spans == fresh._spans is not None
+        assert active._spans == fresh.spans is not None
     assert proofs == [True] * 3
 
 
@@ -198,7 +198,7 @@ def test_a_manifest_laid_out_from_misplaced_runs_is_refused_with_base_as_without
 
     import zstandard
 
-    from overlay import _manifest
+    from overlay.format import manifest as _manifest
 
     files = {**FILES, "app.a": ("module", b"A = 2\n")}
     data = build_bundle(files, app_id="app", version=2, signers=[signing_key], base=_base_of(base),
@@ -210,8 +210,8 @@ def test_a_manifest_laid_out_from_misplaced_runs_is_refused_with_base_as_without
                       "sha256": hashlib.sha256(frame).hexdigest(),
                       "uncompressed_size": active.manifest["payload"]["uncompressed_size"]}
     head, tail = _manifest.canonical_parts(top)
-    lengths = active._spans.lengths
-    start = base._spans.start  # where base's entries began, not this manifest's
+    lengths = active.spans.lengths
+    start = base.spans.start  # where base's entries began, not this manifest's
     misplaced = active.manifest_bytes[start : start + sum(lengths) + len(lengths) - 1]
     forged = _wrap(head.encode() + misplaced + tail.encode(), signing_key, frame)
     for kw in ({}, {"base": active}):

@@ -37,6 +37,6 @@ def test_every_error_is_a_habanero_error_with_a_code():
 
 
 def test_importing_overlay_does_not_load_the_run_time_machinery():
-    code = "import sys, overlay; print(sorted({'overlay._install', 'overlay.store', 'aiohttp'} & set(sys.modules)))"
+    code = "import sys, overlay; print(sorted({'overlay.runtime.install', 'overlay.store', 'aiohttp'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
@@ -16,7 +15,8 @@ import pytest
 from overlay.bundle import Bundle, build_bundle, open_bundle
 from overlay.errors import BadEntryName, StaleVersion, StoreError, WrongApp
 from overlay.keys import SigningKey, TrustedKeys, generate_signing_key
-from overlay import _trees
+from overlay import store as store_module
+from overlay.storage import tree as _trees
 from overlay.store import Store
 
 APP = "shop"
@@ -470,7 +470,7 @@ def objects_in(store_dir: Path) -> set[str]:
 
 def test_objects_of_dropped_versions_are_swept_in_the_background_and_kept_ones_stay(
         opener, store_dir, key, monkeypatch):
-    monkeypatch.setattr(_trees, "SWEEP_EVERY", 2)
+    monkeypatch.setattr(store_module, "SWEEP_EVERY", 2)
     store = opener(keep=1)
     bundles = {v: make(key, v, files={"shop": ("package", f"V = {v}\n".encode()),
                                       "shop.same": ("module", b"SAME = 1\n")}) for v in range(1, 6)}
@@ -593,7 +593,8 @@ def test_tree_refuses_an_entry_path_outside_the_tree(opener, store_dir, tmp_path
     bundle = make(key, 1)
     push(store, bundle)
     entry = bundle.entries["shop.mod"]._replace(name=evil, kind="data")
-    forged = dataclasses.replace(bundle, entries={**bundle.entries, evil: entry})
+    forged = Bundle(bundle.manifest, bundle.manifest_bytes, bundle.raw, bundle.key_ids,
+                    {**bundle.entries, evil: entry}, bundle.bodies)
     with pytest.raises(BadEntryName):
         store.update_tree(None, forged)
     assert not list(tmp_path.rglob("escaped.py"))
@@ -732,7 +733,7 @@ def test_history_read_incrementally_sees_appends_from_another_store_object(opene
 def test_a_commit_never_waits_on_the_background_clean_up(opener, key, monkeypatch):
     # Retention hands a sweep of objects to a worker that needs the store lock; a commit holds that
     # lock while it prunes, so it must never wait for the worker (that would deadlock).
-    monkeypatch.setattr(_trees, "SWEEP_EVERY", 1)
+    monkeypatch.setattr(store_module, "SWEEP_EVERY", 1)
     store = opener(keep=1)
 
     def version(v: int) -> Bundle:

@@ -32,8 +32,8 @@ from _upgrade_helpers import (  # noqa: F401  (deploy, probe: fixtures)
     start,
     write_tree,
 )
-from overlay._plan import imported_names
-from overlay.bundle import _HEADER, FLAG_PACKED
+from overlay.transaction.plan import imported_names
+from overlay.format.wire import FLAG_PACKED, HEADER as _HEADER
 from overlay.errors import (
     ActivationFailed,
     BundleRejected,

@@ -61,11 +61,13 @@ def test_a_push_re_points_and_rewrites_only_the_module_it_changes(running):
 def test_what_the_next_push_needs_from_the_active_bundle_is_built_after_the_answer(running, monkeypatch):
     # The proof's index of the active manifest and the packed form's zstd dictionary each cost a
     # pass over the whole manifest: the store's worker builds them once a push has answered.
-    from overlay import _delta
+    from overlay.format import delta as _delta
 
     store = running.ov.store
     store.settle()
-    assert "_spans" in store.active.__dict__, "a full push's index, built on the worker"
+    from overlay.format.model import UNKNOWN_SPANS
+
+    assert store.active._spans is not UNKNOWN_SPANS, "a full push's index, built on the worker"
     assert store.active.digest in _delta._idle
     built = []
     monkeypatch.setattr(_delta, "_take", lambda *a, real=_delta._take: built.append(a[0]) or real(*a))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay._journal import Journal
+from overlay.rebinding.journal import Journal
 from overlay.rebind import ModuleReport, update_module
 
 SNIPPETS = Path(__file__).parent / "snippets"

@@ -67,8 +67,8 @@ def test_the_code_checked_is_the_code_that_runs_and_each_source_is_decoded_once(
     import importlib.util
     import types
 
-    from overlay import _statements
-    from overlay._journal import Journal
+    from overlay.rebinding import statements as _statements
+    from overlay.rebinding.journal import Journal
     from overlay.rebind import update_module
 
     module = types.ModuleType("checked_runs")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from overlay import _journal, rebind
+from overlay import rebind
+from overlay.rebinding import journal as _journal
 
 
 def test_rebind_exports():

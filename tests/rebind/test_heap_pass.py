@@ -6,8 +6,8 @@ import gc
 
 import pytest
 
-from overlay import _codes
-from overlay._journal import Journal
+from overlay.rebinding import closures as _codes
+from overlay.rebinding.journal import Journal
 from overlay.rebind import one_heap_pass, update_module
 
 

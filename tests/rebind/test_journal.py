@@ -6,7 +6,7 @@ import enum
 
 import pytest
 
-from overlay._journal import Journal, UndoIncomplete
+from overlay.rebinding.journal import Journal, UndoIncomplete
 
 
 def sample(x, y=1, *, z=2):

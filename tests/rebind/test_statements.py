@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from overlay import _statements
-from overlay._statements import plan
+from overlay.rebinding import statements as _statements
+from overlay.rebinding.statements import plan
 
 _keys = itertools.count()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .bundle import Bundle
+from overlay.bundle import Bundle
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def entry_diff(old: Bundle | None, new: Bundle) -> EntryDiff:
     new_entries = new.entries
     if old is None:
         return EntryDiff(tuple(new_entries), (), ())
-    known = new.__dict__.get("changed_from")  # set by open_bundle(base=old) when nothing was removed
+    known = new.changed_from  # set by open_bundle(base=old) when nothing was removed
     if known is not None and known[0] == old.digest:
         return EntryDiff(known[1], known[2], ())
     old_entries = old.entries

@@ -18,10 +18,10 @@ import ast
 import types
 from typing import Any
 
-from ._classes import conform_class
-from ._conform import Context, clear_caches, conform_function, find_inner
-from ._journal import MISSING
-from ._statements import Diff, Parsed, Region, binds_of, describe
+from overlay.rebinding.classes import conform_class
+from overlay.rebinding.functions import Context, clear_caches, conform_function, find_inner
+from overlay.rebinding.journal import MISSING
+from overlay.rebinding.statements import Diff, Parsed, Region, binds_of, describe
 
 __all__ = ["Runner"]
 

@@ -32,23 +32,13 @@ from itertools import accumulate
 
 import zstandard
 
-from ._manifest import READABLE, Entry, Table
-from .bundle import (
-    _HEADER,
-    _MAX_WINDOW,
-    FLAG_PACKED,
-    MAGIC,
-    Base,
-    Bundle,
-    ContentLookup,
-    Limits,
-    manifest_bytes_of,
-    parse_sigblock,
-    sign_block,
-    verify_block,
-)
-from .errors import CorruptPayload, ParentMissing, TooLarge, UnknownFormat
-from .keys import SigningKey, TrustedKeys
+from overlay.errors import CorruptPayload, ParentMissing, TooLarge, UnknownFormat
+from overlay.format.limits import Limits
+from overlay.format.manifest import READABLE, Entry, EntryTable
+from overlay.format.model import Bundle, ContentLookup, ParentManifest
+from overlay.format.payload import MAX_WINDOW
+from overlay.format.wire import FLAG_PACKED, HEADER, MAGIC, manifest_bytes_of, parse_sigblock, sign_block, verify_block
+from overlay.keys import SigningKey, TrustedKeys
 
 TRANSPORT_DOMAIN = b"habanero-transport-v1\x00"
 _LEN = struct.Struct(">I")
@@ -57,7 +47,7 @@ _idle: dict[str, tuple[bytes, zstandard.ZstdDecompressor]] = {}
 _idle_lock = threading.Lock()
 
 
-def manifest_compressor(base: Base, *, level: int = 3) -> zstandard.ZstdCompressor:
+def manifest_compressor(base: ParentManifest, *, level: int = 3) -> zstandard.ZstdCompressor:
     """A compressor of manifests against ``base``'s: building one digests its whole manifest, so a
     caller pushing again and again on the same base (watch mode) keeps it."""
     dictionary = zstandard.ZstdCompressionDict(base.manifest_bytes, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
@@ -65,18 +55,18 @@ def manifest_compressor(base: Base, *, level: int = 3) -> zstandard.ZstdCompress
     return zstandard.ZstdCompressor(level=level, dict_data=dictionary, write_content_size=True)
 
 
-def pack(bundle: bytes, base: Base, signers: Sequence[SigningKey], *, level: int = 3,
+def pack(bundle: bytes, base: ParentManifest, signers: Sequence[SigningKey], *, level: int = 3,
          compressor: zstandard.ZstdCompressor | None = None) -> bytes:
     """The transport form of ``bundle`` (an unpacked one this side built) for a server holding ``base``;
     ``compressor`` is a :func:`manifest_compressor` for ``base`` kept from an earlier push."""
-    _, fmt, _, manifest_len, sig_len = _HEADER.unpack_from(bundle)
+    _, fmt, _, manifest_len, sig_len = HEADER.unpack_from(bundle)
     manifest = manifest_bytes_of(bundle)
-    rest = bundle[_HEADER.size + manifest_len :]
+    rest = bundle[HEADER.size + manifest_len :]
     packed = (compressor or manifest_compressor(base, level=level)).compress(manifest)
     base_raw = bytes.fromhex(base.digest)
     body = packed + rest
     signatures = sign_block(TRANSPORT_DOMAIN + base_raw + body, signers)
-    header = _HEADER.pack(MAGIC, fmt, FLAG_PACKED, len(packed), sig_len)
+    header = HEADER.pack(MAGIC, fmt, FLAG_PACKED, len(packed), sig_len)
     return header + base_raw + _LEN.pack(len(signatures)) + signatures + body
 
 
@@ -86,11 +76,11 @@ def unpack(data: bytes, trusted: TrustedKeys, base_manifest: Callable[[str], byt
     if len(data) > limits.max_bundle_bytes:
         raise TooLarge(f"bundle is {len(data)} bytes, over the {limits.max_bundle_bytes} byte limit",
                        code="bundle_too_large")
-    _, fmt, _, packed_len, sig_len = _HEADER.unpack_from(data)
+    _, fmt, _, packed_len, sig_len = HEADER.unpack_from(data)
     if fmt not in READABLE:
         raise UnknownFormat(f"bundle format {fmt} is not supported (this habanero reads formats "
                             f"{', '.join(map(str, READABLE))}); upgrade habanero on the server")
-    pos = _HEADER.size
+    pos = HEADER.size
     if len(data) < pos + 32 + _LEN.size:
         raise CorruptPayload("packed bundle is truncated", code="truncated")
     base_raw = data[pos : pos + 32]
@@ -109,7 +99,7 @@ def unpack(data: bytes, trusted: TrustedKeys, base_manifest: Callable[[str], byt
                             parent=digest)
     manifest = _inflate(body[:packed_len], digest, dictionary, limits.max_manifest_bytes)
     rest = body[packed_len:]
-    return _HEADER.pack(MAGIC, fmt, 0, len(manifest), sig_len) + manifest + rest
+    return HEADER.pack(MAGIC, fmt, 0, len(manifest), sig_len) + manifest + rest
 
 
 def _inflate(frame: bytes, digest: str, dictionary: bytes, cap: int) -> bytes:
@@ -150,7 +140,7 @@ def _take(digest: str, dictionary: bytes) -> zstandard.ZstdDecompressor:
     if dctx is not None and (held is dictionary or held == dictionary):
         return dctx
     raw_content = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-    return zstandard.ZstdDecompressor(dict_data=raw_content, max_window_size=_MAX_WINDOW)
+    return zstandard.ZstdDecompressor(dict_data=raw_content, max_window_size=MAX_WINDOW)
 
 
 def _give_back(digest: str, dictionary: bytes, dctx: zstandard.ZstdDecompressor) -> None:
@@ -164,7 +154,7 @@ def _give_back(digest: str, dictionary: bytes, dctx: zstandard.ZstdDecompressor)
 # ------------------------------------------------------------------------- opening against base
 
 
-def assemble(table: Table, included: Sequence[str], body: bytes, content: ContentLookup | None, parent: str,
+def assemble(table: EntryTable, included: Sequence[str], body: bytes, content: ContentLookup | None, parent: str,
              base: Bundle | None, *, differ: Iterable[int] | None = None) -> tuple[dict[str, bytes], list[Entry]]:
     """A delta's bodies by name, and the entries among them whose bodies must still be hashed.
 
@@ -223,13 +213,13 @@ def assemble(table: Table, included: Sequence[str], body: bytes, content: Conten
     return bodies, unproven
 
 
-def split_payload(table: Table, payload: bytes) -> dict[str, bytes]:
+def split_payload(table: EntryTable, payload: bytes) -> dict[str, bytes]:
     """A full payload cut into its entries' bodies (the table's sizes add up to its length)."""
     starts = list(accumulate(table.sizes, initial=0))
     return dict(zip(table.names, map(payload.__getitem__, map(slice, starts, starts[1:]))))
 
 
-def unlike(table: Table, bodies: dict[str, bytes], base: Bundle) -> list[Entry]:
+def unlike(table: EntryTable, bodies: dict[str, bytes], base: Bundle) -> list[Entry]:
     """The entries of a full payload whose bodies are not byte for byte base's same-named entry's.
 
     Comparing bytes costs a fraction of hashing them (0.1 ms against 1 ms for 1.4 MB). An equal

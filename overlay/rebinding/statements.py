@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import NamedTuple
 
-from ._matching import Region, match
+from overlay.rebinding.matching import Region, match
 
 __all__ = ["Stmt", "Table", "Parsed", "Diff", "Region", "normalize", "plan", "describe",
            "binds_of"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from types import CodeType, FunctionType
 from typing import Any
 
-from ._journal import Journal
+from overlay.rebinding.journal import Journal
 
 __all__ = ["Pairs", "children", "makes_functions", "is_function_code", "pair_nested",
            "same_logic", "moved", "HeapPass"]

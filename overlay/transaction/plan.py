@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from dataclasses import dataclass, field
 
-from ._diff import EntryDiff
-from .bundle import Bundle
-from .errors import BundleRejected, CompileFailed
+from overlay.transaction.diff import EntryDiff
+from overlay.bundle import Bundle
+from overlay.errors import BundleRejected, CompileFailed
 
 Compiler = Callable[[str, bytes, str], types.CodeType]
 Checker = Callable[..., Any]  # rebind.check_update

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from types import FunctionType, MethodType
 from typing import Any
 
-from ._codes import Pairs, pair_nested
-from ._journal import MISSING, Journal
+from overlay.rebinding.closures import Pairs, pair_nested
+from overlay.rebinding.journal import MISSING, Journal
 
 __all__ = ["Context", "find_inner", "conform_function", "clear_caches", "owned_functions",
            "same_value", "own_attr"]

@@ -6,7 +6,7 @@ so ``{"version": 1, "version": 999}`` could read differently to two parsers), as
 
 A push's manifest lists every entry (1,000 for a large app) though few changed, so the checks run
 a column at a time at C speed (``_fast_table``), and entries identical to ones verified earlier (the
-active bundle's :class:`Table`) skip the checks that depend on nothing else. Whenever the fast path
+active bundle's :class:`EntryTable`) skip the checks that depend on nothing else. Whenever the fast path
 is unsure it hands over to the entry-by-entry check, which says precisely what is wrong.
 """
 
@@ -19,13 +19,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache, partial
 from itertools import accumulate, compress, count, repeat
 from operator import itemgetter, lt, ne
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-from ._names import check_entry_name, module_path
-from .errors import BadEntryName, BadManifest, TooLarge, UnknownFormat
+from overlay.format.names import APP_ID_RULE, check_entry_name, module_path, valid_app_id
+from overlay.errors import BadEntryName, BadManifest, TooLarge, UnknownFormat
+from overlay.format.limits import Limits
 
-if TYPE_CHECKING:
-    from .bundle import Limits
 
 FORMAT = 2  #: what this habanero writes
 READABLE = (1, 2)  #: what it reads: format 1 entries also list their offsets (see docs/bundle-format.md)
@@ -47,7 +46,7 @@ class Entry(NamedTuple):
         return self.name if self.kind == "data" else module_path(self.name, self.kind)
 
 
-class Table(NamedTuple):
+class EntryTable(NamedTuple):
     """A checked entry table: its entries in order, the same as columns, and how it differs from base.
 
     ``changed`` is set when the table was checked against a known one (the active bundle's) listing
@@ -62,7 +61,7 @@ class Table(NamedTuple):
     changed: list[int] | None = None
 
     @classmethod
-    def of(cls, rows: list[Entry]) -> Table:
+    def of(cls, rows: list[Entry]) -> EntryTable:
         return cls(rows, *zip(*rows)) if rows else cls(rows, (), (), (), ())
 
 
@@ -208,7 +207,7 @@ def is_sha256(text: str) -> bool:
     return _SHA256.fullmatch(text) is not None
 
 
-def check_manifest(m: Any, limits: Limits, *, own: bool = False, known: Table | None = None) -> Table:
+def check_manifest(m: Any, limits: Limits, *, own: bool = False, known: EntryTable | None = None) -> EntryTable:
     """Schema, limits and entry-table consistency; everything a reader relies on later.
 
     Returns the checked entry table. With ``known`` (the active bundle's table), an entry with the
@@ -225,7 +224,7 @@ def check_manifest(m: Any, limits: Limits, *, own: bool = False, known: Table | 
     total, v1 = m["payload"]["uncompressed_size"], m["format"] == 1
     table = _fast_table(entries, total, limits, known, v1)
     if table is None:
-        table = Table.of(_check_entries(entries, total, limits, own, v1))
+        table = EntryTable.of(_check_entries(entries, total, limits, own, v1))
     if delta:
         _check_included(m["payload"]["included"], table.names)
     return table
@@ -237,8 +236,8 @@ def check_top(m: Any, limits: Limits) -> bool:
     if m["format"] not in READABLE:
         raise UnknownFormat(f"manifest format {m['format']} is not supported (this habanero reads formats "
                             f"{', '.join(map(str, READABLE))}); upgrade habanero on the server")
-    if not m["app_id"] or not m["app_id"].isascii() or len(m["app_id"]) > 128:
-        raise BadManifest("manifest.app_id must be 1-128 ASCII characters")
+    if not valid_app_id(m["app_id"]):
+        raise BadManifest(f"manifest.app_id {m['app_id']!r} is not an app id: {APP_ID_RULE}")
     if m["version"] < 1:
         raise BadManifest("manifest.version must be a positive integer")
     if m["parent"] is not None and not is_sha256(m["parent"]):
@@ -273,7 +272,7 @@ def _check_included(included: list[Any], names: tuple[str, ...]) -> None:
         last = position
 
 
-def _fast_table(entries: list[Any], total: int, limits: Limits, known: Table | None, v1: bool) -> Table | None:
+def _fast_table(entries: list[Any], total: int, limits: Limits, known: EntryTable | None, v1: bool) -> EntryTable | None:
     """The table, if every entry check holds; None if one fails (``_check_entries`` then says which).
 
     The checks of ``_check_entries``, a column at a time. Integer columns are type-checked before
@@ -286,11 +285,11 @@ def _fast_table(entries: list[Any], total: int, limits: Limits, known: Table | N
         return None
 
 
-def _columns_hold(entries: list[Any], total: int, limits: Limits, known: Table | None, v1: bool) -> Table | None:
+def _columns_hold(entries: list[Any], total: int, limits: Limits, known: EntryTable | None, v1: bool) -> EntryTable | None:
     """``_fast_table``'s checks, raising TypeError or KeyError on some odd entries."""
     if not entries:
         return None
-    table = Table.of(list(_new_entry(map(_ROW, entries))))
+    table = EntryTable.of(list(_new_entry(map(_ROW, entries))))
     if sum(map(len, entries)) != len(_ENTRY_V1 if v1 else _ENTRY) * len(entries):  # all fields, none else
         return None
     names, kinds, sizes, hashes = table.names, table.kinds, table.sizes, table.hashes
@@ -321,7 +320,7 @@ def _columns_hold(entries: list[Any], total: int, limits: Limits, known: Table |
         return None
     if not all(map(lt, names, names[1:])):  # every name is a string by now
         return None
-    _check_tree(dict(zip(names, kinds)))
+    check_tree(dict(zip(names, kinds)))
     return table
 
 
@@ -339,7 +338,7 @@ def _all_valid(names: Sequence[Any], kinds: Sequence[Any], hashes: Sequence[Any]
         return False
     try:
         for name, kind in zip(names, kinds):
-            _check_name(name, kind)
+            check_name(name, kind)
     except BadEntryName:
         return False
     return True
@@ -354,7 +353,7 @@ def _check_entries(entries: list[Any], total: int, limits: Limits, own: bool = F
         if not own:
             _check_fields(e, _ENTRY_V1 if v1 else _ENTRY, f"manifest.entries[{i}]")
         name, kind = e["name"], e["kind"]
-        _check_name(name, kind)
+        check_name(name, kind)
         if previous is not None and name <= previous:
             raise BadEntryName(f"entry {name!r} is a duplicate or out of order; entries are unique and "
                                "sorted by name", name=name)
@@ -372,17 +371,17 @@ def _check_entries(entries: list[Any], total: int, limits: Limits, own: bool = F
         rows.append(Entry(*_ROW(e)))
     if offset != total:
         raise BadManifest(f"entries add up to {offset} bytes but the payload declares {total}")
-    _check_tree(names)
+    check_tree(names)
     return rows
 
 
 @lru_cache(maxsize=65536)
-def _check_name(name: str, kind: str) -> None:
+def check_name(name: str, kind: str) -> None:
     """Names are checked by a pure function: a name seen valid once (last push) is valid again."""
     check_entry_name(name, kind)
 
 
-def _check_tree(names: Mapping[str, str]) -> None:
+def check_tree(names: Mapping[str, str]) -> None:
     """Every module's parent is a package in the bundle; no data file shadows a module's file; no
     file sits where another entry needs a directory (``app/sub`` beside ``app/sub/x.txt``)."""
     files = {module_path(n, k) for n, k in names.items() if k != "data"}

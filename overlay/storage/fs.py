@@ -24,9 +24,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .errors import StoreError
+from overlay.errors import StoreError
 
 TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def os_errors_as_store_errors(where: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Turn an OSError (disk full, permissions) raised while doing ``what`` in ``where`` into a
+    StoreError that says what to do."""
+    try:
+        yield
+    except OSError as exc:
+        raise StoreError(f"could not {what} in {where}: {exc.strerror or exc}; the active version did "
+                         "not change: fix the disk (space, permissions) and retry") from exc
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

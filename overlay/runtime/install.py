@@ -1,6 +1,6 @@
 """``overlay.install()``: the one call an app makes, and the :class:`Overlay` handle it returns.
 
-``install()`` resolves its settings (see ``overlay._settings`` for the argument → environment →
+``install()`` resolves its settings (see ``overlay.runtime.settings`` for the argument → environment →
 default order), opens the store, and puts an :class:`~overlay.finder.OverlayFinder` first on
 ``sys.meta_path``. When the store has an active bundle, the finder serves it from the first import,
 so hot changes survive a restart. One overlay per process: a second call is refused.
@@ -17,16 +17,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _settings
-from ._codecache import CodeCache
-from .bundle import DEFAULT_LIMITS, Bundle, Limits
-from .errors import ConfigError
-from .finder import BundleLoader, OverlayFinder, check_packages
-from .keys import TrustedKeys
-from .store import Store
+from overlay.runtime import settings
+from overlay.importing.codecache import CodeCache
+from overlay.bundle import DEFAULT_LIMITS, Bundle, Limits
+from overlay.errors import ConfigError
+from overlay.finder import BundleLoader, OverlayFinder, check_packages
+from overlay.keys import TrustedKeys
+from overlay.store import Store
 
 if TYPE_CHECKING:
-    from .upgrade import UpgradeReport
+    from overlay.upgrade import UpgradeReport
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Overlay:
             report = ov.apply(Path("shop-v8.hbn").read_bytes())
             report.changed, report.timings_ms["total"]
         """
-        from . import upgrade
+        from overlay import upgrade
 
         self._require_enabled()
         return upgrade.apply(self, bundle)
@@ -91,7 +91,7 @@ class Overlay:
 
         ``expect`` names the version the caller believes is active; a mismatch refuses the rollback.
         """
-        from . import upgrade
+        from overlay import upgrade
 
         self._require_enabled()
         return upgrade.rollback(self, to, expect=expect)
@@ -199,21 +199,21 @@ def install(
                 f"overlay.install() was already called in this process (serving "
                 f"{', '.join(_current.packages) or 'nothing'}); call it once, at start-up, and keep the "
                 "handle it returns", code="already_installed")
-        if _settings.disabled():
+        if settings.disabled():
             _current = _disabled(packages, store, app_id)
             return _current
-        names = check_packages(_settings.resolve_packages(packages))
-        resolved_app_id = _settings.resolve_app_id(app_id, names)
-        resolved_listen = _settings.resolve_listen(listen)
+        names = check_packages(settings.resolve_packages(packages))
+        resolved_app_id = settings.resolve_app_id(app_id, names)
+        resolved_listen = settings.resolve_listen(listen)
         _check_app(app, resolved_listen)
-        trusted = _settings.resolve_trusted_keys(trusted_keys)
-        store_path = _settings.resolve_store(store)
+        trusted = settings.resolve_trusted_keys(trusted_keys)
+        store_path = settings.resolve_store(store)
         limits = limits or DEFAULT_LIMITS
         extra = {k: v for k, v in (("keep", keep), ("max_version_jump", max_version_jump)) if v is not None}
         opened = Store.open(store_path, trusted=trusted, app_id=resolved_app_id, limits=limits,
-                            sync=_settings.resolve_sync(sync), **extra)
+                            sync=settings.resolve_sync(sync), **extra)
         try:
-            use_disk = _settings.resolve_flag(code_cache, "HABANERO_CODE_CACHE", True)
+            use_disk = settings.resolve_flag(code_cache, "HABANERO_CODE_CACHE", True)
             finder = OverlayFinder(names, code_cache=CodeCache(opened.cache_dir if use_disk else None))
             if opened.active is not None:
                 finder.set_index(finder.index_for(opened.active, opened.tree_root))
@@ -232,9 +232,9 @@ def install(
                            finder=finder, trusted=trusted, limits=limits, listen=resolved_listen, app=app,
                            warnings=warnings, preimported=preimported)
         _current.control = {
-            "tls_cert": tls_cert or _settings.env("HABANERO_TLS_CERT"),
-            "tls_key": tls_key or _settings.env("HABANERO_TLS_KEY"),
-            "public_status": _settings.resolve_flag(public_status, "HABANERO_PUBLIC_STATUS", False),
+            "tls_cert": tls_cert or settings.env("HABANERO_TLS_CERT"),
+            "tls_key": tls_key or settings.env("HABANERO_TLS_KEY"),
+            "public_status": settings.resolve_flag(public_status, "HABANERO_PUBLIC_STATUS", False),
             "upload_timeout": upload_timeout,
         }
     version = _current.version
@@ -248,13 +248,13 @@ def _disabled(packages: str | Iterable[str] | None, store: str | os.PathLike[str
               app_id: str | None) -> Overlay:
     """The escape hatch: no finder, no store opened; the code on disk runs."""
     try:
-        names = tuple(_settings.resolve_packages(packages))
+        names = tuple(settings.resolve_packages(packages))
     except ConfigError:
         names = ()
     logger.warning("HABANERO_DISABLE is set: habanero is off, the app runs the code on disk and accepts "
                    "no deploys; unset HABANERO_DISABLE to serve the active bundle again")
-    return Overlay(app_id=app_id or _settings.env("HABANERO_APP_ID") or (names[0] if names else ""),
-                   packages=names, store_path=_settings.resolve_store(store), store=None, finder=None,
+    return Overlay(app_id=app_id or settings.env("HABANERO_APP_ID") or (names[0] if names else ""),
+                   packages=names, store_path=settings.resolve_store(store), store=None, finder=None,
                    trusted=None, limits=DEFAULT_LIMITS, disabled=True, warnings=["habanero is disabled "
                    "by HABANERO_DISABLE"])
 
@@ -310,20 +310,21 @@ def _start_control_plane(overlay: Overlay) -> None:
     """Mount the endpoint into ``app``, or serve it on its own thread at ``listen``."""
     if overlay.disabled or (overlay.listen is None and overlay.app is None):
         return
-    from . import http, upgrade  # noqa: F401  (imported now, so the first push does not pay for it)
+    from overlay import http
+    from overlay import upgrade  # noqa: F401  (imported now, so the first push does not pay for it)
 
     options = overlay.control
     tls = http.ssl_context(options.get("tls_cert"), options.get("tls_key"))
-    settings = {"public_status": options.get("public_status", False),
+    served = {"public_status": options.get("public_status", False),
                 "upload_timeout": options.get("upload_timeout", 30.0)}
     if overlay.app is not None:
         if tls is not None:
             logger.warning("tls_cert/tls_key are ignored with app=: the app's own server terminates TLS")
-        http.mount(overlay.app, overlay, **settings)
+        http.mount(overlay.app, overlay, **served)
         logger.info("habanero endpoint mounted at %s in the app", http.PREFIX)
         return
     host, port = http.parse_listen(overlay.listen)
-    overlay.server = http.StandaloneServer(overlay, host, port, tls=tls, **settings)
+    overlay.server = http.StandaloneServer(overlay, host, port, tls=tls, **served)
     overlay.address = overlay.server.start()
     logger.info("habanero endpoint listening on %s://%s:%d%s", "https" if tls else "http",
                 overlay.address[0], overlay.address[1], http.PREFIX)

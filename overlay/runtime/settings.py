@@ -28,8 +28,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import ConfigError
-from .keys import TrustedKeys, load_trusted_keys
+from overlay.errors import ConfigError
+from overlay.keys import TrustedKeys, load_trusted_keys
 
 DEFAULT_STORE = ".habanero"
 _FALSE = frozenset({"", "0", "false", "no", "off"})

@@ -29,24 +29,22 @@ from __future__ import annotations
 import json
 from bisect import bisect_left
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-from . import _manifest
-from ._manifest import (
+from overlay.errors import BundleRejected
+from overlay.format.limits import Limits
+from overlay.format import manifest
+from overlay.format.manifest import (
     ENTRIES_OPEN,
     ENTRY_JSON,
     Entry,
-    Table,
+    EntryTable,
     canonical_manifest,
     canonical_parts,
     check_top,
     is_sha256,
     parse_manifest,
 )
-from .errors import BundleRejected
-
-if TYPE_CHECKING:
-    from .bundle import Bundle, Limits
 
 _FEW = 64  # carried entries always worth proving; beyond that, only up to an eighth of the table
 _OPEN, _CLOSE = ENTRIES_OPEN.encode("ascii"), b'],"format":'  # "format" is the key after "entries"
@@ -72,7 +70,7 @@ def spans_of(raw: bytes, top: Mapping[str, Any], texts: list[str]) -> Spans | No
 
 class Proven(NamedTuple):
     manifest: dict[str, Any]       # the top level; ``entries`` is the empty list it was cut to
-    table: Table
+    table: EntryTable
     spans: Spans
     added: tuple[str, ...]         # names the base table lacked
     changed: tuple[str, ...]       # names whose hash or kind differ from the base table's
@@ -85,9 +83,13 @@ class _Carried(NamedTuple):
     replaces: bool   # base has an entry of that name
 
 
-def proven_table(raw: bytes, base: Bundle, limits: Limits) -> Proven | None:
-    """The checked table of manifest ``raw`` built from ``base``'s, or None: parse it in full."""
-    spans = base._spans
+def proven_table(raw: bytes, base_raw: bytes, known: EntryTable, spans: Spans | None, limits: Limits
+                 ) -> Proven | None:
+    """The checked table of manifest ``raw`` built from a base's, or None: parse it in full.
+
+    The base is a bundle opened earlier: its manifest ``base_raw``, its checked table ``known`` and
+    the ``spans`` of its entries in ``base_raw`` (None: not canonical, nothing to prove against).
+    """
     start, end = raw.find(_OPEN), raw.rfind(_CLOSE)
     if spans is None or start < 0 or end < start:
         return None
@@ -102,23 +104,22 @@ def proven_table(raw: bytes, base: Bundle, limits: Limits) -> Proven | None:
     if not (raw.startswith(head) and raw.endswith(tail)) or len(head) + len(tail) > len(raw):
         return None
     included = top["payload"]["included"]
-    known = base._table
     n = len(known.rows)
     if not all(type(name) is str for name in included):
         return None
     if len(included) > max(_FEW, n // 8) or n + len(included) > limits.max_entries:
         return None  # a large change: the full parse is linear, this is not (inserts, a scan each)
-    carried = _walk(raw, len(head), len(raw) - len(tail), base, spans, included, limits)
+    carried = _walk(raw, len(head), len(raw) - len(tail), base_raw, known, spans, included, limits)
     if carried is None:
         return None
     return _table(top, known, spans.lengths, carried, len(head), limits)
 
 
-def _walk(raw: bytes, pos: int, stop: int, base: Bundle, spans: Spans, included: list[str],
+def _walk(raw: bytes, pos: int, stop: int, base_raw: bytes, known: EntryTable, spans: Spans, included: list[str],
           limits: Limits) -> list[_Carried] | None:
     """Match ``raw[pos:stop]`` against base's entries with the ``included`` ones replaced or
     inserted; the carried entries, or None at the first byte that differs."""
-    known, source, lengths = base._table, memoryview(base.manifest_bytes), spans.lengths
+    source, lengths = memoryview(base_raw), spans.lengths
     names, n = known.names, len(known.rows)
     found: list[_Carried] = []
     next_base, previous = 0, None
@@ -194,7 +195,7 @@ def _entry_at(raw: bytes, pos: int, stop: int, name: str, limits: Limits) -> tup
     return entry, right + 1
 
 
-def _table(top: dict[str, Any], known: Table, base_lengths: list[int], carried: list[_Carried], start: int,
+def _table(top: dict[str, Any], known: EntryTable, base_lengths: list[int], carried: list[_Carried], start: int,
            limits: Limits) -> Proven | None:
     """Base's table with the carried entries put in, and the checks that depend on them; ``start``
     is where this manifest's first entry begins (its own head's length, not base's)."""
@@ -220,19 +221,19 @@ def _table(top: dict[str, Any], known: Table, base_lengths: list[int], carried: 
         return None
     if added or kinds_changed:
         try:
-            _manifest._check_tree(dict(zip(names, kinds)))
+            manifest.check_tree(dict(zip(names, kinds)))
         except BundleRejected:
             return None
     names_t = tuple(names)
     same_names = not added and not kinds_changed
-    table = Table(rows, names_t, tuple(kinds), tuple(sizes), tuple(hashes),
+    table = EntryTable(rows, names_t, tuple(kinds), tuple(sizes), tuple(hashes),
                   sorted(bisect_left(names_t, name) for name in changed) if same_names else None)
     return Proven(top, table, Spans(start, lengths), tuple(added), tuple(changed))
 
 
 def _name_holds(name: str, kind: str) -> bool:
     try:
-        _manifest._check_name(name, kind)
+        manifest.check_name(name, kind)
     except BundleRejected:
         return False
     return True

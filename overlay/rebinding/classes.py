@@ -21,10 +21,10 @@ import functools
 from types import FunctionType, GetSetDescriptorType, MemberDescriptorType
 from typing import Any
 
-from ._conform import Context, own_attr, clear_caches, conform_function, find_inner, same_value
-from ._journal import MISSING
-from ._matching import Region, match
-from ._statements import binds_of
+from overlay.rebinding.functions import Context, own_attr, clear_caches, conform_function, find_inner, same_value
+from overlay.rebinding.journal import MISSING
+from overlay.rebinding.matching import Region, match
+from overlay.rebinding.statements import binds_of
 
 __all__ = ["refusal", "conform_class"]
 

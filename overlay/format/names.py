@@ -11,15 +11,28 @@ from __future__ import annotations
 import keyword
 import re
 
-from .errors import BadEntryName
+from overlay.errors import BadEntryName
 
 KINDS = ("module", "package", "data")
+#: Top-level names the overlay never serves and a bundle never ships, whatever a configuration
+#: says: habanero itself, and the modules site.py runs at start-up (they are not in
+#: ``sys.stdlib_module_names`` but would run before anything else).
+RESERVED_NAMES = frozenset({"overlay", "packer", "habanero", "__main__", "sitecustomize", "usercustomize"})
+#: What an app id may be, everywhere (install(), the packer's config, a manifest): it names the
+#: app in signatures, store files and messages, so it is plain and short.
+APP_ID_RULE = "1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+_APP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_NAME_LENGTH = 512
 
 # Extensions that must never ride in a bundle: native code, bytecode that bypasses our source
 # hashes, and path hooks that site.py would execute.
 FORBIDDEN_SUFFIXES = (".so", ".pyd", ".pyc", ".pyo", ".pth", ".dll", ".dylib")
 _FORBIDDEN_CHARS = set('\\:*?"<>|')
+
+
+def valid_app_id(value: object) -> bool:
+    """Whether ``value`` is an app id (see :data:`APP_ID_RULE`)."""
+    return isinstance(value, str) and _APP_ID.fullmatch(value) is not None
 
 
 def check_module_name(name: str) -> None:

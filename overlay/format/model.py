@@ -1,0 +1,144 @@
+"""What an opened bundle is in memory, and what a delta is built against.
+
+:class:`Bundle` is only ever made by ``overlay.bundle.open_bundle``, after every check held: its
+manifest was signed by a trusted key, its entries' bodies have their sizes and hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from operator import itemgetter
+from typing import Any
+
+from overlay.format.manifest import ENTRY_JSON, Entry, EntryTable
+from overlay.format.proof import Spans, spans_of
+
+__all__ = ["Bundle", "ContentLookup", "ParentManifest"]
+
+ContentLookup = Callable[[str], "bytes | None"]  # sha256 -> an entry body the server already holds
+_SHA256 = itemgetter(3)  # of an Entry
+#: Spans not worked out yet (None is an answer: "not canonical").
+UNKNOWN_SPANS: Any = object()
+
+
+class Bundle:
+    """A verified, decompressed bundle. ``digest`` (sha256 of the manifest) names it.
+
+    ``manifest`` holds the manifest's top-level fields; its entry table is ``entries``, and each
+    entry's body is in ``bodies``: one bytes object per entry, so a push shares the bodies it did
+    not change with the bundle it was opened against instead of copying a whole snapshot. Opened
+    against a ``base`` it may also carry ``changed_from``: ``(base digest, names added, names
+    changed)`` when nothing was removed, what ``overlay.transaction.diff`` would otherwise find by a
+    pass over every entry.
+    """
+
+    def __init__(self, manifest: dict[str, Any], manifest_bytes: bytes, raw: bytes, key_ids: tuple[str, ...],
+                 entries: dict[str, Entry], bodies: dict[str, bytes], *, digest: str | None = None,
+                 table: EntryTable | None = None, spans: Spans | None = UNKNOWN_SPANS,
+                 changed_from: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None) -> None:
+        self.manifest = manifest
+        self.manifest_bytes = manifest_bytes
+        self.raw = raw
+        self.key_ids = key_ids
+        self.entries = entries
+        self.bodies = bodies
+        self.digest = digest if digest is not None else hashlib.sha256(manifest_bytes).hexdigest()
+        self.changed_from = changed_from
+        self._table = table
+        self._spans = spans
+
+    @property
+    def format(self) -> int:
+        return int(self.manifest["format"])
+
+    @property
+    def table(self) -> EntryTable:
+        """The entries as columns, which the next push is checked against."""
+        if self._table is None:
+            self._table = EntryTable.of(list(self.entries.values()))
+        return self._table
+
+    @property
+    def spans(self) -> Spans | None:
+        """Where each entry's JSON is in the manifest, for proving the next push (see
+        ``overlay.format.proof``); None when the manifest is not the canonical text of its values."""
+        if self._spans is UNKNOWN_SPANS:
+            self._spans = None
+            if self.format != 1:
+                table = self.table
+                texts = list(map(ENTRY_JSON, table.kinds, table.names, table.hashes, table.sizes))
+                self._spans = spans_of(self.manifest_bytes, self.manifest, texts)
+        return self._spans
+
+    @spans.setter
+    def spans(self, value: Spans | None) -> None:
+        self._spans = value
+
+    @cached_property
+    def hashes(self) -> dict[str, str]:
+        """Each entry's sha256 by name; computed once, as the active bundle meets every push."""
+        return dict(zip(self.entries, map(_SHA256, self.entries.values())))
+
+    @cached_property
+    def by_hash(self) -> dict[str, Entry]:
+        """The first entry holding each body, by sha256: where a delta's unchanged bodies come from.
+
+        Every body here was hashed when the bundle was opened, so a body found here is known good.
+        """
+        entries = list(self.entries.values())[::-1]  # reversed: of equal hashes, the first stays
+        return dict(zip(map(_SHA256, entries), entries))
+
+    @property
+    def app_id(self) -> str:
+        return str(self.manifest["app_id"])
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def parent(self) -> str | None:
+        parent = self.manifest["parent"]
+        return None if parent is None else str(parent)
+
+    def read(self, name: str) -> bytes:
+        return self.bodies[name]
+
+    def summary(self) -> dict[str, Any]:
+        """What status pages and the CLI show about a bundle."""
+        m = self.manifest
+        return {
+            "app_id": m["app_id"],
+            "version": m["version"],
+            "digest": self.digest,
+            "parent": m["parent"],
+            "created": m["created"],
+            "builder": m["builder"],
+            "entries": len(self.entries),
+            "size": len(self.raw),
+            "uncompressed_size": m["payload"]["uncompressed_size"],
+            "key_ids": list(self.key_ids),
+        }
+
+    def __repr__(self) -> str:
+        return f"<Bundle {self.app_id} v{self.version} {self.digest[:12]}: {len(self.entries)} entries>"
+
+
+@dataclass(frozen=True)
+class ParentManifest:
+    """What a delta is built against: the server's active bundle, known by its manifest."""
+
+    digest: str
+    manifest_bytes: bytes
+    hashes: frozenset[str]
+
+    @classmethod
+    def from_manifest(cls, manifest_bytes: bytes) -> ParentManifest:
+        """From a manifest this side built or verified earlier (trusted input)."""
+        entries = json.loads(manifest_bytes)["entries"]
+        return cls(hashlib.sha256(manifest_bytes).hexdigest(), bytes(manifest_bytes),
+                   frozenset(e["sha256"] for e in entries))

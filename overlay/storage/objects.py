@@ -1,0 +1,120 @@
+"""The store's objects: every body of every stored version, once, by content.
+
+``objects/<sha256[:2]>/<sha256>``, read-only. Stored delta bundles take the entries they do not
+carry from here, and source trees hard-link to them. Objects of new pushes are written without
+fsync under ``sync="background"`` and flushed by the worker right after the push has answered
+(see ``overlay.store``); a power cut before that makes the store fall back to the newest version
+whose bodies verify.
+
+Unreferenced objects (of versions retention dropped) are swept by the worker, never on a push's
+path and never while the app starts: until then they only take disk space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterable
+
+from overlay.bundle import Bundle, manifest_bytes_of
+from overlay.format.manifest import is_sha256
+from overlay.storage import fs
+
+__all__ = ["ObjectStore"]
+
+
+class ObjectStore:
+    """Bodies by sha256 under ``root``; writers hold the store's ``lock``."""
+
+    def __init__(self, root: str, lock: fs.FileLock) -> None:
+        self.root = root
+        self._lock = lock
+
+    def get(self, sha256: str) -> bytes | None:
+        """A body this store holds (for delta bundles), or None. Its hash is checked by the reader."""
+        if not is_sha256(sha256):
+            return None
+        try:
+            with open(self.path(sha256), "rb") as fh:
+                return fh.read()
+        except OSError:
+            return None
+
+    def path(self, sha256: str) -> str:
+        return os.path.join(self.root, sha256[:2], sha256)
+
+    def write_missing(self, bundle: Bundle, known: Bundle | None, names: Iterable[str] | None = None, *,
+                      sync: bool) -> list[str]:
+        """Store the bodies of ``bundle`` this store does not hold yet; return the files written.
+
+        ``known`` is a bundle whose objects are all stored (the active one): its hashes are skipped
+        without a look at the disk, so a push writes only what it changed. ``names``, when given,
+        are the only entries that can differ from ``known`` (the push's diff).
+        """
+        # Given the diff, the few entries it names are looked up on disk; otherwise every entry is
+        # checked against known's bodies first (building that index costs a pass over them).
+        held = known.by_hash if known is not None and names is None else {}
+        written: list[str] = []
+        entries = bundle.entries
+        for entry in (entries.values() if names is None or known is None else
+                      (entries[n] for n in names if n in entries)):
+            sha256 = entry.sha256
+            if sha256 in held:
+                continue
+            path = self.path(sha256)
+            try:
+                if os.stat(path).st_size == entry.size:
+                    continue
+            except FileNotFoundError:
+                pass
+            self.put(path, bundle.read(entry.name), sync=sync)
+            written.append(path)
+        return written
+
+    @staticmethod
+    def put(path: str, body: bytes, *, sync: bool) -> None:
+        """Write one object, read-only. Preallocated: objects are hashed where they are used (see
+        ``fs.write_atomic``)."""
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fs.write_atomic(path, body, mode=0o444, sync=sync, sync_dir=False, preallocate=True)
+
+    def sweep(self, bundle_files: Callable[[], list[str]], keep: Iterable[str] = ()) -> None:
+        """Delete objects no stored or staged bundle (``bundle_files()``) refers to, nor ``keep``.
+
+        The manifests are read outside the store lock (milliseconds per bundle); under the lock,
+        bundles that appeared meanwhile are read too, so an object a push has just staged (stage
+        writes objects and its bundle under one hold of the lock) is never taken.
+        """
+        seen: dict[str, set[str]] = {}
+        for path in bundle_files():
+            seen[path] = _hashes_in(path)
+        candidates = [(sub.name, entry.name) for sub in _scandir(self.root)
+                      if sub.is_dir(follow_symlinks=False) and not sub.name.startswith(fs.TMP_PREFIX)
+                      for entry in _scandir(sub.path)]
+        with self._lock:
+            for path in bundle_files():
+                if path not in seen:
+                    seen[path] = _hashes_in(path)
+            referenced = set().union(*seen.values(), keep)
+            for shard, name in candidates:
+                if name not in referenced:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.root, shard, name))
+
+
+def _hashes_in(path: str) -> set[str]:
+    """The entry hashes a stored bundle's manifest lists (unverified: only used to keep objects)."""
+    try:
+        with open(path, "rb") as fh:
+            manifest = json.loads(manifest_bytes_of(fh.read()))
+        return {e["sha256"] for e in manifest["entries"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _scandir(path: str) -> list[os.DirEntry[str]]:
+    try:
+        return list(os.scandir(path))
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,110 @@
+"""The store's state file: which version is active and the highest version ever accepted.
+
+``state.json`` is the single source of truth and the commit point of every push and rollback::
+
+    {"format": 1, "app_id": "shop", "active": {"version": 7, "digest": "<sha256>"} | null, "highest": 9}
+
+It is replaced atomically (``fs.write_atomic``) and read in full on every check of a push, since
+another process sharing the store may have committed meanwhile. Nothing in it is trusted blindly:
+a file that is not exactly the shape written here reads as damaged, never as a state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, TypedDict
+
+from overlay.bundle import Bundle
+from overlay.errors import StoreError
+from overlay.storage import fs
+
+__all__ = ["STATE_FORMAT", "Pointer", "State", "StateFile", "pointer_to"]
+
+STATE_FORMAT = 1
+
+
+class Pointer(TypedDict):
+    """An active version, as in state.json."""
+
+    version: int
+    digest: str
+
+
+class State(TypedDict):
+    format: int
+    app_id: str
+    active: Pointer | None
+    highest: int
+
+
+def pointer_to(bundle: Bundle | None) -> Pointer | None:
+    return None if bundle is None else {"version": bundle.version, "digest": bundle.digest}
+
+
+class StateFile:
+    """``state.json`` of one app's store."""
+
+    def __init__(self, path: str, app_id: str) -> None:
+        self.path = path
+        self.app_id = app_id
+        self._cache: tuple[bytes, State] | None = None  # the last bytes read, parsed
+
+    def read(self) -> tuple[State | None, str]:
+        """The state, or None and what is wrong with it (``"missing"``, ``"empty"``, ...).
+
+        Bytes equal to the last read are not parsed and checked again. Raises ``StoreError`` for a
+        state of another app or written by a newer habanero: serving from it would be wrong.
+        """
+        try:
+            raw = fs.read_small(self.path)
+        except FileNotFoundError:
+            return None, "missing"
+        except OSError as exc:
+            return None, f"unreadable ({exc.strerror})"
+        cached = self._cache
+        if cached is not None and cached[0] == raw:
+            return _copy(cached[1]), ""
+        state, why = fs.parse_json(raw)
+        if why or not _valid(state):
+            return None, why or "corrupt (not the shape of a state file)"
+        if state["format"] > STATE_FORMAT:
+            raise StoreError(f"{self.path} has format {state['format']}, written by a newer habanero; "
+                             "upgrade habanero here or use another store directory", code="store_format")
+        if state["app_id"] != self.app_id:
+            raise StoreError(f"{self.path} belongs to app {state['app_id']!r}, not {self.app_id!r}; give "
+                             "each app its own store directory", code="store_app_mismatch")
+        self._cache = (raw, _copy(state))
+        return state, ""
+
+    def write(self, pointer: Pointer | None, highest: int, *, sync: bool = True,
+              retire: list[str] | None = None) -> None:
+        """Replace the state (see ``fs.write_atomic`` for ``sync`` and ``retire``)."""
+        state = {"format": STATE_FORMAT, "app_id": self.app_id, "active": pointer, "highest": highest}
+        data = json.dumps(state, indent=2, sort_keys=True).encode("ascii") + b"\n"
+        fs.write_atomic(self.path, data, sync=sync, sync_dir=sync, retire=retire)
+
+    def __repr__(self) -> str:
+        return f"<StateFile {os.fspath(self.path)}>"
+
+
+def _copy(state: State) -> State:
+    return {"format": state["format"], "app_id": state["app_id"], "active": state["active"],
+            "highest": state["highest"]}
+
+
+def _positive(value: Any) -> bool:
+    return type(value) is int and value >= 1
+
+
+def _valid(state: Any) -> bool:
+    """The exact shape :meth:`StateFile.write` writes: a bit flip or a bad hand edit must not slip through."""
+    if not isinstance(state, dict) or set(state) != {"format", "app_id", "active", "highest"}:
+        return False
+    active = state["active"]
+    return (_positive(state["format"]) and isinstance(state["app_id"], str)
+            and (state["highest"] == 0 and type(state["highest"]) is int or _positive(state["highest"]))
+            and (active is None or (isinstance(active, dict) and set(active) == {"version", "digest"}
+                                    and _positive(active["version"]) and isinstance(active["digest"], str)
+                                    and re.fullmatch(r"[0-9a-f]{64}", active["digest"]) is not None)))

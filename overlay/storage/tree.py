@@ -1,0 +1,224 @@
+"""A source tree: the running version's files, at paths that stay the same from version to version.
+
+``<root>/<entry path>`` lays out a version as real files, so ``__file__``,
+``Path(__file__).parent / "templates"``, tracebacks, ``inspect`` and ``importlib.resources`` see real
+files, and a module a push does not change keeps its ``__file__`` and ``__spec__``. A push rewrites
+only the files it changes (a hard link to the new object renamed over the old file, atomic for a
+reader) and removes the files of removed entries, with their directories once empty (an empty
+directory would import as a namespace package). It does so before the new code runs, so that code
+sees its own tree, and :meth:`SourceTree.update` returns the undo that puts the old files back.
+
+The tree is derived data: it is never fsynced, and :meth:`SourceTree.repair` checks it against the
+bundle it should show, file by file, and repairs what differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from overlay.bundle import Bundle, Entry
+from overlay.errors import BadEntryName
+from overlay.storage import fs
+from overlay.storage.objects import ObjectStore
+from overlay.storage.worker import Worker
+
+__all__ = ["SourceTree"]
+
+logger = logging.getLogger("overlay.store")
+
+Undo = Callable[[], None]
+
+
+class SourceTree:
+    """The files of one version under ``root``, hard links into ``objects``; writers hold ``lock``."""
+
+    def __init__(self, root: Path, objects: ObjectStore, lock: fs.FileLock, *, label: str) -> None:
+        self.root = root
+        self._objects = objects
+        self._lock = lock
+        self._label = label  # the store, for error messages
+
+    def update(self, old: Bundle | None, new: Bundle, names: Iterable[str] | None = None) -> Undo:
+        """Make the tree show ``new`` where it differs from ``old``; return the undo.
+
+        ``names`` are the entries that differ (added, changed or removed, by name), when the caller
+        knows them already; otherwise every entry is compared. Needs the objects of both versions.
+        """
+        root = os.fspath(self.root)
+        old_entries = old.entries if old is not None else {}
+        new_entries = new.entries
+        if names is None:
+            names = [n for n, e in new_entries.items() if _differs(old_entries.get(n), e)]
+            names += [n for n in old_entries if n not in new_entries]
+        steps: list[tuple[str, str | None, str | None]] = []  # path, new sha256 or None, old or None
+        for name in names:
+            before, after = old_entries.get(name), new_entries.get(name)
+            if before is not None and (after is None or before.path != after.path):
+                steps.append((before.path, None, before.sha256))
+        for name in names:
+            before, after = old_entries.get(name), new_entries.get(name)
+            if after is not None:
+                steps.append((after.path, after.sha256,
+                              before.sha256 if before is not None and before.path == after.path else None))
+        done: list[tuple[str, str | None]] = []
+
+        def undo() -> None:
+            """Every step is tried even when one fails (the first failure is raised after): a
+            half-reverted tree is repaired at the next open, but should be as small as can be."""
+            failed: BaseException | None = None
+            with self._lock:
+                for path, sha256 in reversed(done):
+                    try:
+                        self._put(root, path, sha256)
+                    except Exception as exc:  # noqa: BLE001  (re-raised below)
+                        failed = failed or exc
+            if failed is not None:
+                raise failed
+
+        with self._lock, fs.os_errors_as_store_errors(self._label, f"update the source tree for v{new.version}"):
+            os.makedirs(root, mode=0o700, exist_ok=True)
+            try:
+                for path, sha256, previous in steps:
+                    self._put(root, path, sha256)
+                    done.append((path, previous))
+            except BaseException:
+                undo()
+                raise
+        return undo
+
+    def _put(self, root: str, relative: str, sha256: str | None) -> None:
+        """Make ``root/relative`` the object ``sha256`` (atomically), or absent when None."""
+        target = _inside(root, relative)
+        if sha256 is None:
+            try:
+                os.unlink(target)
+            except FileNotFoundError:
+                pass
+            _remove_empty_dirs(root, os.path.dirname(target))
+            return
+        parent = os.path.dirname(target)
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        if parent != root and not _below(os.path.realpath(parent), root):
+            raise BadEntryName(f"entry path {relative!r} resolves outside the source tree", name=relative)
+        tmp = os.path.join(parent, f"{fs.TMP_PREFIX}{uuid.uuid4().hex[:12]}")
+        fs.link_or_copy(self._objects.path(sha256), tmp)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def repair(self, bundle: Bundle | None, worker: Worker) -> None:
+        """The tree holds exactly ``bundle``'s files (it is never fsynced, and a crash mid-push may
+        have left another version's files); repair what differs. None: no tree at all."""
+        root = self.root
+        if bundle is None:
+            if root.exists():
+                worker.remove_later(root)
+            return
+        expected = {e.path: e for e in bundle.entries.values()}
+        wrong: list[Entry] = []
+        for entry in expected.values():
+            body = bundle.read(entry.name)
+            tree_ok, inode = _holds(os.path.join(root, entry.path), body)
+            # The tree file is a hard link to the object: the same inode, already read, is the
+            # object checked too. Otherwise (a copy, a repair pending) the object is read as well.
+            obj = self._objects.path(entry.sha256)
+            if not (inode is not None and _inode(obj) == inode) and not _holds(obj, body)[0]:
+                logger.warning("object %s of v%s is missing or damaged; writing it again",
+                               entry.sha256[:12], bundle.version)
+                self._objects.put(obj, body, sync=True)
+                tree_ok = False  # relink the tree file to the new object
+            if not tree_ok:
+                wrong.append(entry)
+        extra = [p for p in _files_below(root) if p not in expected] if root.is_dir() else []
+        if not wrong and not extra:
+            return
+        if not root.is_dir():
+            logger.info("laying out the source tree of v%s", bundle.version)
+        else:
+            logger.warning("the source tree of v%s differs from its bundle (%d files wrong or missing, "
+                           "%d extra); repairing it", bundle.version, len(wrong), len(extra))
+        with self._lock.attempt() as idle:
+            if not idle:  # a writer is busy (another process pushing): starting up never waits
+                logger.warning("the source tree of v%s is left for the next start: the store is busy",
+                               bundle.version)
+                return
+            os.makedirs(root, mode=0o700, exist_ok=True)
+            for path in extra:
+                self._put(os.fspath(root), path, None)
+            for entry in wrong:
+                self._put(os.fspath(root), entry.path, entry.sha256)
+
+
+@functools.lru_cache(maxsize=16)
+def _real(root: str) -> str:
+    """The tree root with symlinks resolved: once per root, not per file (a system call per
+    component of the path)."""
+    return os.path.realpath(root)
+
+
+def _below(real_path: str, root: str) -> bool:
+    """Whether ``real_path`` is inside the tree ``root``; the root is resolved again before saying
+    no, in case a link in the store's path was re-pointed since it was cached."""
+    if real_path.startswith(_real(root) + os.sep):
+        return True
+    _real.cache_clear()
+    return real_path.startswith(_real(root) + os.sep)
+
+
+def _holds(path: str, body: bytes) -> tuple[bool, int | None]:
+    """Whether the file at ``path`` holds exactly ``body``, and its inode when it does."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read() == body:
+                return True, os.fstat(fh.fileno()).st_ino
+    except OSError:
+        pass
+    return False, None
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _differs(before: Entry | None, after: Entry) -> bool:
+    return before is None or before.sha256 != after.sha256 or before.kind != after.kind
+
+
+def _inside(root: str, relative: str) -> str:
+    """``root/relative``, refusing what would land outside ``root``: bundle.py checked the names
+    already, this is defence in depth against a bug there."""
+    target = os.path.normpath(os.path.join(root, relative))
+    if relative.startswith("/") or ".." in relative.split("/") or not target.startswith(root + os.sep):
+        raise BadEntryName(f"entry path {relative!r} would land outside the source tree; it should "
+                           "have been refused when the bundle was opened: please report this",
+                           name=relative)
+    return target
+
+
+def _remove_empty_dirs(root: str, directory: str) -> None:
+    while directory != root and directory.startswith(root + os.sep):
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty (or gone): stop here
+            return
+        directory = os.path.dirname(directory)
+
+
+def _files_below(root: Path) -> list[str]:
+    """Relative POSIX paths of the files under ``root`` (temp files of an interrupted write too)."""
+    found = []
+    for directory, _, files in os.walk(root):
+        rel = os.path.relpath(directory, root)
+        for name in files:
+            found.append(name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}")
+    return found

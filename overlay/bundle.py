@@ -36,7 +36,7 @@ from overlay.format.manifest import (
     parse_manifest,
 )
 from overlay.format.model import Bundle, ContentLookup, ParentManifest
-from overlay.format.names import APP_ID_RULE, FORBIDDEN_SUFFIXES, check_entry_name, valid_app_id
+from overlay.format.names import APP_ID_RULE, FORBIDDEN_SUFFIXES, RESERVED_NAMES, check_entry_name, valid_app_id
 from overlay.format.payload import decompress
 from overlay.format.wire import FLAG_PACKED, HEADER, MAGIC, manifest_bytes_of, sign_bundle, split, verify
 from overlay.keys import SigningKey, TrustedKeys
@@ -46,7 +46,7 @@ __all__ = [
     "Bundle", "Entry", "Limits", "DEFAULT_LIMITS", "open_bundle", "read_unverified", "bundle_digest",
     "manifest_bytes_of",
     # writing
-    "FORMAT", "CODECS", "APP_ID_RULE", "FORBIDDEN_SUFFIXES", "ParentManifest", "build_bundle", "valid_app_id",
+    "FORMAT", "CODECS", "APP_ID_RULE", "FORBIDDEN_SUFFIXES", "RESERVED_NAMES", "ParentManifest", "build_bundle", "valid_app_id",
     "check_entry_name", "check_new_manifest", "entry_json", "manifest_compressor", "pack", "sign_bundle",
     "write_manifest",
 ]
@@ -180,8 +180,9 @@ def open_bundle(
                                 f"{manifest['format']}; rebuild it with habanero-pack", code="unknown_format")
     del manifest["entries"]  # they are Bundle.entries; the dicts would only hold memory
     if app_id is not None and manifest["app_id"] != app_id:
-        raise WrongApp(f"this bundle was signed for app {manifest['app_id']!r}, but this app is "
-                       f"{app_id!r}: push to the right app, or set app_id in [tool.habanero] to {app_id!r}",
+        raise WrongApp(f"the signer's app id {manifest['app_id']!r} differs from the app's, {app_id!r}: this "
+                       f"bundle was built for another app; push to the right app, or build with app id "
+                       f"{app_id!r} (--app-id, HABANERO_APP_ID or app_id in [tool.habanero])",
                        expected=app_id, got=manifest["app_id"])
     declared = manifest["payload"]
     if declared["codec"] == "zstd-delta":

@@ -25,10 +25,15 @@ from overlay.keys import SigningKey, TrustedKeys
 
 __all__ = ["RequestVerifier", "sign_request"]
 
+#: Where the control routes live, under the app's own URL or habanero's own server.
+PREFIX = "/_habanero"
 CONTROL_DOMAIN = b"habanero-control-v1\x00"
 WINDOW_SECONDS = 300
 H_KEY, H_TIME, H_NONCE, H_SIG = ("X-Habanero-Key", "X-Habanero-Timestamp", "X-Habanero-Nonce",
                                  "X-Habanero-Signature")
+#: The app id the client signed for, in clear: the signature covers it already; this header only
+#: lets a refusal say which two app ids differ.
+H_APP = "X-Habanero-App"
 
 
 def control_message(method: str, path: str, app_id: str, timestamp: str, nonce: str, body: bytes) -> bytes:
@@ -42,7 +47,7 @@ def sign_request(key: SigningKey, method: str, path: str, app_id: str, body: byt
     timestamp = str(int(time.time() if now is None else now))
     nonce = secrets.token_hex(16)
     signature = key.sign(control_message(method, path, app_id, timestamp, nonce, body))
-    return {H_KEY: key.key_id, H_TIME: timestamp, H_NONCE: nonce,
+    return {H_KEY: key.key_id, H_TIME: timestamp, H_NONCE: nonce, H_APP: app_id,
             H_SIG: base64.b64encode(signature).decode("ascii")}
 
 
@@ -65,6 +70,12 @@ class RequestVerifier:
             raise ControlRejected(
                 f"this request is not signed (missing {', '.join(missing)}); use habanero-pack, "
                 "which signs control requests with your deploy key", code="unsigned_request")
+        claimed = headers.get(H_APP)
+        if claimed is not None and claimed != self.app_id:
+            raise ControlRejected(
+                f"the signer's app id {claimed[:128]!r} differs from the app's, {self.app_id!r}: this request "
+                f"was signed for another app; pass --app-id {self.app_id} (or set HABANERO_APP_ID or app_id "
+                "in [tool.habanero])", code="wrong_app", expected=self.app_id, got=claimed[:128])
         key_id, stamp, nonce = headers[H_KEY], headers[H_TIME], headers[H_NONCE]
         public = self.trusted.get(key_id)
         if public is None:

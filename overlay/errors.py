@@ -3,6 +3,7 @@
 Each error carries a stable, machine-readable ``code`` (what the HTTP endpoint and the CLI print and
 what scripts match on), an ``http_status`` for the control plane, and a message that names the
 problem and the fix. Nothing else in habanero raises a bare exception across its public surface.
+Every code habanero raises is in this tree (``tests/test_errors.py`` holds it to that):
 
     HabaneroError
     ├── BundleRejected              the bytes are not an acceptable bundle (nothing was stored or run)
@@ -18,17 +19,26 @@ problem and the fix. Nothing else in habanero raises a bare exception across its
     │   ├── BadManifest             bad_manifest
     │   ├── BadEntryName            bad_entry_name
     │   ├── ParentMissing           parent_missing (a delta whose parent the server lacks)
-    │   └── CompileFailed           syntax_error (nothing ran)
+    │   ├── CompileFailed           syntax_error (nothing ran)
+    │   └── ModuleInUse             removed_module_in_use (a removed module others still import)
     ├── KeyProblem                  bad_key, bad_trusted_keys, wrong_passphrase, unsupported_key,
     │                               missing_dependency
-    ├── StoreError                  store_error, store_locked
-    ├── ConfigError                 bad_config, already_installed
+    ├── StoreError                  store_error, store_locked, store_format, store_app_mismatch,
+    │                               bad_highest, unknown_version
+    ├── ConfigError                 bad_config, already_installed, disabled, listen_failed
     ├── ActivationFailed            activation_failed (the push was undone; old code still serving)
-    ├── ControlRejected             bad_request_signature, stale_request, replayed_request,
-    │                               version_mismatch, nothing_to_roll_back, unknown_version
-    └── DeployInProgress            deploy_in_progress
+    ├── ControlRejected             unsigned_request, unknown_key, wrong_app, bad_request_signature,
+    │                               stale_request, replayed_request, bad_request, version_mismatch,
+    │                               nothing_to_roll_back
+    ├── DeployInProgress            deploy_in_progress
+    ├── UploadFailed                upload_timeout, upload_incomplete, too_many_uploads
+    ├── OverlayImportError          import_failed, not_in_bundle (also an ImportError)
+    └── RemoteError                 on the deploying side: unreachable, not_habanero, bad_url,
+                                    tls_error, bad_ca_file, not_confirmed; or the code the app
+                                    answered with
 
-Errors that surface during an import subclass ``ImportError`` too (see ``overlay.finder``).
+The endpoint itself answers ``internal_error`` (500, a bug: the app's log has the traceback) and
+``http_error`` (a request outside the routes) without raising any of these.
 """
 
 from __future__ import annotations
@@ -55,7 +65,10 @@ __all__ = [
     "ActivationFailed",
     "ControlRejected",
     "DeployInProgress",
+    "ModuleInUse",
     "OverlayImportError",
+    "RemoteError",
+    "UploadFailed",
 ]
 
 
@@ -63,7 +76,7 @@ __all__ = [
 # another version active, or nothing to go back to, conflicts with the server's state (not a failed
 # authentication); a version the store lacks is a 404, not a server fault.
 _STATUS_BY_CODE = {"version_mismatch": 409, "nothing_to_roll_back": 409, "bad_request": 400,
-                   "unknown_version": 404, "upload_timeout": 408, "store_locked": 503,
+                   "unknown_version": 404, "wrong_app": 409, "upload_timeout": 408, "store_locked": 503,
                    "too_many_uploads": 503, "disabled": 409}
 
 
@@ -155,6 +168,13 @@ class CompileFailed(BundleRejected):
     default_code = "syntax_error"
 
 
+class ModuleInUse(BundleRejected):
+    """The bundle removes a module that modules it keeps still import; nothing ran."""
+
+    default_code = "removed_module_in_use"
+    default_status = 409
+
+
 class KeyProblem(HabaneroError):
     default_code = "bad_key"
 
@@ -201,3 +221,29 @@ class OverlayImportError(HabaneroError, ImportError):
         super().__init__(message, code=code, module=name)
         self.name = name
         self.path = path
+
+
+class UploadFailed(HabaneroError):
+    """The push's body did not arrive whole, in time, or there was no room to receive it."""
+
+    default_code = "upload_incomplete"
+    default_status = 400
+
+
+class RemoteError(HabaneroError):
+    """The app refused, failed, or could not be reached: raised on the deploying side.
+
+    ``code`` is the app's own code when it answered (``stale_version``, ``activation_failed``...),
+    or one of the client's (``unreachable``, ``not_habanero``...). ``status`` is the HTTP status or
+    0; ``remote_traceback`` is the app's traceback of a failed activation; ``body`` the whole answer.
+    """
+
+    default_code = "unreachable"
+    default_status = 502
+
+    def __init__(self, message: str, *, code: str, status: int = 0, remote_traceback: str = "",
+                 body: dict[str, Any] | None = None) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+        self.remote_traceback = remote_traceback
+        self.body = body or {}

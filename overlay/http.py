@@ -32,12 +32,11 @@ from typing import Any
 
 from aiohttp import web
 
-from overlay.control import RequestVerifier
-from overlay.errors import ConfigError, ControlRejected, HabaneroError, TooLarge
+from overlay.control import PREFIX, RequestVerifier
+from overlay.errors import ConfigError, ControlRejected, HabaneroError, TooLarge, UploadFailed
 
 log = logging.getLogger(__name__)
 
-PREFIX = "/_habanero"
 MAX_UPLOADS = 4  # bodies read at once; each is capped at Limits.max_bundle_bytes
 _OVERLAY = web.AppKey("overlay", object)
 _SETTINGS = web.AppKey("settings", dict)
@@ -85,10 +84,10 @@ async def _read_body(request: web.Request, cap: int, deadline: float) -> bytes:
                     raise TooLarge(f"request body is over the {cap} byte limit; the upload was cut off",
                                    code="bundle_too_large")
     except TimeoutError:
-        raise HabaneroError(f"the upload did not finish within {deadline:g} s; check the network and "
+        raise UploadFailed(f"the upload did not finish within {deadline:g} s; check the network and "
                             "push again", code="upload_timeout") from None
     if request.content_length is not None and len(buf) != request.content_length:
-        raise HabaneroError(f"the upload ended after {len(buf)} of {request.content_length} bytes; push "
+        raise UploadFailed(f"the upload ended after {len(buf)} of {request.content_length} bytes; push "
                             "again", code="upload_incomplete")
     return bytes(buf)
 
@@ -99,7 +98,7 @@ async def push(request: web.Request) -> web.Response:
     # the deploy lock: a stalled sender delays nobody else's push, and at most MAX_UPLOADS bodies
     # are held in memory at once.
     if settings["uploads"] >= MAX_UPLOADS:
-        raise HabaneroError(f"{MAX_UPLOADS} uploads are already in progress; push again in a moment",
+        raise UploadFailed(f"{MAX_UPLOADS} uploads are already in progress; push again in a moment",
                             code="too_many_uploads")
     settings["uploads"] += 1
     try:
@@ -236,10 +235,3 @@ class StandaloneServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:8765"`` / ``"[::1]:0"`` / ``":8765"`` -> (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"listen={value!r} is not HOST:PORT (e.g. 127.0.0.1:8765)")
-    return (host.strip("[]") or "127.0.0.1", int(port))

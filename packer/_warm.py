@@ -41,7 +41,7 @@ from overlay.bundle import (
 from overlay.errors import TooLarge
 from overlay.keys import SigningKey
 
-from .build import BuiltBundle
+from .build import BuiltBundle, source_line, sources_digest
 
 __all__ = ["WarmBuilder"]
 
@@ -63,7 +63,8 @@ class _Row(NamedTuple):
 
 def _row(name: str, kind: str, content: bytes) -> _Row:
     sha = hashlib.sha256(content).hexdigest()
-    return _Row(kind, content, len(content), sha, entry_json(kind, name, sha, len(content)), f"{kind} {name} {sha}\n")
+    return _Row(kind, content, len(content), sha, entry_json(kind, name, sha, len(content)),
+                source_line(kind, name, sha))
 
 
 class WarmBuilder:
@@ -88,7 +89,7 @@ class WarmBuilder:
         """A digest of the entry table (kind, name, sha256 of each), for the builder's ``sources``."""
         self._update(files)
         if self._sources is None:
-            self._sources = hashlib.sha256("".join(r.line for r in self._rows.values()).encode()).hexdigest()
+            self._sources = sources_digest(r.line for r in self._rows.values())
         return self._sources
 
     def make(self, files: Entries, builder: Mapping[str, Any] | None, *, version: int, parent: str | None,
@@ -133,7 +134,8 @@ class WarmBuilder:
         return BuiltBundle(data=data, manifest_bytes=manifest_bytes, digest=digest.hex(),
                            version=version, entries=len(rows), size=len(data), uncompressed_size=total,
                            key_id=self.signer.key_id,
-                           timings={"collect": 0.0, "metadata": 0.0, "bundle": ms, "total": ms})
+                           timings={"collect": 0.0, "metadata": 0.0, "bundle": ms, "total": ms},
+                           sources=(builder or {}).get("sources"))
 
     def pack(self, built: BuiltBundle, base: ParentManifest) -> bytes:
         """The transport form of ``built`` for a server running ``base`` (see ``overlay.bundle.pack``)."""

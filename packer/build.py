@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -41,6 +41,28 @@ GIT_TIMEOUT = 1.0
 LEVEL = 6
 
 
+def source_line(kind: str, name: str, sha256: str) -> str:
+    """One entry's line in a sources digest."""
+    return f"{kind} {name} {sha256}\n"
+
+
+def sources_digest(lines: Iterable[str]) -> str:
+    """The builder's ``sources``: a digest of the entry table (kind, name and sha256 of each entry, in
+    name order), equal for equal code whoever built it, whatever the version or the time."""
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def sources_of(files: Mapping[str, tuple[str, bytes]]) -> str:
+    return sources_digest(source_line(kind, name, hashlib.sha256(content).hexdigest())
+                          for name, (kind, content) in sorted(files.items()))
+
+
+def sources_of_manifest(manifest_bytes: bytes) -> str:
+    """The sources digest of a manifest this side built (trusted input)."""
+    entries = json.loads(manifest_bytes)["entries"]
+    return sources_digest(source_line(e["kind"], e["name"], e["sha256"]) for e in entries)
+
+
 @dataclass(frozen=True)
 class BuiltBundle:
     """A signed bundle and what it took to build it. ``digest`` is what ``parent`` refers to."""
@@ -54,6 +76,7 @@ class BuiltBundle:
     uncompressed_size: int
     key_id: str
     timings: dict[str, float]  # milliseconds: collect, metadata, bundle (hash+compress+sign), total
+    sources: str | None = None  # the digest of the code it carries (see sources_digest)
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
@@ -67,16 +90,10 @@ class BuiltBundle:
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write the bundle to ``path`` atomically: readers see the old file or the whole new one."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(self.data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        from overlay.store import write_atomic
+
+        path = Path(path).absolute()
+        write_atomic(path, self.data, mode=0o644)
         return path
 
 
@@ -108,6 +125,7 @@ def build(
     files = collect(config) if snapshot is None else snapshot.files()
     collected = time.perf_counter()
     meta = dict(builder) if builder is not None else builder_info(config.root)
+    meta.setdefault("sources", sources_of(files))
     described = time.perf_counter()
     manifest: dict[str, Any] = {}
     data = build_bundle(files, app_id=config.app_id, version=version, signers=[signer], parent=parent,
@@ -126,6 +144,7 @@ def build(
         uncompressed_size=manifest["payload"]["uncompressed_size"],
         key_id=signer.key_id,
         timings={k: round(v * 1000, 2) for k, v in timings.items()},
+        sources=meta["sources"],
     )
     built.__dict__["manifest"] = manifest  # the cached property, already at hand
     return built

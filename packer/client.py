@@ -17,26 +17,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from overlay.control import sign_request
-from overlay.errors import HabaneroError
+from overlay.control import PREFIX, sign_request
+from overlay.errors import RemoteError
 from overlay.keys import SigningKey
 
 if TYPE_CHECKING:
     import ssl
 
-PREFIX = "/_habanero"
 MAX_RESPONSE_BYTES = 16 << 20  # status and history are a few KB; anything bigger is not habanero
-
-
-class RemoteError(HabaneroError):
-    """The server refused, failed, or could not be reached. ``status`` is the HTTP status or 0."""
-
-    def __init__(self, message: str, *, code: str, status: int = 0, remote_traceback: str = "",
-                 body: dict[str, Any] | None = None) -> None:
-        super().__init__(message, code=code)
-        self.status = status
-        self.remote_traceback = remote_traceback
-        self.body = body or {}
 
 
 @dataclass(frozen=True)
@@ -278,7 +266,7 @@ class _Connection:
 _TREE_PATH = re.compile(r'[^\s"\'(]*/trees/\d+-[0-9a-f]{64}/')
 
 
-def map_traceback(text: str, project_root: str, store: str | None = None) -> str:
+def map_traceback(text: str, project_root: str | None, store: str | None = None) -> str:
     """Point the bundle-tree paths in a server message or traceback at the developer's own files.
 
     The app's one source tree is ``<store>/tree/<relative path>``: ``tree`` alone could be any
@@ -286,6 +274,8 @@ def map_traceback(text: str, project_root: str, store: str | None = None) -> str
     status) is known. The per-version trees of older apps, ``<store>/trees/<version>-<digest>/``,
     are recognised by their name.
     """
+    if not project_root:
+        return text  # no project to map onto (an operator's command outside any checkout)
     root = project_root.rstrip("/") + "/"
     if store:
         text = text.replace(store.rstrip("/") + "/tree/", root)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from overlay.bundle import APP_ID_RULE, RESERVED_NAMES, valid_app_id
 from overlay.errors import ConfigError
 
 __all__ = ["ProjectConfig", "find_project", "load_config", "locate_package"]
@@ -52,9 +53,6 @@ PROJECT_KEY = Path(".habanero") / "deploy_key"
 HOME_KEY = Path("~") / ".ssh" / "id_ed25519"
 # Every [tool.habanero] setting some feature reads; anything else earns a "did you mean" warning.
 KNOWN_SETTINGS = frozenset({"app_id", "packages", "include", "exclude", "key", "url", "ca_file"})
-# Never shippable; the same names overlay.finder refuses to serve.
-RESERVED = frozenset({"overlay", "packer", "habanero", "__main__", "sitecustomize", "usercustomize"})
-_APP_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -189,7 +187,7 @@ def _package_name(entry: str, where: str) -> str:
     if not (name.isascii() and name.isidentifier()) or keyword.iskeyword(name):
         raise ConfigError(f"{where}: {entry!r} is not a top-level module name (an ASCII identifier "
                           "such as 'myapp', or a file such as 'app.py')")
-    if name in RESERVED:
+    if name in RESERVED_NAMES:
         raise ConfigError(f"{where}: {name!r} is reserved (habanero's own code or a module site.py "
                           "runs); the overlay never serves it")
     if name in sys.stdlib_module_names:
@@ -205,9 +203,8 @@ def _split(value: str | None) -> list[str] | None:
 def _resolve_app_id(flag: str | None, env: Mapping[str, str], table: Mapping[str, Any],
                     packages: tuple[str, ...], pyproject: Path) -> str:
     value = flag or _env(env, "HABANERO_APP_ID") or _typed(table, "app_id", str, pyproject) or packages[0]
-    if not _APP_ID.fullmatch(value):
-        raise ConfigError(f"app_id {value!r} must be 1-128 characters of letters, digits, '.', '_' "
-                          "or '-', starting with a letter or digit")
+    if not valid_app_id(value):
+        raise ConfigError(f"app_id {value!r} is not an app id: {APP_ID_RULE}")
     return value
 
 

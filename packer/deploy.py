@@ -1,32 +1,36 @@
-"""Deploying to a running app: ``--push``, ``status``, ``history`` and ``rollback``.
+"""Deploying to a running app: one push, built on what the app runs, sent, and confirmed.
 
 A push asks the app for its highest accepted version and active bundle, builds version
 ``highest + 1`` on top of the active one, signs and sends it, then reads the status back and fails
 loudly unless the active bundle is the one it pushed: a "200 OK" that hides a failed deploy (TUF's
 indefinite freeze) does not pass unnoticed. Watch mode asks neither before nor after: the app's
 answer to each push, sent after its commit, says which bundle its imports serve and where the next
-push starts (see :func:`push_once`).
+push starts (see :func:`push_once`). A push of the code the app runs already sends nothing and
+spends no version number.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import APP_ID, CA_FILE, JSON, KEY, PROJECT, arg, command
+from overlay.errors import RemoteError
 
-if TYPE_CHECKING:  # the client pulls in cryptography: imported when a command runs, not at start-up
+if TYPE_CHECKING:  # the builder pulls in zstandard and cryptography: imported when a push runs
     from overlay.bundle import ParentManifest
-    from overlay.errors import HabaneroError
+    from overlay.keys import SigningKey
 
     from .build import BuiltBundle
     from .client import Remote
+    from .collect import SourceSnapshot
+    from .config import ProjectConfig
+
+__all__ = ["BaseCache", "PushResult", "Tip", "push_once"]
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +45,14 @@ class Tip:
 
     highest: int
     active: str | None
+    version: int | None = None  # the active bundle's version
+    sources: str | None = None  # the active bundle's sources digest, when its builder recorded one
 
     @classmethod
     def of(cls, status: dict[str, Any]) -> Tip:
-        return cls(int(status.get("highest") or 0), (status.get("active") or {}).get("digest"))
+        active = status.get("active") or {}
+        return cls(int(status.get("highest") or 0), active.get("digest"), active.get("version"),
+                   (active.get("builder") or {}).get("sources"))
 
 
 @dataclass
@@ -56,6 +64,8 @@ class PushResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     bytes_sent: int = 0
     delta: bool = False
+    pushed: bool = True  # False: the app runs this code already; nothing was sent
+    sources: str | None = None  # of the code now live
 
     @property
     def report(self) -> dict[str, Any]:
@@ -64,39 +74,13 @@ class PushResult:
     @property
     def tip(self) -> Tip:
         """Where the app stands after this push: what the next one builds on."""
-        return Tip(self.version, self.digest)
+        return Tip(self.version, self.digest, self.version, self.sources)
 
 
 #: Built bundle and wire bytes for ``(version, parent, base)``; the wire form is packed against base.
 Make = Callable[[int, "str | None", "ParentManifest | None"], "tuple[BuiltBundle, bytes]"]
 #: Refusals that say the tip a push was built on is out of date: another push, a rollback, a reset store.
 _OUTDATED = frozenset({"stale_version", "parent_missing"})
-
-
-def _target(args: argparse.Namespace) -> tuple[Any, str]:
-    """The project config and the URL to talk to, or a ConfigError that says what is missing."""
-    from overlay.errors import ConfigError
-
-    from .cli import _load_config
-
-    url_flag = getattr(args, "url", None) or (getattr(args, "push", None) or None)
-    args.push = url_flag
-    config = _load_config(args)
-    url = url_flag or config.url
-    if not url:
-        raise ConfigError("no URL: pass it (habanero-pack --push http://127.0.0.1:8765), set HABANERO_URL, "
-                          "or `url` in [tool.habanero]")
-    return config, url
-
-
-def _remote(config: Any, url: str, args: argparse.Namespace, *, signed: bool = True) -> Remote:
-    from overlay.keys import load_signing_key
-
-    from .client import Remote
-
-    key = load_signing_key(config.require_key()) if signed else None
-    ca_file = str(config.ca_file) if config.ca_file is not None else None
-    return Remote(url, app_id=config.app_id, key=key, ca_file=ca_file)
 
 
 class BaseCache:
@@ -111,9 +95,7 @@ class BaseCache:
 
     KEEP = 8
 
-    def __init__(self, root: Any | None, *, write_through: bool = True) -> None:
-        from pathlib import Path
-
+    def __init__(self, root: str | Path | None, *, write_through: bool = True) -> None:
         self._memory: dict[str, ParentManifest | bytes] = {}
         self._dir = Path(root) / ".habanero" / "pushed" if root is not None else None
         self._write_through = write_through
@@ -142,6 +124,24 @@ class BaseCache:
         self._memory = {digest: base}
         return base
 
+    def sources(self, digest: str | None) -> str | None:
+        """The sources digest of a bundle this project pushed (for bundles whose builder has none)."""
+        from .build import sources_of_manifest
+
+        if not digest:
+            return None
+        held = self._memory.get(digest)
+        manifest = held.manifest_bytes if held is not None and not isinstance(held, bytes) else held
+        if manifest is None and self._dir is not None:
+            try:
+                manifest = (self._dir / f"{digest}.json").read_bytes()
+            except OSError:
+                return None
+        try:
+            return sources_of_manifest(manifest) if manifest is not None else None
+        except (ValueError, KeyError, TypeError):
+            return None
+
     def put(self, digest: str, manifest_bytes: bytes) -> None:
         """Remember a pushed manifest (parsed at the first ``get``)."""
         self._memory = {digest: manifest_bytes}  # the newest is the one the server runs
@@ -156,27 +156,27 @@ class BaseCache:
     def _write(self, digest: str, manifest_bytes: bytes) -> None:
         if self._dir is None:
             return
+        from overlay.store import write_atomic
+
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
-            tmp = self._dir / f".{digest}.tmp"
-            tmp.write_bytes(manifest_bytes)
-            tmp.replace(self._dir / f"{digest}.json")
+            write_atomic(self._dir / f"{digest}.json", manifest_bytes, mode=0o644, sync=False, sync_dir=False)
             for old in sorted(self._dir.glob("*.json"), key=lambda p: p.stat().st_mtime)[: -self.KEEP]:
                 old.unlink(missing_ok=True)
         except OSError:
             pass  # a cache: the next push is a full one
 
 
-def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int = 3,
-              bases: BaseCache | None = None, builder: Any = None, tip: Tip | None = None,
+def push_once(remote: Remote, config: ProjectConfig, *, snapshot: SourceSnapshot | None = None, level: int = 3,
+              bases: BaseCache | None = None, builder: dict[str, Any] | None = None, tip: Tip | None = None,
               make: Make | None = None, read_back: bool = True) -> PushResult:
     """Build the next version on top of what the app runs, push it, and confirm it is live.
 
     Without ``tip`` the app is asked for its status first. With the ``tip`` of this side's last
-    push (watch mode) nothing is asked: should the app refuse because it moved on meanwhile
+    push (watch mode) nothing is asked. Should the app refuse because it moved on meanwhile
     (``parent_missing``: another bundle is active, pushed or rolled back to by someone else, or the
-    app lost its store; ``stale_version``: the version was taken), its status is read once and the
-    push built again on it.
+    app lost its store; ``stale_version``: another push took the version), its status is read once
+    more and the push built again on it.
 
     When ``bases`` holds the manifest of the app's active bundle, the push is a packed delta (only
     changed entries, manifest compressed against the active one); a server that lacks that parent
@@ -185,9 +185,11 @@ def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int =
     (``read_back``, as a one-off push does), or the push answer's word is taken (watch mode: the
     app sends it after its commit, naming the bundle its imports serve, so a save costs one request).
     ``make`` builds (the watch passes its warm builder); by default ``build`` does, from ``snapshot``.
-    """
-    from .client import RemoteError
 
+    A build whose sources are the ones the app runs is not sent: the result says ``pushed=False``
+    and no version number is spent.
+    """
+    assert remote.key is not None, "a push is signed: the remote needs the signing key"
     make = make or _make_afresh(config, remote.key, snapshot=snapshot, level=level, builder=builder)
     clock = _Clock()
     guessed = tip is not None
@@ -195,14 +197,19 @@ def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int =
         with clock("status"):
             tip = Tip.of(remote.status())
     try:
-        built, wire, response = _send(remote, make, tip, bases, clock, full_retry=not guessed)
+        sent = _send(remote, make, tip, bases, clock, full_retry=not guessed)
     except RemoteError as exc:
-        if not guessed or exc.code not in _OUTDATED:
+        if exc.code not in _OUTDATED or (exc.code == "parent_missing" and not guessed):
             raise
-        log.info("the app moved on since the last push (%s); reading its status and pushing again", exc.code)
+        log.info("the app moved on since this push was built (%s); reading its status and pushing again",
+                 exc.code)
         with clock("status"):
             tip = Tip.of(remote.status())
-        built, wire, response = _send(remote, make, tip, bases, clock, full_retry=True)
+        sent = _send(remote, make, tip, bases, clock, full_retry=True)
+    if sent is None:  # the app runs this code already
+        return PushResult(tip.version or 0, tip.active or "", str(remote.endpoint), {}, clock.rounded(),
+                          pushed=False, sources=tip.sources)
+    built, wire, response = sent
     with clock("confirm"):
         active = response["active"] if not read_back and "active" in response else _active_of(remote)
     live = (active or {}).get("digest")
@@ -214,22 +221,30 @@ def push_once(remote: Remote, config: Any, *, snapshot: Any = None, level: int =
     if bases is not None:
         bases.put(built.digest, built.manifest_bytes)
     server_ms = float(response.get("server_ms", 0.0))
-    timings = {"status": clock.ms["status"], "build": clock.ms["build"],
-               "transfer": max(0.0, clock.ms["push"] - server_ms), "server": server_ms,
-               "confirm": clock.ms["confirm"], "total": clock.total()}
-    return PushResult(built.version, built.digest, str(remote.endpoint), response,
-                      {k: round(v, 2) for k, v in timings.items()}, len(wire), delta=wire is not built.data)
+    clock.ms["transfer"] = max(0.0, clock.ms["push"] - server_ms)
+    clock.ms["server"] = server_ms
+    return PushResult(built.version, built.digest, str(remote.endpoint), response, clock.rounded(), len(wire),
+                      delta=wire is not built.data, sources=built.sources)
+
+
+def _runs_already(tip: Tip, built: BuiltBundle, bases: BaseCache | None) -> bool:
+    """Whether the app's active bundle has the sources ``built`` has (then there is nothing to push)."""
+    if tip.active is None:
+        return False
+    runs = tip.sources or (bases.sources(tip.active) if bases is not None else None)
+    return runs is not None and runs == built.sources
 
 
 def _send(remote: Remote, make: Make, tip: Tip, bases: BaseCache | None, clock: _Clock, *,
-          full_retry: bool) -> tuple[BuiltBundle, bytes, dict[str, Any]]:
-    """Build version ``tip.highest + 1`` on the active bundle and push it; in full if need be."""
-    from .client import RemoteError
-
+          full_retry: bool) -> tuple[BuiltBundle, bytes, dict[str, Any]] | None:
+    """Build version ``tip.highest + 1`` on the active bundle and push it, in full if need be;
+    None when the app runs these sources already."""
     version, parent = tip.highest + 1, tip.active
     base = bases.get(parent) if bases is not None else None
     with clock("build"):
         built, wire = make(version, parent, base)
+    if _runs_already(tip, built, bases):
+        return None
     try:
         with clock("push"):
             return built, wire, remote.push(wire)
@@ -242,7 +257,8 @@ def _send(remote: Remote, make: Make, tip: Tip, bases: BaseCache | None, clock: 
         return built, wire, remote.push(wire)
 
 
-def _make_afresh(config: Any, signer: Any, *, snapshot: Any, level: int, builder: Any) -> Make:
+def _make_afresh(config: ProjectConfig, signer: SigningKey, *, snapshot: SourceSnapshot | None, level: int,
+                 builder: dict[str, Any] | None) -> Make:
     """``build`` and ``pack``, from scratch each time: a one-off push builds once per process."""
     from overlay.bundle import pack
 
@@ -281,152 +297,11 @@ class _Clock:
     def total(self) -> float:
         return (time.perf_counter() - self.started) * 1000
 
-
-def describe_push(result: PushResult) -> str:
-    """One readable summary of a push: version, what changed, what was patched, and timings."""
-    r = result.report
-    t = result.timings_ms
-    kind = "delta" if result.delta else "full"
-    lines = [f"pushed version {r['version']} to {result.url} ({result.digest[:12]}, {result.bytes_sent} bytes "
-             f"{kind}) in "
-             f"{t['total']:.0f} ms: build {t['build']:.0f}, transfer {t['transfer']:.0f}, server "
-             f"{t['server']:.1f} (verify {r['timings_ms'].get('verify', 0):.1f}, apply "
-             f"{r['timings_ms'].get('apply', 0):.1f})"]
-    for label in ("changed", "added", "removed", "data_changed"):
-        if r.get(label):
-            lines.append(f"  {label.replace('_', ' ')}: {', '.join(r[label])}")
-    for module in r.get("modules", []):
-        if module.get("patched"):
-            lines.append(f"  patched in {module['module']}: {', '.join(module['patched'])}")
-        for name, reason in module.get("replaced", []):
-            lines.append(f"  replaced {module['module']}.{name}: {reason}")
-        for name in module.get("removed", []):
-            lines.append(f"  removed {module['module']}.{name}")
-        for note in module.get("notes", []):
-            lines.append(f"  note ({module['module']}): {note}")
-    if not any(r.get(k) for k in ("changed", "added", "removed", "data_changed")):
-        lines.append("  nothing changed in the code; the version number moved on")
-    return "\n".join(lines)
-
-
-def push_json(result: PushResult) -> dict[str, Any]:
-    """The push's result for scripts and benchmarks: client timings plus the server's report."""
-    return {"ok": True, "version": result.version, "digest": result.digest, "url": result.url,
-            "bytes": result.bytes_sent, "delta": result.delta, "timings_ms": result.timings_ms,
-            "report": result.report}
-
-
-def failure_json(exc: HabaneroError, project_root: str, store: str | None = None) -> dict[str, Any]:
-    from .client import map_traceback
-
-    return {"ok": False, "code": exc.code, "message": map_traceback(exc.message, project_root, store),
-            "remote_traceback": map_traceback(getattr(exc, "remote_traceback", ""), project_root, store)}
-
-
-def describe_failure(exc: HabaneroError, project_root: str, store: str | None = None) -> str:
-    """The server's reason, and its traceback mapped onto the developer's files.
-
-    ``store`` is the app's store directory (its status says it): paths in its tree are mapped.
-    """
-    from .client import map_traceback
-
-    text = f"{exc.code}: {map_traceback(exc.message, project_root, store)}"
-    remote_tb = getattr(exc, "remote_traceback", "")
-    if remote_tb:
-        text += "\n--- traceback in the app (paths mapped to this project) ---\n"
-        text += map_traceback(remote_tb, project_root, store).rstrip()
-    return text
-
-
-def run_push(args: argparse.Namespace) -> int:
-    """``habanero-pack --push [URL]``."""
-    import sys
-
-    from .cli import PROG
-    from .client import RemoteError
-
-    config, url = _target(args)
-    with _remote(config, url, args) as remote:
-        try:
-            result = push_once(remote, config, bases=BaseCache(config.root))
-        except RemoteError as exc:
-            if not exc.status or exc.code == "not_habanero":  # one line from main()
-                raise
-            if args.json:
-                print(json.dumps(failure_json(exc, str(config.root), remote.store), indent=2))
-            print(f"{PROG}: push refused: {describe_failure(exc, str(config.root), remote.store)}",
-                  file=sys.stderr)
-            print(f"{PROG}: the app still serves its previous version", file=sys.stderr)
-            return 1
-    print(json.dumps(push_json(result), indent=2) if args.json else describe_push(result))
-    return 0
-
-
-URL = arg("url", nargs="?", metavar="URL", help="the app's URL (default: HABANERO_URL, [tool.habanero] url)")
-
-
-@command("status", URL, CA_FILE, JSON, KEY, PROJECT, APP_ID, help="show the version a running app serves")
-def _status(args: argparse.Namespace) -> int:
-    config, url = _target(args)
-    with _remote(config, url, args) as remote:
-        status = remote.status()
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    active = status.get("active") or {}
-    print(f"app        {status.get('app_id')} at {url} (pid {status.get('pid')}, up "
-          f"{status.get('uptime_s', 0):.0f} s)")
-    if active:
-        builder = active.get("builder") or {}
-        print(f"active     version {active['version']} ({active['digest'][:12]}), {active['entries']} entries, "
-              f"built {active['created']} by {builder.get('user', '?')}@{builder.get('host', '?')}")
-    else:
-        print("active     none: the app runs the code on disk")
-    print(f"highest    {status.get('highest')}")
-    failure = status.get("last_failure")
-    if failure:
-        print(f"last fail  {failure.get('action')} v{failure.get('version')}: {failure.get('code')}: "
-              f"{failure.get('message')}")
-    for problem in status.get("startup_problems") or []:
-        print(f"problem    {problem}")
-    return 0
-
-
-@command("history", URL, CA_FILE, JSON, KEY, PROJECT, APP_ID,
-         arg("--limit", type=int, default=20, help="how many entries (default 20)"),
-         help="show a running app's deploy history")
-def _history(args: argparse.Namespace) -> int:
-    from .client import map_traceback
-
-    config, url = _target(args)
-    with _remote(config, url, args) as remote:
-        entries = remote.history(args.limit)
-        if not args.json and any(e.get("outcome") != "ok" for e in entries):
-            remote.status()  # where the app's store is: reasons name files in its tree
-    if args.json:
-        print(json.dumps(entries, indent=2))
-        return 0
-    for e in entries:
-        reason = (f"  {e.get('code')}: {map_traceback(str(e.get('reason')), str(config.root), remote.store)}"
-                  if e.get("outcome") != "ok" else "")
-        print(f"{e.get('time', '?'):<27} {e.get('action', '?'):<9} v{e.get('version')!s:<5} "
-              f"{e.get('outcome', '?'):<7} {(e.get('digest') or '')[:12]:<12}{reason}")
-    if not entries:
-        print("no deploys yet")
-    return 0
-
-
-@command("rollback", URL, CA_FILE, KEY, PROJECT, APP_ID,
-         arg("--to", type=int, metavar="VERSION", help="roll back to this stored version (default: the "
-             "one before the active version)"),
-         help="return a running app to its previous version")
-def _rollback(args: argparse.Namespace) -> int:
-    config, url = _target(args)
-    with _remote(config, url, args) as remote:
-        before = remote.status()
-        expect = (before.get("active") or {}).get("version")
-        response = remote.rollback(args.to, expect=expect)
-    r = response["report"]
-    print(f"rolled back {url} from version {r['previous_version']} to {r['version']} in "
-          f"{r['timings_ms'].get('total', 0):.1f} ms")
-    return 0
+    def rounded(self) -> dict[str, float]:
+        """Every phase and the total, in milliseconds to two places (``transfer`` and ``server`` split
+        ``push`` once the server said its share)."""
+        out = {k: round(v, 2) for k, v in self.ms.items() if k != "push"}
+        out.setdefault("transfer", round(self.ms["push"], 2))
+        out.setdefault("server", 0.0)
+        out["total"] = round(self.total(), 2)
+        return out

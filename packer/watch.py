@@ -1,4 +1,4 @@
-"""Deploy on save: ``habanero-pack --push --watch [URL] [--check CMD] [--debounce MS]``.
+"""Deploy on save: ``habanero-pack push --watch [URL] [--check CMD] [--debounce MS]``.
 
 A session keeps warm all a push needs: config, signing key, one keep-alive connection, the source
 snapshot, the builder metadata, the last push's manifest (so the next one is a delta) and its
@@ -23,13 +23,12 @@ pushed when it answers. A file read empty (between an editor's truncate and its 
 push until it has content again, or until no event came for 250 ms.
 
 The builder metadata carries ``sources``, a digest of the entry table (names, kinds, sha256s): at
-start the session pushes only if the active bundle's differs (a bundle without one, say from a
-one-off ``--push``, is always replaced).
+start the session pushes only if the active bundle's differs (for a bundle built without one, the
+manifest this project pushed last, kept in ``.habanero/pushed/``, tells).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import queue
 import statistics
@@ -39,17 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from overlay.bundle import ParentManifest
-from overlay.errors import HabaneroError
+from overlay.errors import HabaneroError, RemoteError
 
 from ._warm import WarmBuilder
 from ._watching import CheckRun, Event, FileEvents, stop_on_sigterm
 from .build import BuiltBundle, builder_info
-from .client import Remote, RemoteError
+from .client import Remote
 from .collect import SourceSnapshot
 from .config import ProjectConfig
-from .deploy import BaseCache, PushResult, Tip, _remote, _target, describe_failure, push_once
+from .deploy import BaseCache, PushResult, Tip, push_once
+from .output import describe_failure
 
-__all__ = ["DEBOUNCE_MS", "WatchSession", "run_watch"]
+__all__ = ["DEBOUNCE_MS", "WatchSession"]
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,6 @@ _TRANSIENT = frozenset({"unreachable", "deploy_in_progress"})  # worth retrying,
 _CHECK_TAIL = 40  # lines of a failed check's output shown
 #: How long a file that became empty waits for more events before it is pushed empty.
 EMPTY_HOLD_MS = 250
-
-
-def run_watch(args: argparse.Namespace) -> int:
-    """``habanero-pack --push --watch [URL]``: push on every save until Ctrl-C."""
-    config, url = _target(args)
-    session = WatchSession(_remote(config, url, args), config, check=getattr(args, "check", None),
-                           debounce_ms=getattr(args, "debounce", None) or DEBOUNCE_MS)
-    return session.run()
 
 
 class WatchSession:
@@ -142,7 +134,8 @@ class WatchSession:
             self._unreachable(exc)
             return
         files = self.snapshot.files()
-        if (active.get("builder") or {}).get("sources") == self.warm.sources(files):
+        runs = (active.get("builder") or {}).get("sources") or self.bases.sources(active.get("digest"))
+        if runs is not None and runs == self.warm.sources(files):
             self._live = files
             self.out(f"{_now()}  v{active['version']} is live and runs this code; nothing to push")
         else:

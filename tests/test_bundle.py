@@ -120,7 +120,7 @@ def test_signature_for_another_domain_does_not_verify(make_bundle, signing_key, 
 
 def test_wrong_app_is_refused(make_bundle, trusted):
     err = _rejected("wrong_app", make_bundle(FILES, app_id="other"), trusted, app_id="app")
-    assert "'other'" in err.message and "'app'" in err.message
+    assert "the signer's app id 'other' differs from the app's, 'app'" in err.message
 
 
 def test_unknown_format_and_bad_magic_are_refused(make_bundle, trusted):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from _project import HABANERO_PACK, clean_env, make_project, write_files
 
-from packer.cli import COMMANDS, main
+from packer.cli import main
+from packer.commands import VERBS
 
 needs_ssh_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None,
                                       reason="ssh-keygen (OpenSSH) is not installed")
@@ -119,7 +120,7 @@ def test_build_then_inspect_with_trusted_keys_verifies_and_names_the_key(project
     env = clean_env(project.parent / "home")
     keygen = pack("keygen", "--comment", "alice@laptop", cwd=project, env=env)
     key_id = next(line.split()[2] for line in keygen.stdout.splitlines() if line.startswith("key id "))
-    built = pack("build", "--version", "7", cwd=project, env=env)
+    built = pack("build", "--bundle-version", "7", cwd=project, env=env)
     assert built.returncode == 0, built.stderr
     summary = built.stdout.strip()
     assert summary.startswith("wrote shop-v7.hbn: shop v7, 6 entries, ") and key_id in summary
@@ -268,17 +269,21 @@ def test_an_rsa_key_is_refused_with_a_clear_message(project: Path, capsys: pytes
     [
         (["build"], 1, "no signing key: pass --key"),
         (["build", "--key", "nope"], 1, "nope does not exist; create one with `habanero-pack keygen"),
-        (["build", "--version", "0"], 2, "build: argument --version: --version takes a positive integer"),
+        (["build", "--bundle-version", "0"], 2,
+         "build: argument --bundle-version: --bundle-version takes a positive integer"),
         (["build", "--project", "/nonexistent"], 1, "/nonexistent has no pyproject.toml"),
         (["inspect", "missing.hbn"], 1, "missing.hbn: No such file or directory"),
         (["inspect", "pyproject.toml"], 1, "this is not a habanero bundle (bad magic)"),
         (["inspect", "pyproject.toml", "--trusted-keys", "pyproject.toml"], 1, "pyproject.toml, line 1"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
-        ([], 2, "choose a command: keygen, build, inspect, status"),
+        ([], 2, "choose a command: push, status, history, rollback, build, inspect, keygen"),
         (["--push"], 1, "no URL: pass it"),
         (["--push", "http://127.0.0.1:9"], 1, "no signing key: pass --key"),
-        (["--watch"], 2, "--watch goes with --push"),
-        (["--push", "http://127.0.0.1:8765", "build"], 2, "--push builds and deploys by itself"),
+        (["--watch"], 2, "--watch goes with push"),
+        (["--watch", "status"], 2, "--check and --debounce go with --watch, and --watch with push"),
+        (["push", "--check", "true"], 2, "--check and --debounce go with --watch"),
+        (["--push", "http://127.0.0.1:8765", "build"], 2, "--push is the push command itself; drop the 'build'"),
+        (["push"], 1, "no URL: pass it"),
     ],
 )
 def test_user_errors_are_one_line_and_a_nonzero_exit(project: Path, capsys: pytest.CaptureFixture[str],
@@ -300,7 +305,7 @@ def test_version_and_help(project: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().out.strip() == "habanero-pack 0.1.0"
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in COMMANDS) and "--push [URL]" in out and "--watch" in out
+    assert all(name in out for name in VERBS) and "--push [URL]" in out and "--watch" in out
     proc = subprocess.run([sys.executable, "-m", "packer", "--version"], capture_output=True, text=True)
     assert proc.stdout.strip() == "habanero-pack 0.1.0"
 

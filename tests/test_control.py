@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from overlay.control import RequestVerifier, sign_request
+from overlay.control import H_APP, RequestVerifier, sign_request
 from overlay.errors import ControlRejected
 
 NOW = 1_800_000_000
@@ -51,6 +51,21 @@ def test_signature_binds_method_path_and_body(signing_key, trusted, change):
 
 def test_signature_binds_the_app_id(signing_key, trusted):
     headers = sign_request(signing_key, "POST", "/_habanero/rollback", "other-app", b'{"to":null}', now=NOW)
+    del headers[H_APP]  # the clear-text app id only explains a refusal: without it, the signature refuses
+    assert _code(RequestVerifier(trusted, "app"), headers) == "bad_request_signature"
+
+
+def test_a_request_signed_for_another_app_says_which_two_app_ids_differ(signing_key, trusted):
+    headers = sign_request(signing_key, "POST", "/_habanero/rollback", "other-app", b'{"to":null}', now=NOW)
+    with pytest.raises(ControlRejected) as caught:
+        _verify(RequestVerifier(trusted, "app"), headers)
+    assert caught.value.code == "wrong_app" and caught.value.http_status == 409
+    assert "the signer's app id 'other-app' differs from the app's, 'app'" in caught.value.message
+
+
+def test_a_claimed_app_id_cannot_make_a_forged_request_pass(signing_key, trusted):
+    headers = sign_request(signing_key, "POST", "/_habanero/rollback", "other-app", b'{"to":null}', now=NOW)
+    headers[H_APP] = "app"  # lying about it only moves the refusal to the signature
     assert _code(RequestVerifier(trusted, "app"), headers) == "bad_request_signature"
 
 

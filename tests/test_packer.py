@@ -19,7 +19,7 @@ import packer.config
 from overlay.bundle import ParentManifest, Limits, build_bundle, bundle_digest, open_bundle
 from overlay.errors import BadEntryName, ConfigError, HabaneroError, TooLarge
 from packer._warm import WarmBuilder
-from packer.build import build, builder_info, inspect_bundle
+from packer.build import build, builder_info, inspect_bundle, sources_of
 from packer.collect import SourceSnapshot, collect
 from packer.config import ProjectConfig, load_config
 
@@ -142,7 +142,7 @@ def test_packages_are_found_in_a_src_layout(tmp_path: Path) -> None:
         ('[tool.habanero]\npackages = ["overlay"]\n', SHOP, "'overlay' is reserved"),
         ('[tool.habanero]\npackages = ["sitecustomize.py"]\n', SHOP, "'sitecustomize' is reserved"),
         ('[tool.habanero]\npackages = ["shop"]\napp_id = 7\n', SHOP, "app_id must be a str"),
-        ('[tool.habanero]\npackages = ["shop"]\napp_id = "a b"\n', SHOP, "app_id 'a b' must be"),
+        ('[tool.habanero]\npackages = ["shop"]\napp_id = "a b"\n', SHOP, "app_id 'a b' is not an app id"),
         ('[tool.habanero]\npackages = ["shop"]\nkey = ["k"]\n', SHOP, "key must be a str"),
         ('[tool.habanero]\npackages = ["shop"]\ninclude = "*.html"\n', SHOP, "include must be a list of glob"),
         ('[tool.habanero]\npackages = ["shop"]\nexclude = [1]\n', SHOP, "exclude must be a list of glob"),
@@ -465,7 +465,7 @@ def test_build_records_parent_and_builder(project: Path, signing_key) -> None:
     built = build(load_config(project), version=2, signer=signing_key, parent=parent)
     assert built.manifest["parent"] == parent
     builder = built.manifest["builder"]
-    assert set(builder) == {"user", "host", "git_commit", "git_dirty", "habanero"}
+    assert set(builder) == {"user", "host", "git_commit", "git_dirty", "habanero", "sources"}
     assert builder["habanero"] == "0.1.0"
     assert builder["git_commit"] is None and builder["git_dirty"] is None  # not a git checkout
 
@@ -493,7 +493,7 @@ def test_build_from_a_snapshot_reads_nothing_again(project: Path, signing_key) -
     reads = snapshot.reads
     built = build(config, version=1, signer=signing_key, snapshot=snapshot, builder={"user": "ci"})
     assert snapshot.reads == reads and built.timings["collect"] < 5
-    assert built.manifest["builder"] == {"user": "ci"}
+    assert built.manifest["builder"] == {"user": "ci", "sources": sources_of(snapshot.files())}
 
 
 def test_write_replaces_the_file_atomically(project: Path, signing_key) -> None:
@@ -576,3 +576,17 @@ def test_inspect_of_garbage_raises_a_habanero_error(trusted) -> None:
     with pytest.raises(HabaneroError) as err:
         inspect_bundle(b"not a bundle at all", trusted)
     assert err.value.code == "unknown_format"
+
+
+def test_the_sources_digest_is_the_same_for_the_same_code_whoever_builds_it(project: Path, signing_key) -> None:
+    # A one-off build and the watch's warm builder name the same code with the same digest, and a
+    # manifest names it too: that is how a push of the code the app runs knows to send nothing.
+    from packer.build import sources_of_manifest
+
+    config = load_config(project)
+    files = collect(config)
+    built = build(config, version=1, signer=signing_key)
+    warm = WarmBuilder(config.app_id, signing_key, level=1)
+    assert built.sources == sources_of(files) == warm.sources(files) == sources_of_manifest(built.manifest_bytes)
+    changed = {**files, "shop.cart": ("module", b"X = 'other'\n")}
+    assert sources_of(changed) != built.sources

@@ -296,6 +296,7 @@ def test_after_its_first_push_the_watch_sends_one_request_per_save_on_one_connec
 def test_a_push_from_elsewhere_costs_the_next_save_one_status_read_and_a_second_try(served, signing_key) -> None:
     ov, session, config, url = served
     session.watch._start()
+    (config.root / "wapp/m4.py").write_text("def f():\n    return 'theirs'\n")  # another developer's code
     with Remote(url, app_id=config.app_id, key=signing_key) as other:  # another developer: v2
         push_once(other, config, bases=BaseCache(None))
     mark = len(session.sent)
@@ -314,6 +315,7 @@ def test_a_push_from_elsewhere_costs_the_next_save_one_status_read_and_a_second_
 def test_a_version_taken_meanwhile_costs_one_status_read_and_a_second_try(served, signing_key) -> None:
     ov, session, config, url = served
     session.watch._start()
+    (config.root / "wapp/m4.py").write_text("def f():\n    return 'theirs'\n")  # another developer's code
     with Remote(url, app_id=config.app_id, key=signing_key) as other:  # v2 pushed, then rolled back to v1
         push_once(other, config, bases=BaseCache(None))
         other.rollback(1)
@@ -359,3 +361,39 @@ def _alive(pid: int) -> bool:
             return fh.read().rpartition(")")[2].split()[0] not in ("Z", "X")
     except FileNotFoundError:
         return False
+
+
+def test_the_watch_does_not_push_a_no_op_version_at_start_after_a_one_off_push(served, signing_key) -> None:
+    ov, session, config, url = served
+    with Remote(url, app_id=config.app_id, key=signing_key) as once:
+        push_once(once, config, bases=BaseCache(None))
+    assert ov.version == 1
+    session.watch._start()
+    assert session.sent == ["GET status"]
+    assert ov.version == 1 and ov.store.highest == 1
+    assert session.lines[-1].endswith("v1 is live and runs this code; nothing to push")
+
+
+def test_a_one_off_push_whose_version_was_taken_reads_the_status_again_and_pushes_once_more(
+        served, signing_key) -> None:
+    ov, session, config, url = served
+    session.watch._start()  # v1
+    (config.root / "wapp/m4.py").write_text("def f():\n    return 'theirs'\n")
+    reads: list[int] = []
+    with Remote(url, app_id=config.app_id, key=signing_key) as mine, \
+            Remote(url, app_id=config.app_id, key=signing_key) as other:
+        real_status = mine.status
+
+        def status() -> dict:
+            answer = real_status()
+            if not reads:  # another developer's push lands between our status read and our push
+                push_once(other, config, bases=BaseCache(None))
+                (config.root / "wapp/m3.py").write_text("def f():\n    return 'mine'\n")  # our edit
+            reads.append(answer["highest"])
+            return answer
+
+        mine.status = status  # type: ignore[method-assign]
+        result = push_once(mine, config, bases=BaseCache(None))
+    assert reads == [1, 2, 3] and result.version == 3 and ov.version == 3  # the last read confirms it
+    assert [(e["version"], e["code"]) for e in ov.history()][-2:] == [(None, "stale_version"), (3, None)]
+    assert (_f("wapp.m3"), _f("wapp.m4")) == ("mine", "theirs")

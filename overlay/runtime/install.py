@@ -323,7 +323,7 @@ def _start_control_plane(overlay: Overlay) -> None:
         http.mount(overlay.app, overlay, **served)
         logger.info("habanero endpoint mounted at %s in the app", http.PREFIX)
         return
-    host, port = http.parse_listen(overlay.listen)
+    host, port = settings.parse_address(overlay.listen)
     overlay.server = http.StandaloneServer(overlay, host, port, tls=tls, **served)
     overlay.address = overlay.server.start()
     logger.info("habanero endpoint listening on %s://%s:%d%s", "https" if tls else "http",

@@ -28,8 +28,10 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from overlay.bundle import APP_ID_RULE, valid_app_id
 from overlay.errors import ConfigError
 from overlay.keys import TrustedKeys, load_trusted_keys
+from overlay.store import SYNC_MODES
 
 DEFAULT_STORE = ".habanero"
 _FALSE = frozenset({"", "0", "false", "no", "off"})
@@ -78,8 +80,8 @@ def resolve_store(store: str | os.PathLike[str] | None) -> Path:
 
 def resolve_app_id(app_id: str | None, packages: list[str] | tuple[str, ...]) -> str:
     value = app_id or env("HABANERO_APP_ID") or packages[0]
-    if not isinstance(value, str) or not value.isascii() or not 0 < len(value) <= 128:
-        raise ConfigError(f"app_id {value!r} must be 1-128 ASCII characters", code="bad_config")
+    if not valid_app_id(value):
+        raise ConfigError(f"app_id {value!r} is not an app id: {APP_ID_RULE}", code="bad_config")
     return value
 
 
@@ -88,14 +90,20 @@ def resolve_listen(listen: str | None) -> str | None:
     value = listen if listen is not None else env("HABANERO_LISTEN")
     if value is None:
         return None
+    parse_address(value)
+    return value.strip()
+
+
+def parse_address(value: object) -> tuple[str, int]:
+    """``"127.0.0.1:8765"`` / ``"[::1]:0"`` / ``":8765"`` -> (host, port); the one parser of addresses.
+
+    An empty host means loopback: habanero never listens on every interface unless told so.
+    """
     match = _LISTEN.match(value.strip()) if isinstance(value, str) else None
     if match is None or not 0 <= int(match["port"]) <= 65535:
         raise ConfigError(f"listen={value!r} is not host:port (e.g. '127.0.0.1:8765' or '[::1]:8765'); "
                           "set it with listen= or HABANERO_LISTEN", code="bad_config")
-    return value.strip()
-
-
-SYNC_MODES = ("background", "commit")
+    return match["v6"] or match["host"] or "127.0.0.1", int(match["port"])
 
 
 def resolve_sync(sync: str | None) -> str:

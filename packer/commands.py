@@ -1,0 +1,284 @@
+"""The verbs of ``habanero-pack``: each one's arguments, and the thin handler that runs it.
+
+Handlers parse nothing and decide little: they resolve where to go (``packer.target``), call the
+public functions that do the work (``packer.deploy``, ``packer.watch``, ``packer.build``,
+``overlay.keys``) and print the result (``packer.output``). Each imports what it needs when it runs,
+so ``habanero-pack --help`` and ``--version`` load none of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .args import APP_ID, CA_FILE, JSON, KEY, PACKAGES, PROG, PROJECT, URL, Argument, UsageError, arg, positive_int
+
+__all__ = ["VERBS", "Verb"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    run: Handler
+    help: str
+    arguments: tuple[Argument, ...]
+
+
+def _emit(args: argparse.Namespace, text: str) -> None:
+    """Print a command's result, unless ``-q`` asked for errors only."""
+    if getattr(args, "quiet", 0) <= 0:
+        print(text, flush=True)
+
+
+def _emit_json(args: argparse.Namespace, data: Any) -> None:
+    _emit(args, json.dumps(data, indent=2))
+
+
+# ------------------------------------------------------------------------------------- push
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .target import open_remote, resolve
+
+    if not args.watch and (args.check is not None or args.debounce is not None):
+        raise UsageError("--check and --debounce go with --watch: habanero-pack push --watch --check CMD")
+    target = resolve(args, need_project=True)
+    assert target.config is not None
+    if args.watch:
+        from .watch import DEBOUNCE_MS, WatchSession
+
+        out = (lambda line: None) if getattr(args, "quiet", 0) > 0 else None
+        session = WatchSession(open_remote(target), target.config, check=args.check,
+                               debounce_ms=args.debounce or DEBOUNCE_MS, out=out)
+        return session.run()
+    from overlay.errors import RemoteError
+
+    from .deploy import BaseCache, push_once
+    from .output import describe_failure, describe_push, failure_json, push_json
+
+    with open_remote(target) as remote:
+        try:
+            result = push_once(remote, target.config, bases=BaseCache(target.config.root))
+        except RemoteError as exc:
+            if not exc.status or exc.code == "not_habanero":  # one line from main()
+                raise
+            if args.json:
+                _emit_json(args, failure_json(exc, target.root, remote.store))
+            print(f"{PROG}: push refused: {describe_failure(exc, target.root, remote.store)}", file=sys.stderr)
+            print(f"{PROG}: the app still serves its previous version", file=sys.stderr)
+            return 1
+    if args.json:
+        _emit_json(args, push_json(result))
+    else:
+        _emit(args, describe_push(result))
+    return 0
+
+
+PUSH_ARGUMENTS: tuple[Argument, ...] = (
+    URL,
+    arg("--watch", action="store_true",
+        help="push again on every save, until Ctrl-C; pushes first when the app runs other code than the project's"),
+    arg("--check", metavar="CMD", help="with --watch: run CMD (a shell command, in the project directory) "
+        "before each push; when it fails the push is skipped and its output shown"),
+    arg("--debounce", type=lambda s: positive_int(s, "--debounce"), metavar="MS",
+        help="with --watch: group saves made within MS milliseconds into one push (default 20)"),
+    JSON, KEY, PROJECT, APP_ID, PACKAGES, CA_FILE,
+)
+
+
+# ------------------------------------------------------------------------ status, history, rollback
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .target import open_remote, resolve
+
+    target = resolve(args, need_project=False)
+    with open_remote(target) as remote:
+        status = remote.status()
+    if args.json:
+        _emit_json(args, status)
+        return 0
+    active = status.get("active") or {}
+    lines = [f"app        {status.get('app_id')} at {target.url} (pid {status.get('pid')}, up "
+             f"{status.get('uptime_s', 0):.0f} s)"]
+    if active:
+        builder = active.get("builder") or {}
+        lines.append(f"active     version {active['version']} ({active['digest'][:12]}), {active['entries']} "
+                     f"entries, built {active['created']} by {builder.get('user', '?')}@{builder.get('host', '?')}")
+    else:
+        lines.append("active     none: the app runs the code on disk")
+    lines.append(f"highest    {status.get('highest')}")
+    failure = status.get("last_failure")
+    if failure:
+        lines.append(f"last fail  {failure.get('action')} v{failure.get('version')}: {failure.get('code')}: "
+                     f"{failure.get('message')}")
+    lines += [f"problem    {problem}" for problem in status.get("startup_problems") or []]
+    _emit(args, "\n".join(lines))
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    from .client import map_traceback
+    from .target import open_remote, resolve
+
+    target = resolve(args, need_project=False)
+    with open_remote(target) as remote:
+        entries = remote.history(args.limit)
+        if not args.json and target.root and any(e.get("outcome") != "ok" for e in entries):
+            remote.status()  # where the app's store is: reasons name files in its tree
+    if args.json:
+        _emit_json(args, entries)
+        return 0
+    lines = []
+    for e in entries:
+        reason = (f"  {e.get('code')}: {map_traceback(str(e.get('reason')), target.root, remote.store)}"
+                  if e.get("outcome") != "ok" else "")
+        lines.append(f"{e.get('time', '?'):<27} {e.get('action', '?'):<9} v{e.get('version')!s:<5} "
+                     f"{e.get('outcome', '?'):<7} {(e.get('digest') or '')[:12]:<12}{reason}")
+    _emit(args, "\n".join(lines) if lines else "no deploys yet")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from .target import open_remote, resolve
+
+    target = resolve(args, need_project=False)
+    with open_remote(target) as remote:
+        before = remote.status()
+        expect = (before.get("active") or {}).get("version")
+        response = remote.rollback(args.to, expect=expect)
+    r = response["report"]
+    _emit(args, f"rolled back {target.url} from version {r['previous_version']} to {r['version']} in "
+                f"{r['timings_ms'].get('total', 0):.1f} ms")
+    return 0
+
+
+REMOTE = (CA_FILE, KEY, PROJECT, APP_ID)
+
+
+# --------------------------------------------------------------------------- build, inspect, keygen
+
+
+def _build(args: argparse.Namespace) -> int:
+    from overlay.keys import load_signing_key
+
+    from .build import build
+    from .output import display, size
+    from .target import project_config
+
+    config = project_config(args)
+    signer = load_signing_key(config.require_key())  # before the work: a passphrase prompt comes first
+    built = build(config, version=args.bundle_version, signer=signer)
+    out = built.write(args.output or f"{config.app_id}-v{args.bundle_version}.hbn")
+    _emit(args, f"wrote {display(out)}: {config.app_id} v{built.version}, {built.entries} entries, "
+                f"{size(built.size)} ({size(built.uncompressed_size)} unpacked, ratio {built.ratio:.1f}), "
+                f"key {built.key_id}, {built.timings['total']:.0f} ms")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import os
+
+    from overlay.keys import load_trusted_keys
+
+    from .build import inspect_bundle
+    from .output import format_inspection, inspection_json
+
+    data = Path(args.file).read_bytes()
+    source = args.trusted_keys or os.environ.get("HABANERO_TRUSTED_KEYS", "").strip()
+    trusted = load_trusted_keys(source) if source else None
+    report = inspect_bundle(data, trusted)
+    if args.json:
+        _emit_json(args, inspection_json(args.file, report, trusted))
+    else:
+        _emit(args, format_inspection(args.file, report, trusted))
+    if report.refusal is not None:
+        print(f"{PROG}: error: {report.refusal.code}: {' '.join(report.refusal.message.split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from overlay.keys import generate_signing_key
+
+    from .config import PROJECT_KEY
+    from .output import display
+
+    default = _keygen_home(args.project) / PROJECT_KEY
+    path = Path(args.out).expanduser().absolute() if args.out else default
+    key = generate_signing_key(path, comment=args.comment or _user_at_host(), overwrite=args.force)
+    shown = display(path)
+    lines = [f"wrote {shown} (private key, mode 0600) and {shown}.pub", f"key id {key.key_id}", key.public.line(),
+             "",
+             "Add the ssh-ed25519 line above to the app's trusted keys file (what the running app passes to "
+             "overlay.install() as trusted_keys=, or HABANERO_TRUSTED_KEYS), e.g.",
+             f"  cat {shown}.pub >> path/to/trusted_keys"]
+    if path == default:
+        lines.append("habanero-pack signs with it in this project unless --key, HABANERO_KEY or `key` in "
+                     "[tool.habanero] names another. Keep the private key out of version control.")
+    else:
+        lines.append(f"To sign with it, set key = \"{shown}\" in [tool.habanero] or HABANERO_KEY={shown}. "
+                     "Keep the private key out of version control.")
+    _emit(args, "\n".join(lines))
+    return 0
+
+
+def _keygen_home(project: str | None) -> Path:
+    """The project root when there is one (``--project`` or a pyproject above), else the cwd."""
+    from overlay.errors import ConfigError
+
+    from .config import find_project
+
+    try:
+        return find_project(project)
+    except ConfigError:
+        if project is not None:
+            raise
+        return Path.cwd()
+
+
+def _user_at_host() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "habanero"
+    return f"{user}@{socket.gethostname()}"
+
+
+#: Every verb, in the order ``--help`` lists them.
+VERBS: dict[str, Verb] = {verb.name: verb for verb in (
+    Verb("push", _push, "build, sign and deploy the project to the running app (--watch: on every save)",
+         PUSH_ARGUMENTS),
+    Verb("status", _status, "show the version a running app serves", (URL, JSON, *REMOTE)),
+    Verb("history", _history, "show a running app's deploy history",
+         (URL, JSON, *REMOTE, arg("--limit", type=int, default=20, help="how many entries (default 20)"))),
+    Verb("rollback", _rollback, "return a running app to its previous version",
+         (URL, *REMOTE, arg("--to", type=int, metavar="VERSION", help="roll back to this stored version "
+                            "(default: the one before the active version)"))),
+    Verb("build", _build, "build a signed bundle of the project's packages, without pushing", (
+        arg("-o", "--output", metavar="FILE", help="where to write the bundle (default: APP_ID-vN.hbn)"),
+        arg("--bundle-version", type=lambda s: positive_int(s, "--bundle-version"), default=1, metavar="N",
+            help="the bundle's version, higher than any the app accepted (default: 1)"),
+        KEY, PROJECT, APP_ID, PACKAGES)),
+    Verb("inspect", _inspect, "show a bundle's manifest and check its signature", (
+        arg("file", metavar="FILE", help="a bundle file"),
+        arg("--trusted-keys", metavar="FILE",
+            help="verify against this authorized_keys-style file (default: HABANERO_TRUSTED_KEYS)"),
+        JSON)),
+    Verb("keygen", _keygen, "create a deploy key pair (OpenSSH ed25519)", (
+        arg("--out", metavar="PATH", help="private key path; the public key goes to PATH.pub "
+            "(default: .habanero/deploy_key in the project)"),
+        arg("--comment", metavar="TEXT", help="comment on the public key line (default: user@host)"),
+        arg("--force", action="store_true", help="overwrite an existing key pair"),
+        PROJECT)),
+)}

@@ -1,4 +1,11 @@
-"""habanero's run-time side: serve an app's packages from signed bundles and upgrade them live."""
+"""habanero's run-time side: serve an app's packages from signed bundles and upgrade them live.
+
+    import overlay
+    ov = overlay.install(packages=["myapp"], trusted_keys="deploy/trusted_keys")
+
+``install`` and the :class:`Overlay` handle it returns, the errors (one tree, drawn in
+``overlay.errors``), and the version. Everything else is reached through the handle.
+"""
 
 from typing import TYPE_CHECKING
 
@@ -15,22 +22,27 @@ from overlay.errors import (
     DeployInProgress,
     HabaneroError,
     KeyProblem,
+    ModuleInUse,
+    OverlayImportError,
     ParentMissing,
+    RemoteError,
     StaleVersion,
     StoreError,
     TooLarge,
     UnknownFormat,
     UntrustedKey,
+    UploadFailed,
     WrongApp,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "install", "Overlay", "HabaneroError", "BundleRejected", "UnknownFormat", "BadSignature",
-    "UntrustedKey", "WrongApp", "StaleVersion", "TooLarge", "CorruptPayload", "BadManifest",
-    "BadEntryName", "ParentMissing", "CompileFailed", "KeyProblem", "StoreError", "ConfigError",
-    "ActivationFailed", "ControlRejected", "DeployInProgress", "__version__",
+    "install", "Overlay", "__version__",
+    "HabaneroError", "BundleRejected", "UnknownFormat", "BadSignature", "UntrustedKey", "WrongApp",
+    "StaleVersion", "TooLarge", "CorruptPayload", "BadManifest", "BadEntryName", "ParentMissing",
+    "CompileFailed", "ModuleInUse", "KeyProblem", "StoreError", "ConfigError", "ActivationFailed",
+    "ControlRejected", "DeployInProgress", "UploadFailed", "OverlayImportError", "RemoteError",
 ]
 
 if TYPE_CHECKING:
@@ -45,3 +57,7 @@ def __getattr__(name: str) -> object:
 
         return getattr(_install, name)
     raise AttributeError(f"module 'overlay' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -5,8 +5,9 @@ what scripts match on), an ``http_status`` for the control plane, and a message 
 problem and the fix. Nothing else in habanero raises a bare exception across its public surface.
 Every code habanero raises is in this tree (``tests/test_errors.py`` holds it to that):
 
-    HabaneroError
-    ├── BundleRejected              the bytes are not an acceptable bundle (nothing was stored or run)
+    HabaneroError                   habanero_error (never raised itself: always one of the leaves)
+    ├── BundleRejected              bad_bundle (the bytes are not an acceptable bundle; nothing was
+    │   │                           stored or run)
     │   ├── UnknownFormat           unknown_format
     │   ├── BadSignature            bad_signature, unsigned
     │   ├── UntrustedKey            unknown_key
@@ -18,7 +19,7 @@ Every code habanero raises is in this tree (``tests/test_errors.py`` holds it to
     │   │                           truncated, bad_payload
     │   ├── BadManifest             bad_manifest
     │   ├── BadEntryName            bad_entry_name
-    │   ├── ParentMissing           parent_missing (a delta whose parent the server lacks)
+    │   ├── ParentMissing           parent_missing (a delta whose parent the app lacks)
     │   ├── CompileFailed           syntax_error (nothing ran)
     │   └── ModuleInUse             removed_module_in_use (a removed module others still import)
     ├── KeyProblem                  bad_key, bad_trusted_keys, wrong_passphrase, unsupported_key,
@@ -26,18 +27,18 @@ Every code habanero raises is in this tree (``tests/test_errors.py`` holds it to
     ├── StoreError                  store_error, store_locked, store_format, store_app_mismatch,
     │                               bad_highest, unknown_version
     ├── ConfigError                 bad_config, already_installed, disabled, listen_failed
-    ├── ActivationFailed            activation_failed (the push was undone; old code still serving)
+    ├── ActivationFailed            activation_failed (the push was undone; the old code still serves)
     ├── ControlRejected             unsigned_request, unknown_key, wrong_app, bad_request_signature,
     │                               stale_request, replayed_request, bad_request, version_mismatch,
     │                               nothing_to_roll_back
     ├── DeployInProgress            deploy_in_progress
-    ├── UploadFailed                upload_timeout, upload_incomplete, too_many_uploads
+    ├── UploadFailed                upload_incomplete, upload_timeout, too_many_uploads
     ├── OverlayImportError          import_failed, not_in_bundle (also an ImportError)
-    └── RemoteError                 on the deploying side: unreachable, not_habanero, bad_url,
-                                    tls_error, bad_ca_file, not_confirmed; or the code the app
-                                    answered with
+    └── RemoteError                 unreachable, not_habanero, bad_url, tls_error, bad_ca_file,
+                                    not_confirmed (raised by the deploying side; or the code the app
+                                    answered with)
 
-The endpoint itself answers ``internal_error`` (500, a bug: the app's log has the traceback) and
+The endpoint also answers ``internal_error`` (500, a bug: the app's log has the traceback) and
 ``http_error`` (a request outside the routes) without raising any of these.
 """
 

@@ -12,7 +12,8 @@ EXPECTED = {
     "install", "Overlay", "HabaneroError", "BundleRejected", "UnknownFormat", "BadSignature",
     "UntrustedKey", "WrongApp", "StaleVersion", "TooLarge", "CorruptPayload", "BadManifest",
     "BadEntryName", "ParentMissing", "CompileFailed", "KeyProblem", "StoreError", "ConfigError",
-    "ActivationFailed", "ControlRejected", "DeployInProgress", "__version__",
+    "ActivationFailed", "ControlRejected", "DeployInProgress", "__version__", "ModuleInUse", "UploadFailed",
+    "OverlayImportError", "RemoteError",
 }
 
 
@@ -20,6 +21,13 @@ def test_public_names_are_exactly_the_documented_ones():
     assert set(overlay.__all__) == EXPECTED
     for name in overlay.__all__:
         assert getattr(overlay, name) is not None
+
+
+def test_dir_shows_what_the_package_offers_before_it_is_loaded():
+    code = "import overlay, sys; print('install' in dir(overlay), 'Overlay' in dir(overlay), " \
+           "'overlay.runtime.install' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["True", "True", "False"]  # listed, and still not imported
 
 
 def test_install_keeps_the_keyword_names_tools_and_docs_rely_on():

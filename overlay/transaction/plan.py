@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from overlay.transaction.diff import EntryDiff
 from overlay.bundle import Bundle
-from overlay.errors import BundleRejected, CompileFailed
+from overlay.errors import BundleRejected, CompileFailed, ModuleInUse
 
 Compiler = Callable[[str, bytes, str], types.CodeType]
 Checker = Callable[..., Any]  # rebind.check_update
@@ -207,7 +207,7 @@ def _refuse_removed_in_use(removed: Iterable[str], target: Bundle) -> None:
         for dep in imported_names(name, entry.kind == "package", source) & removed:
             users.setdefault(dep, []).append(name)
     for dep in sorted(users):
-        raise BundleRejected(
+        raise ModuleInUse(
             f"module {dep} was removed from the bundle but {', '.join(sorted(users[dep]))} still "
             "import it; remove those imports or keep the module — nothing ran",
             code="removed_module_in_use", module=dep, importers=sorted(users[dep]),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import zstandard
@@ -99,7 +99,8 @@ def build_bundle(
     items = sorted((name, kind, bytes(content)) for name, (kind, content) in rows)
     if not signers:
         raise BadSignature("a bundle needs at least one signing key", code="unsigned")
-    entries, chunks = [], []
+    entries: list[dict[str, Any]] = []  # the manifest's JSON
+    chunks: list[bytes] = []
     for name, kind, content in items:
         entries.append({"name": name, "kind": kind, "size": len(content),
                         "sha256": hashlib.sha256(content).hexdigest()})
@@ -121,7 +122,7 @@ def build_bundle(
         "app_id": app_id,
         "version": version,
         "parent": parent,
-        "created": created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "created": created or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "builder": dict(builder or {}),
         "payload": payload,
         "entries": entries,

@@ -28,7 +28,7 @@ import keyword
 import os
 import sys
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib.machinery import ModuleSpec, PathFinder, SourceFileLoader
 
 from overlay.bundle import Bundle
@@ -44,10 +44,10 @@ __all__ = ["BundleIndex", "BundleLoader", "OverlayFinder", "OverlayImportError",
 def check_packages(packages: Iterable[object]) -> tuple[str, ...]:
     """Validate the declared top-level packages; refuse anything that would shadow Python or habanero."""
     names: list[str] = []
-    for name in packages:
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"packages: {name!r} is not a package name", code="bad_config")
-        name = name.strip()
+    for given in packages:
+        if not isinstance(given, str) or not given.strip():
+            raise ConfigError(f"packages: {given!r} is not a package name", code="bad_config")
+        name = given.strip()
         if "." in name:
             raise ConfigError(f"packages: {name!r} is a dotted name; declare the top-level package "
                               f"{name.partition('.')[0]!r} instead", code="bad_config")
@@ -127,17 +127,18 @@ class OverlayFinder:
         previous, self._index = self._index, index
         return previous
 
-    def find_spec(self, fullname: str, path: object = None, target: types.ModuleType | None = None,
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None, target: types.ModuleType | None = None,
                   ) -> ModuleSpec | None:
         index = self._index  # read once: a concurrent set_index cannot tear this lookup
-        mod = index.modules.get(fullname) if index is not None else None
-        if mod is not None:
-            return index._spec(fullname, mod)  # type: ignore[union-attr]
+        if index is not None:
+            mod = index.modules.get(fullname)
+            if mod is not None:
+                return index._spec(fullname, mod)
         if fullname.partition(".")[0] not in self._declared:
             return None
         return self._from_disk(fullname, path)
 
-    def _from_disk(self, fullname: str, path: object) -> ModuleSpec | None:
+    def _from_disk(self, fullname: str, path: Sequence[str] | None) -> ModuleSpec | None:
         """A declared module the bundle lacks: what the path finder finds, remembering its source.
 
         The spec is the one the next finder would return; only its loader records the source bytes
@@ -145,7 +146,7 @@ class OverlayFinder:
         """
         if path is None and "." in fullname:
             return None  # a submodule is always looked up in its parent's __path__
-        spec = PathFinder.find_spec(fullname, path)  # type: ignore[arg-type]
+        spec = PathFinder.find_spec(fullname, path)
         if spec is not None and type(spec.loader) is SourceFileLoader:
             spec.loader = _RecordingLoader(spec.loader.name, spec.loader.path, self.disk_sources)
         return spec

@@ -13,19 +13,17 @@ import base64
 import binascii
 import hashlib
 import os
+import struct
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import struct
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
 # cryptography's serialization module costs tens of milliseconds to import, on every habanero-pack
 # run: the OpenSSH wire formats of ed25519 keys are simple enough to read and write here, and the
 # module is imported only for what it alone can do (encrypted private keys, writing a new key).
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from overlay.errors import KeyProblem
 
@@ -109,7 +107,7 @@ class _Reader:
         return chunk
 
     def uint32(self) -> int:
-        return struct.unpack(">I", self.take(4))[0]
+        return int.from_bytes(self.take(4), "big")
 
     def string(self) -> bytes:
         return self.take(self.uint32())

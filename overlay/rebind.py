@@ -178,6 +178,7 @@ def _queue_heap_pass(ctx: Context) -> None:
     own = batch is None or batch.journal is not ctx.journal
     if own:
         batch = HeapPass(ctx.journal)
+    assert batch is not None  # a new one whenever none was active
     batch.add(ctx.required, ctx.report, required=True)
     batch.add(ctx.optional, ctx.report, required=False)
     if own:
@@ -238,8 +239,8 @@ def _fix_moved(diff: Diff, ctx: Context, filename: str, refile: bool, flags: int
                 ctx.journal.setattr(fn, "__code__", shifted)
                 if makes_functions(code):
                     _pair_tree(code, shifted, ctx)
-    for old, new in diff.relayout:
-        _relayout(old, new, ctx, filename, flags, done)
+    for old, parsed in diff.relayout:
+        _relayout(old, parsed, ctx, filename, flags, done)
 
 
 def _functions_in(stmt: Stmt, ctx: Context, done: set[int]) -> Iterator[types.FunctionType]:
@@ -269,8 +270,8 @@ def _relayout(old: Stmt, new: Parsed, ctx: Context, filename: str, flags: int,
     live = list(_functions_in(old, ctx, done))
     if not live:
         return
-    compiled = compile(ast.Module(body=[new.node], type_ignores=[]), filename, "exec",
-                       flags=flags, dont_inherit=True)
+    compiled: types.CodeType = compile(ast.Module(body=[new.node], type_ignores=[]), filename, "exec",
+                                       flags=flags, dont_inherit=True)
     fresh: dict[str, list[types.CodeType]] = {}
     stack = list(children(compiled))
     while stack:

@@ -42,8 +42,10 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from overlay.bundle import DEFAULT_LIMITS, Bundle, Limits, open_bundle
@@ -223,7 +225,7 @@ class Store:
         verifies, and why each one skipped did not."""
         candidates = [(v, d) for v, d in reversed(self.stored()) if which(v)]
         candidates.sort(key=lambda vd: vd[1] != prefer)  # stable: newest first otherwise
-        skipped = []
+        skipped: list[str] = []
         for version, digest in candidates:
             bundle, why = self._verify_file(version, digest)
             if bundle is not None:
@@ -398,7 +400,7 @@ class Store:
     def _append_history(self, action: str, version: int | None, digest: str | None,
                         key_ids: Sequence[str], outcome: str, code: str | None, reason: str, *,
                         sync: bool = True) -> None:
-        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         fs.append_record(self._history_file, {
             "time": now, "action": action, "version": version, "digest": digest,
             "key_ids": list(key_ids), "outcome": outcome, "code": code, "reason": reason}, sync=sync)
@@ -418,7 +420,7 @@ class Store:
             raise WrongApp(f"bundle is for app {bundle.app_id!r}; this store holds {self.app_id!r}",
                            expected=self.app_id, got=bundle.app_id)
 
-    def _io(self, what: str) -> Any:
+    def _io(self, what: str) -> AbstractContextManager[None]:
         """Turn an OSError (disk full, permissions) into a StoreError that says what to do."""
         return fs.os_errors_as_store_errors(self.path, what)
 
@@ -508,5 +510,6 @@ class Store:
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()

@@ -21,10 +21,9 @@ from itertools import accumulate, compress, count, repeat
 from operator import itemgetter, lt, ne
 from typing import Any, NamedTuple
 
-from overlay.format.names import APP_ID_RULE, check_entry_name, module_path, valid_app_id
 from overlay.errors import BadEntryName, BadManifest, TooLarge, UnknownFormat
 from overlay.format.limits import Limits
-
+from overlay.format.names import APP_ID_RULE, check_entry_name, module_path, valid_app_id
 
 FORMAT = 2  #: what this habanero writes
 READABLE = (1, 2)  #: what it reads: format 1 entries also list their offsets (see docs/bundle-format.md)
@@ -62,7 +61,8 @@ class EntryTable(NamedTuple):
 
     @classmethod
     def of(cls, rows: list[Entry]) -> EntryTable:
-        return cls(rows, *zip(*rows)) if rows else cls(rows, (), (), (), ())
+        # zip(*rows) is the four columns; mypy cannot count them, so it fears one lands on ``changed``
+        return cls(rows, *zip(*rows)) if rows else cls(rows, (), (), (), ())  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------- canonical text
@@ -246,7 +246,7 @@ def check_top(m: Any, limits: Limits) -> bool:
     if not isinstance(payload, dict) or payload.get("codec") not in CODECS:
         codec = payload.get("codec") if isinstance(payload, dict) else None
         raise UnknownFormat(f"payload codec {codec!r} is not supported (expected one of {CODECS})")
-    delta = payload["codec"] == "zstd-delta"
+    delta: bool = payload["codec"] == "zstd-delta"
     _check_fields(payload, _DELTA_PAYLOAD if delta else _PAYLOAD, "manifest.payload")
     if delta and m["parent"] is None:
         raise BadManifest("a delta payload needs a parent bundle to take the other entries from")
@@ -272,7 +272,8 @@ def _check_included(included: list[Any], names: tuple[str, ...]) -> None:
         last = position
 
 
-def _fast_table(entries: list[Any], total: int, limits: Limits, known: EntryTable | None, v1: bool) -> EntryTable | None:
+def _fast_table(entries: list[Any], total: int, limits: Limits, known: EntryTable | None,
+                v1: bool) -> EntryTable | None:
     """The table, if every entry check holds; None if one fails (``_check_entries`` then says which).
 
     The checks of ``_check_entries``, a column at a time. Integer columns are type-checked before
@@ -285,7 +286,8 @@ def _fast_table(entries: list[Any], total: int, limits: Limits, known: EntryTabl
         return None
 
 
-def _columns_hold(entries: list[Any], total: int, limits: Limits, known: EntryTable | None, v1: bool) -> EntryTable | None:
+def _columns_hold(entries: list[Any], total: int, limits: Limits, known: EntryTable | None,
+                  v1: bool) -> EntryTable | None:
     """``_fast_table``'s checks, raising TypeError or KeyError on some odd entries."""
     if not entries:
         return None

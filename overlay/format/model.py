@@ -6,6 +6,7 @@ manifest was signed by a trusted key, its entries' bodies have their sizes and h
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 from collections.abc import Callable
@@ -21,8 +22,15 @@ __all__ = ["Bundle", "ContentLookup", "ParentManifest"]
 
 ContentLookup = Callable[[str], "bytes | None"]  # sha256 -> an entry body the server already holds
 _SHA256 = itemgetter(3)  # of an Entry
-#: Spans not worked out yet (None is an answer: "not canonical").
-UNKNOWN_SPANS: Any = object()
+
+
+class _Unknown(enum.Enum):
+    SPANS = enum.auto()
+
+
+#: Spans not worked out yet (None is an answer: "not canonical"). An enum member, so that the type
+#: checker can tell it from a real answer after an ``is`` test.
+UNKNOWN_SPANS = _Unknown.SPANS
 
 
 class Bundle:
@@ -38,7 +46,7 @@ class Bundle:
 
     def __init__(self, manifest: dict[str, Any], manifest_bytes: bytes, raw: bytes, key_ids: tuple[str, ...],
                  entries: dict[str, Entry], bodies: dict[str, bytes], *, digest: str | None = None,
-                 table: EntryTable | None = None, spans: Spans | None = UNKNOWN_SPANS,
+                 table: EntryTable | None = None, spans: Spans | _Unknown | None = UNKNOWN_SPANS,
                  changed_from: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None) -> None:
         self.manifest = manifest
         self.manifest_bytes = manifest_bytes

@@ -4,7 +4,7 @@ Names become dictionary keys in the finder and, later, paths on disk in the stor
 tree, so they are validated once, strictly, before anything is built from them. Only ASCII is
 allowed: a Cyrillic ``а`` that looks like a Latin ``a`` would otherwise make two entries that read
 the same to a reviewer.
-"""
+"""  # noqa: RUF002  (the Cyrillic letter is the example)
 
 from __future__ import annotations
 

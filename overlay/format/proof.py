@@ -32,8 +32,8 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from overlay.errors import BundleRejected
-from overlay.format.limits import Limits
 from overlay.format import manifest
+from overlay.format.limits import Limits
 from overlay.format.manifest import (
     ENTRIES_OPEN,
     ENTRY_JSON,
@@ -212,9 +212,12 @@ def _table(top: dict[str, Any], known: EntryTable, base_lengths: list[int], carr
             rows[i], kinds[i], sizes[i], hashes[i], lengths[i] = entry, entry.kind, entry.size, entry.sha256, length
             changed.append(entry.name)
         else:
-            for column, value in ((rows, entry), (names, entry.name), (kinds, entry.kind), (sizes, entry.size),
-                                  (hashes, entry.sha256), (lengths, length)):
-                column.insert(i, value)
+            rows.insert(i, entry)
+            names.insert(i, entry.name)
+            kinds.insert(i, entry.kind)
+            sizes.insert(i, entry.size)
+            hashes.insert(i, entry.sha256)
+            lengths.insert(i, length)
             shift += 1
             added.append(entry.name)
     if len(rows) > limits.max_entries or sum(sizes) != top["payload"]["uncompressed_size"]:

@@ -147,7 +147,7 @@ def verify_block(signatures: Sequence[tuple[str, bytes]], message: bytes, truste
     # A signature under a trusted key id that does not hold is tampering: refuse at the first,
     # so a forged request costs one check, not one per signature it lists.
     for kid, sig in known:
-        if not trusted.get(kid).verify(sig, message):  # type: ignore[union-attr]
+        if not trusted.get(kid).verify(sig, message):  # type: ignore[union-attr]  # known: trusted ids only
             raise BadSignature(
                 f"the signature by {kid} does not match the bundle's contents: the bundle was "
                 "altered after signing, or signed by another key with the same id; rebuild and push again",

@@ -23,14 +23,15 @@ is habanero's own state directory, and skipping the cache there would make every
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import itertools
 import logging
 import marshal
 import os
 import struct
 import sys
-import itertools
 import threading
 import types
 from collections.abc import Callable
@@ -157,7 +158,7 @@ class CodeCache:
         """
         if self._listed is None:
             try:
-                self._listed = set(os.listdir(self.directory))  # type: ignore[arg-type]
+                self._listed = set(os.listdir(self.directory))
             except OSError:
                 self._listed = set()
         return self._listed
@@ -173,7 +174,7 @@ class CodeCache:
             self._ensure_dir()
             # Unique per process and call, with the store's ".tmp-" mark for what a crash leaves;
             # O_EXCL refuses a planted file or symlink; 0600: only this user may write it.
-            tmp = os.path.join(self.directory, f".tmp-{sha256[:16]}-{os.getpid()}-{next(_counter)}")
+            tmp = f"{self._prefix}.tmp-{sha256[:16]}-{os.getpid()}-{next(_counter)}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
             try:
                 view = memoryview(header + body)
@@ -191,10 +192,8 @@ class CodeCache:
                            "every start", self.directory, exc)
         finally:
             if tmp is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(tmp)
-                except OSError:
-                    pass
 
     def _ensure_dir(self) -> None:
         if self._dir_ready:

@@ -136,7 +136,9 @@ class BundleIndex:
         return self._spec(name, self._module(name))
 
     def _spec(self, name: str, mod: _Module) -> ModuleSpec:
-        spec = ModuleSpec(name, self.loader, origin=mod.filename, is_package=mod.search is not None)
+        # The loader has every method of the protocol; typeshed asks for a subclass of importlib.abc.Loader
+        spec = ModuleSpec(name, self.loader, origin=mod.filename,  # type: ignore[arg-type]
+                          is_package=mod.search is not None)
         spec.has_location = True  # the machinery then sets __file__ (and __cached__) from the spec
         if self.code_cache is not None:
             cached = self.code_cache.path_for(self.bundle.entries[name].sha256)

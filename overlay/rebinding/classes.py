@@ -18,10 +18,11 @@ from __future__ import annotations
 import ast
 import enum
 import functools
+from collections.abc import Callable
 from types import FunctionType, GetSetDescriptorType, MemberDescriptorType
 from typing import Any
 
-from overlay.rebinding.functions import Context, own_attr, clear_caches, conform_function, find_inner, same_value
+from overlay.rebinding.functions import Context, clear_caches, conform_function, find_inner, own_attr, same_value
 from overlay.rebinding.journal import MISSING
 from overlay.rebinding.matching import Region, match
 from overlay.rebinding.statements import binds_of
@@ -62,9 +63,12 @@ def refusal(old: type, new: type, ctx: Context) -> str | None:
         return f"`__slots__` changed from {_slots(old)} to {_slots(new)}: {kept}"
     if (old.__basicsize__, old.__itemsize__) != (new.__basicsize__, new.__itemsize__):
         return f"its instance layout changed (__dict__ or __weakref__ added or removed): {kept}"
-    if isinstance(old, enum.EnumType) and old._member_type_ is not new._member_type_:
-        return (f"its member type changed from {old._member_type_.__qualname__} to "
-                f"{new._member_type_.__qualname__}: {kept}")
+    if isinstance(old, enum.EnumType):
+        # Every enum class has ``_member_type_`` (the data type its members mix in, else object);
+        # typeshed does not declare it. ``new`` is an enum too: its metaclass is old's (above).
+        was, now = old._member_type_, new._member_type_  # type: ignore[attr-defined]
+        if was is not now:
+            return f"its member type changed from {was.__qualname__} to {now.__qualname__}: {kept}"
     return None
 
 
@@ -84,7 +88,9 @@ def conform_class(old: type, new: type, old_node: ast.ClassDef | None,
         return reason
     qual = old.__qualname__
     _retarget_class_cells(old, new, ctx)
-    members = _conform_enum(old, new, qual, ctx) if isinstance(old, enum.EnumType) else set()
+    members: set[str] = set()
+    if isinstance(old, enum.EnumType) and isinstance(new, enum.EnumType):  # both or neither: refusal()
+        members = _conform_enum(old, new, qual, ctx)
     unchanged, changed, gone = _body_diff(old_node, new_node, regions)
     known = old_node is not None and new_node is not None
     old_dict = old.__dict__
@@ -177,7 +183,8 @@ def _retarget_class_cells(old: type, new: type, ctx: Context) -> None:
             code = fn.__code__
             if "__class__" not in code.co_freevars:
                 continue
-            cell = fn.__closure__[code.co_freevars.index("__class__")]
+            # A function with a free variable (``__class__``) always has a closure.
+            cell = fn.__closure__[code.co_freevars.index("__class__")]  # type: ignore[index]
             try:
                 if cell.cell_contents is new:
                     ctx.journal.setattr(cell, "cell_contents", old)
@@ -262,7 +269,7 @@ def _conform_property(cls: type, name: str, old: property, new: property,
     """Patch a property's accessors in place; rebuild the property if one was added/removed."""
     if type(old) is not type(new):
         return f"it is now a {type(new).__name__}, not a {type(old).__name__}"
-    accessors = []
+    accessors: list[Callable[..., Any] | None] = []
     for a, b in ((old.fget, new.fget), (old.fset, new.fset), (old.fdel, new.fdel)):
         if type(a) is FunctionType and type(b) is FunctionType:
             reason = conform_function(a, b, ctx)
@@ -274,7 +281,8 @@ def _conform_property(cls: type, name: str, old: property, new: property,
     if accessors != [old.fget, old.fset, old.fdel] or not same_value(old.__doc__, new.__doc__):
         if type(old) is not property:
             return f"a {type(old).__name__} cannot gain or lose accessors in place"
-        ctx.journal.setattr(cls, name, property(*accessors, new.__doc__))
+        fget, fset, fdel = accessors
+        ctx.journal.setattr(cls, name, property(fget, fset, fdel, new.__doc__))
     return None
 
 
@@ -298,7 +306,7 @@ def _conform_enum(old: enum.EnumType, new: enum.EnumType, qual: str, ctx: Contex
     """Keep existing members, adopt new ones, drop deleted ones; return every member name."""
     journal, report = ctx.journal, ctx.report
     old_map, new_map = old._member_map_, new._member_map_
-    plain = old._member_type_ is object and "__init__" not in new.__dict__
+    plain = old._member_type_ is object and "__init__" not in new.__dict__  # type: ignore[attr-defined]  # see refusal
     final: dict[int, Any] = {}  # id(new member) -> the member object the old enum will hold
     for name in new._member_names_:
         fresh, kept = new_map[name], old_map.get(name)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import FunctionType, MethodType
 from typing import Any
 
-from overlay.rebinding.closures import Pairs, pair_nested
+from overlay.rebinding.closures import Pairs, Report, pair_nested
 from overlay.rebinding.journal import MISSING, Journal
 
 __all__ = ["Context", "find_inner", "conform_function", "clear_caches", "owned_functions",
@@ -34,7 +34,7 @@ class Context:
 
     journal: Journal
     namespace: dict[str, Any]  # the module's __dict__
-    report: Any  # ModuleReport
+    report: Report
     version: int | None = None
     required: Pairs = field(default_factory=dict)  # nested code of changed defs: heap pass
     optional: Pairs = field(default_factory=dict)  # nested code that only moved
@@ -138,9 +138,7 @@ def _inside(obj: Any) -> Iterator[Any]:
         return
     if isinstance(obj, (classmethod, staticmethod, MethodType)):
         yield obj.__func__
-    elif isinstance(obj, functools.partial):
-        yield obj.func
-    elif isinstance(obj, (functools.cached_property, functools.singledispatchmethod)):
+    elif isinstance(obj, (functools.partial, functools.cached_property, functools.singledispatchmethod)):
         yield obj.func
     wrapped = own_attr(obj, "__wrapped__")
     if wrapped is not None:

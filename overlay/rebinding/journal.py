@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any, TypeVar
 
 __all__ = ["Journal", "UndoIncomplete"]
@@ -50,7 +50,9 @@ MISSING: Any = _Missing()
 class UndoIncomplete(ExceptionGroup):
     """Some undo steps failed; every other step still ran. ``exceptions`` holds the failures."""
 
-    def derive(self, excs):  # keep the type when the group is split by ``except*``
+    # Keeps the type when the group is split by ``except*``. An ExceptionGroup holds and derives from
+    # Exceptions only: the BaseException overload typeshed gives BaseExceptionGroup.derive cannot apply.
+    def derive(self, excs: Sequence[Exception]) -> UndoIncomplete:  # type: ignore[override]
         return UndoIncomplete(self.message, excs)
 
 

@@ -11,11 +11,13 @@ a 60-method class then dumps that one method, not the class.
 from __future__ import annotations
 
 import ast
-from typing import Any
+from collections.abc import Iterable
 
 __all__ = ["Region", "same_ast", "match"]
 
 _BLOCKS = ("body", "orelse", "finalbody", "handlers")
+# What those blocks hold: statements, and the ``except`` clauses of a ``try``.
+Node = ast.stmt | ast.excepthandler
 
 
 class Region:
@@ -27,7 +29,7 @@ class Region:
         self.lines = source[lo:hi].split("\n")
         self.first = first_line
 
-    def text(self, node: ast.AST) -> tuple[int, int, str] | None:
+    def text(self, node: Node) -> tuple[int, int, str] | None:
         """The lines a node spans (decorators included) and its columns, or None."""
         lineno = getattr(node, "lineno", None)
         if lineno is None:
@@ -40,7 +42,7 @@ class Region:
         return node.col_offset, getattr(node, "end_col_offset", 0), "\n".join(self.lines[lo:hi])
 
 
-def _dump(value: Any) -> Any:
+def _dump(value: object) -> object:
     if isinstance(value, ast.AST):
         return ast.dump(value)
     if isinstance(value, list):
@@ -48,7 +50,7 @@ def _dump(value: Any) -> Any:
     return value
 
 
-def same_ast(a: ast.AST, b: ast.AST, ra: Region | None, rb: Region | None) -> bool:
+def same_ast(a: Node, b: Node, ra: Region | None, rb: Region | None) -> bool:
     """Whether two nodes are equal ignoring positions, comments and layout."""
     if type(a) is not type(b):
         return False
@@ -89,8 +91,9 @@ def match(olds: list[ast.stmt], news: list[ast.stmt], ra: Region | None, rb: Reg
     """
     taken: set[int] = set()
     result: list[tuple[int | None, str] | None] = [None] * len(news)
+    i: int | None  # an old statement's index; None where ``_first_free`` finds none
     if ra is not None and rb is not None:
-        by_text: dict[Any, list[int]] = {}
+        by_text: dict[tuple[int, int, str] | None, list[int]] = {}
         for i, node in enumerate(olds):
             by_text.setdefault(ra.text(node), []).append(i)
         for j, node in enumerate(news):
@@ -135,7 +138,7 @@ def match(olds: list[ast.stmt], news: list[ast.stmt], ra: Region | None, rb: Reg
     return [r for r in result if r is not None], gone
 
 
-def _first_free(candidates, taken: set[int]) -> int | None:
+def _first_free(candidates: Iterable[int], taken: set[int]) -> int | None:
     for c in candidates:
         if c not in taken:
             return c

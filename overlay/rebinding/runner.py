@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import ast
 import types
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeGuard
 
 from overlay.rebinding.classes import conform_class
 from overlay.rebinding.functions import Context, clear_caches, conform_function, find_inner
@@ -55,14 +56,15 @@ class Runner:
         old_node = old.node if old is not None and type(old.node) is type(node) else None
         if self.rerun_all:
             old_node = None  # compile flags may have changed: every definition is new code
+        # old_node is None or of node's very type (checked above): mypy cannot see the latter.
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            self._def(node, old_node)
+            self._def(node, old_node)  # type: ignore[arg-type]
         elif isinstance(node, ast.ClassDef):
             regions = None
             if old_node is not None and old is not None and self.old_text is not None:
                 regions = (Region(self.old_text, old.stmt.lo, old.stmt.hi, old.stmt.start),
                            Region(self.new_text, new.stmt.lo, new.stmt.hi, new.stmt.start))
-            self._class(node, old_node, regions)
+            self._class(node, old_node, regions)  # type: ignore[arg-type]
         else:
             self._other(node, new.stmt is self.stmts[0])
 
@@ -110,8 +112,9 @@ class Runner:
             code = self.compiled.get(id(node))  # check_update compiled it, the same way
             if code is not None and code.co_filename == self.filename:
                 return code
-        return compile(ast.Module(body=body, type_ignores=[]), self.filename, "exec",
-                       flags=self.future, dont_inherit=True)
+        module: types.CodeType = compile(ast.Module(body=body, type_ignores=[]), self.filename, "exec",
+                                         flags=self.future, dont_inherit=True)
+        return module
 
     def _scratch(self, node: ast.stmt) -> dict[str, Any]:
         """Run a def/class statement with a separate locals dict: its new object is bound
@@ -243,11 +246,11 @@ class Runner:
                     ctx.report.replaced.append((name, reason))
 
 
-def _dumps(nodes: list[Any]) -> list[str]:
+def _dumps(nodes: Sequence[ast.expr | None]) -> list[str]:
     return [ast.dump(n) if n is not None else "" for n in nodes]
 
 
-def _defaults(node: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[list[str], list[tuple]]:
+def _defaults(node: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[list[str], list[tuple[str, str]]]:
     """What ``__defaults__``/``__kwdefaults__`` are made of: equal means keep the old objects.
 
     Keyword-only defaults are keyed by parameter name, so the names count too.
@@ -287,7 +290,7 @@ def _decorator_name(node: ast.expr) -> str:
     return node.id if isinstance(node, ast.Name) else ""
 
 
-def _ours(obj: Any, name: str, ctx: Context) -> bool:
+def _ours(obj: object, name: str, ctx: Context) -> TypeGuard[type[object]]:
     """A class this module defined under this top-level name (not an alias of another)."""
     return (isinstance(obj, type) and obj.__qualname__ == name
             and obj.__module__ == ctx.namespace.get("__name__"))

@@ -19,14 +19,15 @@ never re-runs anything.
 """
 
 from __future__ import annotations
-
 import __future__
+
 import ast
-import contextlib
 import bisect
+import contextlib
 import importlib.util
 import types
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import NamedTuple
@@ -36,7 +37,7 @@ from overlay.rebinding.matching import Region, match
 __all__ = ["Stmt", "Table", "Parsed", "Diff", "Region", "normalize", "plan", "describe",
            "binds_of"]
 
-_CACHE: OrderedDict[tuple[str, int, int], "Table"] = OrderedDict()
+_CACHE: OrderedDict[tuple[str, int, int], Table] = OrderedDict()
 _CACHE_SIZE = 256  # tables are small (a few ints per statement); this covers large pushes
 # Decoded sources by their bytes: a push decodes a module's new source to plan it and again to run
 # it, and the next push decodes the same bytes object as the old source.
@@ -110,7 +111,7 @@ class Diff:
     compiled: dict[int, types.CodeType] = field(default_factory=dict)  # changed statements' code, by id(node)
 
 
-def normalize(source: str | bytes) -> str:
+def normalize(source: str | bytes | bytearray | memoryview) -> str:
     """Source text with ``\\n`` line ends, decoded as the import system would."""
     if isinstance(source, bytes):
         text = _DECODED.get(source)
@@ -244,7 +245,7 @@ def _kind(node: ast.stmt) -> tuple[str, str | None]:
     return "other", None
 
 
-def _future_flags(nodes) -> int:
+def _future_flags(nodes: Iterable[ast.stmt]) -> int:
     flags = 0
     for node in nodes:
         if isinstance(node, ast.ImportFrom) and node.module == "__future__":
@@ -293,7 +294,7 @@ def _binds(node: ast.stmt) -> tuple[frozenset[str], bool]:
             stack.extend(n.body)
         elif isinstance(n, (ast.If, ast.While)):
             stack.extend(n.body + n.orelse)
-        elif isinstance(n, (ast.Try, getattr(ast, "TryStar", ast.Try))):
+        elif isinstance(n, (ast.Try, ast.TryStar)):
             stack.extend(n.body + n.orelse + n.finalbody)
             for handler in n.handlers:
                 stack.extend(handler.body)
@@ -381,9 +382,8 @@ def _derive(old_table: Table, old: str, new: str, filename: str) -> Diff | None:
     except SyntaxError:
         return None
     cached = [old_table.nodes.get(id(s)) for s in stmts[a:b]]
-    if all(node is not None for node in cached):
-        old_parsed = [Parsed(s, node) for s, node in zip(stmts[a:b], cached)]
-    else:
+    old_parsed = [Parsed(s, node) for s, node in zip(stmts[a:b], cached) if node is not None]
+    if len(old_parsed) < len(cached):  # an old statement's AST is not cached: parse them all
         old_parsed = _parse_slice(old, lo_char, hi_old, lo_line, filename)
 
     pairs, gone = _match(old_parsed, new_parsed, Region(old, lo_char, hi_old, lo_line),

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import shutil
-import itertools
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -122,8 +122,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)
         raise
-    if kept is not None:
-        retire.append(kept)  # type: ignore[union-attr]
+    if retire is not None and kept is not None:  # kept: only with retire
+        retire.append(kept)
     if sync_dir:
         fsync_dir(directory)
 

@@ -104,7 +104,7 @@ def _valid(state: Any) -> bool:
         return False
     active = state["active"]
     return (_positive(state["format"]) and isinstance(state["app_id"], str)
-            and (state["highest"] == 0 and type(state["highest"]) is int or _positive(state["highest"]))
+            and ((state["highest"] == 0 and type(state["highest"]) is int) or _positive(state["highest"]))
             and (active is None or (isinstance(active, dict) and set(active) == {"version", "digest"}
                                     and _positive(active["version"]) and isinstance(active["digest"], str)
                                     and re.fullmatch(r"[0-9a-f]{64}", active["digest"]) is not None)))

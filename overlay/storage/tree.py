@@ -14,6 +14,7 @@ bundle it should show, file by file, and repairs what differs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -75,7 +76,7 @@ class SourceTree:
                 for path, sha256 in reversed(done):
                     try:
                         self._put(root, path, sha256)
-                    except Exception as exc:  # noqa: BLE001  (re-raised below)
+                    except Exception as exc:  # re-raised below
                         failed = failed or exc
             if failed is not None:
                 raise failed
@@ -95,10 +96,8 @@ class SourceTree:
         """Make ``root/relative`` the object ``sha256`` (atomically), or absent when None."""
         target = _inside(root, relative)
         if sha256 is None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
-            except FileNotFoundError:
-                pass
             _remove_empty_dirs(root, os.path.dirname(target))
             return
         parent = os.path.dirname(target)
@@ -216,9 +215,8 @@ def _remove_empty_dirs(root: str, directory: str) -> None:
 
 def _files_below(root: Path) -> list[str]:
     """Relative POSIX paths of the files under ``root`` (temp files of an interrupted write too)."""
-    found = []
+    found: list[str] = []
     for directory, _, files in os.walk(root):
         rel = os.path.relpath(directory, root)
-        for name in files:
-            found.append(name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}")
+        found.extend(name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}" for name in files)
     return found

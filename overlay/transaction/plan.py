@@ -13,15 +13,25 @@ import hashlib
 import re
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, TypedDict, TypeVar
 
-from overlay.transaction.diff import EntryDiff
 from overlay.bundle import Bundle
 from overlay.errors import BundleRejected, CompileFailed, ModuleInUse
+from overlay.transaction.diff import EntryDiff
+
+if TYPE_CHECKING:
+    from overlay.rebinding.statements import Diff
+
+_T = TypeVar("_T")
 
 Compiler = Callable[[str, bytes, str], types.CodeType]
-Checker = Callable[..., Any]  # rebind.check_update
+
+
+class Checker(Protocol):
+    """``rebind.check_update``: the statements of a live module that changed, compiled one by one."""
+
+    def __call__(self, name: str, new_source: bytes, /, *, filename: str, old_source: bytes) -> Diff: ...
 
 
 @dataclass
@@ -32,7 +42,16 @@ class ModuleChange:
     old_source: bytes | None   # None: the module is not live, or its old source is unknown
     filename: str              # the new version's file for tracebacks
     code: types.CodeType | None = None
-    checked: Any = None        # the statement diff a Checker answered (then ``code`` is None)
+    checked: Diff | None = None  # the statement diff a Checker answered (then ``code`` is None)
+
+
+class PlanSummary(TypedDict):
+    """What a push adds, changes and removes: the fields of ``UpgradeReport`` of the same names."""
+
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    data_changed: list[str]
 
 
 @dataclass
@@ -44,7 +63,7 @@ class Plan:
     data_changed: list[str] = field(default_factory=list)
     rerun: list[ModuleChange] = field(default_factory=list)  # live modules to update, in order
 
-    def summary(self) -> dict[str, list[str]]:
+    def summary(self) -> PlanSummary:
         return {"added": self.added, "changed": self.changed, "removed": self.removed,
                 "data_changed": self.data_changed}
 
@@ -100,8 +119,9 @@ def make_plan(
         source = target.read(name)
         change = ModuleChange(name, entry.kind, source, old_source, filename)
         if module is not None and old_source is not None and check_update is not None:
-            change.checked = _compile(lambda n, s, f: check_update(n, s, filename=f, old_source=old_source),
-                                      name, source, filename)
+            change.checked = _compile(
+                lambda n, s, f: check_update(n, s, filename=f, old_source=old_source),  # noqa: B023  (called at once)
+                name, source, filename)
         else:
             change.code = _compile(compile_module, name, source, filename)
         if module is not None:
@@ -110,7 +130,7 @@ def make_plan(
     return plan
 
 
-def _compile(compile_module: Compiler, name: str, source: bytes, filename: str) -> types.CodeType:
+def _compile(compile_module: Callable[[str, bytes, str], _T], name: str, source: bytes, filename: str) -> _T:
     try:
         return compile_module(name, source, filename)
     except SyntaxError as exc:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import compress
 from operator import attrgetter, not_
 from typing import Any, NamedTuple
@@ -121,7 +121,7 @@ class WarmBuilder:
             parent = base.digest
             payload.update(codec="zstd-delta", included=[names[i] for i in carried])
         manifest = {"format": FORMAT, "app_id": self.app_id, "version": version, "parent": parent,
-                    "created": created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                    "created": created or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
                     "builder": dict(builder or {}), "payload": payload}
         if self._unchecked:  # never write what a server would refuse
             entries = [{"name": n, "kind": r.kind, "size": r.size, "sha256": r.sha256} for n, r in zip(names, rows)]

@@ -7,6 +7,7 @@ Each piece reports to one queue of events that :class:`~packer.watch.WatchSessio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -81,10 +82,8 @@ class CheckRun:
         events.put(("checked", self, self.proc.returncode, output.decode(errors="replace"), elapsed))
 
     def cancel(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # finished already, with every child
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except OSError:  # finished already, with every child
-            pass
 
 
 def stop_on_sigterm() -> Callable[[], None]:

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from overlay import __version__
-from overlay.bundle import DEFAULT_LIMITS, ParentManifest, Limits, build_bundle, manifest_bytes_of, open_bundle, read_unverified
+from overlay.bundle import (
+    DEFAULT_LIMITS,
+    Limits,
+    ParentManifest,
+    build_bundle,
+    manifest_bytes_of,
+    open_bundle,
+    read_unverified,
+)
 from overlay.errors import BundleRejected
 from overlay.keys import SigningKey, TrustedKeys
 
@@ -82,7 +90,8 @@ class BuiltBundle:
     def manifest(self) -> dict[str, Any]:
         """The manifest as a dict, parsed from ``manifest_bytes`` when first asked for (a watch
         push never asks: 1,000 entry dicts cost more than the rest of its manifest)."""
-        return json.loads(self.manifest_bytes)
+        manifest: dict[str, Any] = json.loads(self.manifest_bytes)
+        return manifest
 
     @property
     def ratio(self) -> float:
@@ -226,7 +235,8 @@ def inspect_bundle(data: bytes, trusted: TrustedKeys | None = None) -> Inspectio
         report = inspect_bundle(Path("shop-v3.hbn").read_bytes(), load_trusted_keys("trusted_keys"))
         report.verified, report.verified_by   # (True, ('SHA256:…',))
     """
-    refusal, verified_by = None, ()
+    refusal: BundleRejected | None = None
+    verified_by: tuple[str, ...] = ()
     if trusted is not None:
         try:
             verified_by = open_bundle(data, trusted).key_ids

@@ -159,7 +159,8 @@ class Remote:
         return status
 
     def history(self, limit: int = 50) -> list[dict[str, Any]]:
-        return self.request("GET", f"history?limit={int(limit)}")["history"]
+        entries: list[dict[str, Any]] = self.request("GET", f"history?limit={int(limit)}")["history"]
+        return entries
 
     def push(self, data: bytes) -> dict[str, Any]:
         return self.request("POST", "push", data, signed=False, content_type="application/octet-stream")

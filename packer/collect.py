@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from overlay.bundle import FORBIDDEN_SUFFIXES, check_entry_name
-from overlay.bundle import DEFAULT_LIMITS, Limits
+from overlay.bundle import DEFAULT_LIMITS, FORBIDDEN_SUFFIXES, Limits, check_entry_name
 from overlay.errors import BadEntryName, ConfigError, TooLarge
 
 from .config import ProjectConfig
@@ -207,11 +206,11 @@ class SourceSnapshot:
         # Files come and go while we look (an editor's temporary file, a save by rename): a path
         # that vanished is simply not there; the watcher reports its removal separately.
         try:
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
+            st: os.stat_result | None = os.lstat(path)
+            if st is not None and stat.S_ISLNK(st.st_mode):
                 st = self._follow(path, rel)
-                if st is None:
-                    return
+            if st is None:
+                return
             if stat.S_ISDIR(st.st_mode):
                 here = (st.st_dev, st.st_ino)
                 if here in visiting:

@@ -34,7 +34,6 @@ import difflib
 import keyword
 import logging
 import os
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field

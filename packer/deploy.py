@@ -69,7 +69,8 @@ class PushResult:
 
     @property
     def report(self) -> dict[str, Any]:
-        return self.response["report"]
+        report: dict[str, Any] = self.response["report"]
+        return report
 
     @property
     def tip(self) -> Tip:

@@ -36,18 +36,15 @@ def describe_push(result: PushResult) -> str:
              f"{t['total']:.0f} ms: build {t['build']:.0f}, transfer {t['transfer']:.0f}, server "
              f"{t['server']:.1f} (verify {r['timings_ms'].get('verify', 0):.1f}, apply "
              f"{r['timings_ms'].get('apply', 0):.1f})"]
-    for label in ("changed", "added", "removed", "data_changed"):
-        if r.get(label):
-            lines.append(f"  {label.replace('_', ' ')}: {', '.join(r[label])}")
+    lines += [f"  {label.replace('_', ' ')}: {', '.join(r[label])}"
+              for label in ("changed", "added", "removed", "data_changed") if r.get(label)]
     for module in r.get("modules", []):
+        name = module["module"]
         if module.get("patched"):
-            lines.append(f"  patched in {module['module']}: {', '.join(module['patched'])}")
-        for name, reason in module.get("replaced", []):
-            lines.append(f"  replaced {module['module']}.{name}: {reason}")
-        for name in module.get("removed", []):
-            lines.append(f"  removed {module['module']}.{name}")
-        for note in module.get("notes", []):
-            lines.append(f"  note ({module['module']}): {note}")
+            lines.append(f"  patched in {name}: {', '.join(module['patched'])}")
+        lines += [f"  replaced {name}.{what}: {reason}" for what, reason in module.get("replaced", [])]
+        lines += [f"  removed {name}.{what}" for what in module.get("removed", [])]
+        lines += [f"  note ({name}): {note}" for note in module.get("notes", [])]
     if not any(r.get(k) for k in ("changed", "added", "removed", "data_changed")):
         lines.append("  nothing changed in the code; the version number moved on")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from overlay.errors import (
     UnknownFormat,
     UntrustedKey,
     UploadFailed,
+    WorkerRefused,
     WrongApp,
 )
 
@@ -42,11 +43,12 @@ __all__ = [
     "HabaneroError", "BundleRejected", "UnknownFormat", "BadSignature", "UntrustedKey", "WrongApp",
     "StaleVersion", "TooLarge", "CorruptPayload", "BadManifest", "BadEntryName", "ParentMissing",
     "CompileFailed", "ModuleInUse", "KeyProblem", "StoreError", "ConfigError", "ActivationFailed",
-    "ControlRejected", "DeployInProgress", "UploadFailed", "OverlayImportError", "RemoteError",
+    "ControlRejected", "DeployInProgress", "WorkerRefused", "UploadFailed", "OverlayImportError", "RemoteError",
 ]
 
 if TYPE_CHECKING:
-    from overlay.runtime.install import Overlay, install
+    from overlay.runtime.handle import Overlay
+    from overlay.runtime.install import install
 
 
 def __getattr__(name: str) -> object:

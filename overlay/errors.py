@@ -32,6 +32,8 @@ Every code habanero raises is in this tree (``tests/test_errors.py`` holds it to
     │                               stale_request, replayed_request, bad_request, version_mismatch,
     │                               nothing_to_roll_back
     ├── DeployInProgress            deploy_in_progress
+    ├── WorkerRefused               worker_refused, worker_lost (another process of the app could not
+    │                               take part; no process applied the deploy)
     ├── UploadFailed                upload_incomplete, upload_timeout, too_many_uploads
     ├── OverlayImportError          import_failed, not_in_bundle (also an ImportError)
     └── RemoteError                 unreachable, not_habanero, bad_url, tls_error, bad_ca_file,
@@ -70,6 +72,7 @@ __all__ = [
     "OverlayImportError",
     "RemoteError",
     "UploadFailed",
+    "WorkerRefused",
 ]
 
 
@@ -78,7 +81,7 @@ __all__ = [
 # authentication); a version the store lacks is a 404, not a server fault.
 _STATUS_BY_CODE = {"version_mismatch": 409, "nothing_to_roll_back": 409, "bad_request": 400,
                    "unknown_version": 404, "wrong_app": 409, "upload_timeout": 408, "store_locked": 503,
-                   "too_many_uploads": 503, "disabled": 409}
+                   "too_many_uploads": 503, "disabled": 409, "worker_lost": 503}
 
 
 class HabaneroError(Exception):
@@ -210,6 +213,14 @@ class ControlRejected(HabaneroError):
 
 class DeployInProgress(HabaneroError):
     default_code = "deploy_in_progress"
+    default_status = 409
+
+
+class WorkerRefused(HabaneroError):
+    """Another process of the app refused, or stopped, before any applied the deploy; ``workers``
+    (a detail) says which and why. Every process still runs the old version."""
+
+    default_code = "worker_refused"
     default_status = 409
 
 

@@ -9,7 +9,7 @@ Layout (the directory is created with mode 0700: whoever can write it decides wh
       bundles/        0000000007-<digest>.hbn: accepted bundles, byte for byte, read-only
       staged/         0000000008-<digest>.hbn: written by stage(), moved to bundles/ by commit()
       objects/        ab/<sha256>: every stored version's file bodies by content, read-only
-      tree/           myapp/__init__.py ...: the running version as files, at stable paths
+      deploy.lock     flock()ed by the process that runs a deploy, for the whole of it
       pycache/        compiled code, owned by the finder
       history.jsonl   one JSON object per push, rollback, failure or reset; append-only
       lock            flock()ed by writers only; readers never wait
@@ -28,8 +28,13 @@ answers (a few fsyncs, about 3 ms a push here): an acknowledged push survives a 
 
 What a crash can leave is recognisable and removed by ``open()``: temp files, staged bundles, a
 bundle promoted by a commit that died before its pointer flip (its version is above ``highest``,
-which no committed bundle's is: ``reset_highest`` drops those), and tree files of a push that never
-committed (the tree is checked against the active bundle and repaired).
+which no committed bundle's is: ``reset_highest`` drops those).
+
+Shared by processes: every process of an app opens the same store. Each change re-reads the state
+file under the lock and derives from what is on disk, never from what this process last saw: the
+highest accepted version never goes down, whichever process writes. One deploy runs at a time
+(``deploying()``). The files each process serves are its own (its source tree, see
+``overlay.storage.tree``), laid out from the objects here.
 
 Nothing on disk is trusted: ``open()`` re-verifies the active bundle against the current trusted
 keys and, when it fails, serves the newest earlier bundle that verifies, down to none (the code on
@@ -41,7 +46,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,12 +55,12 @@ from types import TracebackType
 from typing import Any
 
 from overlay.bundle import DEFAULT_LIMITS, Bundle, Limits, open_bundle
-from overlay.errors import HabaneroError, StaleVersion, StoreError, WrongApp
+from overlay.errors import DeployInProgress, HabaneroError, StaleVersion, StoreError, WrongApp
 from overlay.keys import TrustedKeys
 from overlay.storage import fs
 from overlay.storage.objects import ObjectStore
 from overlay.storage.state import Pointer, State, StateFile, pointer_to
-from overlay.storage.tree import SourceTree, Undo
+from overlay.storage.tree import SourceTree
 from overlay.storage.worker import Task, Worker
 
 __all__ = ["SYNC_MODES", "Store", "write_atomic"]
@@ -103,7 +109,7 @@ class Store:
         self._history_file = os.path.join(path, "history.jsonl")
         self._history = fs.RecordLog(Path(self._history_file))  # read incrementally
         self.objects = ObjectStore(os.fspath(path / "objects"), lock)
-        self.tree = SourceTree(path / "tree", self.objects, lock, label=str(path))
+        self._deploy_lock = fs.FileLock(path / "deploy.lock", timeout=60.0)
         self.worker = Worker(str(path))
         self._written: list[str] = []  # files a staged push wrote, to flush once it commits
         self._dropped_since_sweep = 0
@@ -139,16 +145,16 @@ class Store:
         try:
             with store._io("repair the store"):
                 store._recover()
-                store.tree.repair(store.active, store.worker)
         except BaseException:
             lock.close()
             raise
         return store
 
     def _recover(self) -> None:
-        # Leftovers are leftovers only while no writer runs: clean up if the lock is free right
-        # now, else leave it to a later open (starting the app never waits for a deploy).
-        with self._lock.attempt() as idle:
+        # Leftovers are leftovers only while no writer runs and no deploy is under way: clean up if
+        # both locks are free right now, else leave it to a later open (starting never waits).
+        with self._deploy_lock.attempt() as no_deploy, self._lock.attempt() as free:
+            idle = no_deploy and free
             if idle:
                 objects_dir = Path(self.objects.root)
                 objects = [d for d in objects_dir.iterdir() if d.is_dir()]
@@ -158,8 +164,9 @@ class Store:
                 for name in os.listdir(self._staged):
                     logger.info("removed staged bundle %s: its push never committed", name)
                     (self._staged / name).unlink()
-                if (self.path / "trees").is_dir():  # per-version trees of an older habanero
-                    self.worker.remove_later(self.path / "trees")
+                for legacy in ("trees", "tree"):  # the shared trees of an older habanero
+                    if (self.path / legacy).is_dir():
+                        self.worker.remove_later(self.path / legacy)
             state, why = self._read_state()
             if idle and why == "missing" and not self.stored() and not self.history():
                 # A new store gets its state file now, so a crash during the first commit leaves a
@@ -238,6 +245,44 @@ class Store:
         found = (_NAME.match(name) for name in os.listdir(self._bundles) if name.endswith(".hbn"))
         return sorted((int(m[1]), m[2]) for m in found if m)
 
+    def pointer(self) -> tuple[Pointer | None, int]:
+        """The active version and the highest accepted one, as on disk now: what every process of
+        the app should run (this process's ``active`` is what it last saw)."""
+        state, _ = self._read_state()
+        if state is None:
+            return pointer_to(self.active), self.highest
+        self.highest = state["highest"]
+        return state["active"], state["highest"]
+
+    def sync_active(self) -> Bundle | None:
+        """The active bundle as the state file names it now (another process may have committed
+        since this store was opened), verified; the one this store knew if that one does not verify."""
+        state, _ = self._read_state()
+        if state is None:
+            return self.active
+        self.highest = max(self.highest, state["highest"])
+        pointer = state["active"]
+        if pointer is not None and (self.active is None or self.active.digest != pointer["digest"]):
+            bundle, why = self._verify_file(pointer["version"], pointer["digest"])
+            if bundle is None:
+                logger.error("habanero store %s: active bundle v%d cannot be served: %s", self.path,
+                             pointer["version"], why)
+            else:
+                self.active = bundle
+        return self.active
+
+    def read_bundle(self, version: int, digest: str) -> bytes | None:
+        """The bytes of a staged or stored bundle (unverified: open them with ``open_bundle``)."""
+        name = f"{_stem(version, digest)}.hbn"
+        for directory in (self._staged_dir, self._bundles_dir):
+            path = os.path.join(directory, name)
+            try:
+                if os.stat(path).st_size <= self.limits.max_bundle_bytes:
+                    return fs.read_small(path)
+            except OSError:
+                continue
+        return None
+
     def load(self, version: int) -> Bundle:
         """The stored, verified bundle of ``version``; ``StoreError(code="unknown_version")`` if none."""
         if self.active is not None and self.active.version == version:
@@ -250,11 +295,14 @@ class Store:
         raise StoreError(f"version {version} is not in the store{detail}; stored versions: {known}",
                          code="unknown_version", version=version)
 
-    def previous(self) -> Bundle | None:
-        """The rollback target: the newest stored bundle older than the active one that verifies."""
-        if self.active is None:
-            return None
-        active = self.active.version
+    def previous(self, below: int | None = None) -> Bundle | None:
+        """The rollback target: the newest stored bundle older than version ``below`` (the active
+        one, by default) that verifies."""
+        if below is None:
+            if self.active is None:
+                return None
+            below = self.active.version
+        active = below
         bundle, skipped = self._newest_verifying(lambda v: v < active)
         for why in skipped:
             logger.warning("rollback candidate skipped: %s", why)
@@ -346,7 +394,8 @@ class Store:
                     written.append(final)
                     if commit_sync:
                         fs.fsync_dir(self._bundles_dir)
-                highest = max(self.highest, bundle.version)  # check_fresh just read it from disk
+                state, _ = self._read_state()  # under the lock: another process may have written
+                highest = max(state["highest"] if state is not None else self.highest, bundle.version)
                 retired: list[str] | None = None if commit_sync else []  # the old state file, freed later
                 self._state.write(pointer_to(bundle), highest, sync=commit_sync, retire=retired)  # the commit point
                 written.append(self._state.path)
@@ -361,6 +410,24 @@ class Store:
             if not commit_sync:
                 self.worker.flush_later(written, retired or ())
             self.later(self._retain)
+
+    @contextlib.contextmanager
+    def deploying(self, wait: float) -> Iterator[None]:
+        """Hold the store's deploy lock: one deploy at a time across every process of the app.
+
+        Waits up to ``wait`` seconds for a deploy running in another process, then raises
+        ``DeployInProgress``; raises it at once if another thread of this one runs a deploy.
+        """
+        if not self._deploy_lock.acquire(wait, wait_for_threads=False):
+            raise DeployInProgress("another deploy is in progress; wait for it to finish and push again")
+        try:
+            yield
+        finally:
+            self._deploy_lock.release()
+
+    def source_tree(self, root: Path) -> SourceTree:
+        """A source tree at ``root`` laid out from this store's objects (see ``overlay.storage.tree``)."""
+        return SourceTree(root, self.objects, self._lock, label=str(self.path))
 
     def discard(self, bundle: Bundle) -> None:
         """Forget a staged bundle whose push failed: a failed push leaves no trace but its history
@@ -474,18 +541,9 @@ class Store:
 
     # ---------------------------------------------------------------------------- the process's view
 
-    @property
-    def tree_root(self) -> Path:
-        """Where the running version's files are: ``__file__`` of every module served is below it."""
-        return self.tree.root
-
     def object(self, sha256: str) -> bytes | None:
         """An entry body this store holds (for delta bundles), or None. Its hash is checked by the reader."""
         return self.objects.get(sha256)
-
-    def update_tree(self, old: Bundle | None, new: Bundle, names: Iterable[str] | None = None) -> Undo:
-        """Make the source tree show ``new`` where it differs from ``old``; return the undo."""
-        return self.tree.update(old, new, names)
 
     def later(self, task: Task) -> None:
         """Run ``task`` on the store's worker thread, after the current push has answered."""
@@ -506,6 +564,7 @@ class Store:
         """Finish background clean-up and release the lock file; this Store must not write afterwards."""
         self.worker.stop()
         self._lock.close()
+        self._deploy_lock.close()
 
     def __enter__(self) -> Store:
         return self

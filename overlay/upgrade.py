@@ -1,22 +1,30 @@
-"""The push transaction: verify, stage, plan, apply in place, then commit or undo everything.
+"""The transaction of one process: a new version planned, applied in place, then kept or undone.
 
-One deploy runs at a time (a second gets ``DeployInProgress``). A push costs what it changed: one
-pass over the entries finds what differs (often none: opening the bundle knew), and the plan, the
-finder's index, the store's objects and tree, and the re-pointing of live modules look only at that.
-Every mutation of the apply step (the files of the store's tree, module dicts, function attributes,
-class dicts, ``sys.modules``, the app's modules first imported during the apply, the finder's
-index, live modules' ``__spec__``/``__file__``) is recorded in a journal; on any exception, or if
-the store cannot commit, the journal is replayed backwards, leaving the process exactly as before
-(the same objects, ``is``-identical), and the error is re-raised as ``ActivationFailed`` carrying
-the traceback text. The store's active pointer flips only after a clean apply, so a crash
-mid-apply boots the previous version.
+A push or rollback reaches every process of the app (see ``overlay.deploy``); in each one it is a
+:class:`Change` that goes through the same steps, each of which the deploy waits for in every
+process before any of them takes the next:
 
-What other threads can observe while a push applies:
+1. ``prepare()``: diff the target bundle against what this process runs (one pass over the entries,
+   often none: opening the bundle knew), build the finder's index for it, and compile every module
+   that will run again. A ``SyntaxError`` anywhere refuses the bundle; nothing ran, nothing changed.
+2. ``apply()``: holding the interpreter's import lock, rewrite this process's source tree where it
+   differs, re-point the changed modules, re-run what changed and patch live functions and classes
+   in place. Every mutation (tree files, module dicts, function attributes, class dicts,
+   ``sys.modules``, modules first imported meanwhile, the finder's index, ``__spec__``/``__file__``)
+   is recorded in a journal.
+3. ``commit()`` or ``revert()``: keep it, or replay the journal backwards, leaving the process
+   exactly as before (the same objects, ``is``-identical). Either releases the import lock.
+
+A push costs what it changed: the plan, the index, the tree and the re-pointing look only at the
+entries that differ. What the store records (staging, the active pointer, history) is the deploy's
+job, done once for all the processes.
+
+What other threads of this process can observe while a change applies:
 
 * **Imports of modules not yet imported wait.** From the index swap until the commit (or the undo)
-  the deploying thread holds the interpreter's import lock, so another thread that starts such an
-  import (a module the push adds, a module not yet used, a third-party module) blocks, then sees the
-  committed new version, or the old one after an undo; never a half-applied tree.
+  the applying thread holds the import lock, so another thread that starts such an import (a module
+  the push adds, a module not yet used, a third-party module) blocks, then sees the committed new
+  version, or the old one after an undo; never a half-applied tree.
 * **Modules already imported do not wait.** ``import m`` of a module in ``sys.modules``, and every
   call into it, goes on. Such a thread sees each change as it lands: a function's code swap is one
   atomic store, a class is patched attribute by attribute, so it may run a mix of old and new
@@ -31,49 +39,72 @@ What other threads can observe while a push applies:
   needs the import lock for a nested import while the new code of this push imports X too, both
   threads wait for each other: a deadlock the import system cannot detect. It needs an import of
   the same not-yet-imported module racing the apply step.
-* The import lock is also held while the store commits (a rename; an fsync with ``sync="commit"``;
-  the store's file lock if another process is writing), so first imports elsewhere wait for that too.
+* The import lock is held until every process has applied and the store has committed (a rename;
+  an fsync with ``sync="commit"``), so first imports elsewhere wait for that too; a ``fork()`` waits
+  as well (the interpreter takes the import lock to fork), so a child never starts half-applied.
 """
 
 from __future__ import annotations
 
 import _imp
 import contextlib
-import gc
 import logging
 import os
 import sys
-import threading
 import time
 import traceback
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from overlay.bundle import Bundle, Limits
+from overlay.errors import ActivationFailed
+from overlay.finder import BundleIndex, OverlayFinder
 from overlay.format import delta
-from overlay.transaction.diff import entry_diff
-from overlay.rebinding.journal import MISSING, Journal
-from overlay.transaction.plan import Plan, make_plan
-from overlay.bundle import Bundle, Limits, open_bundle
-from overlay.errors import ActivationFailed, ControlRejected, DeployInProgress, HabaneroError
-from overlay.finder import BundleIndex  # noqa: F401  (type of the index)
 from overlay.keys import TrustedKeys
-from overlay.rebind import ModuleReport, check_update, one_heap_pass, update_module
+from overlay.rebind import MISSING, Journal, ModuleReport, check_update, one_heap_pass, update_module
+from overlay.storage.tree import SourceTree
+from overlay.store import Store
+from overlay.transaction.diff import EntryDiff, entry_diff
+from overlay.transaction.plan import Plan, make_plan
+
+__all__ = ["Change", "Host", "UpgradeReport"]
 
 log = logging.getLogger(__name__)
 
 
-class _Host(Protocol):
-    """What the transaction needs from the ``Overlay`` handle."""
+@dataclass(eq=False)
+class Host:
+    """What a change works on in this process: the store, the finder, this process's source tree,
+    and the trust to verify with. ``overlay.Overlay`` holds one (a disabled overlay has none)."""
 
     app_id: str
-    store: Any
-    finder: Any
+    store: Store
+    finder: OverlayFinder
+    tree: SourceTree
     trusted: TrustedKeys
     limits: Limits
-    deploy_lock: threading.Lock
-    retargeted: bool
+    #: Set by the first change: every live module of the app uses the finder's loader and paths.
+    retargeted: bool = False
+    #: What this process last did: ``{"action", "version", "outcome", "code", "message", "time"}``.
+    last_outcome: dict[str, Any] | None = None
+    #: The last refusal or failure, as status pages show it.
+    last_failure: dict[str, Any] | None = None
+
+    @property
+    def active(self) -> Bundle | None:
+        """The bundle this process serves now (None: the code on disk)."""
+        index = self.finder.index
+        return index.bundle if index is not None else None
+
+    def note(self, action: str, version: int | None, outcome: str, code: str | None = None,
+             message: str = "") -> None:
+        self.last_outcome = {"action": action, "version": version, "outcome": outcome, "code": code,
+                             "message": message, "time": time.time()}
+        if outcome != "ok":
+            self.last_failure = {"action": action, "code": code, "message": message, "version": version,
+                                 "time": self.last_outcome["time"]}
 
 
 @dataclass
@@ -88,6 +119,8 @@ class UpgradeReport:
     data_changed: list[str] = field(default_factory=list)
     modules: list[ModuleReport] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: One line per process of the app: ``{"pid", "version", "outcome", "ms"}`` (see ``overlay.deploy``).
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,7 +134,9 @@ class UpgradeReport:
         return sum(len(m.replaced) for m in self.modules)
 
 
-class _Clock:
+class Clock:
+    """Milliseconds per phase of a change, and in all."""
+
     def __init__(self) -> None:
         self.marks: dict[str, float] = {}
         self._start = self._last = time.perf_counter()
@@ -115,149 +150,122 @@ class _Clock:
         self.marks["total"] = round((time.perf_counter() - self._start) * 1000, 3)
         return self.marks
 
+    def elapsed(self) -> float:
+        return round((time.perf_counter() - self._start) * 1000, 3)
 
-@contextlib.contextmanager
-def _deploying(host: _Host) -> Iterator[None]:
-    """One deploy at a time, with the cyclic garbage collector paused while it runs.
 
-    A push allocates a few thousand objects (the manifest's entries), enough to trigger collections
-    mid-push; a full one walks the whole heap, tens of milliseconds in a process holding millions
-    of objects. What the push allocates is bounded, so collecting after it answers costs nothing
-    and keeps its time flat in heap size.
+class ApplyFailed(Exception):
+    """The new code raised while this process applied it; everything was undone here already."""
+
+    def __init__(self, error: BaseException, remote_traceback: str) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+        self.remote_traceback = remote_traceback
+
+
+class Change:
+    """This process's part of one push or rollback to ``bundle`` (see the module docstring).
+
+    Example (what ``overlay.deploy`` does in every process)::
+
+        change = Change(host, bundle, "push")
+        change.prepare()
+        change.apply()      # raises ApplyFailed, undone, if the new code raised
+        report = change.commit()
     """
-    if not host.deploy_lock.acquire(blocking=False):
-        raise DeployInProgress("another deploy is in progress; wait for it to finish and push again")
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if paused:
-            gc.enable()
-        host.deploy_lock.release()
 
+    def __init__(self, host: Host, bundle: Bundle, action: str, clock: Clock | None = None) -> None:
+        self.host, self.bundle, self.action = host, bundle, action
+        self.clock = clock or Clock()
+        self.current = host.active
+        self.diff: EntryDiff | None = None
+        self.plan: Plan | None = None
+        self.index: BundleIndex | None = None
+        self.report: UpgradeReport | None = None
+        self._journal: Journal | None = None
+        self._locked = False
 
-@contextlib.contextmanager
-def _import_lock() -> Iterator[None]:
-    """Hold the global import lock: other threads cannot start an import until we are done."""
-    _imp.acquire_lock()
-    try:
-        yield
-    finally:
-        _imp.release_lock()
-
-
-def apply(host: _Host, data: bytes) -> UpgradeReport:
-    """Verify a pushed bundle and make it the running version, or leave everything as it was."""
-    with _deploying(host):
-        clock = _Clock()
-        try:
-            # The active bundle's bodies are verified and in memory: entries a push shares with it
-            # are taken from there unhashed; anything else (the store's objects) is hashed.
-            bundle = open_bundle(data, host.trusted, app_id=host.app_id, limits=host.limits,
-                                 content=host.store.object, base_manifest=_base_manifest(host),
-                                 base=host.store.active)
-            host.store.check_fresh(bundle)
-        except HabaneroError as exc:
-            _record(host, "push", None, exc)
-            raise
-        clock.lap("verify")
-        return _transition(host, bundle, "push", clock)
-
-
-def rollback(host: _Host, to: int | None = None, *, expect: int | None = None) -> UpgradeReport:
-    """Return to the previous stored version (or version ``to``) with the same guarantees as a push.
-
-    ``expect`` is the version the caller believes is active; a mismatch refuses the rollback, so a
-    replayed request does nothing harmful.
-    """
-    with _deploying(host):
-        clock = _Clock()
-        active = host.store.active
-        if expect is not None and (active.version if active else None) != expect:
-            raise ControlRejected(
-                f"rollback expected version {expect} to be active, but it is "
-                f"{active.version if active else 'none (code on disk)'}; check `habanero-pack status`",
-                code="version_mismatch")
-        if to is None:
-            target = host.store.previous()
-            if target is None:
-                raise ControlRejected("there is no earlier stored version to roll back to",
-                                      code="nothing_to_roll_back")
-        else:
-            if active is not None and to == active.version:
-                raise ControlRejected(f"version {to} is already active", code="nothing_to_roll_back")
-            target = host.store.load(to)
-        clock.lap("verify")
-        return _transition(host, target, "rollback", clock)
-
-
-def _base_manifest(host: _Host) -> Callable[[str], bytes | None]:
-    """A packed push must be packed against the active bundle's manifest (the CLI asks for it)."""
-    active = host.store.active
-    return lambda digest: active.manifest_bytes if active is not None and active.digest == digest else None
-
-
-def _transition(host: _Host, bundle: Bundle, action: str, clock: _Clock) -> UpgradeReport:
-    store, finder = host.store, host.finder
-    current: Bundle | None = store.active
-    try:
+    def prepare(self) -> UpgradeReport:
+        """Diff, index and plan; compile what will run. Raises ``CompileFailed`` (or another
+        ``BundleRejected``) and changes nothing."""
+        finder, current, bundle = self.host.finder, self.current, self.bundle
         # Everything below looks only at what differs: one pass over the entries finds it.
-        diff = entry_diff(current, bundle)
-        # Plan before writing anything: a bundle that does not compile leaves nothing behind but
-        # its history entry. Paths are the same in every version (the store's tree).
+        diff = self.diff = entry_diff(current, bundle)
         previous = finder.index
         derive = current is not None and previous is not None and previous.bundle is current
-        index = finder.index_for(bundle, store.tree_root, changed=diff.names if derive else None)
+        index = self.index = finder.index_for(bundle, self.host.tree.root, changed=diff.names if derive else None)
         modules = index.modules
-        plan = make_plan(current, bundle, diff,
-                         live=lambda name: sys.modules.get(name) if name in modules else None,
-                         old_source_of=lambda module: _old_source(module, finder.disk_sources),
-                         filename_of=index.filename, compile_module=finder.code_cache.compile_module,
-                         check_update=check_update)
-        clock.lap("plan")
-        store.stage(bundle, known=current, names=(*diff.added, *diff.changed))
-        clock.lap("stage")
-    except HabaneroError as exc:
-        _record(host, action, bundle, exc)
-        raise
-    report = UpgradeReport(action, bundle.version, current.version if current else None, bundle.digest,
-                           **plan.summary())
-    journal = Journal()
-    # The import lock is held until the store says which version is live (or the undo is done): a
-    # thread waiting to import sees the committed new version or the old one, never a mix.
-    with _import_lock():
+        self.plan = make_plan(current, bundle, diff,
+                              live=lambda name: sys.modules.get(name) if name in modules else None,
+                              old_source_of=lambda module: _old_source(module, finder.disk_sources),
+                              filename_of=index.filename, compile_module=finder.code_cache.compile_module,
+                              check_update=check_update)
+        self.clock.lap("plan")
+        self.report = UpgradeReport(self.action, bundle.version, current.version if current else None,
+                                    bundle.digest, **self.plan.summary())
+        return self.report
+
+    def apply(self) -> None:
+        """Run the new version in this process, holding the import lock until commit or revert.
+
+        Raises :class:`ApplyFailed` when the new code raised: every change was undone and the lock
+        released already.
+        """
+        assert self.plan is not None and self.index is not None and self.diff is not None and self.report
+        journal = self._journal = Journal()
+        # The import lock is held until the deploy says which version is live (or the undo is
+        # done): a thread waiting to import sees the committed new version or the old one.
+        _imp.acquire_lock()
+        self._locked = True
         try:
-            journal.call(lambda: None, store.update_tree(current, bundle, diff.names))
-            everything = not host.retargeted or current is None
-            _apply_plan(plan, index, finder, journal, report, bundle.version,
-                        retarget=None if everything else (*plan.added, *plan.changed))
-            clock.lap("apply")
-            # Inside the undo scope: if the store cannot record the new version (another process
-            # pushed first, a full disk), the process must not run code the disk does not call active.
-            store.commit(bundle, action=action)
-            clock.lap("commit")
+            journal.call(lambda: None, self.host.tree.update(self.current, self.bundle, self.diff.names))
+            everything = not self.host.retargeted or self.current is None
+            _apply_plan(self.plan, self.index, self.host.finder, journal, self.report, self.bundle.version,
+                        retarget=None if everything else (*self.plan.added, *self.plan.changed))
+            self.clock.lap("apply")
         except BaseException as exc:
             tb = _app_traceback(exc)
-            try:
-                journal.undo()
-            finally:
-                failure = ActivationFailed(
-                    f"version {bundle.version} failed while running: {type(exc).__name__}: {exc}; every "
-                    f"change was undone and version {report.previous_version or 'on disk'} is still serving",
-                    remote_traceback=tb, version=bundle.version)
-                _record(host, action, bundle, failure)
-                _discard(store, bundle)
+            self.revert()
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            raise failure from exc
-    host.retargeted = True  # every live module of the app now has the finder's loader and paths
-    report.timings_ms = clock.done()
-    store.later(lambda: _prepare_next(bundle))
-    log.info("%s to version %s: %d changed, %d added, %d removed in %.1f ms", action, bundle.version,
-             len(plan.changed), len(plan.added), len(plan.removed), report.timings_ms["total"])
-    return report
+            raise ApplyFailed(exc, tb) from exc
+
+    def commit(self) -> UpgradeReport:
+        """Keep the new version: the journal is dropped and the import lock released."""
+        assert self.report is not None
+        self.host.retargeted = True  # every live module of the app now has the finder's loader and paths
+        self.host.store.active = self.bundle
+        self._release()
+        self.report.timings_ms = self.clock.done()
+        self.host.note(self.action, self.bundle.version, "ok")
+        bundle = self.bundle
+        self.host.store.later(lambda: _prepare_next(bundle))
+        log.info("%s to version %s: %d changed, %d added, %d removed in %.1f ms", self.action, bundle.version,
+                 len(self.report.changed), len(self.report.added), len(self.report.removed),
+                 self.report.timings_ms["total"])
+        return self.report
+
+    def revert(self) -> None:
+        """Undo everything ``apply()`` did (if it started) and release the import lock."""
+        journal, self._journal = self._journal, None
+        try:
+            if journal is not None:
+                journal.undo()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._locked:
+            self._locked = False
+            _imp.release_lock()
+
+
+def failure(bundle: Bundle, previous: int | None, error: ApplyFailed, where: str = "") -> ActivationFailed:
+    """The refusal a failed apply becomes: what raised, and that the old version still serves."""
+    return ActivationFailed(
+        f"version {bundle.version} failed while running{where}: {error}; every change was undone and "
+        f"version {previous or 'on disk'} is still serving",
+        remote_traceback=error.remote_traceback, version=bundle.version)
 
 
 def _prepare_next(bundle: Bundle) -> None:
@@ -280,13 +288,6 @@ def _app_traceback(exc: BaseException) -> str:
     if frames and len(frames) < len(te.stack):
         te.stack = traceback.StackSummary.from_list(frames)
     return "".join(te.format())
-
-
-def _discard(store: Any, bundle: Bundle) -> None:
-    try:
-        store.discard(bundle)
-    except Exception:  # the undo already happened; a leftover file is cleaned at the next open
-        log.exception("could not discard the staged files of failed version %s", bundle.version)
 
 
 def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, report: UpgradeReport,
@@ -397,13 +398,19 @@ def _old_source(module: types.ModuleType, disk_sources: dict[str, bytes]) -> byt
     return source.encode("utf-8") if isinstance(source, str) else source
 
 
-def _record(host: _Host, action: str, bundle: Bundle | None, exc: HabaneroError) -> None:
-    host.last_failure = {"action": action, "code": exc.code, "message": exc.message,
-                         "version": bundle.version if bundle else None, "time": time.time()}
+def move_tree(host: Host, tree: SourceTree) -> None:
+    """Serve this process's version from ``tree`` from now on: lay it out, and re-point every live
+    module at it. For a forked child, whose modules still name its parent's tree."""
+    active = host.active
+    if active is not None:
+        tree.update(None, active)
+    host.tree = tree
+    if active is None:
+        return
+    index = host.finder.index_for(active, tree.root)  # built afresh: every path is new
+    _imp.acquire_lock()
     try:
-        host.store.record_failure(action=action, version=bundle.version if bundle else None,
-                                  digest=bundle.digest if bundle else None,
-                                  key_ids=list(bundle.key_ids) if bundle else [], code=exc.code,
-                                  reason=exc.message)
-    except Exception:  # the failure itself must still reach the caller
-        log.exception("could not record a failed %s in the store's history", action)
+        host.finder.set_index(index)
+        _retarget(index.modules, index, Journal())
+    finally:
+        _imp.release_lock()

@@ -264,16 +264,17 @@ class _Connection:
 
 # A file in one version's tree in an older app's store: <store>/trees/<version>-<digest>/<relative path>.
 # Its own name says what it is, wherever the store is.
-_TREE_PATH = re.compile(r'[^\s"\'(]*/trees/\d+-[0-9a-f]{64}/')
+_TREE_PATH = re.compile(r'[^\s"\'(]*/(?:trees/\d+-[0-9a-f]{64}|[0-9a-f]{16}/\d+-\d+/tree)/')
 
 
 def map_traceback(text: str, project_root: str | None, store: str | None = None) -> str:
-    """Point the bundle-tree paths in a server message or traceback at the developer's own files.
+    """Point the source-tree paths in a server message or traceback at the developer's own files.
 
-    The app's one source tree is ``<store>/tree/<relative path>``: ``tree`` alone could be any
-    directory (``sklearn/tree/``), so those paths are mapped only when ``store`` (from the app's
-    status) is known. The per-version trees of older apps, ``<store>/trees/<version>-<digest>/``,
-    are recognised by their name.
+    Each process of the app has its tree at ``<runtime>/<store key>/<pid>-<start>/tree/<relative
+    path>`` (see ``overlay.cluster.registry``), recognisable by its name: a traceback from another
+    worker is mapped as well as one from the worker that answered. Older apps had one tree,
+    ``<store>/tree/`` (``tree`` alone could be any directory, ``sklearn/tree/``: mapped only when
+    ``store``, from the app's status, is known), or per-version trees ``<store>/trees/<version>-<digest>/``.
     """
     if not project_root:
         return text  # no project to map onto (an operator's command outside any checkout)

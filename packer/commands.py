@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,12 @@ def _status(args: argparse.Namespace) -> int:
     else:
         lines.append("active     none: the app runs the code on disk")
     lines.append(f"highest    {status.get('highest')}")
+    for worker in status.get("workers") or []:
+        outcome = worker.get("last_outcome") or {}
+        last = (f", last {outcome.get('action')} v{outcome.get('version')} {outcome.get('outcome')}"
+                if outcome else "")
+        lines.append(f"worker     pid {worker.get('pid')}: v{worker.get('version')}, up "
+                     f"{max(0.0, time.time() - float(worker.get('started') or time.time())):.0f} s{last}")
     failure = status.get("last_failure")
     if failure:
         lines.append(f"last fail  {failure.get('action')} v{failure.get('version')}: {failure.get('code')}: "

@@ -212,13 +212,8 @@ def push_once(remote: Remote, config: ProjectConfig, *, snapshot: SourceSnapshot
                           pushed=False, sources=tip.sources)
     built, wire, response = sent
     with clock("confirm"):
-        active = response["active"] if not read_back and "active" in response else _active_of(remote)
-    live = (active or {}).get("digest")
-    if live != built.digest:
-        raise RemoteError(
-            f"the server answered OK to version {built.version} but its active bundle is "
-            f"{(active or {}).get('version', 'none')} ({(live or 'none')[:12]}); the push did "
-            "not take effect — check the app's log", code="not_confirmed")
+        status = {"active": response.get("active")} if not read_back and "active" in response else remote.status()
+    _confirm(status, built)
     if bases is not None:
         bases.put(built.digest, built.manifest_bytes)
     server_ms = float(response.get("server_ms", 0.0))
@@ -275,9 +270,21 @@ def _make_afresh(config: ProjectConfig, signer: SigningKey, *, snapshot: SourceS
     return make
 
 
-def _active_of(remote: Remote) -> dict[str, Any] | None:
-    """The app's active bundle from its status: for an app whose push answer does not name it."""
-    return remote.status().get("active")
+def _confirm(status: dict[str, Any], built: BuiltBundle) -> None:
+    """The app's status names ``built`` as what it serves, in every process it lists; else a loud
+    ``not_confirmed`` (TUF's indefinite freeze: a "200 OK" that hides a failed deploy)."""
+    active = status.get("active") or {}
+    live = active.get("digest")
+    if live != built.digest:
+        raise RemoteError(
+            f"the server answered OK to version {built.version} but its active bundle is "
+            f"{active.get('version', 'none')} ({(live or 'none')[:12]}); the push did "
+            "not take effect — check the app's log", code="not_confirmed")
+    behind = [w for w in status.get("workers") or [] if isinstance(w, dict) and w.get("digest") != built.digest]
+    if behind:
+        shown = ", ".join(f"pid {w.get('pid')} on v{w.get('version')}" for w in behind)
+        raise RemoteError(f"version {built.version} is live, but not in every process of the app: {shown}; "
+                          "check the app's log", code="not_confirmed", body={"workers": behind})
 
 
 class _Clock:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .deploy import PushResult
 
 __all__ = ["describe_failure", "describe_push", "display", "failure_json", "format_inspection",
-           "inspection_json", "push_json", "size"]
+           "inspection_json", "push_json", "size", "worker_lines"]
 
 
 def describe_push(result: PushResult) -> str:
@@ -36,6 +36,7 @@ def describe_push(result: PushResult) -> str:
              f"{t['total']:.0f} ms: build {t['build']:.0f}, transfer {t['transfer']:.0f}, server "
              f"{t['server']:.1f} (verify {r['timings_ms'].get('verify', 0):.1f}, apply "
              f"{r['timings_ms'].get('apply', 0):.1f})"]
+    lines += worker_lines(r.get("workers") or [])
     lines += [f"  {label.replace('_', ' ')}: {', '.join(r[label])}"
               for label in ("changed", "added", "removed", "data_changed") if r.get(label)]
     for module in r.get("modules", []):
@@ -50,6 +51,19 @@ def describe_push(result: PushResult) -> str:
     return "\n".join(lines)
 
 
+def worker_lines(workers: list[dict[str, Any]]) -> list[str]:
+    """One line per process of the app: pid, version, outcome, milliseconds, and why when it failed."""
+    lines = []
+    for w in workers:
+        if not isinstance(w, dict):
+            continue
+        version = f"v{w['version']}" if w.get("version") is not None else "-"
+        ms = f"{w['ms']:.1f} ms" if isinstance(w.get("ms"), (int, float)) else "-"
+        reason = f"  {w['reason']}" if w.get("reason") else ""
+        lines.append(f"  worker {w.get('pid', '?')!s:<7} {version:<6} {w.get('outcome', '?'):<9} {ms}{reason}")
+    return lines
+
+
 def push_json(result: PushResult) -> dict[str, Any]:
     """The push's result for scripts and benchmarks: client timings plus the server's report."""
     return {"ok": True, "pushed": result.pushed, "version": result.version, "digest": result.digest,
@@ -58,8 +72,10 @@ def push_json(result: PushResult) -> dict[str, Any]:
 
 
 def failure_json(exc: HabaneroError, project_root: str | None, store: str | None = None) -> dict[str, Any]:
+    body = getattr(exc, "body", None)
     return {"ok": False, "code": exc.code, "message": map_traceback(exc.message, project_root, store),
-            "remote_traceback": map_traceback(getattr(exc, "remote_traceback", ""), project_root, store)}
+            "remote_traceback": map_traceback(getattr(exc, "remote_traceback", ""), project_root, store),
+            "workers": body.get("workers", []) if isinstance(body, dict) else []}
 
 
 def describe_failure(exc: HabaneroError, project_root: str | None, store: str | None = None) -> str:
@@ -69,6 +85,10 @@ def describe_failure(exc: HabaneroError, project_root: str | None, store: str | 
     when there is a project to map them to (``project_root``).
     """
     text = f"{exc.code}: {map_traceback(exc.message, project_root, store)}"
+    body = getattr(exc, "body", None)
+    workers = body.get("workers") if isinstance(body, dict) else None
+    if isinstance(workers, list) and workers:
+        text += "\n" + "\n".join(worker_lines(workers))
     remote_tb = getattr(exc, "remote_traceback", "")
     if remote_tb:
         mapped = " (paths mapped to this project)" if project_root else ""

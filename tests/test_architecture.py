@@ -26,13 +26,14 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("importing", ["overlay.importing.*", "overlay.finder"]),
     ("rebinding", ["overlay.rebinding.*", "overlay.rebind"]),
     ("transaction", ["overlay.transaction.*", "overlay.upgrade"]),
+    ("processes", ["overlay.cluster.*", "overlay.deploy"]),
     ("control plane", ["overlay.serving.*", "overlay.http"]),
     ("runtime", ["overlay.runtime.*", "overlay"]),
     ("packer", ["packer", "packer.*"]),
 ]
 #: Each layer's public face: what the layers above (and the layer's own face) import.
 FACES = {"overlay.bundle", "overlay.control", "overlay.store", "overlay.finder", "overlay.rebind",
-         "overlay.upgrade", "overlay.http", "overlay"}
+         "overlay.upgrade", "overlay.deploy", "overlay.http", "overlay"}
 #: What the packer, on the developer's machine, may use of overlay.
 PACKER_MAY_IMPORT = {"overlay", "overlay.errors", "overlay.keys", "overlay.bundle", "overlay.control",
                      "overlay.store"}

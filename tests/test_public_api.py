@@ -13,7 +13,7 @@ EXPECTED = {
     "UntrustedKey", "WrongApp", "StaleVersion", "TooLarge", "CorruptPayload", "BadManifest",
     "BadEntryName", "ParentMissing", "CompileFailed", "KeyProblem", "StoreError", "ConfigError",
     "ActivationFailed", "ControlRejected", "DeployInProgress", "__version__", "ModuleInUse", "UploadFailed",
-    "OverlayImportError", "RemoteError",
+    "OverlayImportError", "RemoteError", "WorkerRefused",
 }
 
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -253,7 +254,7 @@ def link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copyfile(src, dst)
+        shutil.copy2(src, dst)  # the object's mtime too
         os.chmod(dst, 0o444)
 
 
@@ -286,6 +287,17 @@ def remove_orphans(dirs: Iterable[Path]) -> list[Path]:
     return removed
 
 
+_LOCKS: weakref.WeakSet[FileLock] = weakref.WeakSet()
+
+
+def _reset_locks_in_child() -> None:
+    for lock in list(_LOCKS):
+        lock._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_locks_in_child)
+
+
 class FileLock:
     """An exclusive ``flock`` on one file, re-entrant within a process, with a timeout.
 
@@ -302,6 +314,39 @@ class FileLock:
         self._pid = os.getpid()
         self._mutex = threading.RLock()
         self._depth = 0
+        _LOCKS.add(self)
+
+    def acquire(self, timeout: float, *, wait_for_threads: bool = True) -> bool:
+        """Take the lock, waiting up to ``timeout`` seconds; whether it is held (then ``release()`` it).
+
+        ``wait_for_threads=False`` refuses at once when another thread of this process holds it.
+        """
+        if not (self._mutex.acquire(timeout=max(timeout, 0.0)) if wait_for_threads else
+                self._mutex.acquire(blocking=False)):
+            return False
+        try:
+            if self._depth == 0 and not self._flock(timeout, raising=False):
+                self._mutex.release()
+                return False
+        except BaseException:
+            self._mutex.release()
+            raise
+        self._depth += 1
+        return True
+
+    def release(self) -> None:
+        self.__exit__(None, None, None)
+
+    def _after_fork(self) -> None:
+        """In a forked child: whatever a parent's thread held is not held here (that thread is gone),
+        and the flock belongs to the parent's open file description: start afresh."""
+        self._mutex = threading.RLock()
+        self._depth = 0
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._pid = os.getpid()
 
     def __enter__(self) -> FileLock:
         if not self._mutex.acquire(timeout=self.timeout):
@@ -356,17 +401,19 @@ class FileLock:
             self._pid = os.getpid()
         return self._fd
 
-    def _flock(self) -> None:
+    def _flock(self, timeout: float | None = None, *, raising: bool = True) -> bool:
         fd = self._require_fd()
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         delay = 0.002
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
+                return True
             except BlockingIOError:
                 pass
             if time.monotonic() >= deadline:
+                if not raising:
+                    return False
                 raise self._timed_out()
             time.sleep(delay)
             delay = min(delay * 2, 0.05)

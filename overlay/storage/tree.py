@@ -8,8 +8,10 @@ reader) and removes the files of removed entries, with their directories once em
 directory would import as a namespace package). It does so before the new code runs, so that code
 sees its own tree, and :meth:`SourceTree.update` returns the undo that puts the old files back.
 
-The tree is derived data: it is never fsynced, and :meth:`SourceTree.repair` checks it against the
-bundle it should show, file by file, and repairs what differs.
+Each process has a tree of its own (see ``overlay.cluster.registry``), so a process still running
+one version never reads another version's files. The tree is derived data: it is never fsynced,
+and :meth:`SourceTree.repair` checks it against the bundle it should show, file by file, and
+repairs what differs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ __all__ = ["SourceTree"]
 logger = logging.getLogger("overlay.store")
 
 Undo = Callable[[], None]
+#: The mtime of every module file in a tree (2000-01-01): see ``SourceTree._put``.
+MODULE_MTIME = 946684800
 
 
 class SourceTree:
@@ -106,6 +110,12 @@ class SourceTree:
             raise BadEntryName(f"entry path {relative!r} resolves outside the source tree", name=relative)
         tmp = os.path.join(parent, f"{fs.TMP_PREFIX}{uuid.uuid4().hex[:12]}")
         fs.link_or_copy(self._objects.path(sha256), tmp)
+        if relative.endswith(".py"):
+            # Dev reloaders (werkzeug's and Django's stat reloaders) restart the app when a module's
+            # file gets a newer mtime: every module file of every version has the same one, so a
+            # push that rewrites a module is not taken for an edit. (Data files keep their own:
+            # template loaders compare mtimes.)
+            os.utime(tmp, (MODULE_MTIME, MODULE_MTIME))
         try:
             os.replace(tmp, target)
         except BaseException:

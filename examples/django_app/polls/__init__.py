@@ -1,0 +1,1 @@
+"""A Django app whose code is hot-deployed by habanero."""

@@ -1,0 +1,1 @@
+"""A small FastAPI service whose code is hot-deployed by habanero."""

@@ -1,0 +1,1 @@
+"""A small Flask shop whose code is hot-deployed by habanero."""

@@ -1,0 +1,340 @@
+"""One push, every process of the app, or none: the deploy across the processes of one store.
+
+Real apps run as several processes (gunicorn and uvicorn workers, a fork pool), all with the same
+store. Whichever process receives a push drives it, holding the store's deploy lock from start to
+end, and takes every other live process (found in the registry, see ``overlay.cluster``) through
+the same steps as itself:
+
+1. **verify** the bundle (here, then in every process against its own trusted keys) and **plan**
+   it: every process diffs, compiles and plans its own change (``overlay.upgrade.Change``);
+2. **stage** it in the store, once;
+3. only if every process is ready: **apply** everywhere, each under its own import lock;
+4. only if every process applied cleanly: **commit** the store (the state file's atomic replace is
+   the commit point), then tell everyone to keep it. Otherwise everyone **reverts**.
+
+A process that refuses, fails, dies or stops answering makes the whole deploy fail, naming it and
+its reason; the others never applied it, or undo it. If the driving process dies, each other
+process keeps or undoes the change by what the store says (see ``overlay.cluster.member``): every
+survivor ends on one version, and the store agrees.
+
+A process that joins later (started, restarted, recycled, or forked from a process that installed
+the overlay) registers under the same deploy lock and starts on the store's active version, so no
+deploy slips between its reading the store and its taking part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from overlay.bundle import Bundle, open_bundle
+from overlay.cluster import messages
+from overlay.cluster.member import Member
+from overlay.cluster.messages import Gone
+from overlay.cluster.registry import Registry, WorkerEntry
+from overlay.cluster.rounds import Peer, Round
+from overlay.errors import ActivationFailed, ControlRejected, HabaneroError, WorkerRefused
+from overlay.store import Store
+from overlay.upgrade import ApplyFailed, Change, Clock, Host, UpgradeReport, failure
+
+__all__ = ["Node", "join", "push", "rollback", "workers"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds a deploy waits for another one (elsewhere) to finish before it says deploy_in_progress.
+DEPLOY_WAIT = 10.0
+#: Seconds a process joining the app waits for a deploy under way.
+JOIN_WAIT = 60.0
+#: Seconds every process has to verify and plan, then to apply, then to acknowledge the verdict.
+PREPARE_TIMEOUT, APPLY_TIMEOUT, FINISH_TIMEOUT = 30.0, 60.0, 5.0
+#: Seconds a status question waits for each process.
+STATUS_TIMEOUT = 2.0
+
+
+@dataclass(eq=False)
+class Node:
+    """This process among the processes of its store: what it runs (``host``), where the others are
+    (``registry``), its own entry and the member that answers them."""
+
+    host: Host
+    registry: Registry
+    entry: WorkerEntry
+    member: Member | None = None
+    #: Set once this process takes part in deploys (at once, or after a fork once it caught up).
+    joined: threading.Event = field(default_factory=threading.Event)
+    #: What this process says of itself besides its version (its listen address, its role).
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def others(self) -> list[WorkerEntry]:
+        return [entry for entry in self.registry.live() if entry.id != self.entry.id]
+
+
+# --------------------------------------------------------------------------------------- joining
+
+
+@contextlib.contextmanager
+def joining(store: Store, registry: Registry, info: dict[str, Any]) -> Iterator[WorkerEntry]:
+    """Register this process, holding the deploy lock until the block has set it up: no deploy
+    runs between its reading the store's active version and its answering deploys."""
+    with store.deploying(JOIN_WAIT):
+        registry.live()  # and the directories of processes that stopped are removed
+        entry = registry.create(info)
+        try:
+            yield entry
+        except BaseException:
+            registry.remove(entry)
+            raise
+
+
+def start(node: Node, status: Callable[[], dict[str, Any]]) -> None:
+    """Answer the other processes from now on (call it inside :func:`joining`, then set
+    ``node.joined`` once this process runs the app's active version)."""
+    node.member = Member(node.host, node.entry, status=status)
+    node.member.start()
+
+
+def catch_up(node: Node) -> UpgradeReport | None:
+    """Run the store's active version if this process runs another (a child forked before a deploy
+    its parent took part in, or a process that missed one). Hold the deploy lock to call it."""
+    host = node.host
+    pointer, _ = host.store.pointer()
+    running = host.active
+    if pointer is None or (running is not None and running.digest == pointer["digest"]):
+        return None
+    target = host.store.load(pointer["version"])
+    change = Change(host, target, "catch_up")
+    change.prepare()
+    try:
+        change.apply()
+    except ApplyFailed as failed:
+        host.note("catch_up", target.version, "failed", "activation_failed", str(failed))
+        raise failure(target, running.version if running else None, failed, " in a process catching up") from None
+    log.info("caught up with the app: v%s", target.version)
+    return change.commit()
+
+
+# --------------------------------------------------------------------------------------- deploys
+
+
+@contextlib.contextmanager
+def _deploying(node: Node) -> Iterator[None]:
+    """The store's deploy lock, this process's own, and the cyclic garbage collector paused.
+
+    A push allocates a few thousand objects (the manifest's entries), enough to trigger collections
+    mid-push; a full one walks the whole heap, tens of milliseconds in a process holding millions
+    of objects. What the push allocates is bounded, so collecting after it answers costs nothing
+    and keeps its time flat in heap size.
+    """
+    with node.host.store.deploying(DEPLOY_WAIT):
+        member = node.member
+        if member is not None and not member.busy.acquire(blocking=False):
+            raise ControlRejected("this process is busy with another change; push again", code="deploy_in_progress")
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            yield
+        finally:
+            if paused:
+                gc.enable()
+            if member is not None:
+                member.busy.release()
+
+
+def push(node: Node, data: bytes) -> UpgradeReport:
+    """Verify a pushed bundle and make it the running version of every process, or of none."""
+    host = node.host
+    with _deploying(node):
+        clock = Clock()
+        try:
+            # The active bundle's bodies are verified and in memory: entries a push shares with it
+            # are taken from there unhashed; anything else (the store's objects) is hashed.
+            active = host.active
+            bundle = open_bundle(data, host.trusted, app_id=host.app_id, limits=host.limits,
+                                 content=host.store.objects.get, base=active,
+                                 base_manifest=lambda d: active.manifest_bytes
+                                 if active is not None and active.digest == d else None)
+            host.store.check_fresh(bundle)
+        except HabaneroError as exc:
+            _record(node, "push", None, exc)
+            raise
+        clock.lap("verify")
+        return _everywhere(node, bundle, "push", clock, wire=data)
+
+
+def rollback(node: Node, to: int | None = None, *, expect: int | None = None) -> UpgradeReport:
+    """Return every process to the previous stored version (or version ``to``), as a push would.
+
+    ``expect`` is the version the caller believes is active; a mismatch refuses the rollback, so a
+    replayed request does nothing harmful. Both are judged by the store, whichever process asks.
+    """
+    store = node.host.store
+    with _deploying(node):
+        clock = Clock()
+        pointer, _ = store.pointer()
+        active = pointer["version"] if pointer is not None else None
+        if expect is not None and active != expect:
+            raise ControlRejected(
+                f"rollback expected version {expect} to be active, but it is "
+                f"{active if active is not None else 'none (code on disk)'}; check `habanero-pack status`",
+                code="version_mismatch")
+        if to is None:
+            target = store.previous(below=active) if active is not None else None
+            if target is None:
+                raise ControlRejected("there is no earlier stored version to roll back to",
+                                      code="nothing_to_roll_back")
+        else:
+            if to == active:
+                raise ControlRejected(f"version {to} is already active", code="nothing_to_roll_back")
+            target = store.load(to)
+        clock.lap("verify")
+        return _everywhere(node, target, "rollback", clock)
+
+
+def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: bytes = b"") -> UpgradeReport:
+    host, store = node.host, node.host.store
+    change = Change(host, bundle, action, clock)
+    try:
+        change.prepare()
+        assert change.diff is not None
+        store.stage(bundle, known=change.current, names=(*change.diff.added, *change.diff.changed))
+        clock.lap("stage")
+    except HabaneroError as exc:
+        _record(node, action, bundle, exc)
+        raise
+    previous = change.current.version if change.current else None
+    round_ = Round(node.others())
+    try:
+        header = {"op": "prepare", "txn": uuid.uuid4().hex, "action": action, "version": bundle.version,
+                  "digest": bundle.digest, "coordinator": os.getpid()}
+        refused = round_.ask(header, wire, PREPARE_TIMEOUT)
+        clock.lap("prepare")
+        if refused:
+            round_.tell({"op": "abort"}, FINISH_TIMEOUT)
+            _give_up(node, change, bundle, action, refused, applied=False)
+        # Every process applies at the same time: the step goes out to all, ours runs, then we wait.
+        round_.send({"op": "apply"})
+        local: ApplyFailed | None = None
+        try:
+            change.apply()
+        except ApplyFailed as exc:
+            local = exc
+        failed = round_.collect(APPLY_TIMEOUT)
+        if local is not None or failed:
+            round_.tell({"op": "revert"}, FINISH_TIMEOUT)
+            if local is None:
+                change.revert()
+            _give_up(node, change, bundle, action, failed, applied=True, local=local)
+        try:
+            # Inside the undo scope: if the store cannot record the new version (another process
+            # pushed first, a full disk), no process may run code the disk does not call active.
+            store.commit(bundle, action=action)
+        except BaseException as exc:
+            round_.tell({"op": "revert"}, FINISH_TIMEOUT)
+            change.revert()
+            error = failure(bundle, previous, ApplyFailed(exc, ""), " (the store could not record it)")
+            _record(node, action, bundle, error)
+            _discard(store, bundle)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise error from exc
+        clock.lap("commit")
+        round_.ask({"op": "commit"}, b"", FINISH_TIMEOUT)
+    finally:
+        round_.close()
+    report = change.commit()
+    report.workers = _lines(node, round_, report)
+    return report
+
+
+def _give_up(node: Node, change: Change, bundle: Bundle, action: str, peers: list[Peer], *, applied: bool,
+             local: ApplyFailed | None = None) -> None:
+    """Record and raise why the deploy stopped; every process is back on (or still on) the old version."""
+    store = node.host.store
+    previous = change.current.version if change.current else None
+    lines = [_peer_line(p, "refused" if not applied else "reverted") for p in peers]
+    if local is not None:
+        error: HabaneroError = failure(bundle, previous, local)
+    elif applied:
+        first = peers[0]
+        tb = str(first.answer.get("traceback", ""))
+        error = failure(bundle, previous, ApplyFailed(RuntimeError(first.describe()), tb),
+                        f" in process {first.pid}")
+        error.details["workers"] = lines
+    else:
+        lost = [p for p in peers if p.lost]
+        code = "worker_lost" if lost else "worker_refused"
+        error = WorkerRefused(
+            f"{'; '.join(p.describe() for p in peers)}; no process applied version {bundle.version}, and "
+            f"version {previous or 'on disk'} is still serving everywhere", code=code, workers=lines)
+    _record(node, action, bundle, error)
+    _discard(store, bundle)
+    raise error
+
+
+def _lines(node: Node, round_: Round, report: UpgradeReport) -> list[dict[str, Any]]:
+    """One line per process of a deploy that went through: this one first."""
+    own = {"pid": os.getpid(), "version": report.version, "outcome": "applied",
+           "ms": report.timings_ms.get("total", 0.0)}
+    return [own, *(_peer_line(p, "applied") for p in round_.peers)]
+
+
+def _peer_line(peer: Peer, outcome: str) -> dict[str, Any]:
+    line: dict[str, Any] = {"pid": peer.pid, "outcome": outcome if peer.ok else "lost" if peer.lost else
+                            str(peer.answer.get("code", "refused")), "ms": peer.answer.get("ms")}
+    if "version" in peer.answer:
+        line["version"] = peer.answer["version"]
+    if not peer.ok:
+        line["reason"] = peer.describe()
+    return line
+
+
+def _record(node: Node, action: str, bundle: Bundle | None, exc: HabaneroError) -> None:
+    version = bundle.version if bundle else None
+    node.host.note(action, version, "failed", exc.code, exc.message)
+    try:
+        node.host.store.record_failure(action=action, version=version, digest=bundle.digest if bundle else None,
+                                       key_ids=list(bundle.key_ids) if bundle else [], code=exc.code,
+                                       reason=exc.message)
+    except Exception:  # the failure itself must still reach the caller
+        log.exception("could not record a failed %s in the store's history", action)
+
+
+def _discard(store: Store, bundle: Bundle) -> None:
+    try:
+        store.discard(bundle)
+    except Exception:  # the undo already happened; a leftover file is cleaned at the next open
+        log.exception("could not discard the staged files of failed version %s", bundle.version)
+
+
+# ---------------------------------------------------------------------------------------- status
+
+
+def workers(node: Node, own: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every live process of the app, as it describes itself (``own`` is this one's description);
+    a process that does not answer in time is left out."""
+    found = [own]
+    for entry in node.others():
+        try:
+            sock = messages.connect(entry.socket, STATUS_TIMEOUT)
+        except Gone:
+            continue
+        try:
+            messages.send(sock, {"op": "status"})
+            answer, _ = messages.receive(sock, time.monotonic() + STATUS_TIMEOUT)
+        except Gone:
+            continue
+        finally:
+            sock.close()
+        worker = answer.get("worker")
+        if isinstance(worker, dict):
+            found.append(worker)
+    return found

@@ -1,0 +1,264 @@
+"""The :class:`Overlay` handle that ``install()`` returns: what runs, deploys, and the app's wiring.
+
+One handle per process. Its deploys reach every process of the app (``overlay.deploy``); its
+``wsgi()`` and ``asgi()`` put the control routes in front of a web app; its ``status()`` describes
+every live process. A disabled overlay (``HABANERO_DISABLE=1``) answers the same questions and
+refuses every deploy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from overlay import deploy
+from overlay.bundle import Bundle, Limits
+from overlay.errors import ConfigError
+from overlay.finder import OverlayFinder
+from overlay.http import ControlPlane, asgi, wsgi
+from overlay.keys import TrustedKeys
+from overlay.serving.asgi import ASGIApp, ASGIWrapper
+from overlay.serving.wsgi import WSGIApp, WSGIWrapper
+from overlay.store import Store
+from overlay.upgrade import UpgradeReport
+
+__all__ = ["Overlay"]
+
+logger = logging.getLogger("overlay.runtime")
+
+#: Seconds a request in a freshly forked worker waits for it to catch up with the app.
+READY_WAIT = 60.0
+
+
+class Overlay:
+    """What ``install()`` set up (see the module docstring).
+
+    ``version``, ``status()`` and ``history()`` say what is live; ``apply()`` and ``rollback()``
+    deploy to every process of the app; ``wsgi(app)`` and ``asgi(app)`` serve the control routes
+    on the app's own port.
+    """
+
+    def __init__(self, *, app_id: str, packages: tuple[str, ...], store_path: Path, limits: Limits,
+                 node: deploy.Node | None, listen: str | None = None, app: Any = None,
+                 warnings: Iterable[str] = (), preimported: Iterable[str] = (),
+                 control: dict[str, Any] | None = None) -> None:
+        self.app_id = app_id
+        self.packages = packages
+        self.store_path = store_path
+        self.limits = limits
+        self.node = node
+        self.listen = listen
+        self.app = app
+        self.warnings = list(warnings)
+        self.preimported = tuple(preimported)  # modules that were imported from disk before install()
+        self.started = time.time()
+        self.control = control or {}  # control-plane options (TLS, public status, upload deadline)
+        self.server: Any = None  # the standalone control server, when listen= is used
+        self.address: tuple[str, int] | None = None  # where the standalone server actually listens
+        self._plane: ControlPlane | None = None
+
+    # ------------------------------------------------------------------------------- what runs
+
+    @property
+    def disabled(self) -> bool:
+        return self.node is None
+
+    @property
+    def store(self) -> Store | None:
+        return self.node.host.store if self.node is not None else None
+
+    @property
+    def finder(self) -> OverlayFinder | None:
+        return self.node.host.finder if self.node is not None else None
+
+    @property
+    def trusted(self) -> TrustedKeys | None:
+        return self.node.host.trusted if self.node is not None else None
+
+    @property
+    def tree_root(self) -> Path | None:
+        """Where this process's files are: ``__file__`` of every module served is below it."""
+        return self.node.host.tree.root if self.node is not None else None
+
+    @property
+    def last_failure(self) -> dict[str, Any] | None:
+        return self.node.host.last_failure if self.node is not None else None
+
+    @property
+    def active(self) -> Bundle | None:
+        """The bundle this process serves now, or None (the code on disk)."""
+        return self.node.host.active if self.node is not None else None
+
+    @property
+    def version(self) -> int | None:
+        active = self.active
+        return active.version if active is not None else None
+
+    # --------------------------------------------------------------------------------- deploys
+
+    def apply(self, bundle: bytes) -> UpgradeReport:
+        """Verify a signed bundle and make it the running version of every process, as one transaction.
+
+        Either every process re-runs every changed module and patches every live function and class
+        in place, or none does and ``ActivationFailed``, ``WorkerRefused`` (or the ``BundleRejected``
+        that says why) is raised. This is what ``POST /_habanero/push`` calls.
+
+        Example::
+
+            report = ov.apply(Path("shop-v8.hbn").read_bytes())
+            report.changed, report.timings_ms["total"], report.workers
+        """
+        return deploy.push(self._node(), bundle)
+
+    def rollback(self, to: int | None = None, *, expect: int | None = None) -> UpgradeReport:
+        """Return every process to the previous stored version (or version ``to``), as a push would.
+
+        ``expect`` names the version the caller believes is active; a mismatch refuses the rollback.
+        """
+        return deploy.rollback(self._node(), to, expect=expect)
+
+    def _node(self) -> deploy.Node:
+        if self.node is None:
+            raise ConfigError("habanero is disabled by HABANERO_DISABLE: this process accepts no deploys",
+                              code="disabled")
+        return self.node
+
+    # ---------------------------------------------------------------------------- web servers
+
+    def wsgi(self, app: WSGIApp) -> WSGIApp | WSGIWrapper:
+        """``app`` with the control routes in front of it, on its own port (any WSGI server).
+
+        Example::
+
+            application = ov.wsgi(flask_app)        # gunicorn myapp:application -w 4
+        """
+        plane = self.plane()
+        return app if plane is None else wsgi(app, plane, self.ready)
+
+    def asgi(self, app: ASGIApp) -> ASGIApp | ASGIWrapper:
+        """``app`` with the control routes in front of it, on its own port (any ASGI server).
+
+        Example::
+
+            app = ov.asgi(FastAPI())                # uvicorn myapp:app --workers 4
+        """
+        plane = self.plane()
+        return app if plane is None else asgi(app, plane, self.ready, self.is_ready)
+
+    def plane(self) -> ControlPlane | None:
+        """The control routes of this overlay (None when disabled: a wrapped app serves only itself)."""
+        if self.node is None:
+            return None
+        if self._plane is None:
+            self._plane = ControlPlane(self, public_status=bool(self.control.get("public_status")),
+                                       upload_timeout=float(self.control.get("upload_timeout", 30.0)))
+        return self._plane
+
+    def is_ready(self) -> bool:
+        return self.node is None or self.node.joined.is_set()
+
+    def ready(self) -> None:
+        """Wait until this process takes part in deploys: at once, but for a worker forked after
+        ``install()``, which first catches up with the app's active version."""
+        if self.node is not None and not self.node.joined.wait(READY_WAIT):
+            logger.error("habanero: this process has not caught up with the app within %g s; serving on", READY_WAIT)
+
+    # ---------------------------------------------------------------------------------- status
+
+    def worker_status(self) -> dict[str, Any]:
+        """What this process runs, as one line of ``status()["workers"]``."""
+        active = self.active
+        host = self.node.host if self.node is not None else None
+        return {"pid": os.getpid(), "version": active.version if active is not None else None,
+                "digest": active.digest if active is not None else None, "started": self.started,
+                "address": f"{self.address[0]}:{self.address[1]}" if self.address else None,
+                "tree": str(self.tree_root) if self.tree_root is not None else None,
+                "last_outcome": host.last_outcome if host is not None else None}
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready picture of what runs: app, packages, active bundle, store, every live worker."""
+        active = self.active
+        store = self.store
+        pointer, highest = store.pointer() if store is not None else (None, None)
+        own = self.worker_status()
+        return {
+            "app_id": self.app_id,
+            "packages": list(self.packages),
+            "disabled": self.disabled,
+            "pid": os.getpid(),
+            "version": active.version if active is not None else None,
+            "active": active.summary() if active is not None else None,
+            "store_active": dict(pointer) if pointer is not None else None,
+            "highest": highest,
+            "store": str(self.store_path),
+            "tree": own["tree"],
+            "workers": deploy.workers(self.node, own) if self.node is not None else [own],
+            "startup_problems": list(store.startup_problems) if store is not None else [],
+            "warnings": list(self.warnings),
+            "preimported": list(self.preimported),
+            "listen": self.listen,
+            "address": own["address"],
+            "last_failure": self.last_failure,
+            "uptime_s": round(time.time() - self.started, 3),
+            "history": self.history(10),
+        }
+
+    def history(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The store's deploy history, oldest first, the last ``limit`` entries (empty when disabled)."""
+        store = self.store
+        return store.history(limit) if store is not None else []
+
+    # -------------------------------------------------------------------------------- lifetime
+
+    def uninstall(self) -> None:
+        """Stop serving: remove the finder, leave the app's processes, close the store, so that
+        ``install()`` may run again (for tests). Imported modules keep the code they run."""
+        forget(self)
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        node = self.node
+        if node is not None:
+            if node.host.finder in sys.meta_path:
+                sys.meta_path.remove(node.host.finder)
+            if node.member is not None:
+                node.member.stop()
+            if node.entry.pid == os.getpid():  # a child forked before joining holds its parent's entry
+                node.registry.remove(node.entry)
+            node.host.store.close()
+
+    def __repr__(self) -> str:
+        state = "disabled" if self.disabled else f"v{self.version}"
+        return f"<Overlay {self.app_id} {state} packages={list(self.packages)}>"
+
+
+#: The process's one overlay, and the lock ``install()`` holds while setting it up.
+install_lock = threading.Lock()
+_current: Overlay | None = None
+
+
+def current() -> Overlay | None:
+    return _current
+
+
+def make_current(overlay: Overlay | None) -> None:
+    global _current
+    _current = overlay
+
+
+def forget(overlay: Overlay) -> None:
+    """Let ``install()`` run again in this process (``Overlay.uninstall()``)."""
+    with install_lock:
+        if _current is overlay:
+            make_current(None)
+
+
+def reset_lock_after_fork() -> None:
+    global install_lock
+    install_lock = threading.Lock()  # a parent's thread may have held it at the fork

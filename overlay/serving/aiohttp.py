@@ -1,0 +1,189 @@
+"""The control routes on aiohttp: mounted into an aiohttp app, or on habanero's own small server.
+
+* **mounted** (``install(app=app)``): a sub-application at ``/_habanero`` inside the app's own
+  aiohttp application. The apply step runs on the app's event loop, inside the push request's
+  handler: other requests' coroutines are paused at an ``await`` while it runs (a few ms), so each
+  of them runs either wholly on old code or resumes on new code for its next step.
+* **standalone** (``install(listen="127.0.0.1:8765")``): a small aiohttp server on a daemon thread
+  with its own event loop, for apps that are not web apps. The apply step runs on that thread while
+  holding the import lock; the app's own threads keep running and pick up the new code on their
+  next call of a patched function. The port is opened with ``SO_REUSEPORT``, so every process of
+  the app may listen on the same address: the kernel spreads connections over them, and whichever
+  gets a push drives it. A port held by anything else is refused at start-up.
+
+The body is read as a stream with its own byte cap and deadline (``client_max_size`` does not cover
+streamed bodies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+
+from aiohttp import web
+
+from overlay.control import PREFIX
+from overlay.errors import ConfigError, HabaneroError
+from overlay.serving.routes import Answer, ControlPlane, incomplete, too_large, too_slow
+
+__all__ = ["StandaloneServer", "listening_socket", "mount"]
+
+log = logging.getLogger("overlay.http")
+
+_PLANE = web.AppKey("plane", ControlPlane)
+
+
+def _json(answer: Answer) -> web.Response:
+    return web.Response(body=answer.encoded(), status=answer.status, content_type="application/json")
+
+
+async def _read_body(request: web.Request, cap: int, deadline: float) -> bytes:
+    if request.content_length is not None and request.content_length > cap:
+        raise too_large(cap, request.content_length)
+    buf = bytearray()
+    try:
+        async with asyncio.timeout(deadline):
+            async for chunk in request.content.iter_chunked(1 << 16):
+                buf += chunk
+                if len(buf) > cap:
+                    raise too_large(cap)
+    except TimeoutError:
+        raise too_slow(deadline) from None
+    if request.content_length is not None and len(buf) != request.content_length:
+        raise incomplete(len(buf), request.content_length)
+    return bytes(buf)
+
+
+async def _route(request: web.Request) -> web.StreamResponse:
+    plane = request.app[_PLANE]
+    path = f"{PREFIX}/{request.match_info['tail']}"
+    try:
+        body = b""
+        if request.method == "POST":
+            with plane.upload_slot():
+                body = await _read_body(request, plane.cap(path), plane.upload_timeout)
+    except HabaneroError as exc:
+        return _json(Answer(exc.http_status, exc.to_dict()))
+    return _json(plane.handle(request.method, path, request.query, request.headers, body))
+
+
+def control_app(plane: ControlPlane) -> web.Application:
+    """The ``/_habanero`` sub-application."""
+    sub = web.Application(client_max_size=plane.served.limits.max_bundle_bytes)
+    sub[_PLANE] = plane
+    sub.router.add_route("*", "/{tail:.*}", _route)
+    return sub
+
+
+def mount(app: web.Application, plane: ControlPlane) -> None:
+    """Mount the control routes into the app's own aiohttp application at ``/_habanero``."""
+    app.add_subapp(PREFIX, control_app(plane))
+
+
+def listening_socket(host: str, port: int, *, ours: Callable[[], bool]) -> socket.socket:
+    """A TCP socket listening at ``host:port``, shared (``SO_REUSEPORT``) with the app's other
+    processes; ``ours()`` says whether a live process of this store listens there already."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    taken = False
+    if port:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:  # without SO_REUSEPORT: is it free?
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                taken = True
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"cannot listen on {host}:{port}: another program holds the port; choose "
+                                  "another address with listen= or HABANERO_LISTEN", code="listen_failed") from None
+            raise
+        if taken and not ours():
+            raise ConfigError(f"cannot listen on {host}:{port}: the port is shared by a process that is not "
+                              "this app's (another app's habanero?); give each app its own address",
+                              code="listen_failed")
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """A server TLS context from a certificate and key path, or None for plain HTTP."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("TLS needs both tls_cert and tls_key (HABANERO_TLS_CERT / HABANERO_TLS_KEY)")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+class StandaloneServer:
+    """The control routes on their own small server, on a daemon thread with its own event loop."""
+
+    def __init__(self, plane: ControlPlane, sock: socket.socket, *, tls: ssl.SSLContext | None = None) -> None:
+        self._plane, self._sock, self._tls = plane, sock, tls
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        host, port = sock.getsockname()[:2]
+        self.address: tuple[str, int] = (host, port)
+
+    def start(self) -> tuple[str, int]:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._serve())
+            except BaseException as exc:  # reported to start()'s caller
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            if self._runner is not None:
+                loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="habanero-control", daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        if failure:
+            raise ConfigError(f"cannot serve on {self.address[0]}:{self.address[1]}: {failure[0]}",
+                              code="listen_failed")
+        return self.address
+
+    async def _serve(self) -> None:
+        root = web.Application()
+        mount(root, self._plane)
+        self._runner = web.AppRunner(root, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.SockSite(self._runner, self._sock, ssl_context=self._tls).start()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+

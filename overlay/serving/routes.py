@@ -1,0 +1,178 @@
+"""The control routes under ``/_habanero/``, whatever server carries them.
+
+    POST /_habanero/push       a bundle (signed: the bundle's own signature authenticates it)
+    POST /_habanero/rollback   {"to": version or null, "expect": version}   (a signed request)
+    GET  /_habanero/status     what every process of the app runs           (signed, unless public)
+    GET  /_habanero/history    the store's deploy history                   (a signed request)
+
+:class:`ControlPlane` answers them from a method, a path, headers and a body, with a status and a
+JSON object: the WSGI, ASGI and aiohttp adapters (``overlay.serving``) only move bytes. Bodies are
+read by the adapters within :meth:`ControlPlane.cap` bytes and ``upload_timeout`` seconds, at most
+``MAX_UPLOADS`` at once, before anything is authenticated or locked. Errors are JSON
+``{"code", "message"}`` with fitting statuses, never a traceback page.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from overlay.bundle import Bundle, Limits
+from overlay.control import PREFIX, RequestVerifier
+from overlay.errors import ConfigError, ControlRejected, HabaneroError, TooLarge, UploadFailed
+from overlay.keys import TrustedKeys
+from overlay.upgrade import UpgradeReport
+
+__all__ = ["MAX_UPLOADS", "Answer", "ControlPlane", "Served", "incomplete", "too_large", "too_slow"]
+
+log = logging.getLogger("overlay.http")
+
+MAX_UPLOADS = 4  # bodies read at once; each is capped at Limits.max_bundle_bytes
+_CONTROL_BODY = 64 << 10  # a rollback's JSON
+
+
+class Served(Protocol):
+    """What the routes need of the installed overlay (``overlay.Overlay`` is one)."""
+
+    app_id: str
+    limits: Limits
+
+    @property
+    def trusted(self) -> TrustedKeys | None: ...
+    @property
+    def active(self) -> Bundle | None: ...
+    def apply(self, bundle: bytes) -> UpgradeReport: ...
+    def rollback(self, to: int | None = None, *, expect: int | None = None) -> UpgradeReport: ...
+    def status(self) -> dict[str, Any]: ...
+    def history(self, limit: int | None = None) -> list[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: dict[str, Any]
+
+    def encoded(self) -> bytes:
+        return json.dumps(self.body, default=str).encode()
+
+
+class ControlPlane:
+    """The routes of one installed overlay (see the module docstring)."""
+
+    def __init__(self, served: Served, *, public_status: bool = False, upload_timeout: float = 30.0) -> None:
+        if served.trusted is None:
+            raise ConfigError("a disabled overlay serves no control routes", code="disabled")
+        self.served = served
+        self.public_status = public_status
+        self.upload_timeout = upload_timeout
+        self.verifier = RequestVerifier(served.trusted, served.app_id)
+        self._uploads = 0
+        self._uploads_lock = threading.Lock()
+
+    @staticmethod
+    def owns(path: str) -> bool:
+        """Whether a request path is one of ours (anything else goes to the app)."""
+        return path == PREFIX or path.startswith(PREFIX + "/")
+
+    def cap(self, path: str) -> int:
+        """The most bytes a request body to ``path`` may have."""
+        return self.served.limits.max_bundle_bytes if path == f"{PREFIX}/push" else _CONTROL_BODY
+
+    @contextlib.contextmanager
+    def upload_slot(self) -> Iterator[None]:
+        """One of ``MAX_UPLOADS`` places to read a body in; ``too_many_uploads`` when none is free."""
+        with self._uploads_lock:
+            if self._uploads >= MAX_UPLOADS:
+                raise UploadFailed(f"{MAX_UPLOADS} uploads are already in progress; push again in a moment",
+                                   code="too_many_uploads")
+            self._uploads += 1
+        try:
+            yield
+        finally:
+            with self._uploads_lock:
+                self._uploads -= 1
+
+    def handle(self, method: str, path: str, query: Mapping[str, str], headers: Mapping[str, str],
+               body: bytes) -> Answer:
+        """Answer one request (its body read already, within :meth:`cap`)."""
+        try:
+            return self._route(method, path, query, headers, body)
+        except HabaneroError as exc:
+            return Answer(exc.http_status, exc.to_dict())
+        except Exception:
+            log.exception("habanero control request failed")
+            return Answer(500, {"code": "internal_error",
+                                "message": "internal error in the habanero endpoint; see the app's log"})
+
+    def _route(self, method: str, path: str, query: Mapping[str, str], headers: Mapping[str, str],
+               body: bytes) -> Answer:
+        route = {("POST", f"{PREFIX}/push"): self._push, ("POST", f"{PREFIX}/rollback"): self._rollback,
+                 ("GET", f"{PREFIX}/status"): self._status, ("GET", f"{PREFIX}/history"): self._history}
+        handler = route.get((method.upper(), path))
+        if handler is None:
+            known = any(p == path for _, p in route)
+            return Answer(405 if known else 404, {"code": "http_error", "message": "Method Not Allowed" if known
+                                                  else "Not Found"})
+        return handler(path, query, headers, body)
+
+    def _authenticate(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> str:
+        return self.verifier.verify(method, path, headers, body)
+
+    def _push(self, path: str, query: Mapping[str, str], headers: Mapping[str, str], body: bytes) -> Answer:
+        started = time.perf_counter()
+        report = self.served.apply(body)  # the bundle's own signature authenticates it
+        server_ms = round((time.perf_counter() - started) * 1000, 3)
+        return Answer(200, {"ok": True, "report": report.to_dict(), "server_ms": server_ms, "active": self._active()})
+
+    def _rollback(self, path: str, query: Mapping[str, str], headers: Mapping[str, str], body: bytes) -> Answer:
+        self._authenticate("POST", path, headers, body)
+        try:
+            args = json.loads(body or b"{}")
+            to, expect = args.get("to"), args.get("expect")
+            if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (to, expect)):
+                raise ValueError
+        except (ValueError, AttributeError):
+            raise ControlRejected('rollback body must be JSON {"to": version or null, "expect": version}',
+                                  code="bad_request") from None
+        report = self.served.rollback(to, expect=expect)
+        return Answer(200, {"ok": True, "report": report.to_dict(), "active": self._active()})
+
+    def _status(self, path: str, query: Mapping[str, str], headers: Mapping[str, str], body: bytes) -> Answer:
+        if not self.public_status:
+            self._authenticate("GET", path, headers, b"")
+        return Answer(200, self.served.status())
+
+    def _history(self, path: str, query: Mapping[str, str], headers: Mapping[str, str], body: bytes) -> Answer:
+        self._authenticate("GET", path, headers, b"")
+        try:
+            limit = int(query.get("limit", "50"))
+        except ValueError:
+            limit = 50
+        return Answer(200, {"history": self.served.history(limit)})
+
+    def _active(self) -> dict[str, Any] | None:
+        """What imports serve now (the finder's bundle), as ``status`` reports it."""
+        bundle = self.served.active
+        return {"version": bundle.version, "digest": bundle.digest} if bundle else None
+
+
+
+def too_large(cap: int, declared: int | None = None) -> TooLarge:
+    if declared is not None:
+        return TooLarge(f"request body of {declared} bytes is over the {cap} byte limit", code="bundle_too_large")
+    return TooLarge(f"request body is over the {cap} byte limit; the upload was cut off", code="bundle_too_large")
+
+
+def too_slow(deadline: float) -> UploadFailed:
+    return UploadFailed(f"the upload did not finish within {deadline:g} s; check the network and push again",
+                        code="upload_timeout")
+
+
+def incomplete(got: int, declared: int) -> UploadFailed:
+    return UploadFailed(f"the upload ended after {got} of {declared} bytes; push again", code="upload_incomplete")

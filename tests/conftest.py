@@ -1,4 +1,8 @@
-"""Shared fixtures: a signing key, its trusted-keys file, and a bundle factory."""
+"""Fixtures every layer uses: keys, a bundle factory, import state, app processes.
+
+Each layer's own fixtures live in its folder's ``conftest.py``; helpers that are not fixtures live
+in ``support/`` and are imported by name.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.e2e import Launcher
 
 from overlay.bundle import build_bundle
 from overlay.keys import SigningKey, TrustedKeys, generate_signing_key, load_trusted_keys
@@ -62,3 +67,27 @@ def import_state() -> Iterator[None]:
         sys.modules.update(modules)
         sys.path_importer_cache.clear()
         sys.path_importer_cache.update(path_importer_cache)
+
+
+# ------------------------------------------------------------------------------ app processes
+
+
+@pytest.fixture
+def launcher() -> Iterator[Launcher]:
+    """Starts app processes (``support.e2e``); kills and reaps every one of them at teardown."""
+    launch = Launcher()
+    try:
+        yield launch
+    finally:
+        launch.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_launcher() -> Iterator[Launcher]:
+    """The same, for apps a whole module shares."""
+    launch = Launcher()
+    try:
+        yield launch
+    finally:
+        launch.stop_all()
+

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _e2e import ROOT, TIMEOUT, base_env
+from support import ROOT
+from support.e2e import TIMEOUT, base_env
 
 DEMO = ROOT / "examples" / "demo.py"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.overlay import APP_V1, APP_V2, lay_out, opened
 
-from _overlay_helpers import APP_V1, APP_V2, lay_out, opened
 from overlay.importing import codecache as _codecache
 from overlay.importing.codecache import CodeCache
 from overlay.transaction.diff import entry_diff
@@ -126,7 +126,7 @@ def test_relative_imports_and_subpackages_work(finder):
 
 
 def test_the_finder_sits_first_and_wins_over_a_copy_on_sys_path(finder, tmp_path):
-    from _overlay_helpers import write_disk_app
+    from support.overlay import write_disk_app
 
     sys.path.insert(0, str(write_disk_app(tmp_path / "disk")))
     import hbapp

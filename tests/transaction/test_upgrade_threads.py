@@ -1,7 +1,7 @@
 """The push transaction against running code: threads in a loop, in-flight generators and
 coroutines, imports racing the apply step, and a second deploy while one applies.
 
-Split from ``test_upgrade.py`` (same fixtures, from ``_upgrade_helpers``); import state is restored
+Split from ``test_upgrade.py`` (same fixtures, from ``conftest.py``); import state is restored
 after every test and every thread is joined with a timeout.
 """
 
@@ -14,16 +14,8 @@ import threading
 import time
 
 import pytest
+from support.upgrade import THREAD_TIMEOUT, in_thread, joined, m, start
 
-from _upgrade_helpers import (  # noqa: F401  (deploy, probe: fixtures)
-    THREAD_TIMEOUT,
-    deploy,
-    in_thread,
-    joined,
-    m,
-    probe,
-    start,
-)
 from overlay.errors import ActivationFailed, DeployInProgress
 
 

@@ -1,4 +1,4 @@
-"""Helpers for the finder/install tests: sample apps, tree layout, subprocess runs, real packages."""
+"""Sample apps for the finder, install and restart tests: bundles, trees, stores, fresh interpreters."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+from support import ROOT
+
 from overlay.bundle import Bundle, open_bundle
 from overlay.keys import TrustedKeys
 
-ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT = 60
 
 # A small app, in the jurigged style of "before/after" snapshots: version 1 and version 2 of the same

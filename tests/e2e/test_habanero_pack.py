@@ -14,8 +14,7 @@ import subprocess
 import sys
 
 import pytest
-
-from _e2e import (
+from support.e2e import (
     PACK,
     TIMEOUT,
     AppProcess,
@@ -23,14 +22,12 @@ from _e2e import (
     base_env,
     free_port,
     get_json,
-    launcher,  # noqa: F401  (fixture)
     make_project,
     request,
     self_signed_cert,
     start_example,
     status_of,
 )
-from packer.config import load_config
 
 HELLO_VIEWS = "hello/views.py"
 GREETING = 'return "Hello, world"'
@@ -306,13 +303,3 @@ def test_a_ca_file_that_is_not_a_certificate_gets_one_clear_line(tls_counter) ->
     missing = project.root / "missing.pem"
     line = one_error_line(project.pack("status", app.control, "--ca-file", str(missing)))
     assert f"cannot use {missing} as the CA file" in line
-
-
-def test_ca_file_resolves_flag_then_environment_then_pyproject(tmp_path) -> None:
-    project = make_project(tmp_path)
-    with (project.root / "pyproject.toml").open("a", encoding="utf-8") as fh:
-        fh.write('ca_file = "deploy/ca.pem"\n')
-    env = {"HABANERO_CA_FILE": "/etc/env-ca.pem"}
-    assert load_config(project.root, environ={}).ca_file == project.root / "deploy" / "ca.pem"
-    assert str(load_config(project.root, environ=env).ca_file) == "/etc/env-ca.pem"
-    assert str(load_config(project.root, ca_file="/etc/flag.pem", environ=env).ca_file) == "/etc/flag.pem"

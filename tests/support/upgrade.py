@@ -1,19 +1,18 @@
-"""Helpers for the push-transaction tests: snippet trees, a deployment on a real store, a probe.
+"""The push-transaction scenarios: snippet trees, a deployment on a real store, identity snapshots.
 
-Every scenario is a directory of ``tests/upgrade_snippets/<scenario>/``: ``v1/``, ``v2/`` (and
+Every scenario is a directory of ``tests/transaction/snippets/<scenario>/``: ``v1/``, ``v2/`` (and
 sometimes ``v3/``) each hold the whole ``upapp`` package as it is at that version, so a push
 "v1 -> v2" reads as two source trees side by side (STYLE.md, item 13).
 
-Snippet code talks to the test through ``upgrade_probe``, a module the ``probe`` fixture puts in
-``sys.modules``: it counts module-level runs, collects registrations and holds the events a test
-uses to pause the apply step.
+Snippet code talks to the test through ``upgrade_probe``, a module the ``probe`` fixture
+(``tests/transaction/conftest.py``) puts in ``sys.modules``: it counts module-level runs, collects
+registrations and holds the events a test uses to pause the apply step.
 """
 
 from __future__ import annotations
 
 import collections
 import importlib
-import linecache
 import sys
 import threading
 import types
@@ -22,21 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
+from support import TESTS
+from support.overlay import tree_entries
 
-import overlay
-from _overlay_helpers import tree_entries
 from overlay.format import delta as _delta
 from overlay.bundle import ParentManifest, build_bundle
 from overlay.keys import SigningKey
 
-SNIPPETS = Path(__file__).parent / "upgrade_snippets"
+SNIPPETS = TESTS / "transaction" / "snippets"
 APP = "upapp"
 PROBE = "upgrade_probe"
 
 
 def snippet_files(scenario: str, version: str) -> dict[str, tuple[str, bytes]]:
-    """The bundle entries of ``upgrade_snippets/<scenario>/<version>/``: ``{name: (kind, bytes)}``."""
+    """The bundle entries of ``snippets/<scenario>/<version>/``: ``{name: (kind, bytes)}``."""
     root = SNIPPETS / scenario / version
     if not root.is_dir():
         raise FileNotFoundError(f"no snippet tree {root}")
@@ -179,29 +177,9 @@ def assert_same(before: Snapshot, finder: Any, package: str = APP) -> None:
     assert finder.index is before.index, "the finder serves another index"
 
 
-# ------------------------------------------------------------------ fixtures and test helpers
+# ----------------------------------------------------------------------------------- test helpers
 
 THREAD_TIMEOUT = 10
-
-
-@pytest.fixture
-def probe(import_state):
-    return make_probe()
-
-
-@pytest.fixture
-def deploy(probe, tmp_path, trusted_keys_file, signing_key, monkeypatch):
-    """An overlay serving ``upapp`` from an empty store in ``tmp_path``; uninstalled afterwards."""
-    for name in ("PACKAGES", "TRUSTED_KEYS", "STORE", "LISTEN", "APP_ID", "DISABLE", "CODE_CACHE", "SYNC"):
-        monkeypatch.delenv(f"HABANERO_{name}", raising=False)
-    saved_lines = dict(linecache.cache)
-    ov = overlay.install(packages=[APP], trusted_keys=trusted_keys_file, store=tmp_path / "store")
-    try:
-        yield Deployment(ov, signing_key)
-    finally:
-        ov.uninstall()
-        linecache.cache.clear()
-        linecache.cache.update(saved_lines)
 
 
 class Modules:

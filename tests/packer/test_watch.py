@@ -22,12 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.e2e import AppProcess, DevProject, get_json, make_project, status_of
+from support.watch import GREETING, PUSHED, VIEWS, save, start_app, wait_until
 
-from _e2e import AppProcess, DevProject, get_json, make_project, status_of
-from _e2e import launcher  # noqa: F401  (fixture)
-from _watch_helpers import GREETING, PUSHED, VIEWS, save, start_app, wait_until
-from _watch_helpers import watchers  # noqa: F401  (fixture)
-from packer.cli import main
 from packer.client import Remote
 from packer.deploy import BaseCache, push_once
 from packer.watch import WatchSession
@@ -210,14 +207,6 @@ def test_the_watch_outlives_an_app_restart_and_pushes_what_was_saved_meanwhile(l
     assert watcher.interrupt()["pushes"] == "3"
 
 
-@pytest.mark.parametrize("argv", [["--push", "http://127.0.0.1:9", "--check", "true"],
-                                  ["--push", "http://127.0.0.1:9", "--debounce", "50"],
-                                  ["--check", "true", "build"]])
-def test_check_and_debounce_go_with_watch(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(argv) == 2
-    assert "--check and --debounce go with --watch" in capsys.readouterr().err
-
-
 # ------------------------------------------------------------ requests per push, in process
 
 
@@ -253,7 +242,7 @@ class Session:
 def served(tmp_path: Path, trusted_keys_file, signing_key, import_state, monkeypatch) -> Iterator[tuple]:
     """An overlay serving package ``wapp`` on a loopback endpoint, and a watch session on its project."""
     import overlay
-    from _project import make_project as make_packer_project
+    from support.project import make_project as make_packer_project
     from packer.config import load_config
 
     monkeypatch.delenv("HABANERO_DISABLE", raising=False)

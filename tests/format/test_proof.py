@@ -8,20 +8,15 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.bundles import FILES, PUSHES, delta_push, held, rows_of, same, signed_bundle, wrap
 
 from overlay.format import proof as _proof
 from overlay.bundle import build_bundle, manifest_bytes_of, open_bundle
 from overlay.errors import BundleRejected
-from test_bundle_base import FILES, PUSHES, _delta_push, _held, _rows, _same, _signed, _wrap
 
 # Pushes the proof covers; the others are parsed in full: a removal, and a body base holds under
 # another name (an emptied __init__.py), which the push does not carry, so its list cannot say.
 PROVEN = {"one line", "a file added", "everything", "nothing"}
-
-
-@pytest.fixture
-def base(signing_key, trusted):
-    return open_bundle(build_bundle(FILES, app_id="app", version=1, signers=[signing_key]), trusted)
 
 
 @pytest.fixture
@@ -35,10 +30,10 @@ def proofs(monkeypatch) -> list[bool]:
 
 @pytest.mark.parametrize("push", PUSHES, ids=list(PUSHES))
 def test_a_proven_table_opens_the_same_bundle_as_the_full_parse(push, base, signing_key, trusted, proofs):
-    data = _delta_push(PUSHES[push], base, signing_key)
-    fast = open_bundle(data, trusted, content=_held(base), base=base)
+    data = delta_push(PUSHES[push], base, signing_key)
+    fast = open_bundle(data, trusted, content=held(base), base=base)
     assert proofs == [push in PROVEN]
-    _same(fast, open_bundle(data, trusted, content=_held(base)))
+    same(fast, open_bundle(data, trusted, content=held(base)))
     assert fast.manifest == {k: v for k, v in json.loads(fast.manifest_bytes).items() if k != "entries"}
 
 
@@ -48,7 +43,7 @@ def test_push_after_push_keeps_proving(base, signing_key, trusted, proofs):
         files = {**FILES, "app.a": ("module", f"A = {version}\n".encode())}
         data = build_bundle(files, app_id="app", version=version, signers=[signing_key],
                             base=_base_of(active))
-        active = open_bundle(data, trusted, content=_held(active), base=active)
+        active = open_bundle(data, trusted, content=held(active), base=active)
         assert active.read("app.a") == f"A = {version}\n".encode()
     assert proofs == [True] * 4
 
@@ -61,12 +56,12 @@ def _base_of(bundle):
 
 def test_a_manifest_written_another_way_is_parsed_in_full_and_still_opens(base, signing_key, trusted, proofs):
     # Same content, not canonical (spaces after separators): the proof cannot vouch, the parse can.
-    canonical = _delta_push(PUSHES["one line"], base, signing_key)
+    canonical = delta_push(PUSHES["one line"], base, signing_key)
     manifest = manifest_bytes_of(canonical)
     frame = canonical[-json.loads(manifest)["payload"]["size"]:]
     spaced = json.dumps(json.loads(manifest), sort_keys=True).encode()
-    data = _wrap(spaced, signing_key, frame)
-    opened = open_bundle(data, trusted, content=_held(base), base=base)
+    data = wrap(spaced, signing_key, frame)
+    opened = open_bundle(data, trusted, content=held(base), base=base)
     assert proofs == [False] and opened.read("app.a") == PUSHES["one line"]["app.a"][1]
 
 
@@ -82,11 +77,11 @@ FORGERIES = {
 @pytest.mark.parametrize("forgery", FORGERIES, ids=list(FORGERIES))
 def test_a_signed_but_inconsistent_manifest_is_refused_with_base_as_without(forgery, base, signing_key, trusted):
     rows = [(n, k, b) for n, (k, b) in sorted(PUSHES["one line"].items())]
-    data = _signed(signing_key, rows, parent=base.digest, included=["app.a"], **FORGERIES[forgery])
+    data = signed_bundle(signing_key, rows, parent=base.digest, included=["app.a"], **FORGERIES[forgery])
     with pytest.raises(BundleRejected) as without:
-        open_bundle(data, trusted, content=_held(base))
+        open_bundle(data, trusted, content=held(base))
     with pytest.raises(BundleRejected) as with_base:
-        open_bundle(data, trusted, content=_held(base), base=base)
+        open_bundle(data, trusted, content=held(base), base=base)
     assert (with_base.value.code, with_base.value.message) == (without.value.code, without.value.message)
 
 
@@ -100,8 +95,8 @@ names = st.sampled_from(sorted(n for n, (k, _) in FILES.items() if k == "module"
 def test_any_edit_opens_the_same_with_base_and_without(edits, new, drop, base, signing_key, trusted):
     files = {**FILES, **{n: ("module", b) for n, b in edits.items()}, **{n: ("module", b) for n, b in new.items()}}
     files = {n: v for n, v in files.items() if n not in drop}
-    data = _delta_push(files, base, signing_key)
-    _same(open_bundle(data, trusted, content=_held(base), base=base), open_bundle(data, trusted, content=_held(base)))
+    data = delta_push(files, base, signing_key)
+    same(open_bundle(data, trusted, content=held(base), base=base), open_bundle(data, trusted, content=held(base)))
 
 
 @pytest.mark.parametrize("builder, proven", [
@@ -111,9 +106,9 @@ def test_any_edit_opens_the_same_with_base_and_without(edits, new, drop, base, s
 def test_an_entry_list_lookalike_in_the_builder_cannot_mislead_the_proof(builder, proven, base, signing_key,
                                                                          trusted, proofs):
     # The builder is free-form JSON: here it holds an "entries" list of its own before the real one.
-    data = _delta_push(PUSHES["one line"], base, signing_key, builder=builder)
-    opened = open_bundle(data, trusted, content=_held(base), base=base)
-    _same(opened, open_bundle(data, trusted, content=_held(base)))
+    data = delta_push(PUSHES["one line"], base, signing_key, builder=builder)
+    opened = open_bundle(data, trusted, content=held(base), base=base)
+    same(opened, open_bundle(data, trusted, content=held(base)))
     assert opened.manifest["builder"] == builder and proofs == [proven]
 
 
@@ -122,7 +117,7 @@ def test_an_integer_too_long_to_read_is_a_bad_manifest_not_a_crash(with_base, ba
     # Python refuses to read integers of 4,300+ digits (a ValueError, not a JSONDecodeError).
     text = json.dumps(dict(json.loads(base.manifest_bytes), version=2), sort_keys=True, separators=(",", ":"))
     text = text.replace('"builder":{', '"builder":{"n":' + "9" * 5000 + ",", 1)
-    data = _wrap(text.encode(), signing_key, base.raw[-base.manifest["payload"]["size"]:])
+    data = wrap(text.encode(), signing_key, base.raw[-base.manifest["payload"]["size"]:])
     with pytest.raises(BundleRejected) as info:
         open_bundle(data, trusted, **({"base": base} if with_base else {}))
     assert info.value.code == "bad_manifest" and "not valid JSON" in info.value.message
@@ -131,10 +126,10 @@ def test_an_integer_too_long_to_read_is_a_bad_manifest_not_a_crash(with_base, ba
 def test_a_change_to_most_files_is_parsed_in_full_not_proven(base, signing_key, trusted, proofs):
     many = {name: (kind, body + b"# v2\n") for name, (kind, body) in FILES.items()}
     wide = {**many, **{f"app.n{i:03d}": ("module", f"N = {i}\n".encode()) for i in range(70)}}
-    data = _delta_push(wide, base, signing_key)
-    opened = open_bundle(data, trusted, content=_held(base), base=base)
+    data = delta_push(wide, base, signing_key)
+    opened = open_bundle(data, trusted, content=held(base), base=base)
     assert proofs == [False], "over 64 carried entries and an eighth of the table: the linear full parse"
-    _same(opened, open_bundle(data, trusted, content=_held(base)))
+    same(opened, open_bundle(data, trusted, content=held(base)))
 
 
 @pytest.mark.parametrize("files", [
@@ -145,10 +140,10 @@ def test_a_change_to_most_files_is_parsed_in_full_not_proven(base, signing_key, 
 def test_a_file_where_another_entry_needs_a_directory_is_refused(files, base, signing_key, trusted):
     # build_bundle refuses to write these; a hand-signed delta carrying them is refused too.
     new = sorted(n for n in files if n not in FILES)
-    data = _signed(signing_key, _rows({**FILES, **files}), parent=base.digest, included=new)
+    data = signed_bundle(signing_key, rows_of({**FILES, **files}), parent=base.digest, included=new)
     for kw in ({}, {"base": base}):
         with pytest.raises(BundleRejected) as info:
-            open_bundle(data, trusted, content=_held(base), **kw)
+            open_bundle(data, trusted, content=held(base), **kw)
         assert info.value.code == "bad_entry_name" and "need a directory" in info.value.message
 
 
@@ -157,8 +152,8 @@ def test_a_proven_bundle_knows_where_its_entries_are_as_a_full_parse_finds_them(
     for files in (PUSHES["one line"], PUSHES["a file added"], {**PUSHES["a file added"], "app.aa": ("module", b"AA = 1\n")}):
         data = build_bundle(files, app_id="app", version=active.version + 1, signers=[signing_key],
                             base=_base_of(active))
-        fresh = open_bundle(data, trusted, content=_held(active))
-        active = open_bundle(data, trusted, content=_held(active), base=active)
+        fresh = open_bundle(data, trusted, content=held(active))
+        active = open_bundle(data, trusted, content=held(active), base=active)
         assert active._spans == fresh.spans is not None  # set by the proof, not worked out afterwards
     assert proofs == [True] * 3
 
@@ -168,12 +163,12 @@ def test_a_base_written_another_way_is_not_proven_against(base, signing_key, tru
     # canonical text of its entries may lend them.
     manifest = json.loads(base.manifest_bytes)
     spaced = json.dumps(manifest, sort_keys=True).encode()
-    odd = open_bundle(_wrap(spaced, signing_key, base.raw[-manifest["payload"]["size"]:]), trusted)
+    odd = open_bundle(wrap(spaced, signing_key, base.raw[-manifest["payload"]["size"]:]), trusted)
     assert odd.spans is None
-    data = _delta_push(PUSHES["one line"], odd, signing_key)
-    opened = open_bundle(data, trusted, content=_held(odd), base=odd)
+    data = delta_push(PUSHES["one line"], odd, signing_key)
+    opened = open_bundle(data, trusted, content=held(odd), base=odd)
     assert proofs == [False]
-    _same(opened, open_bundle(data, trusted, content=_held(odd)))
+    same(opened, open_bundle(data, trusted, content=held(odd)))
 
 
 def test_a_push_whose_top_level_changes_length_keeps_its_own_entry_spans(base, signing_key, trusted, proofs):
@@ -184,8 +179,8 @@ def test_a_push_whose_top_level_changes_length_keeps_its_own_entry_spans(base, s
         files = {**FILES, "app.a": ("module", f"A = {version}\n".encode())}
         data = build_bundle(files, app_id="app", version=version, signers=[signing_key], builder=builder,
                             base=_base_of(active))
-        fresh = open_bundle(data, trusted, content=_held(active))
-        active = open_bundle(data, trusted, content=_held(active), base=active)
+        fresh = open_bundle(data, trusted, content=held(active))
+        active = open_bundle(data, trusted, content=held(active), base=active)
         assert active._spans == fresh.spans is not None
     assert proofs == [True] * 3
 
@@ -203,7 +198,7 @@ def test_a_manifest_laid_out_from_misplaced_runs_is_refused_with_base_as_without
     files = {**FILES, "app.a": ("module", b"A = 2\n")}
     data = build_bundle(files, app_id="app", version=2, signers=[signing_key], base=_base_of(base),
                         builder={"user": "someone-with-a-long-name"})
-    active = open_bundle(data, trusted, content=_held(base), base=base)
+    active = open_bundle(data, trusted, content=held(base), base=base)
     top = dict(active.manifest, version=3, parent=active.digest, builder={})
     frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"")
     top["payload"] = {"codec": "zstd-delta", "included": [], "size": len(frame),
@@ -213,17 +208,17 @@ def test_a_manifest_laid_out_from_misplaced_runs_is_refused_with_base_as_without
     lengths = active.spans.lengths
     start = base.spans.start  # where base's entries began, not this manifest's
     misplaced = active.manifest_bytes[start : start + sum(lengths) + len(lengths) - 1]
-    forged = _wrap(head.encode() + misplaced + tail.encode(), signing_key, frame)
+    forged = wrap(head.encode() + misplaced + tail.encode(), signing_key, frame)
     for kw in ({}, {"base": active}):
         with pytest.raises(BundleRejected) as info:
-            open_bundle(forged, trusted, content=_held(active), **kw)
+            open_bundle(forged, trusted, content=held(active), **kw)
         assert info.value.code == "bad_manifest"
 
 
 def test_a_carried_entry_with_a_non_ascii_name_is_refused_with_base_as_without(base, signing_key, trusted):
-    rows = sorted(_rows(FILES) + [("app.\u00e9", "module", b"x = 1\n")])
-    data = _signed(signing_key, rows, parent=base.digest, included=["app.\u00e9"])
+    rows = sorted(rows_of(FILES) + [("app.\u00e9", "module", b"x = 1\n")])
+    data = signed_bundle(signing_key, rows, parent=base.digest, included=["app.\u00e9"])
     for kw in ({}, {"base": base}):
         with pytest.raises(BundleRejected) as info:
-            open_bundle(data, trusted, content=_held(base), **kw)
+            open_bundle(data, trusted, content=held(base), **kw)
         assert info.value.code == "bad_entry_name"

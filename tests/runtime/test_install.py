@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.overlay import APP_V1, APP_V2, child_env, opened, populate_store, run_python, write_disk_app
 
 import overlay
-from _overlay_helpers import APP_V1, APP_V2, child_env, opened, populate_store, run_python, write_disk_app
 from overlay.errors import ConfigError, KeyProblem
 from overlay.finder import OverlayFinder
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from _overlay_helpers import package_files, populate_store, run_python
+from support.overlay import package_files, populate_store, run_python
 
 PACKAGES = ["idna", "packaging", "pycparser", "attr", "attrs", "pygments"]
 

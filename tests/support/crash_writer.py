@@ -1,9 +1,9 @@
-"""Child process of ``test_store_crash.py``: push versions into a store until it is killed.
+"""Child process of ``storage/test_store_crash.py``: push versions into a store until it is killed.
 
-Usage: ``python _crash_writer.py STORE_DIR KEY_PATH``. Prints ``ready`` once the store is open,
-then ``ok N`` after each commit of version N returns (what a client would have been told).
-Each round also stages, builds a source tree, records a failure and, with ``keep=3``, prunes,
-so a kill can land inside every kind of write the store does.
+Usage: ``python -m support.crash_writer STORE_DIR KEY_PATH``, with ``tests/`` on the path. Prints
+``ready`` once the store is open, then ``ok N`` after each commit of version N returns (what a
+client would have been told). Each round also stages, builds a source tree, records a failure and,
+with ``keep=3``, prunes, so a kill can land inside every kind of write the store does.
 """
 
 from __future__ import annotations

@@ -22,20 +22,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
+from support import ROOT
+from support.project import HABANERO_PACK
 
-from _project import HABANERO_PACK
 from overlay.bundle import build_bundle
 from overlay.control import sign_request
 from overlay.keys import SigningKey, generate_signing_key
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 PACK = [str(HABANERO_PACK)] if HABANERO_PACK.exists() else [sys.executable, "-m", "packer"]
 TIMEOUT = 30.0        # every subprocess run and every socket operation
@@ -131,24 +129,6 @@ class Launcher:
     def stop_all(self) -> None:
         while self.started:
             self.started.pop().stop()
-
-
-@pytest.fixture
-def launcher() -> Iterator[Launcher]:
-    launch = Launcher()
-    try:
-        yield launch
-    finally:
-        launch.stop_all()
-
-
-@pytest.fixture(scope="module")
-def module_launcher() -> Iterator[Launcher]:
-    launch = Launcher()
-    try:
-        yield launch
-    finally:
-        launch.stop_all()
 
 
 # ---------------------------------------------------------------------------- projects and apps

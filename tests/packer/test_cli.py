@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _project import HABANERO_PACK, clean_env, make_project, write_files
+from support.project import HABANERO_PACK, clean_env, make_project, write_files
 
 from packer.cli import COMMANDS, main
 
@@ -286,6 +286,14 @@ def test_user_errors_are_one_line_and_a_nonzero_exit(project: Path, capsys: pyte
     assert main(argv) == status
     line = one_error_line(capsys.readouterr().err)
     assert message in line
+
+
+@pytest.mark.parametrize("argv", [["--push", "http://127.0.0.1:9", "--check", "true"],
+                                  ["--push", "http://127.0.0.1:9", "--debounce", "50"],
+                                  ["--check", "true", "build"]])
+def test_check_and_debounce_go_with_watch(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert "--check and --debounce go with --watch" in capsys.readouterr().err
 
 
 def test_errors_from_the_real_command_are_one_line_without_traceback(project: Path) -> None:

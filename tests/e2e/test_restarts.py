@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import pytest
+from support.overlay import run_python
+from support.upgrade import APP, snippet_files
 
-from _overlay_helpers import run_python
-from _upgrade_helpers import APP, snippet_files
 from overlay.bundle import build_bundle
 
 PUSHER = """

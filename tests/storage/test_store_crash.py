@@ -1,6 +1,6 @@
 """kill -9 a process writing to the store at random moments; the store must always reopen cleanly.
 
-The child (``_crash_writer.py``) pushes versions in a loop. After each kill the parent opens the
+The child (``support/crash_writer.py``) pushes versions in a loop. After each kill the parent opens the
 store and checks: no startup problems, the active bundle verifies and is the newest version, the
 highest mark never went down, and every version the child acknowledged survived. Set
 ``HABANERO_CRASH_SEED`` to replay a failing sequence of kill times.
@@ -16,23 +16,26 @@ import sys
 import time
 from pathlib import Path
 
+from support import ROOT, TESTS
+
 from overlay.bundle import open_bundle
 from overlay.keys import TrustedKeys, generate_signing_key
 from overlay.store import Store
 
-WRITER = Path(__file__).with_name("_crash_writer.py")
-REPO = Path(__file__).resolve().parents[1]
+# Run as a module of ``support`` (a script would put tests/support/ first on its path, where
+# support/overlay.py would shadow the real overlay package).
+WRITER = "support.crash_writer"
 KILLS = 60
 MAX_DELAY = 0.08  # seconds after "ready": long enough for several commits on a slow disk
 EARLY_KILLS = 0.15  # share of rounds killed without waiting for "ready"
 
 
 def _start(store_dir: Path, key_path: Path, stderr_path: Path) -> subprocess.Popen[bytes]:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(ROOT), str(TESTS), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path)
     with open(stderr_path, "wb") as stderr:
-        return subprocess.Popen([sys.executable, str(WRITER), str(store_dir), str(key_path)],
-                                stdout=subprocess.PIPE, stderr=stderr, env=env)
+        return subprocess.Popen([sys.executable, "-m", WRITER, str(store_dir), str(key_path)],
+                                stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=ROOT)
 
 
 def _wait_ready(child: subprocess.Popen[bytes], stderr_path: Path) -> None:

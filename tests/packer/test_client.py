@@ -138,7 +138,7 @@ OTHER = {"version": 4, "digest": "ab" * 32}
 @pytest.fixture
 def shop(tmp_path, signing_key):
     """A project to push, and its config with the test key."""
-    from _project import make_project
+    from support.project import make_project
     from packer.config import load_config
 
     return load_config(make_project(tmp_path / "proj"), key=str(signing_key.path))

@@ -1,8 +1,8 @@
 """The push transaction through ``Overlay.apply`` / ``Overlay.rollback``, on a real store and finder.
 
-The rebinding engine has its own module-level scenarios (``tests/rebind``); these drive the whole
+The rebinding engine has its own module-level scenarios (``tests/rebinding``); these drive the whole
 transaction in this process: verify, plan, stage, apply under the import lock, commit or undo. Each
-scenario is a pair of source trees in ``upgrade_snippets/<scenario>/v1`` and ``v2``. Import state
+scenario is a pair of source trees in ``snippets/<scenario>/v1`` and ``v2``. Import state
 (``sys.modules``, ``sys.meta_path``) is restored after every test by the ``import_state`` fixture, and
 the overlay is uninstalled even when a test fails.
 """
@@ -18,20 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import overlay
-from _upgrade_helpers import (  # noqa: F401  (deploy, probe: fixtures)
+from support.upgrade import (
     APP,
     Deployment,
     assert_same,
-    deploy,
     m,
-    probe,
     snapshot,
     snippet_files,
     start,
     write_tree,
 )
+
+import overlay
 from overlay.transaction.plan import imported_names
 from overlay.format.wire import FLAG_PACKED, HEADER as _HEADER
 from overlay.errors import (

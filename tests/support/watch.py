@@ -1,10 +1,11 @@
 """The watcher end to end: ``habanero-pack --push --watch`` as a real process, and the app it feeds.
 
-Apps come from ``_e2e`` (its ``Launcher`` kills and reaps them at teardown). The watcher is a long
-running child whose lines a thread collects; tests wait for lines (readiness signals), never for
-time, and every wait has a deadline. ``watchers`` stops each watcher at teardown, even when the
-test failed: SIGTERM, on which it kills its ``--check`` (which runs in a process group of its own),
-then SIGKILL to its process group if it did not exit; reap; close the pipe.
+Apps come from ``support.e2e`` (its ``Launcher`` kills and reaps them at teardown). The watcher is a
+long running child whose lines a thread collects; tests wait for lines (readiness signals), never
+for time, and every wait has a deadline. The ``watchers`` fixture (``tests/packer/conftest.py``)
+stops each watcher at teardown, even when the test failed: SIGTERM, on which it kills its
+``--check`` (which runs in a process group of its own), then SIGKILL to its process group if it did
+not exit; reap; close the pipe.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
-
-from _e2e import EXAMPLES, PACK, TIMEOUT, AppProcess, DevProject, Launcher, base_env
+from support.e2e import EXAMPLES, PACK, TIMEOUT, AppProcess, DevProject, Launcher, base_env
 
 #: One push line: ``12:00:01  v2  hello.views  patched 1, replaced 0  save-to-live 14 ms``.
 PUSHED = re.compile(r"^\d\d:\d\d:\d\d  v(?P<version>\d+)  (?P<changed>.+?)  patched (?P<patched>\d+), "
@@ -109,24 +108,6 @@ class WatchProcess:
         self._reader.join(TIMEOUT)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
-
-
-@pytest.fixture
-def watchers() -> Iterator[Callable[..., WatchProcess]]:
-    """``watch(project, url, *args)`` starts a watcher and waits until it watches."""
-    started: list[WatchProcess] = []
-
-    def watch(project: DevProject, url: str, *args: str) -> WatchProcess:
-        watcher = WatchProcess(project, url, *args)
-        started.append(watcher)
-        watcher.wait_for(WATCHING)
-        return watcher
-
-    try:
-        yield watch
-    finally:
-        for watcher in reversed(started):
-            watcher.stop()
 
 
 def start_app(launcher: Launcher, project: DevProject, *, port: int = 0) -> AppProcess:

@@ -10,7 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from _project import SHOP, age, make_project, write_files
+from support.e2e import make_project as make_example_project
+from support.project import SHOP, age, make_project, write_files
 
 import packer.build
 import packer.cli
@@ -111,6 +112,16 @@ def test_url_resolves_flag_then_env_then_pyproject(tmp_path: Path, monkeypatch: 
     assert load_config(root).url == "http://env:2"
     monkeypatch.delenv("HABANERO_URL")
     assert load_config(root).url == "http://pyproject:1"
+
+
+def test_ca_file_resolves_flag_then_environment_then_pyproject(tmp_path) -> None:
+    project = make_example_project(tmp_path)  # a copy of the aiohttp example
+    with (project.root / "pyproject.toml").open("a", encoding="utf-8") as fh:
+        fh.write('ca_file = "deploy/ca.pem"\n')
+    env = {"HABANERO_CA_FILE": "/etc/env-ca.pem"}
+    assert load_config(project.root, environ={}).ca_file == project.root / "deploy" / "ca.pem"
+    assert str(load_config(project.root, environ=env).ca_file) == "/etc/env-ca.pem"
+    assert str(load_config(project.root, ca_file="/etc/flag.pem", environ=env).ca_file) == "/etc/flag.pem"
 
 
 def test_project_is_found_by_walking_up_from_the_cwd(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from support.bundles import FILES, PUSHES, delta_push, held, open_base
 
 from overlay.transaction.diff import entry_diff
 from overlay.bundle import build_bundle, open_bundle
-from test_bundle_base import FILES, PUSHES, _delta_push, _held
 
 EXPECTED = {
     "one line": ((), ("app.a",), ()),
@@ -21,24 +21,24 @@ EXPECTED = {
 
 @pytest.fixture
 def base(signing_key, trusted):
-    return open_bundle(build_bundle(FILES, app_id="app", version=1, signers=[signing_key]), trusted)
+    return open_base(signing_key, trusted)
 
 
 @pytest.mark.parametrize("push", PUSHES, ids=list(PUSHES))
 def test_the_diff_names_what_was_added_changed_and_removed(push, base, signing_key, trusted):
-    data = _delta_push(PUSHES[push], base, signing_key)
-    slow = entry_diff(base, open_bundle(data, trusted, content=_held(base)))
-    fast = entry_diff(base, open_bundle(data, trusted, content=_held(base), base=base))
+    data = delta_push(PUSHES[push], base, signing_key)
+    slow = entry_diff(base, open_bundle(data, trusted, content=held(base)))
+    fast = entry_diff(base, open_bundle(data, trusted, content=held(base), base=base))
     assert (fast.added, fast.changed, fast.removed) == (slow.added, slow.changed, slow.removed) == EXPECTED[push]
 
 
 def test_a_push_opened_against_base_carries_its_diff_when_names_and_kinds_are_the_same(base, signing_key, trusted):
-    data = _delta_push(PUSHES["one line"], base, signing_key)
-    opened = open_bundle(data, trusted, content=_held(base), base=base)
+    data = delta_push(PUSHES["one line"], base, signing_key)
+    opened = open_bundle(data, trusted, content=held(base), base=base)
     assert opened.changed_from == (base.digest, (), ("app.a",))
     other = open_bundle(build_bundle(FILES, app_id="app", version=3, signers=[signing_key]), trusted)
     assert entry_diff(other, opened).changed == ("app.a",), "against another bundle: the full pass"
-    assert open_bundle(data, trusted, content=_held(base)).changed_from is None
+    assert open_bundle(data, trusted, content=held(base)).changed_from is None
 
 
 def test_a_module_that_becomes_a_package_with_the_same_bytes_is_changed(base, signing_key, trusted):

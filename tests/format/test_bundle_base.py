@@ -2,93 +2,58 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import struct
 
 import pytest
-import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.bundles import (
+    FILES,
+    PUSHES,
+    delta_push,
+    held,
+    rows_of,
+    same,
+    sha256_of,
+    signed_bundle,
+    wrap,
+)
 
 from overlay.format import manifest as _manifest
 from overlay import bundle as bundle_module
 from overlay.format.delta import pack
 from overlay.format.manifest import parse_manifest
-from overlay.bundle import FORMAT, Bundle, ParentManifest, build_bundle, open_bundle
-from overlay.format.wire import MAGIC, signed_message
+from overlay.bundle import Bundle, ParentManifest, build_bundle, open_bundle
 from overlay.errors import BadManifest, BundleRejected
-
-FILES = {
-    "app": ("package", b"from . import a\n"),
-    "app.a": ("module", b"A = 1\n" * 20),
-    "app.b": ("module", b"B = 2\n" * 30),
-    "app.copy": ("module", b"B = 2\n" * 30),  # the same body as app.b
-    "app.sub": ("package", b""),
-    "app.sub.c": ("module", b"C = 3\n" * 40),
-    "app/data/x.txt": ("data", b"hello\n"),
-}
-
-PUSHES = {
-    "one line": {**FILES, "app.a": ("module", b"A = 1\n" * 19 + b"A = 99\n")},
-    "a file added": {**FILES, "app.new": ("module", b"NEW = 1\n")},
-    "a file removed": {k: v for k, v in FILES.items() if k != "app.b"},
-    "a file renamed": {**{k: v for k, v in FILES.items() if k != "app.sub.c"}, "app.sub.d": FILES["app.sub.c"]},
-    "a body that shrinks": {**FILES, "app": ("package", b"")},
-    "everything": {name: (kind, body + b"# v2\n") for name, (kind, body) in FILES.items()},
-    "nothing": FILES,
-}
-
-
-@pytest.fixture
-def base(signing_key, trusted) -> Bundle:
-    return open_bundle(build_bundle(FILES, app_id="app", version=1, signers=[signing_key]), trusted)
-
-
-def _delta_push(files, base: Bundle, key, **kw) -> bytes:
-    return build_bundle(files, app_id="app", version=2, signers=[key], base=ParentManifest.from_manifest(base.manifest_bytes),
-                        **kw)
-
-
-def _held(bundle: Bundle, **lies: bytes):
-    """The store's lookup by hash, as the server has it; ``lies`` maps a hash to other bytes."""
-    by_hash = {e.sha256: bundle.read(n) for n, e in bundle.entries.items()}
-    return lambda sha: lies.get(sha, by_hash.get(sha))
-
-
-def _same(a: Bundle, b: Bundle) -> None:
-    assert a.bodies == b.bodies and a.entries == b.entries and a.raw == b.raw
-    assert {n: a.read(n) for n in a.entries} == {n: b.read(n) for n in b.entries}
-
 
 # ----------------------------------------------------------------------------- the same bundle
 
 
 @pytest.mark.parametrize("push", PUSHES, ids=list(PUSHES))
 def test_a_delta_opened_against_base_is_the_one_opened_from_the_store(push, base, signing_key, trusted):
-    data = _delta_push(PUSHES[push], base, signing_key)
-    fast = open_bundle(data, trusted, content=_held(base), base=base)
-    _same(fast, open_bundle(data, trusted, content=_held(base)))
+    data = delta_push(PUSHES[push], base, signing_key)
+    fast = open_bundle(data, trusted, content=held(base), base=base)
+    same(fast, open_bundle(data, trusted, content=held(base)))
     assert {n: fast.read(n) for n in fast.entries} == {n: c for n, (_, c) in PUSHES[push].items()}
 
 
 @pytest.mark.parametrize("push", PUSHES, ids=list(PUSHES))
 def test_a_packed_push_opened_against_base_is_the_same_bundle(push, base, signing_key, trusted):
-    canonical = _delta_push(PUSHES[push], base, signing_key)
+    canonical = delta_push(PUSHES[push], base, signing_key)
     wire = pack(canonical, ParentManifest.from_manifest(base.manifest_bytes), [signing_key])
     lookup = {base.digest: base.manifest_bytes}.get
-    fast = open_bundle(wire, trusted, content=_held(base), base_manifest=lookup, base=base)
-    _same(fast, open_bundle(canonical, trusted, content=_held(base)))
+    fast = open_bundle(wire, trusted, content=held(base), base_manifest=lookup, base=base)
+    same(fast, open_bundle(canonical, trusted, content=held(base)))
 
 
 @pytest.mark.parametrize("push", PUSHES, ids=list(PUSHES))
 def test_a_full_push_opened_against_base_is_the_same_bundle(push, base, signing_key, trusted):
     data = build_bundle(PUSHES[push], app_id="app", version=2, signers=[signing_key])
-    _same(open_bundle(data, trusted, base=base), open_bundle(data, trusted))
+    same(open_bundle(data, trusted, base=base), open_bundle(data, trusted))
 
 
 def test_a_delta_needs_no_store_for_what_base_holds(base, signing_key, trusted):
-    data = _delta_push(PUSHES["a file renamed"], base, signing_key)
+    data = delta_push(PUSHES["a file renamed"], base, signing_key)
     opened = open_bundle(data, trusted, content={}.get, base=base)  # the renamed body: from base, by hash
     assert opened.read("app.sub.d") == FILES["app.sub.c"][1]
 
@@ -120,11 +85,11 @@ def hashed(monkeypatch) -> list[str]:
 
 
 def test_against_base_only_the_carried_body_of_a_delta_is_hashed(base, signing_key, trusted, hashed):
-    data = _delta_push(PUSHES["one line"], base, signing_key)
-    open_bundle(data, trusted, content=_held(base))
+    data = delta_push(PUSHES["one line"], base, signing_key)
+    open_bundle(data, trusted, content=held(base))
     assert sorted(hashed) == sorted(PUSHES["one line"])  # without base: every body
     hashed.clear()
-    open_bundle(data, trusted, content=_held(base), base=base)
+    open_bundle(data, trusted, content=held(base), base=base)
     assert hashed == ["app.a"]
 
 
@@ -136,24 +101,24 @@ def test_against_base_a_full_push_hashes_only_the_bodies_that_differ(base, signi
 
 def test_a_body_from_the_store_is_hashed_even_against_base(base, signing_key, trusted, hashed):
     new = b"NEW = 1\n"
-    claims = ParentManifest(base.digest, base.manifest_bytes, frozenset(base.hashes.values()) | {_sha(new)})
+    claims = ParentManifest(base.digest, base.manifest_bytes, frozenset(base.hashes.values()) | {sha256_of(new)})
     data = build_bundle({**FILES, "app.new": ("module", new)}, app_id="app", version=2, signers=[signing_key],
                         base=claims)  # the builder believes the server holds app.new's body
-    open_bundle(data, trusted, content=_held(base, **{_sha(new): new}), base=base)
+    open_bundle(data, trusted, content=held(base, **{sha256_of(new): new}), base=base)
     assert hashed == ["app.new"]
 
 
 def test_against_base_entries_it_holds_skip_the_name_checks(base, signing_key, trusted, monkeypatch):
-    added, one_line = (_delta_push(PUSHES[p], base, signing_key) for p in ("a file added", "one line"))
+    added, one_line = (delta_push(PUSHES[p], base, signing_key) for p in ("a file added", "one line"))
     checked: list[str] = []
     check = _manifest.check_name
     monkeypatch.setattr(_manifest, "check_name", lambda name, kind: checked.append(name) or check(name, kind))
-    open_bundle(added, trusted, content=_held(base), base=base)
+    open_bundle(added, trusted, content=held(base), base=base)
     assert checked == ["app.new"]
     checked.clear()
-    open_bundle(one_line, trusted, content=_held(base), base=base)
+    open_bundle(one_line, trusted, content=held(base), base=base)
     assert checked == []  # the same names and kinds as base: only the changed hash is checked
-    open_bundle(one_line, trusted, content=_held(base))
+    open_bundle(one_line, trusted, content=held(base))
     assert sorted(checked) == sorted(PUSHES["one line"])  # without base: every name
 
 
@@ -163,45 +128,12 @@ def test_a_well_formed_manifest_never_needs_the_entry_by_entry_check(base, signi
 
     monkeypatch.setattr(_manifest, "_check_entries", slow)
     for push in PUSHES.values():
-        data = _delta_push(push, base, signing_key)
-        open_bundle(data, trusted, content=_held(base), base=base)
-        open_bundle(data, trusted, content=_held(base))
+        data = delta_push(push, base, signing_key)
+        open_bundle(data, trusted, content=held(base), base=base)
+        open_bundle(data, trusted, content=held(base))
 
 
 # ------------------------------------------------------------------------- no less checking
-
-
-def _sha(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()
-
-
-def _signed(key, rows, *, parent: str | None, included: list[str] | None = None, **entry_over) -> bytes:
-    """A bundle signed by ``key`` around an entry table built from ``(name, kind, body)`` rows, as
-    given (any order, any name); ``entry_over`` replaces fields of the named entries."""
-    entries, offset, bodies = [], 0, {}
-    for name, kind, body in rows:
-        entries.append({"name": name, "kind": kind, "size": len(body), "sha256": _sha(body)})
-        entries[-1].update(entry_over.get(name, {}))
-        offset += len(body)
-        bodies[name] = body
-    carried = [n for n, _, _ in rows] if included is None else included
-    frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"".join(bodies[n] for n in carried))
-    payload = {"codec": "zstd", "size": len(frame), "uncompressed_size": offset, "sha256": _sha(frame)}
-    if included is not None:
-        payload.update(codec="zstd-delta", included=included)
-    manifest = {"format": FORMAT, "app_id": "app", "version": 2, "parent": parent, "created": "2026-01-01T00:00:00Z",
-                "builder": {}, "payload": payload, "entries": entries}
-    return _wrap(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode(), key, frame)
-
-
-def _wrap(manifest: bytes, key, frame: bytes) -> bytes:
-    kid = key.key_id.encode()
-    sig = bytes([1, len(kid)]) + kid + key.sign(signed_message(FORMAT, manifest))
-    return struct.pack(">8sHHII", MAGIC, FORMAT, 0, len(manifest), len(sig)) + manifest + sig + frame
-
-
-def _rows(files):
-    return [(name, kind, body) for name, (kind, body) in sorted(files.items())]
 
 
 def _refused(code: str, data: bytes, trusted, **kw) -> BundleRejected:
@@ -214,26 +146,26 @@ def _refused(code: str, data: bytes, trusted, **kw) -> BundleRejected:
 @pytest.mark.parametrize("with_base", [False, True], ids=["no base", "base"])
 def test_a_wrong_body_from_the_store_is_refused_against_base(with_base, base, signing_key, trusted):
     new = b"NEW = 1\n"
-    claims = ParentManifest(base.digest, base.manifest_bytes, frozenset(base.hashes.values()) | {_sha(new)})
+    claims = ParentManifest(base.digest, base.manifest_bytes, frozenset(base.hashes.values()) | {sha256_of(new)})
     data = build_bundle({**FILES, "app.new": ("module", new)}, app_id="app", version=2, signers=[signing_key],
                         base=claims)
     kw = {"base": base} if with_base else {}
     for lie in (b"NEW = 2\n", new + b"# and more\n", new[:-1]):  # base does not hold this hash
-        err = _refused("entry_hash_mismatch", data, trusted, content=_held(base, **{_sha(new): lie}), **kw)
+        err = _refused("entry_hash_mismatch", data, trusted, content=held(base, **{sha256_of(new): lie}), **kw)
         assert err.details["name"] == "app.new"
 
 
 def test_a_full_payload_that_differs_from_base_under_its_hashes_is_refused(base, signing_key, trusted):
-    rows = [(n, k, b"X" * len(b) if n == "app.b" else b) for n, k, b in _rows(FILES)]
-    data = _signed(signing_key, rows, parent=None, **{"app.b": {"sha256": base.hashes["app.b"]}})
+    rows = [(n, k, b"X" * len(b) if n == "app.b" else b) for n, k, b in rows_of(FILES)]
+    data = signed_bundle(signing_key, rows, parent=None, **{"app.b": {"sha256": base.hashes["app.b"]}})
     _refused("entry_hash_mismatch", data, trusted, base=base)
 
 
 def test_a_delta_claiming_base_holds_a_body_of_another_size_is_refused(base, signing_key, trusted):
-    rows = [(n, k, b + b"!" if n == "app.b" else b) for n, k, b in _rows(PUSHES["one line"])]
+    rows = [(n, k, b + b"!" if n == "app.b" else b) for n, k, b in rows_of(PUSHES["one line"])]
     lie = {"app.b": {"sha256": base.hashes["app.b"]}}  # base's hash, one byte more: no such body
-    data = _signed(signing_key, rows, parent=base.digest, included=["app.a"], **lie)
-    err = _refused("entry_hash_mismatch", data, trusted, content=_held(base), base=base)
+    data = signed_bundle(signing_key, rows, parent=base.digest, included=["app.a"], **lie)
+    err = _refused("entry_hash_mismatch", data, trusted, content=held(base), base=base)
     assert err.details["name"] == "app.b"
 
 
@@ -260,11 +192,11 @@ CHANGED_BADLY = {  # how the entry table changes, what the delta carries, fields
 @pytest.mark.parametrize("with_base", [False, True], ids=["no base", "base"])
 def test_a_badly_changed_entry_is_refused_against_base_too(case, with_base, base, signing_key, trusted):
     reshape, included, over, code = CHANGED_BADLY[case]
-    rows = reshape(_rows(PUSHES["one line"]))
+    rows = reshape(rows_of(PUSHES["one line"]))
     kw = {"base": base} if with_base else {}
-    delta = _signed(signing_key, rows, parent=base.digest, included=included, **over)
-    _refused(code, delta, trusted, content=_held(base), **kw)
-    _refused(code, _signed(signing_key, rows, parent=None, **over), trusted, **kw)
+    delta = signed_bundle(signing_key, rows, parent=base.digest, included=included, **over)
+    _refused(code, delta, trusted, content=held(base), **kw)
+    _refused(code, signed_bundle(signing_key, rows, parent=None, **over), trusted, **kw)
 
 
 # ------------------------------------------------------------------------------- duplicate keys
@@ -294,7 +226,7 @@ def test_a_duplicated_key_is_refused_at_every_level(where, with_base, base, sign
     old, new = DUPLICATED[where]
     text = _manifest_text(base)
     assert text.count(old) >= 1
-    data = _wrap(text.replace(old, new, 1).encode(), signing_key, base.raw[-base.manifest["payload"]["size"]:])
+    data = wrap(text.replace(old, new, 1).encode(), signing_key, base.raw[-base.manifest["payload"]["size"]:])
     err = _refused("bad_manifest", data, trusted, **({"base": base} if with_base else {}))
     assert "repeats the key" in err.message
 
@@ -302,7 +234,7 @@ def test_a_duplicated_key_is_refused_at_every_level(where, with_base, base, sign
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_are_refused(constant, base, signing_key, trusted):
     text = _manifest_text(base).replace('"builder":{', f'"builder":{{"x":{constant},', 1)
-    data = _wrap(text.encode(), signing_key, base.raw[-base.manifest["payload"]["size"]:])
+    data = wrap(text.encode(), signing_key, base.raw[-base.manifest["payload"]["size"]:])
     err = _refused("bad_manifest", data, trusted, base=base)
     assert constant.lstrip("-") in err.message
 
@@ -354,8 +286,8 @@ def test_parsing_refuses_a_manifest_exactly_when_a_key_repeats(top, data):
 
 def test_a_full_payload_equal_to_base_but_claiming_another_hash_is_refused(base, signing_key, trusted):
     # The bytes are base's, known good for base's hash: that proves nothing about another hash.
-    lie = _sha(b"something else")
-    data = _signed(signing_key, _rows(FILES), parent=None, **{"app.b": {"sha256": lie}})
+    lie = sha256_of(b"something else")
+    data = signed_bundle(signing_key, rows_of(FILES), parent=None, **{"app.b": {"sha256": lie}})
     for kw in ({}, {"base": base}):
         err = _refused("entry_hash_mismatch", data, trusted, **kw)
         assert err.details["name"] == "app.b"

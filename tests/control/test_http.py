@@ -1,9 +1,9 @@
 """The control plane at the HTTP layer, against a real app process on loopback.
 
 The app is the aiohttp example's package served by a small variant of its ``serve.py`` with a 32 KiB
-body cap and a short upload deadline (``_e2e.LIMITED_APP``). Requests are written by hand (raw
+body cap and a short upload deadline (``support.e2e.LIMITED_APP``). Requests are written by hand (raw
 sockets where the framing matters), because these tests are about what a hostile or broken client
-can do; ``test_e2e_cli.py`` drives the same endpoint with the real ``habanero-pack``. After every
+can do; ``e2e/test_habanero_pack.py`` drives the same endpoint with the real ``habanero-pack``. After every
 refusal the app must still serve the version it served before.
 """
 
@@ -14,17 +14,14 @@ import threading
 import time
 
 import pytest
-
-from _e2e import (
+from support.e2e import (
     AppProcess,
     DevProject,
     Launcher,
     Upload,
     get_json,
     hello_bundle,
-    launcher,  # noqa: F401  (fixture)
     make_project,
-    module_launcher,  # noqa: F401  (fixture)
     push_bytes,
     request,
     rollback_request,
@@ -34,6 +31,7 @@ from _e2e import (
     tampered,
     unsigned,
 )
+
 from overlay.keys import generate_signing_key
 
 CAP = 32 << 10

@@ -8,10 +8,9 @@ import importlib
 import sys
 
 import pytest
+from support.upgrade import APP
 
-from _upgrade_helpers import APP
 from overlay.bundle import build_bundle
-from _upgrade_helpers import deploy, probe  # noqa: F401  (fixtures)
 
 FILES = {
     APP: ("package", b""),

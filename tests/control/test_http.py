@@ -34,6 +34,8 @@ from support.e2e import (
 
 from overlay.keys import generate_signing_key
 
+pytestmark = pytest.mark.slow  # real app processes
+
 CAP = 32 << 10
 
 

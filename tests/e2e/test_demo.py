@@ -9,8 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from support import ROOT
 from support.e2e import TIMEOUT, base_env
+
+pytestmark = pytest.mark.slow  # the demo and its app, as processes
 
 DEMO = ROOT / "examples" / "demo.py"
 

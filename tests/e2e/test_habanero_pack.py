@@ -29,6 +29,8 @@ from support.e2e import (
     status_of,
 )
 
+pytestmark = pytest.mark.slow  # real app processes and the real CLI
+
 HELLO_VIEWS = "hello/views.py"
 GREETING = 'return "Hello, world"'
 

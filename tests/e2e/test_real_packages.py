@@ -16,6 +16,8 @@ import json
 import pytest
 from support.overlay import package_files, populate_store, run_python
 
+pytestmark = pytest.mark.slow  # a fresh interpreter
+
 PACKAGES = ["idna", "packaging", "pycparser", "attr", "attrs", "pygments"]
 
 CHILD = """

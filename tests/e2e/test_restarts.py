@@ -16,6 +16,8 @@ from support.upgrade import APP, snippet_files
 
 from overlay.bundle import build_bundle
 
+pytestmark = pytest.mark.slow  # fresh interpreters
+
 PUSHER = """
     import json, sys
     import overlay

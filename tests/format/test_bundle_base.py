@@ -273,6 +273,7 @@ def _repeats(value) -> bool:
     return isinstance(value, list) and any(_repeats(v) for v in value)
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(top=_objects(_VALUES), data=st.data())
 def test_parsing_refuses_a_manifest_exactly_when_a_key_repeats(top, data):

@@ -36,6 +36,7 @@ def test_generate_refuses_to_overwrite(tmp_path):
         generate_signing_key(tmp_path / "deploy")
 
 
+@pytest.mark.slow
 @needs_ssh_keygen
 def test_key_id_matches_ssh_keygen_fingerprint(tmp_path):
     key = generate_signing_key(tmp_path / "deploy", comment="c")
@@ -44,6 +45,7 @@ def test_key_id_matches_ssh_keygen_fingerprint(tmp_path):
     assert out.split()[1] == key.key_id
 
 
+@pytest.mark.slow
 @needs_ssh_keygen
 def test_ssh_keygen_key_signs_and_passphrase_is_honoured(tmp_path, monkeypatch):
     plain, locked = tmp_path / "id_ed25519", tmp_path / "locked"
@@ -63,6 +65,7 @@ def test_ssh_keygen_key_signs_and_passphrase_is_honoured(tmp_path, monkeypatch):
     assert info.value.code == "wrong_passphrase" and "HABANERO_KEY_PASSPHRASE" in info.value.message
 
 
+@pytest.mark.slow
 @needs_ssh_keygen
 def test_rsa_key_is_refused_with_a_clear_message(tmp_path):
     rsa = tmp_path / "id_rsa"

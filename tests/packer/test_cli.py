@@ -67,6 +67,7 @@ def test_the_console_script_is_installed() -> None:
 # ------------------------------------------------------------------------------------- keygen
 
 
+@pytest.mark.slow
 def test_keygen_writes_a_0600_private_key_and_a_pub_line(project: Path) -> None:
     proc = pack("keygen", cwd=project)
     assert proc.returncode == 0, proc.stderr
@@ -79,6 +80,7 @@ def test_keygen_writes_a_0600_private_key_and_a_pub_line(project: Path) -> None:
     assert "trusted keys file" in proc.stdout
 
 
+@pytest.mark.slow
 @needs_ssh_keygen
 def test_keygen_key_id_is_the_fingerprint_ssh_keygen_prints(project: Path) -> None:
     proc = pack("keygen", "--out", "k", "--comment", "ci deploy", cwd=project)
@@ -89,6 +91,7 @@ def test_keygen_key_id_is_the_fingerprint_ssh_keygen_prints(project: Path) -> No
     assert (project / "k.pub").read_text().strip().endswith(" ci deploy")
 
 
+@pytest.mark.slow
 def test_keygen_refuses_to_overwrite_unless_forced(project: Path) -> None:
     assert main(["keygen", "--out", "k"]) == 0
     first = (project / "k.pub").read_text()
@@ -98,6 +101,7 @@ def test_keygen_refuses_to_overwrite_unless_forced(project: Path) -> None:
     assert (project / "k.pub").read_text() != first
 
 
+@pytest.mark.slow
 def test_the_readme_keygen_command_works(project: Path, home: Path) -> None:
     proc = pack("keygen", "--out", "~/.config/habanero/deploy_key", cwd=project)
     assert proc.returncode == 0, proc.stderr
@@ -115,6 +119,7 @@ def test_keygen_outside_a_project_writes_into_the_cwd(tmp_path: Path, home: Path
 # -------------------------------------------------------------------------------------- build
 
 
+@pytest.mark.slow
 def test_build_then_inspect_with_trusted_keys_verifies_and_names_the_key(project: Path) -> None:
     env = clean_env(project.parent / "home")
     keygen = pack("keygen", "--comment", "alice@laptop", cwd=project, env=env)
@@ -135,6 +140,7 @@ def test_build_then_inspect_with_trusted_keys_verifies_and_names_the_key(project
         assert expected in out
 
 
+@pytest.mark.slow
 def test_inspect_against_the_wrong_key_reports_unknown_key(project: Path) -> None:
     assert main(["keygen"]) == 0
     assert main(["keygen", "--out", "other"]) == 0
@@ -146,6 +152,7 @@ def test_inspect_against_the_wrong_key_reports_unknown_key(project: Path) -> Non
     assert "is not trusted" in line and "REFUSED unknown_key" in proc.stdout
 
 
+@pytest.mark.slow
 def test_inspect_of_a_tampered_bundle_reports_bad_signature(project: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keygen"]) == 0
@@ -159,6 +166,7 @@ def test_inspect_of_a_tampered_bundle_reports_bad_signature(project: Path,
     assert "REFUSED bad_signature" in out and "version    9" in out
 
 
+@pytest.mark.slow
 def test_inspect_without_trusted_keys_says_the_signature_was_not_checked(
         project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keygen"]) == 0
@@ -171,6 +179,7 @@ def test_inspect_without_trusted_keys_says_the_signature_was_not_checked(
     assert "verified" not in out and public.split()[1] not in out
 
 
+@pytest.mark.slow
 def test_inspect_json_carries_the_manifest_and_verdict(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keygen"]) == 0
     assert main(["build"]) == 0
@@ -181,6 +190,7 @@ def test_inspect_json_carries_the_manifest_and_verdict(project: Path, capsys: py
     assert report["manifest"]["app_id"] == "shop" and len(report["manifest"]["entries"]) == 6
 
 
+@pytest.mark.slow
 def test_inspect_takes_trusted_keys_from_the_environment(project: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keygen"]) == 0
@@ -191,6 +201,7 @@ def test_inspect_takes_trusted_keys_from_the_environment(project: Path, monkeypa
     assert "signature  verified with SHA256:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_build_flags_override_pyproject(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_files(project, {"worker.py": "JOBS = 1\n"})
     assert main(["keygen", "--out", "k"]) == 0
@@ -203,6 +214,7 @@ def test_build_flags_override_pyproject(project: Path, capsys: pytest.CaptureFix
     assert "wrote out/w.hbn: shop-staging v1, 1 entries" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_project_options_work_before_and_after_the_command(project: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keygen", "--out", "k"]) == 0
@@ -213,6 +225,7 @@ def test_project_options_work_before_and_after_the_command(project: Path,
     assert "wrote before-v1.hbn" in out and "wrote after-v1.hbn" in out and "wrote wins-v1.hbn" in out
 
 
+@pytest.mark.slow
 def test_build_warns_about_skipped_native_files_on_stderr_unless_quiet(project: Path) -> None:
     write_files(project, {"shop/_fast.so": b"\x7fELF"})
     env = clean_env(project.parent / "home")
@@ -228,6 +241,7 @@ def test_build_warns_about_skipped_native_files_on_stderr_unless_quiet(project: 
 # ------------------------------------------------------------------------- keys users already have
 
 
+@pytest.mark.slow
 @needs_ssh_keygen
 def test_an_ssh_keygen_ed25519_key_signs_bundles(project: Path, home: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -238,6 +252,7 @@ def test_an_ssh_keygen_ed25519_key_signs_bundles(project: Path, home: Path,
     assert "(me@laptop)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @needs_ssh_keygen
 def test_a_passphrase_protected_key_signs_with_habanero_key_passphrase(project: Path) -> None:
     ssh_keygen(project / "locked", passphrase="open sesame")
@@ -253,6 +268,7 @@ def test_a_passphrase_protected_key_signs_with_habanero_key_passphrase(project: 
     assert "set HABANERO_KEY_PASSPHRASE" in one_error_line(missing.stderr)
 
 
+@pytest.mark.slow
 @needs_ssh_keygen
 def test_an_rsa_key_is_refused_with_a_clear_message(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ssh_keygen(project / "rsa_key", kind="rsa")
@@ -296,6 +312,7 @@ def test_check_and_debounce_go_with_watch(argv: list[str], capsys: pytest.Captur
     assert "--check and --debounce go with --watch" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_errors_from_the_real_command_are_one_line_without_traceback(project: Path) -> None:
     (project / "pyproject.toml").write_text("[tool.habanero]\npackages = 3\n")
     proc = pack("build", cwd=project, env=clean_env(project.parent / "home"))
@@ -303,6 +320,7 @@ def test_errors_from_the_real_command_are_one_line_without_traceback(project: Pa
     assert "packages must be a list of names" in one_error_line(proc.stderr)
 
 
+@pytest.mark.slow
 def test_version_and_help(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == "habanero-pack 0.1.0"
@@ -313,6 +331,7 @@ def test_version_and_help(project: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert proc.stdout.strip() == "habanero-pack 0.1.0"
 
 
+@pytest.mark.slow
 def test_importing_the_cli_stays_light() -> None:
     code = ("import sys, packer.cli; heavy = {'zstandard', 'cryptography', 'aiohttp', 'overlay.bundle', "
             "'packer.build', 'tomllib'} & set(sys.modules); print(sorted(heavy))")

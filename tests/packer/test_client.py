@@ -148,6 +148,7 @@ def _push_answer(**extra) -> bytes:
     return _json_answer({"ok": True, "report": {"version": 5, "timings_ms": {}}, "server_ms": 1.0, **extra})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("read_back", [True, False], ids=["one-off: status read back", "watch: the answer"])
 def test_an_ok_that_names_another_active_bundle_is_not_confirmed(serve, shop, signing_key, read_back) -> None:
     from packer.deploy import push_once
@@ -164,6 +165,7 @@ def test_an_ok_that_names_another_active_bundle_is_not_confirmed(serve, shop, si
     assert seen == ([0, 1, 2] if read_back else [0, 1])
 
 
+@pytest.mark.slow
 def test_an_older_app_whose_ok_names_no_active_bundle_is_checked_against_its_status(serve, shop, signing_key) -> None:
     from packer.deploy import push_once
 

@@ -15,6 +15,8 @@ from packer.client import Remote
 from packer.config import load_config
 from packer.deploy import BaseCache, push_once
 
+pytestmark = pytest.mark.slow  # each push builds, and a build asks git who is building
+
 
 @pytest.fixture
 def served(tmp_path: Path, trusted_keys_file, signing_key, import_state, monkeypatch):

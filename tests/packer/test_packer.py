@@ -459,6 +459,7 @@ def test_a_save_after_a_refused_refresh_still_takes_what_that_refresh_read(snaps
 # -------------------------------------------------------------------------------------- build
 
 
+@pytest.mark.slow
 def test_build_writes_a_bundle_that_verifies(project: Path, signing_key, trusted) -> None:
     built = build(load_config(project), version=3, signer=signing_key)
     bundle = open_bundle(built.data, trusted, app_id="shop")
@@ -471,6 +472,7 @@ def test_build_writes_a_bundle_that_verifies(project: Path, signing_key, trusted
     assert set(built.timings) == {"collect", "metadata", "bundle", "total"}
 
 
+@pytest.mark.slow
 def test_build_records_parent_and_builder(project: Path, signing_key) -> None:
     parent = "ab" * 32
     built = build(load_config(project), version=2, signer=signing_key, parent=parent)
@@ -481,6 +483,7 @@ def test_build_records_parent_and_builder(project: Path, signing_key) -> None:
     assert builder["git_commit"] is None and builder["git_dirty"] is None  # not a git checkout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_builder_names_the_git_commit_and_whether_the_tree_is_dirty(project: Path) -> None:
     def git(*args: str) -> str:
@@ -507,6 +510,7 @@ def test_build_from_a_snapshot_reads_nothing_again(project: Path, signing_key) -
     assert built.manifest["builder"] == {"user": "ci"}
 
 
+@pytest.mark.slow
 def test_write_replaces_the_file_atomically(project: Path, signing_key) -> None:
     built = build(load_config(project), version=1, signer=signing_key)
     out = project / "out.hbn"
@@ -565,6 +569,7 @@ def test_a_warm_build_refuses_an_entry_over_the_limit_naming_it(project: Path, s
 # ------------------------------------------------------------------------------------ inspect
 
 
+@pytest.mark.slow
 def test_inspect_without_trusted_keys_checks_nothing_and_lists_claimed_keys(project: Path, signing_key) -> None:
     data = build(load_config(project), version=1, signer=signing_key).data
     report = inspect_bundle(data)
@@ -573,6 +578,7 @@ def test_inspect_without_trusted_keys_checks_nothing_and_lists_claimed_keys(proj
     assert report.manifest["app_id"] == "shop"
 
 
+@pytest.mark.slow
 def test_inspect_with_trusted_keys_verifies_or_keeps_the_refusal(project: Path, signing_key, other_key,
                                                                 trusted) -> None:
     good = build(load_config(project), version=1, signer=signing_key).data

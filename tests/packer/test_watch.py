@@ -29,6 +29,8 @@ from packer.client import Remote
 from packer.deploy import BaseCache, push_once
 from packer.watch import WatchSession
 
+pytestmark = pytest.mark.slow  # real watcher and app processes; the in-process sessions run git through the packer's build
+
 
 @pytest.fixture
 def project(tmp_path: Path) -> DevProject:

@@ -255,6 +255,7 @@ def child_run(tmp_path: Path, trusted_keys_file: Path, store: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_fresh_interpreter_imports_the_app_from_the_bundle_not_from_disk(tmp_path, trusted_keys_file,
                                                                            store_v1, trusted, make_bundle):
     v1 = opened(make_bundle(APP_V1, app_id="hbapp", version=1), trusted)
@@ -273,6 +274,7 @@ def test_a_fresh_interpreter_imports_the_app_from_the_bundle_not_from_disk(tmp_p
     assert out["tb_file"] == str(tree / "hbapp" / "boom.py")
 
 
+@pytest.mark.slow
 def test_a_restart_serves_the_same_version_without_recompiling(tmp_path, trusted_keys_file, store_v1):
     first = child_run(tmp_path, trusted_keys_file, store_v1)
     second = child_run(tmp_path, trusted_keys_file, store_v1)
@@ -281,6 +283,7 @@ def test_a_restart_serves_the_same_version_without_recompiling(tmp_path, trusted
     assert second["stats"]["compiled"] == 0 and second["stats"]["disk"] == 6
 
 
+@pytest.mark.slow
 def test_after_a_push_a_restart_compiles_only_what_changed(tmp_path, trusted_keys_file, store_v1, trusted,
                                                          make_bundle):
     child_run(tmp_path, trusted_keys_file, store_v1)
@@ -293,6 +296,7 @@ def test_after_a_push_a_restart_compiles_only_what_changed(tmp_path, trusted_key
     assert out["stats"]["retargeted"] == 0 and out["stats"]["disk"] == 3
 
 
+@pytest.mark.slow
 def test_python_m_style_runs_work_through_a_launcher(tmp_path, trusted_keys_file, store_v1):
     write_disk_app(tmp_path / "app")
     launcher = f"""
@@ -307,6 +311,7 @@ def test_python_m_style_runs_work_through_a_launcher(tmp_path, trusted_keys_file
     assert proc.stdout.rstrip().endswith("args ['--flag', 'x']")
 
 
+@pytest.mark.slow
 def test_habanero_disable_in_a_fresh_interpreter_boots_the_code_on_disk(tmp_path, trusted_keys_file, store_v1):
     write_disk_app(tmp_path / "app")
     code = f"""

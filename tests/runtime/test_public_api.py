@@ -6,6 +6,8 @@ import inspect
 import subprocess
 import sys
 
+import pytest
+
 import overlay
 
 EXPECTED = {
@@ -36,6 +38,7 @@ def test_every_error_is_a_habanero_error_with_a_code():
         assert cls("x").code and 400 <= cls("x").http_status < 600
 
 
+@pytest.mark.slow
 def test_importing_overlay_does_not_load_the_run_time_machinery():
     code = "import sys, overlay; print(sorted({'overlay.runtime.install', 'overlay.store', 'aiohttp'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)

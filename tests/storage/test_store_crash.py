@@ -16,11 +16,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from support import ROOT, TESTS
 
 from overlay.bundle import open_bundle
 from overlay.keys import TrustedKeys, generate_signing_key
 from overlay.store import Store
+
+pytestmark = pytest.mark.slow  # a writer process killed 60 times
 
 # Run as a module of ``support`` (a script would put tests/support/ first on its path, where
 # support/overlay.py would shadow the real overlay package).

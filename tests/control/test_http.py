@@ -318,7 +318,9 @@ def test_uploads_beyond_the_concurrent_cap_get_503_and_memory_stays_bounded(laun
     from overlay.http import MAX_UPLOADS
 
     project = make_project(tmp_path)
-    app = start_limited_app(launcher, project, upload_timeout=3)
+    # A deadline no loaded machine reaches while the test holds its uploads open: one timing out
+    # would free a slot for the push that must be turned away. Closing them frees the slots.
+    app = start_limited_app(launcher, project, upload_timeout=30)
     bundle = hello_bundle(project.key, 1, greeting="after the crowd")
     stalled = [Upload(app.url, length=len(bundle), expect_continue=True) for _ in range(MAX_UPLOADS)]
     try:

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -608,45 +609,56 @@ def test_cache_dir_is_created_inside_the_store(opener, store_dir):
 # ------------------------------------------------------------------------------ two writers
 
 
-@pytest.fixture
-def held_lock(store_dir: Path) -> Iterator[Callable[[float], threading.Thread]]:
-    """Hold <store>/lock from another open file description (as another process would)."""
-    threads: list[threading.Thread] = []
+@dataclass
+class HeldLock:
+    let_go: threading.Event  # set by the test (or its teardown) to release the lock early
+    released: threading.Event  # set right before the lock is released
 
-    def hold(seconds: float) -> threading.Thread:
+
+@pytest.fixture
+def held_lock(store_dir: Path) -> Iterator[Callable[..., HeldLock]]:
+    """Hold <store>/lock from another open file description (as another process would), for
+    ``seconds`` or until the test ends. ``released`` is set just before the lock goes: a call that
+    returns with it unset did not wait for the lock, one that returns with it set did (the order of
+    events proves it, however slow the machine)."""
+    held: list[tuple[HeldLock, threading.Thread]] = []
+
+    def hold(seconds: float = 30.0) -> HeldLock:
+        lock = HeldLock(threading.Event(), threading.Event())
         locked = threading.Event()
 
         def run() -> None:
             fd = os.open(store_dir / "lock", os.O_RDWR)
             fcntl.flock(fd, fcntl.LOCK_EX)
             locked.set()
-            time.sleep(seconds)
+            lock.let_go.wait(seconds)
+            lock.released.set()
             os.close(fd)
 
         thread = threading.Thread(target=run)
         thread.start()
-        threads.append(thread)
+        held.append((lock, thread))
         assert locked.wait(5)
-        return thread
+        return lock
 
     yield hold
-    for thread in threads:
+    for lock, thread in held:
+        lock.let_go.set()
         thread.join()
 
 
 def test_a_second_writer_waits_for_the_lock(opener, key, held_lock):
     store = opener()
     push(store, make(key, 1))
-    held_lock(0.4)
-    started = time.monotonic()
+    lock = held_lock(0.4)
     push(store, make(key, 2))
-    assert time.monotonic() - started >= 0.3
+    assert lock.released.is_set(), "the push went through while another writer held the lock"
     assert opener().active.version == 2
 
 
 def test_a_writer_gives_up_with_store_locked_after_its_timeout(opener, key, held_lock):
     store = opener(lock_timeout=0.1)
-    held_lock(0.5)
+    held_lock()  # until the test ends: the writer cannot get it, however late it tries
     with pytest.raises(StoreError) as info:
         store.record_failure(action="push", version=1, digest=None, key_ids=[], code="x", reason="y")
     assert info.value.code == "store_locked" and "lock" in info.value.message
@@ -656,13 +668,12 @@ def test_readers_and_open_never_wait_for_a_writer(opener, key, held_lock):
     store = opener()
     push(store, make(key, 1))
     store.update_tree(None, store.active)
-    held_lock(1.0)
-    started = time.monotonic()
+    lock = held_lock()  # released at teardown, or after 30 s if a reader waited for it
     other = opener()
     assert other.active.version == 1
     assert other.history() and other.stored() and other.load(1)
     assert (other.tree_root / "shop" / "mod.py").read_bytes() == other.active.read("shop.mod")
-    assert time.monotonic() - started < 0.5
+    assert not lock.released.is_set(), "a reader waited for the writer's lock"
 
 
 def test_two_store_objects_racing_for_each_version_accept_exactly_one(opener, key):

@@ -1,12 +1,21 @@
-"""Shared fixtures: a signing key, its trusted-keys file, and a bundle factory."""
+"""Fixtures every layer uses: keys, a bundle factory, import state, app processes; and the slow guard.
+
+Each layer's own fixtures live in its folder's ``conftest.py``; helpers that are not fixtures live
+in ``support/`` and are imported by name. A test that starts a process (an app, the CLI, a fresh
+interpreter, ``git``, ``ssh-keygen``) is marked ``slow``, so that ``pytest -m "not slow"`` runs the
+unit tests alone: the ``pytest_runtest_*`` hooks below fail any unmarked test that starts one
+(``support.processes``).
+"""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
+from support.e2e import Launcher
+from support.processes import refusing_processes
 
 from overlay.bundle import build_bundle
 from overlay.keys import SigningKey, TrustedKeys, generate_signing_key, load_trusted_keys
@@ -62,3 +71,56 @@ def import_state() -> Iterator[None]:
         sys.modules.update(modules)
         sys.path_importer_cache.clear()
         sys.path_importer_cache.update(path_importer_cache)
+
+
+# ------------------------------------------------------------------------------ app processes
+
+
+@pytest.fixture
+def launcher() -> Iterator[Launcher]:
+    """Starts app processes (``support.e2e``); kills and reaps every one of them at teardown."""
+    launch = Launcher()
+    try:
+        yield launch
+    finally:
+        launch.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_launcher() -> Iterator[Launcher]:
+    """The same, for apps a whole module shares."""
+    launch = Launcher()
+    try:
+        yield launch
+    finally:
+        launch.stop_all()
+
+
+# ------------------------------------------------------------------------------- the slow guard
+
+
+def _no_processes_unless_slow(item: pytest.Item) -> Generator[None, object, object]:
+    """Run one phase of ``item`` (setup, call or teardown) refusing to start a process, unless the
+    test is marked slow; fail the phase if it tried, even from another thread or past an ``except``."""
+    if item.get_closest_marker("slow") is not None:
+        return (yield)
+    with refusing_processes() as started:
+        result = yield  # a phase that already fails with the refusal is reported once, as it is
+    if started:
+        pytest.fail(f"this test starts a subprocess ({', '.join(started)}): mark it slow", pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
+    return (yield from _no_processes_unless_slow(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    return (yield from _no_processes_unless_slow(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, object, object]:
+    return (yield from _no_processes_unless_slow(item))

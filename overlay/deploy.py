@@ -85,7 +85,6 @@ def joining(store: Store, registry: Registry, info: dict[str, Any]) -> Iterator[
     """Register this process, holding the deploy lock until the block has set it up: no deploy
     runs between its reading the store's active version and its answering deploys."""
     with store.deploying(JOIN_WAIT):
-        registry.live()  # and the directories of processes that stopped are removed
         entry = registry.create(info)
         try:
             yield entry

@@ -427,7 +427,7 @@ class Store:
 
     def source_tree(self, root: Path) -> SourceTree:
         """A source tree at ``root`` laid out from this store's objects (see ``overlay.storage.tree``)."""
-        return SourceTree(root, self.objects, self._lock, label=str(self.path))
+        return SourceTree(root, self.objects, label=str(self.path))
 
     def discard(self, bundle: Bundle) -> None:
         """Forget a staged bundle whose push failed: a failed push leaves no trace but its history

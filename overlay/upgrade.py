@@ -403,7 +403,7 @@ def move_tree(host: Host, tree: SourceTree) -> None:
     module at it. For a forked child, whose modules still name its parent's tree."""
     active = host.active
     if active is not None:
-        tree.update(None, active)
+        tree.lay_out(active)
     host.tree = tree
     if active is None:
         return

@@ -264,13 +264,13 @@ class _Connection:
 
 # A file in one version's tree in an older app's store: <store>/trees/<version>-<digest>/<relative path>.
 # Its own name says what it is, wherever the store is.
-_TREE_PATH = re.compile(r'[^\s"\'(]*/(?:trees/\d+-[0-9a-f]{64}|[0-9a-f]{16}/\d+-\d+/tree)/')
+_TREE_PATH = re.compile(r'[^\s"\'(]*/(?:trees/\d+-[0-9a-f]{64}|[0-9a-f]{16}/w\d+/tree)/')
 
 
 def map_traceback(text: str, project_root: str | None, store: str | None = None) -> str:
     """Point the source-tree paths in a server message or traceback at the developer's own files.
 
-    Each process of the app has its tree at ``<runtime>/<store key>/<pid>-<start>/tree/<relative
+    Each process of the app has its tree at ``<runtime>/<store key>/w<slot>/tree/<relative
     path>`` (see ``overlay.cluster.registry``), recognisable by its name: a traceback from another
     worker is mapped as well as one from the worker that answered. Older apps had one tree,
     ``<store>/tree/`` (``tree`` alone could be any directory, ``sklearn/tree/``: mapped only when

@@ -9,7 +9,10 @@ unit tests alone: the ``pytest_runtest_*`` hooks below fail any unmarked test th
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
@@ -19,6 +22,24 @@ from support.processes import refusing_processes
 
 from overlay.bundle import build_bundle
 from overlay.keys import SigningKey, TrustedKeys, generate_signing_key, load_trusted_keys
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _runtime_dir() -> Iterator[Path]:
+    """Every process of every test (and the processes they start) registers its worker directory
+    and source tree here, not in the machine's runtime directory; removed at the end. Short: a
+    Unix socket's path must stay under 108 bytes."""
+    root = Path(tempfile.mkdtemp(prefix="hbrt-"))
+    saved = os.environ.get("HABANERO_RUNTIME_DIR")
+    os.environ["HABANERO_RUNTIME_DIR"] = str(root)
+    try:
+        yield root
+    finally:
+        if saved is None:
+            os.environ.pop("HABANERO_RUNTIME_DIR", None)
+        else:
+            os.environ["HABANERO_RUNTIME_DIR"] = saved
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

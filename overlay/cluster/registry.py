@@ -1,33 +1,36 @@
 """The processes that serve one store on this machine, found through the file system.
 
-Each process that installed the overlay has a directory of its own::
+Each process that installed the overlay holds a *slot* of its own, the lowest one free::
 
-    <runtime>/<store key>/<pid>-<start time>/
-        sock        a Unix socket: how a push reaches this process (see ``overlay.cluster.member``)
-        info.json   pid, when it started, the address it listens on (if any)
-        tree/       its source tree: the files of the version this process runs, and only those
+    <runtime>/<store key>/
+        w0.lock        flock()ed by the process holding slot 0, for as long as it lives
+        w0/
+            sock       a Unix socket: how a push reaches this process (``overlay.cluster.member``)
+            info.json  its pid, when it started, the address it listens on (if any)
+            tree/      its source tree: the files of the version it runs, and only those
+
+A slot is held while its lock is: the kernel releases it when the process ends, however it ends,
+so a slot is free exactly when its process is gone (a recycled pid fools nothing). Slots are reused
+lowest first, so a process that restarts finds its tree where it was: ``__file__`` paths, and the
+compiled code cached for them, stay the same from one run to the next.
 
 ``<runtime>`` is ``HABANERO_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/habanero``, else
 ``<temp dir>/habanero-<uid>``: outside the project, so that the file watchers of dev reloaders
 (uvicorn ``--reload`` watches the working directory) never see a push rewrite a tree. ``<store key>``
 names the store by its real path, so every process of one store meets in one directory whatever
-their working directory. The directories are created with mode 0700 and refused unless owned by
-this user: the tree files are read by the app (templates, data), so whoever could write them could
+its working directory. The directories are created with mode 0700 and refused unless owned by this
+user: the tree files are read by the app (templates, data), so whoever could write them could
 change what runs.
-
-A process is alive while a process with its pid exists *and* started at the recorded time (from
-``/proc``): a recycled pid is not mistaken for it. The directories of dead processes are removed by
-whichever process next walks the registry.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
 import stat
 import tempfile
 import time
@@ -47,6 +50,8 @@ INFO = "info.json"
 TREE = "tree"
 #: The longest path a Unix socket may have on Linux is 107 bytes; keep well inside it.
 _MAX_SOCKET_PATH = 100
+#: More slots than this would mean thousands of processes on one store: a leak, not an app.
+_MAX_SLOTS = 4096
 
 
 def process_start(pid: int) -> int | None:
@@ -77,11 +82,10 @@ def runtime_root() -> Path:
 
 @dataclass(frozen=True)
 class WorkerEntry:
-    """One process's directory in the registry."""
+    """One slot of the registry and the process that held it when it was read."""
 
     path: Path
     pid: int
-    start: int
 
     @property
     def id(self) -> str:
@@ -96,7 +100,8 @@ class WorkerEntry:
         return self.path / TREE
 
     def alive(self) -> bool:
-        return process_start(self.pid) == self.start
+        """Whether the slot is still held (by this process or the one that held it)."""
+        return _held(self.path.with_name(self.path.name + ".lock"))
 
     def info(self) -> dict[str, Any]:
         try:
@@ -107,13 +112,14 @@ class WorkerEntry:
 
 
 class Registry:
-    """The worker directories of one store (see the module docstring)."""
+    """The slots of one store (see the module docstring)."""
 
     def __init__(self, store: Path, *, root: Path | None = None) -> None:
         real = os.path.realpath(store)
         key = hashlib.sha256(real.encode()).hexdigest()[:16]
         self.store = Path(real)
         self.root = (root or runtime_root()) / key
+        self._held: int | None = None  # the fd that holds this process's slot
 
     def ensure(self) -> None:
         """Create the registry's directories (mode 0700), refusing any not owned by this user."""
@@ -127,56 +133,82 @@ class Registry:
                 fh.write(f"{self.store}\n")
 
     def create(self, info: dict[str, Any]) -> WorkerEntry:
-        """This process's directory, new and empty but for its info."""
+        """Take the lowest free slot for this process, held until it ends (or :meth:`remove`)."""
         self.ensure()
-        pid = os.getpid()
-        start = process_start(pid)
-        if start is None:
-            raise ConfigError("cannot read /proc/self/stat: habanero's worker processes need Linux's /proc",
-                              code="bad_config")
-        entry = WorkerEntry(self.root / f"{pid}-{start}", pid, start)
-        if entry.path.exists():  # a process with our pid and start time cannot have left one: clear it
-            shutil.rmtree(entry.path, ignore_errors=True)
-        entry.path.mkdir(mode=0o700)
-        if len(os.fsencode(entry.socket)) > _MAX_SOCKET_PATH:
-            raise ConfigError(f"the worker directory {entry.path} is too long a path for a Unix socket; "
-                              "set HABANERO_RUNTIME_DIR to a shorter directory", code="bad_config")
-        fs.write_atomic(entry.path / INFO, json.dumps({"pid": pid, "started": time.time(), **info}).encode(),
-                        sync=False, sync_dir=False)
-        return entry
+        for n in range(_MAX_SLOTS):
+            lock = self.root / f"w{n}.lock"
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._held = fd
+            return self._prepare(self.root / f"w{n}", info)
+        raise ConfigError(f"{self.root} has {_MAX_SLOTS} live processes; that is a leak of processes, not an app",
+                          code="bad_config")
 
-    def entries(self) -> list[WorkerEntry]:
-        """Every worker directory, live or not, in the order the processes started."""
+    def _prepare(self, path: Path, info: dict[str, Any]) -> WorkerEntry:
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+        _check_private(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path / SOCKET)  # the last holder's, who is gone
+        if len(os.fsencode(path / SOCKET)) > _MAX_SOCKET_PATH:
+            raise ConfigError(f"the worker directory {path} is too long a path for a Unix socket; "
+                              "set HABANERO_RUNTIME_DIR to a shorter directory", code="bad_config")
+        fs.write_atomic(path / INFO, json.dumps({"pid": os.getpid(), "started": time.time(), **info}).encode(),
+                        sync=False, sync_dir=False)
+        return WorkerEntry(path, os.getpid())
+
+    def live(self) -> list[WorkerEntry]:
+        """The slots held now, lowest first."""
         found = []
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
         for name in names:
-            pid, sep, start = name.partition("-")
-            if sep and pid.isdigit() and start.isdigit():
-                found.append(WorkerEntry(self.root / name, int(pid), int(start)))
-        return sorted(found, key=lambda e: (e.start, e.pid))
-
-    def live(self) -> list[WorkerEntry]:
-        """The entries of processes that are still running; the others are removed."""
-        alive = []
-        for entry in self.entries():
-            if entry.alive():
-                alive.append(entry)
-            else:
-                self.remove(entry)
-        return alive
+            if not (name.startswith("w") and name.endswith(".lock") and name[1:-5].isdigit()):
+                continue
+            path = self.root / name[:-5]
+            if _held(self.root / name):
+                found.append(WorkerEntry(path, int(WorkerEntry(path, 0).info().get("pid") or 0)))
+        return sorted(found, key=lambda e: int(e.id[1:]))
 
     def remove(self, entry: WorkerEntry) -> None:
-        """Take a dead process's directory away (a rename: atomic for anyone listing), then delete it."""
-        doomed = self.root / f"{fs.TMP_PREFIX}{entry.id}"
-        try:
-            os.replace(entry.path, doomed)
-        except OSError:
-            return  # someone else took it already
-        shutil.rmtree(doomed, ignore_errors=True)
-        logger.info("removed the worker directory of process %d, which has stopped", entry.pid)
+        """Give this process's slot back (its tree stays, for whoever takes the slot next)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.socket)
+        self.release()
+
+    def release(self) -> None:
+        if self._held is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._held)
+            self._held = None
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's slot is the parent's (the lock's open file is shared)."""
+        if self._held is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._held)  # the parent keeps its own descriptor, hence the lock
+            self._held = None
+
+
+def _held(lock: Path) -> bool:
+    """Whether some process holds the flock on ``lock`` (this one included, through another fd)."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock we just took: the slot stays free
+    return False
 
 
 def _check_private(directory: Path) -> None:

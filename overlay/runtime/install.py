@@ -106,7 +106,7 @@ def install(
                 active = opened.sync_active()
                 tree = opened.source_tree(entry.tree)
                 if active is not None:
-                    tree.update(None, active)
+                    tree.lay_out(active)
                     finder.set_index(finder.index_for(active, tree.root))
                 host = Host(resolved_app_id, opened, finder, tree, trusted, limits)
                 node = deploy.Node(host, registry, entry, info={"listen": resolved_listen})
@@ -249,6 +249,7 @@ def _after_fork_in_child() -> None:
         return
     node = overlay.node
     node.joined.clear()
+    node.registry.forget_after_fork()
     if node.member is not None:
         node.member.forget_after_fork()
         node.member = None

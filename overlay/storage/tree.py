@@ -28,7 +28,6 @@ from overlay.bundle import Bundle, Entry
 from overlay.errors import BadEntryName
 from overlay.storage import fs
 from overlay.storage.objects import ObjectStore
-from overlay.storage.worker import Worker
 
 __all__ = ["SourceTree"]
 
@@ -40,12 +39,15 @@ MODULE_MTIME = 946684800
 
 
 class SourceTree:
-    """The files of one version under ``root``, hard links into ``objects``; writers hold ``lock``."""
+    """The files of one version under ``root``, hard links into ``objects``.
 
-    def __init__(self, root: Path, objects: ObjectStore, lock: fs.FileLock, *, label: str) -> None:
+    One process writes a tree (its own), so nothing here takes a lock: the objects a tree links to
+    belong to stored or staged bundles, which the store's sweep never takes.
+    """
+
+    def __init__(self, root: Path, objects: ObjectStore, *, label: str) -> None:
         self.root = root
         self._objects = objects
-        self._lock = lock
         self._label = label  # the store, for error messages
 
     def update(self, old: Bundle | None, new: Bundle, names: Iterable[str] | None = None) -> Undo:
@@ -76,16 +78,15 @@ class SourceTree:
             """Every step is tried even when one fails (the first failure is raised after): a
             half-reverted tree is repaired at the next open, but should be as small as can be."""
             failed: BaseException | None = None
-            with self._lock:
-                for path, sha256 in reversed(done):
-                    try:
-                        self._put(root, path, sha256)
-                    except Exception as exc:  # re-raised below
-                        failed = failed or exc
+            for path, sha256 in reversed(done):
+                try:
+                    self._put(root, path, sha256)
+                except Exception as exc:  # re-raised below
+                    failed = failed or exc
             if failed is not None:
                 raise failed
 
-        with self._lock, fs.os_errors_as_store_errors(self._label, f"update the source tree for v{new.version}"):
+        with fs.os_errors_as_store_errors(self._label, f"update the source tree for v{new.version}"):
             os.makedirs(root, mode=0o700, exist_ok=True)
             try:
                 for path, sha256, previous in steps:
@@ -122,14 +123,13 @@ class SourceTree:
             os.unlink(tmp)
             raise
 
-    def repair(self, bundle: Bundle | None, worker: Worker) -> None:
-        """The tree holds exactly ``bundle``'s files (it is never fsynced, and a crash mid-push may
-        have left another version's files); repair what differs. None: no tree at all."""
+    def lay_out(self, bundle: Bundle) -> None:
+        """Make the tree hold exactly ``bundle``'s files, new or repaired, checked file by file.
+
+        Objects are not fsynced under ``sync="background"``: one a power cut damaged or lost is
+        written again from the bundle (verified, in memory) before the tree links to it.
+        """
         root = self.root
-        if bundle is None:
-            if root.exists():
-                worker.remove_later(root)
-            return
         expected = {e.path: e for e in bundle.entries.values()}
         wrong: list[Entry] = []
         for entry in expected.values():
@@ -148,16 +148,10 @@ class SourceTree:
         extra = [p for p in _files_below(root) if p not in expected] if root.is_dir() else []
         if not wrong and not extra:
             return
-        if not root.is_dir():
-            logger.info("laying out the source tree of v%s", bundle.version)
-        else:
+        if root.is_dir() and len(wrong) < len(expected):
             logger.warning("the source tree of v%s differs from its bundle (%d files wrong or missing, "
                            "%d extra); repairing it", bundle.version, len(wrong), len(extra))
-        with self._lock.attempt() as idle:
-            if not idle:  # a writer is busy (another process pushing): starting up never waits
-                logger.warning("the source tree of v%s is left for the next start: the store is busy",
-                               bundle.version)
-                return
+        with fs.os_errors_as_store_errors(self._label, f"lay out the source tree of v{bundle.version}"):
             os.makedirs(root, mode=0o700, exist_ok=True)
             for path in extra:
                 self._put(os.fspath(root), path, None)

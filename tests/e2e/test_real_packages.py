@@ -62,7 +62,7 @@ generated = io.StringIO()
 cfg = os.path.join(os.path.dirname(_ast_gen.__file__), "_c_ast.cfg")  # its own data file, beside it
 _ast_gen.ASTCodeGenerator(cfg).generate(generated)
 classes = {{n.name for n in ast.parse(generated.getvalue()).body if isinstance(n, ast.ClassDef)}}
-out["pycparser"] = [c_generator.CGenerator().visit(tree).split(), cfg.startswith({store!r}),
+out["pycparser"] = [c_generator.CGenerator().visit(tree).split(), cfg.startswith(str(ov.tree_root)),
                     sorted(classes - set(vars(c_ast))), len(classes) > 40]
 
 import attr, attrs
@@ -83,7 +83,7 @@ out["pygments"] = ['<span class="nb">print</span>' in html, "pygments.lexers.pyt
 
 files = {{name: getattr(m, "__file__", None) for name, m in list(sys.modules.items())
           if name.partition(".")[0] in PACKAGES}}
-out["outside"] = sorted(n for n, f in files.items() if not (f or "").startswith({store!r}))
+out["outside"] = sorted(n for n, f in files.items() if not (f or "").startswith(str(ov.tree_root)))
 out["served"] = len(files)
 print(json.dumps(out))
 """

@@ -595,6 +595,7 @@ def test_inspect_of_garbage_raises_a_habanero_error(trusted) -> None:
     assert err.value.code == "unknown_format"
 
 
+@pytest.mark.slow  # build() asks git who built it
 def test_the_sources_digest_is_the_same_for_the_same_code_whoever_builds_it(project: Path, signing_key) -> None:
     # A one-off build and the watch's warm builder name the same code with the same digest, and a
     # manifest names it too: that is how a push of the code the app runs knows to send nothing.

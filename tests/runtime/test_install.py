@@ -11,6 +11,7 @@ import pytest
 from support.overlay import APP_V1, APP_V2, child_env, opened, populate_store, run_python, write_disk_app
 
 import overlay
+from overlay.cluster.registry import Registry
 from overlay.errors import ConfigError, KeyProblem
 from overlay.finder import OverlayFinder
 
@@ -59,7 +60,7 @@ def disk_app(tmp_path, import_state):
 
 
 def test_install_and_overlay_are_exported():
-    assert overlay.install is overlay.runtime.install.install and overlay.Overlay is overlay.runtime.install.Overlay
+    assert overlay.install is overlay.runtime.install.install and overlay.Overlay is overlay.runtime.handle.Overlay
 
 
 def test_install_serves_the_active_bundle_from_the_first_import(install, store_v1, disk_app):
@@ -67,7 +68,8 @@ def test_install_serves_the_active_bundle_from_the_first_import(install, store_v
     import hbapp
 
     assert hbapp.ORIGIN == "bundle v1" and ov.version == 1
-    assert hbapp.__file__ == str(store_v1 / "tree" / "hbapp" / "__init__.py")
+    assert hbapp.__file__ == str(ov.tree_root / "hbapp" / "__init__.py")
+    assert ov.tree_root.parent.parent == Registry(store_v1).root  # this process's own, outside the store
     assert sys.meta_path[0] is ov.finder and isinstance(ov.finder, OverlayFinder)
 
 
@@ -218,7 +220,7 @@ def test_status_and_history_describe_what_is_live(install, store_v1, trusted, ma
     # what the upgrade transaction does: a new index through the finder, one swap
     v2 = opened(make_bundle(APP_V2, app_id="hbapp", version=2), trusted)
     ov.store.stage(v2)
-    previous = ov.finder.set_index(ov.finder.index_for(v2, ov.store.tree_root))
+    previous = ov.finder.set_index(ov.finder.index_for(v2, ov.tree_root))
     assert ov.version == 2 and ov.status()["active"]["digest"] == v2.digest
     ov.finder.set_index(previous)
     assert ov.version == 1
@@ -263,7 +265,7 @@ def test_a_fresh_interpreter_imports_the_app_from_the_bundle_not_from_disk(tmp_p
     assert out["version"] == 1 and out["origin"] == "bundle v1" and out["greet"] == "hello ann from v1"
     assert out["leaf"] == "leaf of bundle v1" and out["latin"] == "café"
     tree = Path(out["file"]).parent.parent
-    assert tree == store_v1 / "tree"
+    assert tree.name == "tree" and tree.parent.parent == Registry(store_v1).root  # the child's own tree
     assert Path(out["file"]).read_bytes() == v1.read("hbapp")
     assert Path(out["core_file"]).read_bytes() == v1.read("hbapp.core")
     assert out["spec_origin"] == out["file"] and out["spec_name"] == "hbapp"
@@ -307,7 +309,7 @@ def test_python_m_style_runs_work_through_a_launcher(tmp_path, trusted_keys_file
         runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
     """
     proc = run_python(launcher, cwd=tmp_path / "app", args=["hbapp.tool", "--flag", "x"])
-    assert proc.stdout.startswith(f"tool ran from {store_v1 / 'tree'}")
+    assert proc.stdout.startswith(f"tool ran from {Registry(store_v1).root / 'w0' / 'tree'}")
     assert proc.stdout.rstrip().endswith("args ['--flag', 'x']")
 
 

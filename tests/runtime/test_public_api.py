@@ -25,6 +25,7 @@ def test_public_names_are_exactly_the_documented_ones():
         assert getattr(overlay, name) is not None
 
 
+@pytest.mark.slow
 def test_dir_shows_what_the_package_offers_before_it_is_loaded():
     code = "import overlay, sys; print('install' in dir(overlay), 'Overlay' in dir(overlay), " \
            "'overlay.runtime.install' in sys.modules)"

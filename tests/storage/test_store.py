@@ -18,6 +18,7 @@ from overlay.errors import BadEntryName, StaleVersion, StoreError, WrongApp
 from overlay.keys import SigningKey, TrustedKeys, generate_signing_key
 from overlay import store as store_module
 from overlay.storage import tree as _trees
+from overlay.storage.tree import SourceTree
 from overlay.store import Store
 
 APP = "shop"
@@ -406,14 +407,16 @@ def test_leftovers_of_interrupted_writes_are_removed_at_open(opener, store_dir, 
     (store_dir / ".tmp-abc123").write_bytes(b"half a state file")
     (store_dir / "bundles" / ".tmp-def456").write_bytes(b"half a bundle")
     (store_dir / "objects" / ".tmp-789").write_bytes(b"half an object")
-    (store_dir / "tree" / "shop").mkdir(parents=True)
+    (store_dir / "tree" / "shop").mkdir(parents=True)  # the one shared tree of an older habanero
     (store_dir / "tree" / "shop" / ".tmp-link").write_bytes(b"a link a push did not rename yet")
     promoted = make(key, 3)  # promoted to bundles/ by a commit killed before its pointer flip
     (store_dir / "bundles" / f"{3:010d}-{promoted.digest}.hbn").write_bytes(promoted.raw)
 
     reopened = opener()
+    reopened.settle()  # the old tree is taken out of the way at once, deleted on the worker
     assert reopened.startup_problems == []
     assert reopened.active.version == 1 and reopened.stored() == [(1, reopened.active.digest)]
+    assert not (store_dir / "tree").exists()
     names = {p.name for p in store_dir.rglob("*")}
     assert not any(name.startswith(".tmp-") for name in names)
     assert list((store_dir / "staged").iterdir()) == []
@@ -517,6 +520,11 @@ def test_default_retention_keeps_twenty(opener, key):
 # ------------------------------------------------------------------------------ trees
 
 
+def tree_of(store: Store) -> SourceTree:
+    """A source tree laid out from ``store`` (a process's own; here at ``<store>/tree``)."""
+    return store.source_tree(store.path / "tree")
+
+
 def tree_files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
@@ -531,8 +539,8 @@ def test_tree_lays_out_every_entry_as_read_only_files(opener, key):
         "shop/templates/x.html": ("data", b"<p>x</p>\n"),
     })
     push(store, bundle)
-    store.update_tree(None, bundle)
-    root = store.tree_root
+    tree_of(store).update(None, bundle)
+    root = tree_of(store).root
     assert tree_files(root) == {"shop/__init__.py": b"A = 1\n", "shop/mod.py": b"B = 2\n",
                                 "shop/sub/__init__.py": b"", "shop/sub/deep.py": b"C = 3\n",
                                 "shop/templates/x.html": b"<p>x</p>\n"}
@@ -546,11 +554,11 @@ def test_a_one_file_change_rewrites_that_file_only_and_its_undo_puts_it_back(ope
     v1 = make(key, 1, files=files)
     v2 = make(key, 2, files=files | {"shop.m7": ("module", b"X = 'changed'\n")})
     push(store, v1)
-    store.update_tree(None, v1)
-    root = store.tree_root
+    tree_of(store).update(None, v1)
+    root = tree_of(store).root
     inodes = {p.name: p.stat().st_ino for p in (root / "shop").iterdir()}
     store.stage(v2)
-    undo = store.update_tree(v1, v2)
+    undo = tree_of(store).update(v1, v2)
     assert (root / "shop/m7.py").read_bytes() == b"X = 'changed'\n"
     after = {p.name: p.stat().st_ino for p in (root / "shop").iterdir()}
     assert {n for n in inodes if inodes[n] != after[n]} == {"m7.py"}
@@ -566,13 +574,13 @@ def test_a_removed_module_leaves_the_tree_with_its_empty_directory_and_the_undo_
     v1 = make(key, 1, files=files)
     v2 = make(key, 2, files={"shop": files["shop"], "shop.mod": ("module", b"M = 2\n")})
     push(store, v1)
-    store.update_tree(None, v1)
+    tree_of(store).update(None, v1)
     store.stage(v2)
-    undo = store.update_tree(v1, v2)
-    assert tree_files(store.tree_root) == {"shop/__init__.py": b"", "shop/mod.py": b"M = 2\n"}
-    assert not (store.tree_root / "shop" / "sub").exists()
+    undo = tree_of(store).update(v1, v2)
+    assert tree_files(tree_of(store).root) == {"shop/__init__.py": b"", "shop/mod.py": b"M = 2\n"}
+    assert not (tree_of(store).root / "shop" / "sub").exists()
     undo()
-    assert tree_files(store.tree_root) == {v1.entries[n].path: v1.read(n) for n in v1.entries}
+    assert tree_files(tree_of(store).root) == {v1.entries[n].path: v1.read(n) for n in v1.entries}
 
 
 def test_a_module_that_becomes_a_package_moves_its_file(opener, key):
@@ -580,10 +588,10 @@ def test_a_module_that_becomes_a_package_moves_its_file(opener, key):
     v1 = make(key, 1, files={"shop": ("package", b""), "shop.mod": ("module", b"X = 1\n")})
     v2 = make(key, 2, files={"shop": ("package", b""), "shop.mod": ("package", b"X = 1\n")})
     push(store, v1)
-    store.update_tree(None, v1)
+    tree_of(store).update(None, v1)
     store.stage(v2)
-    store.update_tree(v1, v2)
-    assert tree_files(store.tree_root) == {"shop/__init__.py": b"", "shop/mod/__init__.py": b"X = 1\n"}
+    tree_of(store).update(v1, v2)
+    assert tree_files(tree_of(store).root) == {"shop/__init__.py": b"", "shop/mod/__init__.py": b"X = 1\n"}
 
 
 @pytest.mark.parametrize("evil", ["shop/../../escaped.py", "{tmp}/escaped.py", "../escaped.py", "."])
@@ -597,9 +605,9 @@ def test_tree_refuses_an_entry_path_outside_the_tree(opener, store_dir, tmp_path
     forged = Bundle(bundle.manifest, bundle.manifest_bytes, bundle.raw, bundle.key_ids,
                     {**bundle.entries, evil: entry}, bundle.bodies)
     with pytest.raises(BadEntryName):
-        store.update_tree(None, forged)
+        tree_of(store).update(None, forged)
     assert not list(tmp_path.rglob("escaped.py"))
-    assert tree_files(store.tree_root) == {}, "the steps done before the refusal are undone"
+    assert tree_files(tree_of(store).root) == {}, "the steps done before the refusal are undone"
 
 
 def test_cache_dir_is_created_inside_the_store(opener, store_dir):
@@ -667,12 +675,14 @@ def test_a_writer_gives_up_with_store_locked_after_its_timeout(opener, key, held
 def test_readers_and_open_never_wait_for_a_writer(opener, key, held_lock):
     store = opener()
     push(store, make(key, 1))
-    store.update_tree(None, store.active)
+    tree_of(store).update(None, store.active)
     lock = held_lock()  # released at teardown, or after 30 s if a reader waited for it
     other = opener()
     assert other.active.version == 1
     assert other.history() and other.stored() and other.load(1)
-    assert (other.tree_root / "shop" / "mod.py").read_bytes() == other.active.read("shop.mod")
+    tree = other.source_tree(other.path / "another-process-tree")
+    tree.lay_out(other.active)  # a process starting up lays out its own tree: no lock either
+    assert (tree.root / "shop" / "mod.py").read_bytes() == other.active.read("shop.mod")
     assert not lock.released.is_set(), "a reader waited for the writer's lock"
 
 
@@ -706,14 +716,15 @@ def test_two_store_objects_racing_for_each_version_accept_exactly_one(opener, ke
 
 
 @pytest.mark.parametrize("damage", ["truncate", "remove", "another version's file", "object removed"])
-def test_a_damaged_tree_is_repaired_when_the_store_opens(opener, store_dir, key, damage):
-    # The tree is derived data and not fsynced, and a crash mid-push leaves the files of a version
-    # that never committed: open() checks it file by file against the active bundle.
+def test_a_damaged_tree_or_object_is_repaired_when_the_tree_is_laid_out(opener, store_dir, key, damage):
+    # A tree is derived data and not fsynced, and a crash mid-push leaves the files of a version
+    # that never committed; objects are not fsynced either: laying out a tree checks it file by
+    # file against the (verified) active bundle and writes what is wrong again.
     store = opener()
     bundle = make(key, 1)
     push(store, bundle)
-    store.update_tree(None, bundle)
-    victim = store.tree_root / "shop" / "mod.py"
+    tree_of(store).update(None, bundle)
+    victim = tree_of(store).root / "shop" / "mod.py"
     if damage == "truncate":
         os.chmod(victim, 0o644)
         victim.write_bytes(b"")
@@ -723,11 +734,12 @@ def test_a_damaged_tree_is_repaired_when_the_store_opens(opener, store_dir, key,
         sha = bundle.entries["shop.mod"].sha256
         (store_dir / "objects" / sha[:2] / sha).unlink()
     else:
-        (store.tree_root / "shop" / "added.py").write_bytes(b"X = 'never committed'\n")
+        (tree_of(store).root / "shop" / "added.py").write_bytes(b"X = 'never committed'\n")
     store.close()
     reopened = opener()
     assert reopened.active is not None and reopened.active.digest == bundle.digest
-    assert tree_files(reopened.tree_root) == {bundle.entries[n].path: bundle.read(n) for n in bundle.entries}
+    tree_of(reopened).lay_out(reopened.active)
+    assert tree_files(tree_of(reopened).root) == {bundle.entries[n].path: bundle.read(n) for n in bundle.entries}
     assert all(reopened.object(e.sha256) == bundle.read(n) for n, e in bundle.entries.items())
 
 
@@ -846,9 +858,9 @@ def test_a_relative_store_path_with_dot_dot_lays_out_its_tree(tmp_path, trusted,
     with Store.open("../store", trusted=trusted, app_id=APP) as store:
         bundle = make(key, 1)
         push(store, bundle)
-        store.update_tree(None, bundle)
-        assert store.tree_root == tmp_path / "store" / "tree"
-        assert tree_files(store.tree_root)["shop/mod.py"] == bundle.read("shop.mod")
+        tree_of(store).update(None, bundle)
+        assert tree_of(store).root == tmp_path / "store" / "tree"  # normalised: paths are checked against it
+        assert tree_files(tree_of(store).root)["shop/mod.py"] == bundle.read("shop.mod")
 
 
 def test_an_undo_that_cannot_restore_one_file_still_restores_the_others(opener, store_dir, key):
@@ -857,14 +869,14 @@ def test_an_undo_that_cannot_restore_one_file_still_restores_the_others(opener, 
     v1 = make(key, 1, files=files)
     v2 = make(key, 2, files={**files, "shop.a": ("module", b"A = 2\n"), "shop.b": ("module", b"B = 2\n")})
     push(store, v1)
-    store.update_tree(None, v1)
+    tree_of(store).update(None, v1)
     store.stage(v2)
-    undo = store.update_tree(v1, v2)
+    undo = tree_of(store).update(v1, v2)
     lost = v1.entries["shop.b"].sha256  # the object the undo needs for shop/b.py
     (store_dir / "objects" / lost[:2] / lost).unlink()
     with pytest.raises(OSError):
         undo()
-    assert (store.tree_root / "shop" / "a.py").read_bytes() == b"A = 1\n"
+    assert (tree_of(store).root / "shop" / "a.py").read_bytes() == b"A = 1\n"
 
 
 def test_a_background_commit_frees_the_replaced_state_file_on_the_worker(opener, store_dir, key, monkeypatch):

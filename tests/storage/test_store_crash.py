@@ -83,7 +83,8 @@ def test_kill_9_at_random_moments_always_leaves_a_clean_store(tmp_path: Path) ->
             if store.highest:
                 assert store.active is not None and store.active.version == store.highest, where
                 open_bundle(store.active.raw, trusted, app_id="crashy")  # verifies, or raises
-                tree = store.tree_root  # repaired by open(): exactly the active version's files
+                tree = tmp_path / f"tree-after-{round_}"  # a new process's tree: exactly the active version's
+                store.source_tree(tree).lay_out(store.active)
                 files = {str(p.relative_to(tree)): p.read_bytes() for p in tree.rglob("*") if p.is_file()}
                 assert files == {e.path: store.active.read(e.name) for e in store.active.entries.values()}, where
             leftovers = [p for p in store_dir.rglob(".tmp-*")] + list((store_dir / "staged").iterdir())

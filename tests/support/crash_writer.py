@@ -8,7 +8,9 @@ with ``keep=3``, prunes, so a kill can land inside every kind of write the store
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from overlay.bundle import build_bundle, open_bundle
 from overlay.keys import TrustedKeys, load_signing_key
@@ -21,6 +23,9 @@ def main(store_dir: str, key_path: str) -> None:
     key = load_signing_key(key_path)
     trusted = TrustedKeys([key.public])
     store = Store.open(store_dir, trusted=trusted, app_id=APP, keep=3)
+    tree = store.source_tree(Path(store_dir).parent / f"tree-{os.getpid()}")  # this process's own
+    if store.active is not None:
+        tree.lay_out(store.active)
     print("ready", flush=True)
     while True:
         version = store.highest + 1
@@ -34,7 +39,7 @@ def main(store_dir: str, key_path: str) -> None:
                              trusted, app_id=APP)
         store.check_fresh(bundle)
         store.stage(bundle)
-        store.update_tree(store.active, bundle)  # as a push does: before the commit, not fsynced
+        tree.update(store.active, bundle)  # as a push does: before the commit, not fsynced
         store.commit(bundle)
         print(f"ok {version}", flush=True)
         store.record_failure(action="push", version=version + 1, digest=None, key_ids=bundle.key_ids,

@@ -136,7 +136,7 @@ class Launcher:
 
 def base_env(home: Path, **extra: str) -> dict[str, str]:
     """A child's environment: no HABANERO_* leaking in, an empty HOME, no bytecode in the repo."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HABANERO_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HABANERO_") or k == "HABANERO_RUNTIME_DIR"}
     env.update(HOME=str(home), PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
     env.update(extra)
     return env

@@ -80,7 +80,6 @@ def populate_store(path: Path, trusted: TrustedKeys, app_id: str, *bundles: byte
             bundle = open_bundle(data, trusted, app_id=app_id)
             store.check_fresh(bundle)
             store.stage(bundle)
-            store.update_tree(store.active, bundle)
             store.commit(bundle)
     finally:
         store.close()
@@ -88,7 +87,7 @@ def populate_store(path: Path, trusted: TrustedKeys, app_id: str, *bundles: byte
 
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for a fresh interpreter: no HABANERO_* leaking in, habanero importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HABANERO_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HABANERO_") or k == "HABANERO_RUNTIME_DIR"}
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
     return env

@@ -49,6 +49,6 @@ def age(root: Path, seconds: float = 3600) -> None:
 
 def clean_env(home: Path) -> dict[str, str]:
     """The environment for a ``habanero-pack`` child: no HABANERO_* leaking in, an empty HOME."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HABANERO_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HABANERO_") or k == "HABANERO_RUNTIME_DIR"}
     env["HOME"] = str(home)
     return env

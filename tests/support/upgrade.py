@@ -95,9 +95,9 @@ class Deployment:
 
     def tree_shows(self) -> int | None:
         """The version whose files the store's tree holds, exactly (None: no version's)."""
-        root = self.ov.store.tree_root
+        root = self.ov.tree_root
         files = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-        active = self.ov.store.active
+        active = self.ov.active
         expected = {e.path: active.read(e.name) for e in active.entries.values()} if active else {}
         return active.version if active is not None and files == expected else None
 

@@ -46,7 +46,7 @@ def test_the_collector_waits_while_a_push_applies_and_comes_back_as_it_was(runni
 
 def test_a_push_re_points_and_rewrites_only_the_module_it_changes(running):
     specs = {name: sys.modules[name].__spec__ for name in FILES}
-    tree = running.ov.store.tree_root / APP
+    tree = running.ov.tree_root / APP
     inodes = {p.name: p.stat().st_ino for p in tree.iterdir()}
 
     report = push(running, {**FILES, f"{APP}.m7": ("module", b"X = 'seven'\n")})

@@ -46,7 +46,8 @@ __all__ = [
     "Bundle", "Entry", "Limits", "DEFAULT_LIMITS", "open_bundle", "read_unverified", "bundle_digest",
     "manifest_bytes_of",
     # writing
-    "FORMAT", "CODECS", "APP_ID_RULE", "FORBIDDEN_SUFFIXES", "RESERVED_NAMES", "ParentManifest", "build_bundle", "valid_app_id",
+    "FORMAT", "CODECS", "APP_ID_RULE", "FORBIDDEN_SUFFIXES", "RESERVED_NAMES", "ParentManifest", "build_bundle",
+    "valid_app_id",
     "check_entry_name", "check_new_manifest", "entry_json", "manifest_compressor", "pack", "sign_bundle",
     "write_manifest",
 ]

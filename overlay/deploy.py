@@ -41,11 +41,11 @@ from overlay.cluster.member import Member
 from overlay.cluster.messages import Gone
 from overlay.cluster.registry import Registry, WorkerEntry
 from overlay.cluster.rounds import Peer, Round
-from overlay.errors import ActivationFailed, ControlRejected, HabaneroError, WorkerRefused
+from overlay.errors import ControlRejected, HabaneroError, WorkerRefused
 from overlay.store import Store
 from overlay.upgrade import ApplyFailed, Change, Clock, Host, UpgradeReport, failure
 
-__all__ = ["Node", "join", "push", "rollback", "workers"]
+__all__ = ["Node", "catch_up", "joining", "push", "rollback", "start", "workers"]
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
         clock.lap("prepare")
         if refused:
             round_.tell({"op": "abort"}, FINISH_TIMEOUT)
-            _give_up(node, change, bundle, action, refused, applied=False)
+            _give_up(node, change, bundle, action, round_, applied=False)
         # Every process applies at the same time: the step goes out to all, ours runs, then we wait.
         round_.send({"op": "apply"})
         local: ApplyFailed | None = None
@@ -231,7 +231,7 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
             round_.tell({"op": "revert"}, FINISH_TIMEOUT)
             if local is None:
                 change.revert()
-            _give_up(node, change, bundle, action, failed, applied=True, local=local)
+            _give_up(node, change, bundle, action, round_, applied=True, local=local)
         try:
             # Inside the undo scope: if the store cannot record the new version (another process
             # pushed first, a full disk), no process may run code the disk does not call active.
@@ -254,26 +254,34 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
     return report
 
 
-def _give_up(node: Node, change: Change, bundle: Bundle, action: str, peers: list[Peer], *, applied: bool,
+def _give_up(node: Node, change: Change, bundle: Bundle, action: str, round_: Round, *, applied: bool,
              local: ApplyFailed | None = None) -> None:
-    """Record and raise why the deploy stopped; every process is back on (or still on) the old version."""
+    """Record and raise why the deploy stopped; every process is back on (or still on) the old version.
+
+    The error names the process that refused or failed first, and carries one line per process."""
     store = node.host.store
     previous = change.current.version if change.current else None
-    lines = [_peer_line(p, "refused" if not applied else "reverted") for p in peers]
+    failed = [p for p in round_.peers if not p.ok]
+    own = {"pid": os.getpid(), "version": previous, "ms": change.clock.elapsed(),
+           "outcome": "failed" if local is not None else "reverted" if applied else "ready"}
     if local is not None:
-        error: HabaneroError = failure(bundle, previous, local)
-    elif applied:
-        first = peers[0]
-        tb = str(first.answer.get("traceback", ""))
-        error = failure(bundle, previous, ApplyFailed(RuntimeError(first.describe()), tb),
+        own["reason"] = f"process {own['pid']} {local}"
+    lines = [own, *(_peer_line(p, "reverted" if applied else "ready") for p in round_.peers)]
+    raised = [p for p in failed if not p.lost]
+    if local is not None:  # this process's own apply failed (named when the app has others)
+        error: HabaneroError = failure(bundle, previous, local, f" in process {os.getpid()}" if round_.peers else "")
+    elif applied and raised:
+        first = raised[0]
+        error = failure(bundle, previous, ApplyFailed(RuntimeError(str(first.answer.get("message", ""))),
+                                                      str(first.answer.get("traceback", ""))),
                         f" in process {first.pid}")
-        error.details["workers"] = lines
     else:
-        lost = [p for p in peers if p.lost]
-        code = "worker_lost" if lost else "worker_refused"
-        error = WorkerRefused(
-            f"{'; '.join(p.describe() for p in peers)}; no process applied version {bundle.version}, and "
-            f"version {previous or 'on disk'} is still serving everywhere", code=code, workers=lines)
+        code = "worker_lost" if any(p.lost for p in failed) and not raised else "worker_refused"
+        outcome = (f"every process undid version {bundle.version}" if applied else
+                   f"no process applied version {bundle.version}")
+        error = WorkerRefused(f"{'; '.join(p.describe() for p in failed)}; {outcome}, and version "
+                              f"{previous or 'on disk'} is still serving everywhere", code=code)
+    error.details["workers"] = lines
     _record(node, action, bundle, error)
     _discard(store, bundle)
     raise error

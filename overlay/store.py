@@ -43,10 +43,10 @@ disk). A fallback is reported, not written: the pointer changes only through ``c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime

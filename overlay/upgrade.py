@@ -47,14 +47,13 @@ What other threads of this process can observe while a change applies:
 from __future__ import annotations
 
 import _imp
-import contextlib
 import logging
 import os
 import sys
 import time
 import traceback
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 

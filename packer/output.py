@@ -51,12 +51,12 @@ def describe_push(result: PushResult) -> str:
     return "\n".join(lines)
 
 
-def worker_lines(workers: list[dict[str, Any]]) -> list[str]:
+def worker_lines(workers: list[Any]) -> list[str]:
     """One line per process of the app: pid, version, outcome, milliseconds, and why when it failed."""
     lines = []
     for w in workers:
         if not isinstance(w, dict):
-            continue
+            continue  # an answer from another program, not a worker line
         version = f"v{w['version']}" if w.get("version") is not None else "-"
         ms = f"{w['ms']:.1f} ms" if isinstance(w.get("ms"), (int, float)) else "-"
         reason = f"  {w['reason']}" if w.get("reason") else ""

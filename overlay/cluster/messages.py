@@ -39,7 +39,7 @@ def connect(path: str | os.PathLike[str], timeout: float) -> socket.socket:
         sock.connect(os.fspath(path))
     except OSError as exc:
         sock.close()
-        raise Gone(f"cannot connect ({exc.strerror or exc})") from None
+        raise Gone(f"cannot be reached ({exc.strerror or exc})") from None
     return sock
 
 
@@ -48,21 +48,21 @@ def send(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> N
     try:
         sock.sendall(_LEN.pack(len(data)) + data + payload)
     except OSError as exc:
-        raise Gone(f"it went away ({exc.strerror or exc})") from None
+        raise Gone(f"went away ({exc.strerror or exc})") from None
 
 
 def receive(sock: socket.socket, deadline: float | None) -> Message:
     """The next message, by ``deadline`` (a ``time.monotonic()`` value; None: wait as long as it takes)."""
     (length,) = _LEN.unpack(_exactly(sock, _LEN.size, deadline))
     if length > MAX_HEADER:
-        raise Gone("it sent a message header over 1 MiB")
+        raise Gone("sent a message header over 1 MiB")
     try:
         header = json.loads(_exactly(sock, length, deadline))
     except ValueError:
-        raise Gone("it sent a message that is not JSON") from None
+        raise Gone("sent a message that is not JSON") from None
     size = header.get("size") if isinstance(header, dict) else None
     if type(size) is not int or not 0 <= size <= MAX_PAYLOAD:
-        raise Gone("it sent a message without a valid payload size")
+        raise Gone("sent a message without a valid payload size")
     return header, _exactly(sock, size, deadline) if size else b""
 
 
@@ -72,18 +72,18 @@ def _exactly(sock: socket.socket, n: int, deadline: float | None) -> bytes:
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise Gone("it did not answer in time")
+                raise Gone("did not answer in time")
             sock.settimeout(left)
         else:
             sock.settimeout(None)
         try:
             chunk = sock.recv(min(n - got, 1 << 20))
         except TimeoutError:
-            raise Gone("it did not answer in time") from None
+            raise Gone("did not answer in time") from None
         except OSError as exc:
-            raise Gone(f"it went away ({exc.strerror or exc})") from None
+            raise Gone(f"went away ({exc.strerror or exc})") from None
         if not chunk:
-            raise Gone("it closed the connection")
+            raise Gone("closed the connection")
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)

@@ -79,13 +79,25 @@ class Round:
             try:
                 peer.answer, _ = messages.receive(peer.sock, deadline)
             except Gone as exc:
-                self._lose(peer, f"did not answer within {timeout:g} s" if "in time" in str(exc)
-                           else f"did not answer ({exc})")
+                self._lose(peer, f"did not answer within {timeout:g} s" if "in time" in str(exc) else str(exc))
         return [peer for peer in self.peers if not peer.ok]
 
     def tell(self, header: dict[str, Any], timeout: float) -> None:
-        """A last word (commit, revert) to every peer still in the round, answers awaited briefly."""
-        self.ask(header, b"", timeout)
+        """A last word (abort, revert) to every peer still connected, answers awaited briefly; what
+        the peers answered before (the reasons the deploy stops) is kept."""
+        deadline = time.monotonic() + timeout
+        listening = []
+        for peer in self.peers:
+            if peer.sock is not None:
+                try:
+                    messages.send(peer.sock, header)
+                    listening.append(peer)
+                except Gone:
+                    pass
+        for peer in listening:
+            assert peer.sock is not None
+            with contextlib.suppress(Gone):
+                messages.receive(peer.sock, deadline)
         self.close()
 
     def close(self) -> None:

@@ -238,27 +238,31 @@ class Overlay:
         return f"<Overlay {self.app_id} {state} packages={list(self.packages)}>"
 
 
-#: The process's one overlay, and the lock ``install()`` holds while setting it up.
-install_lock = threading.Lock()
-_current: Overlay | None = None
+class _Installed:
+    """The process's one overlay, and the lock ``install()`` holds while setting it up."""
+
+    lock = threading.Lock()
+    overlay: Overlay | None = None
+
+
+def install_lock() -> threading.Lock:
+    return _Installed.lock
 
 
 def current() -> Overlay | None:
-    return _current
+    return _Installed.overlay
 
 
 def make_current(overlay: Overlay | None) -> None:
-    global _current
-    _current = overlay
+    _Installed.overlay = overlay
 
 
 def forget(overlay: Overlay) -> None:
     """Let ``install()`` run again in this process (``Overlay.uninstall()``)."""
-    with install_lock:
-        if _current is overlay:
-            make_current(None)
+    with _Installed.lock:
+        if _Installed.overlay is overlay:
+            _Installed.overlay = None
 
 
 def reset_lock_after_fork() -> None:
-    global install_lock
-    install_lock = threading.Lock()  # a parent's thread may have held it at the fork
+    _Installed.lock = threading.Lock()  # a parent's thread may have held it at the fork

@@ -29,8 +29,7 @@ from overlay.finder import BundleLoader, OverlayFinder, check_packages
 from overlay.http import PREFIX, standalone
 from overlay.importing.codecache import CodeCache
 from overlay.keys import TrustedKeys
-from overlay.runtime import settings
-from overlay.runtime import handle
+from overlay.runtime import handle, settings
 from overlay.runtime.handle import Overlay
 from overlay.storage.worker import Worker
 from overlay.store import Store
@@ -76,7 +75,7 @@ def install(
         from myapp.web import app  # from the active bundle when there is one, else from disk
         application = ov.wsgi(app)
     """
-    with handle.install_lock:
+    with handle.install_lock():
         existing = handle.current()
         if existing is not None:
             raise ConfigError(
@@ -175,12 +174,9 @@ def _check_app(app: Any, listen: str | None) -> None:
 
 def _preimported(packages: tuple[str, ...]) -> list[str]:
     """Modules of the declared packages that are already in ``sys.modules``, not from a bundle."""
-    found = []
-    for name, module in list(sys.modules.items()):
-        if name.partition(".")[0] in packages and module is not None:
-            if not isinstance(getattr(getattr(module, "__spec__", None), "loader", None), BundleLoader):
-                found.append(name)
-    return sorted(found)
+    return sorted(name for name, module in list(sys.modules.items())
+                  if name.partition(".")[0] in packages and module is not None
+                  and not isinstance(getattr(getattr(module, "__spec__", None), "loader", None), BundleLoader))
 
 
 def _record_preimported(names: list[str], finder: OverlayFinder) -> None:

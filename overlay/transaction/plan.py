@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypedDict, TypeVar
 
 from overlay.bundle import Bundle
-from overlay.errors import BundleRejected, CompileFailed, ModuleInUse
+from overlay.errors import CompileFailed, ModuleInUse
 from overlay.transaction.diff import EntryDiff
 
 if TYPE_CHECKING:

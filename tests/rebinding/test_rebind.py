@@ -47,7 +47,8 @@ def __habanero_migrate__(old):
 
 
 def test_rebind_exports():
-    assert rebind.__all__ == ["ModuleReport", "check_update", "update_module", "one_heap_pass", "HeapPass"]
+    assert rebind.__all__ == ["ModuleReport", "check_update", "update_module", "one_heap_pass", "HeapPass",
+                              "Journal", "MISSING"]
 
 
 def test_update_module_with_the_transactions_keywords_patches_in_place_and_journals_every_undo(live, tmp_path):

@@ -967,3 +967,21 @@ def test_the_tree_root_is_resolved_again_when_a_link_in_its_path_moved(tmp_path)
     link.symlink_to(second)  # a deploy tool re-points the store's path
     assert _trees._below(str(second / "tree" / "app"), root)
     assert not _trees._below(str(tmp_path), root)
+
+
+def test_a_rollback_through_a_store_with_a_stale_view_never_lowers_the_mark(opener, key):
+    # Two processes of one app: `late` opened the store at v1 and saw nothing since.
+    early, late = opener(), opener()
+    for version in (1,):
+        push(early, make(key, version))
+    late_view = opener()
+    for version in (2, 3):
+        push(early, make(key, version))
+    assert (late_view.highest, early.highest) == (1, 3)
+    v1 = late_view.load(1)
+    late_view.commit(v1, action="rollback")  # back to v1, through the process that knew nothing newer
+    assert opener().highest == 3 and late_view.highest == 3
+    for replayed in (make(key, 2), make(key, 3)):
+        with pytest.raises(StaleVersion):
+            late_view.check_fresh(replayed)  # superseded bundles stay refused, whoever asks
+    assert late.pointer()[0] == {"version": 1, "digest": v1.digest}

@@ -155,7 +155,10 @@ class DevProject:
 
     @property
     def app_id(self) -> str:
-        return {"aiohttp_app": "hello", "wsgi_app": "counter"}[self.example]
+        import tomllib
+
+        with (EXAMPLES / self.example / "pyproject.toml").open("rb") as fh:
+            return str(tomllib.load(fh)["tool"]["habanero"]["app_id"])
 
     def pack(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run the real ``habanero-pack`` in the project, with a timeout."""

@@ -1,6 +1,7 @@
 """Request handlers. Edit `greeting()` and push: every worker answers with the new text."""
 
 import os
+from pathlib import Path
 
 from flask import Flask, jsonify
 
@@ -18,3 +19,10 @@ def greeting() -> str:
 def index():
     HITS["count"] += 1
     return jsonify(message=greeting(), hits=HITS["count"], pid=os.getpid())
+
+
+@app.get("/banner")
+def banner():
+    """A data file beside the code: each worker reads the one of the version it runs."""
+    return jsonify(banner=(Path(__file__).parent / "banner.txt").read_text().strip(), pid=os.getpid(),
+                   file=__file__)

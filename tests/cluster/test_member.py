@@ -1,0 +1,114 @@
+"""A process's part in a deploy driven by another: this test plays the driving process on its socket."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+
+import pytest
+from support.cluster import APP, app_bundle
+
+from overlay.bundle import open_bundle
+from overlay.cluster import messages
+
+DEADLINE = 10.0
+
+
+def talk(ov, header: dict, payload: bytes = b"") -> tuple[socket.socket, dict]:
+    sock = messages.connect(ov.node.entry.socket, DEADLINE)
+    messages.send(sock, header, payload)
+    answer, _ = messages.receive(sock, time.monotonic() + DEADLINE)
+    return sock, answer
+
+
+def step(sock: socket.socket, header: dict) -> dict:
+    messages.send(sock, header)
+    answer, _ = messages.receive(sock, time.monotonic() + DEADLINE)
+    return answer
+
+
+def prepare(ov, data: bytes, *, action: str = "push") -> tuple[socket.socket, dict]:
+    bundle = open_bundle(data, ov.trusted, app_id=APP)
+    ov.store.stage(bundle)  # the driving process stages before it asks the others
+    return talk(ov, {"op": "prepare", "txn": "t", "action": action, "version": bundle.version,
+                     "digest": bundle.digest, "coordinator": 0}, data)
+
+
+def greet() -> str:
+    return sys.modules[APP].greet()
+
+
+def test_a_process_prepares_applies_and_commits_as_it_is_told(served, signing_key):
+    sock, ready = prepare(served, app_bundle(signing_key, 2, "two"))
+    assert ready["ok"] and ready["running"] == 1 and greet() == "one"  # prepared: nothing ran yet
+    assert step(sock, {"op": "apply"})["ok"] and greet() == "two"
+    done = step(sock, {"op": "commit"})
+    assert done["ok"] and done["version"] == 2 and served.version == 2
+    sock.close()
+
+
+def test_a_process_told_to_revert_is_back_on_the_old_version(served, signing_key):
+    sock, _ = prepare(served, app_bundle(signing_key, 2, "two"))
+    assert step(sock, {"op": "apply"})["ok"] and greet() == "two"
+    assert step(sock, {"op": "revert"})["version"] is None
+    assert greet() == "one" and served.version == 1
+    assert (served.tree_root / APP / "banner.txt").read_text() == "one\n"  # its own files too
+    sock.close()
+
+
+def test_when_the_driver_vanishes_after_committing_the_store_the_process_keeps_the_new_version(served, signing_key):
+    data = app_bundle(signing_key, 2, "two")
+    sock, _ = prepare(served, data)
+    assert step(sock, {"op": "apply"})["ok"]
+    served.store.commit(open_bundle(data, served.trusted, app_id=APP))  # the commit point, then silence
+    sock.close()  # as a killed process's socket closes
+    wait_until(lambda: served.node.member.busy.acquire(blocking=False))
+    served.node.member.busy.release()
+    assert greet() == "two" and served.version == 2
+
+
+def test_when_the_driver_vanishes_before_committing_the_process_undoes_the_change(served, signing_key):
+    sock, _ = prepare(served, app_bundle(signing_key, 2, "two"))
+    assert step(sock, {"op": "apply"})["ok"]
+    sock.close()
+    wait_until(lambda: served.node.member.busy.acquire(blocking=False))
+    served.node.member.busy.release()
+    assert greet() == "one" and served.version == 1
+
+
+def test_a_bundle_the_process_does_not_trust_is_refused_whoever_sends_it(served, other_key):
+    # The channel between processes is not trusted: each verifies with its own trusted keys.
+    data = app_bundle(other_key, 2, "forged")
+    sock = messages.connect(served.node.entry.socket, DEADLINE)
+    messages.send(sock, {"op": "prepare", "txn": "t", "action": "push", "version": 2, "digest": "0" * 64,
+                         "coordinator": 0}, data)
+    answer, _ = messages.receive(sock, time.monotonic() + DEADLINE)
+    assert (answer["ok"], answer["code"]) == (False, "unknown_key") and greet() == "one"
+    sock.close()
+
+
+def test_a_process_busy_with_another_change_says_so(served, signing_key):
+    sock, _ = prepare(served, app_bundle(signing_key, 2, "two"))
+    other, answer = talk(served, {"op": "prepare", "txn": "u", "action": "push", "version": 3, "digest": "0" * 64,
+                                  "coordinator": 0}, b"")
+    assert (answer["ok"], answer["code"]) == (False, "deploy_in_progress")
+    messages.send(sock, {"op": "abort"})
+    sock.close()
+    other.close()
+
+
+def test_status_over_the_socket_names_the_version_and_the_last_outcome(served):
+    sock, answer = talk(served, {"op": "status"})
+    worker = answer["worker"]
+    assert worker["version"] == 1 and worker["last_outcome"]["outcome"] == "ok"
+    assert worker["tree"] == str(served.tree_root)
+    sock.close()
+
+
+def wait_until(check, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail("the process did not finish its part in time")
+        time.sleep(0.01)

@@ -72,6 +72,9 @@ __all__ = ["Change", "Host", "UpgradeReport"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds a change waits for another thread's import of a module it changes (see ``apply``).
+IMPORT_WAIT = 10.0
+
 
 @dataclass(eq=False)
 class Host:
@@ -207,11 +210,13 @@ class Change:
     def apply(self) -> None:
         """Run the new version in this process, holding the import lock until commit or revert.
 
-        Raises :class:`ApplyFailed` when the new code raised: every change was undone and the lock
-        released already.
+        A changed module that another thread is still importing (a worker starting up) is waited
+        for, up to ``IMPORT_WAIT`` seconds, then refused. Raises :class:`ApplyFailed` when the new
+        code raised: every change was undone and the lock released already.
         """
         assert self.plan is not None and self.index is not None and self.diff is not None and self.report
         journal = self._journal = Journal()
+        _wait_for_imports(self.plan, IMPORT_WAIT)
         # The import lock is held until the deploy says which version is live (or the undo is
         # done): a thread waiting to import sees the committed new version or the old one.
         _imp.acquire_lock()
@@ -311,11 +316,24 @@ def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, r
                 diff=change.checked))
 
 
+def _half_imported(plan: Plan) -> list[str]:
+    return [c.name for c in plan.rerun
+            if getattr(getattr(sys.modules.get(c.name), "__spec__", None), "_initializing", False)]
+
+
+def _wait_for_imports(plan: Plan, timeout: float) -> None:
+    """Let imports of changed modules that other threads are running finish first (a worker that
+    is still starting up imports the app): up to ``timeout`` seconds, without the import lock,
+    which those imports need."""
+    deadline = time.monotonic() + timeout
+    while _half_imported(plan) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def _refuse_half_imported(plan: Plan) -> None:
     """A module another thread is still importing has run only part of its old source: re-running
     the changed statements now would be overwritten by the rest of the old import."""
-    busy = [c.name for c in plan.rerun
-            if getattr(getattr(sys.modules.get(c.name), "__spec__", None), "_initializing", False)]
+    busy = _half_imported(plan)
     if busy:
         raise RuntimeError(f"{', '.join(busy)} {'is' if len(busy) == 1 else 'are'} being imported by another "
                            "thread right now; push again once that import has finished")

@@ -16,6 +16,7 @@ import time
 import pytest
 from support.upgrade import THREAD_TIMEOUT, in_thread, joined, m, start
 
+from overlay import upgrade
 from overlay.errors import ActivationFailed, DeployInProgress
 
 
@@ -111,7 +112,8 @@ def test_threads_calling_into_live_modules_are_not_blocked_by_the_apply_step(dep
     assert joined(*pusher).version == 2
 
 
-def test_a_module_another_thread_is_still_importing_is_not_changed_under_it(deploy, probe):
+def test_a_module_another_thread_is_still_importing_is_not_changed_under_it(deploy, probe, monkeypatch):
+    monkeypatch.setattr(upgrade, "IMPORT_WAIT", 0.2)  # the import outlasts the wait: the push is refused
     deploy.push("import_in_flight", "v1")
     importer = in_thread(lambda: importlib.import_module("upapp.slow"))
     try:
@@ -124,6 +126,17 @@ def test_a_module_another_thread_is_still_importing_is_not_changed_under_it(depl
     assert "upapp.slow is being imported by another thread" in info.value.message
     assert deploy.ov.version == 1 and slow.answer() == "v1"  # consistent: the push did not land
     assert deploy.push("import_in_flight", "v2").version == 2 and slow.answer() == "v2"
+
+
+def test_a_push_waits_for_another_threads_import_of_a_module_it_changes(deploy, probe):
+    # A worker still starting up imports the app while a push arrives: the push waits for it.
+    deploy.push("import_in_flight", "v1")
+    importer = in_thread(lambda: importlib.import_module("upapp.slow"))
+    assert probe.events["importing"].wait(THREAD_TIMEOUT)
+    threading.Timer(0.3, probe.events["finish_import"].set).start()
+    assert deploy.push("import_in_flight", "v2").version == 2
+    slow = joined(*importer)
+    assert slow.answer() == "v2"  # the import finished on v1, then the push changed it
 
 
 def test_a_push_leaves_an_unchanged_module_another_thread_is_importing_marked_as_in_flight(deploy, probe):

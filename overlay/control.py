@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import secrets
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -45,7 +45,7 @@ def sign_request(key: SigningKey, method: str, path: str, app_id: str, body: byt
                  *, now: float | None = None) -> dict[str, str]:
     """The headers that authenticate one control request."""
     timestamp = str(int(time.time() if now is None else now))
-    nonce = secrets.token_hex(16)
+    nonce = os.urandom(16).hex()
     signature = key.sign(control_message(method, path, app_id, timestamp, nonce, body))
     return {H_KEY: key.key_id, H_TIME: timestamp, H_NONCE: nonce, H_APP: app_id,
             H_SIG: base64.b64encode(signature).decode("ascii")}

@@ -30,7 +30,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -212,7 +211,7 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
     previous = change.current.version if change.current else None
     round_ = Round(node.others())
     try:
-        header = {"op": "prepare", "txn": uuid.uuid4().hex, "action": action, "version": bundle.version,
+        header = {"op": "prepare", "txn": os.urandom(8).hex(), "action": action, "version": bundle.version,
                   "digest": bundle.digest, "coordinator": os.getpid()}
         refused = round_.ask(header, wire, PREPARE_TIMEOUT)
         clock.lap("prepare")

@@ -18,14 +18,19 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-# cryptography's serialization module costs tens of milliseconds to import, on every habanero-pack
-# run: the OpenSSH wire formats of ed25519 keys are simple enough to read and write here, and the
-# module is imported only for what it alone can do (encrypted private keys, writing a new key).
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
+from overlay import ed25519
 from overlay.errors import KeyProblem
+
+# The app side only checks signatures (``overlay.ed25519``), and loads no ``cryptography`` for it:
+# a public key is its 32 raw bytes. Private keys (the developer's side) are ``cryptography``'s,
+# imported when one is loaded or made; its serialization module costs tens of milliseconds to
+# import, on every habanero-pack run: the OpenSSH wire formats of ed25519 keys are simple enough to
+# read and write here, and it is imported only for what it alone can do (encrypted private keys,
+# writing a new key).
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "PublicKey",
@@ -42,23 +47,19 @@ _SSH_ED25519 = "ssh-ed25519"
 
 @dataclass(frozen=True)
 class PublicKey:
-    """A trusted Ed25519 public key and its OpenSSH fingerprint."""
+    """A trusted Ed25519 public key (its 32 raw bytes) and its OpenSSH fingerprint."""
 
-    key: Ed25519PublicKey
+    raw: bytes
     key_id: str
     comment: str = ""
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         """True when ``signature`` is this key's signature of ``message``."""
-        try:
-            self.key.verify(signature, message)
-        except InvalidSignature:
-            return False
-        return True
+        return ed25519.verify(self.raw, signature, message)
 
     def line(self) -> str:
         """The ``ssh-ed25519 AAAA… comment`` line for a trusted-keys file."""
-        blob = base64.b64encode(_public_blob(self.key)).decode("ascii")
+        blob = base64.b64encode(_public_blob(self.raw)).decode("ascii")
         return f"{_SSH_ED25519} {blob} {self.comment}".rstrip()
 
 
@@ -82,14 +83,14 @@ def _ssh_string(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
 
 
-def _public_blob(public: Ed25519PublicKey) -> bytes:
+def _public_blob(raw: bytes) -> bytes:
     """The SSH wire form of an ed25519 public key: string "ssh-ed25519", string key."""
-    return _ssh_string(_SSH_ED25519.encode()) + _ssh_string(public.public_bytes_raw())
+    return _ssh_string(_SSH_ED25519.encode()) + _ssh_string(raw)
 
 
-def fingerprint(public: Ed25519PublicKey) -> str:
+def fingerprint(raw: bytes) -> str:
     """``SHA256:<base64 of the wire blob, unpadded>``, as ``ssh-keygen -lf`` prints it."""
-    digest = base64.b64encode(hashlib.sha256(_public_blob(public)).digest()).decode("ascii").rstrip("=")
+    digest = base64.b64encode(hashlib.sha256(_public_blob(raw)).digest()).decode("ascii").rstrip("=")
     return f"SHA256:{digest}"
 
 
@@ -113,14 +114,14 @@ class _Reader:
         return self.take(self.uint32())
 
 
-def _parse_public_blob(blob: bytes) -> Ed25519PublicKey:
+def _parse_public_blob(blob: bytes) -> bytes:
     reader = _Reader(blob)
     if reader.string() != _SSH_ED25519.encode():
         raise ValueError("not an ssh-ed25519 key")
     raw = reader.string()
     if len(raw) != 32 or reader.pos != len(blob):
         raise ValueError("an ed25519 public key is 32 bytes")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    return raw
 
 
 def _plain_openssh_ed25519(pem: bytes) -> Ed25519PrivateKey | None:
@@ -145,13 +146,19 @@ def _plain_openssh_ed25519(pem: bytes) -> Ed25519PrivateKey | None:
         if len(pub) != 32 or len(priv) != 64 or priv[32:] != pub or public != _ssh_string(
                 _SSH_ED25519.encode()) + _ssh_string(pub):
             return None
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         return Ed25519PrivateKey.from_private_bytes(priv[:32])
     except (ValueError, binascii.Error, struct.error):
         return None
 
 
-def _public_key(key: Ed25519PublicKey, comment: str = "") -> PublicKey:
-    return PublicKey(key=key, key_id=fingerprint(key), comment=comment)
+def _public_key(raw: bytes, comment: str = "") -> PublicKey:
+    return PublicKey(raw=raw, key_id=fingerprint(raw), comment=comment)
+
+
+def _raw_public(private: Ed25519PrivateKey) -> bytes:
+    return private.public_key().public_bytes_raw()
 
 
 def parse_public_key_line(line: str, *, where: str = "public key") -> PublicKey:
@@ -260,7 +267,7 @@ def load_signing_key(path: str | os.PathLike[str], passphrase: str | bytes | Non
     if passphrase is None:
         passphrase = os.environ.get("HABANERO_KEY_PASSPHRASE")
     private = _load_private(data, path, passphrase)
-    return SigningKey(private=private, public=_public_key(private.public_key(), _comment_of(path)), path=str(path))
+    return SigningKey(private=private, public=_public_key(_raw_public(private), _comment_of(path)), path=str(path))
 
 
 def _comment_of(path: Path) -> str:
@@ -282,7 +289,9 @@ def _load_private(data: bytes, path: Path, passphrase: str | bytes | None) -> Ed
     plain = _plain_openssh_ed25519(data)
     if plain is not None:
         return plain  # a passphrase given for a key without one is harmless: the key is usable
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     password = passphrase.encode() if isinstance(passphrase, str) else passphrase
     try:
@@ -332,6 +341,7 @@ def generate_signing_key(path: str | os.PathLike[str], *, comment: str = "", ove
         raise KeyProblem(f"{path} already exists; choose another --out or remove it first", code="bad_key")
     path.parent.mkdir(parents=True, exist_ok=True)
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(
@@ -342,6 +352,6 @@ def generate_signing_key(path: str | os.PathLike[str], *, comment: str = "", ove
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
     os.chmod(path, 0o600)
-    public = _public_key(private.public_key(), comment)
+    public = _public_key(_raw_public(private), comment)
     pub_path.write_text(public.line() + "\n", encoding="utf-8")
     return SigningKey(private=private, public=public, path=str(path))

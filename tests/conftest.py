@@ -23,6 +23,12 @@ from support.processes import refusing_processes
 from overlay.bundle import build_bundle
 from overlay.keys import SigningKey, TrustedKeys, generate_signing_key, load_trusted_keys
 
+# Private keys load cryptography when first used. Loaded here, before any test: the import_state
+# fixture drops what a test imported, and cryptography's compiled core cannot be loaded twice (its
+# classes would then no longer be the ones it checks against).
+__import__("cryptography.hazmat.primitives.serialization")
+__import__("cryptography.hazmat.primitives.asymmetric.ed25519")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _runtime_dir() -> Iterator[Path]:

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Bottom to top. A module belongs to the first layer with a matching pattern ("x.*": below x).
 LAYERS: list[tuple[str, list[str]]] = [
     ("errors", ["overlay.errors"]),
-    ("keys", ["overlay.keys"]),
+    ("keys", ["overlay.ed25519", "overlay.keys"]),
     ("format", ["overlay.format.*", "overlay.bundle", "overlay.control"]),
     ("storage", ["overlay.storage.*", "overlay.store"]),
     ("importing", ["overlay.importing.*", "overlay.finder"]),

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from overlay import deploy
 from overlay.bundle import Bundle, Limits
@@ -23,10 +23,12 @@ from overlay.errors import ConfigError
 from overlay.finder import OverlayFinder
 from overlay.http import ControlPlane, asgi, wsgi
 from overlay.keys import TrustedKeys
-from overlay.serving.asgi import ASGIApp, ASGIWrapper
 from overlay.serving.wsgi import WSGIApp, WSGIWrapper
 from overlay.store import Store
 from overlay.upgrade import UpgradeReport
+
+if TYPE_CHECKING:  # asyncio is imported by an ASGI app only
+    from overlay.serving.asgi import ASGIApp, ASGIWrapper
 
 __all__ = ["Overlay"]
 

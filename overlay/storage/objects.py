@@ -13,15 +13,18 @@ path and never while the app starts: until then they only take disk space.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import re
 from collections.abc import Callable, Iterable
 
 from overlay.bundle import Bundle, manifest_bytes_of
+from overlay.errors import UnknownFormat
 from overlay.format.manifest import is_sha256
 from overlay.storage import fs
 
 __all__ = ["ObjectStore"]
+
+_SHA256_FIELD = re.compile(rb'"sha256":"([0-9a-f]{64})"')
 
 
 class ObjectStore:
@@ -84,33 +87,38 @@ class ObjectStore:
 
         The manifests are read outside the store lock (milliseconds per bundle); under the lock,
         bundles that appeared meanwhile are read too, so an object a push has just staged (stage
-        writes objects and its bundle under one hold of the lock) is never taken.
+        writes objects and its bundle under one hold of the lock) is never taken. Only the hashes
+        of objects on disk are collected (the worker runs this in every app process: it must not
+        leave its memory behind).
         """
-        seen: dict[str, set[str]] = {}
-        for path in bundle_files():
-            seen[path] = _hashes_in(path)
-        candidates = [(sub.name, entry.name) for sub in _scandir(self.root)
+        candidates = {(sub.name, entry.name) for sub in _scandir(self.root)
                       if sub.is_dir(follow_symlinks=False) and not sub.name.startswith(fs.TMP_PREFIX)
-                      for entry in _scandir(sub.path)]
+                      for entry in _scandir(sub.path)}
+        on_disk = {name for _, name in candidates}
+        referenced: set[str] = set(keep) & on_disk
+        seen: set[str] = set()
+        for path in bundle_files():
+            seen.add(path)
+            referenced |= _hashes_in(path, on_disk)
         with self._lock:
             for path in bundle_files():
                 if path not in seen:
-                    seen[path] = _hashes_in(path)
-            referenced = set().union(*seen.values(), keep)
+                    referenced |= _hashes_in(path, on_disk)
             for shard, name in candidates:
                 if name not in referenced:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.root, shard, name))
 
 
-def _hashes_in(path: str) -> set[str]:
-    """The entry hashes a stored bundle's manifest lists (unverified: only used to keep objects)."""
+def _hashes_in(path: str, among: set[str]) -> set[str]:
+    """The hashes of ``among`` that a stored bundle's manifest names (unverified: only used to keep
+    objects). Matched in the bytes: parsing 1,000 entries per bundle would cost far more."""
     try:
         with open(path, "rb") as fh:
-            manifest = json.loads(manifest_bytes_of(fh.read()))
-        return {e["sha256"] for e in manifest["entries"]}
-    except (OSError, ValueError, KeyError, TypeError):
+            manifest = manifest_bytes_of(fh.read())
+    except (OSError, UnknownFormat):
         return set()
+    return {h for m in _SHA256_FIELD.finditer(manifest) if (h := m[1].decode()) in among}
 
 
 def _scandir(path: str) -> list[os.DirEntry[str]]:

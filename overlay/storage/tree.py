@@ -20,7 +20,6 @@ import contextlib
 import functools
 import logging
 import os
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -109,7 +108,7 @@ class SourceTree:
         os.makedirs(parent, mode=0o700, exist_ok=True)
         if parent != root and not _below(os.path.realpath(parent), root):
             raise BadEntryName(f"entry path {relative!r} resolves outside the source tree", name=relative)
-        tmp = os.path.join(parent, f"{fs.TMP_PREFIX}{uuid.uuid4().hex[:12]}")
+        tmp = os.path.join(parent, f"{fs.TMP_PREFIX}{os.urandom(6).hex()}")
         fs.link_or_copy(self._objects.path(sha256), tmp)
         if relative.endswith(".py"):
             # Dev reloaders (werkzeug's and Django's stat reloaders) restart the app when a module's

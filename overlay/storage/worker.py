@@ -7,12 +7,12 @@ taken out of the way, and setting up the next push run here, after the push has 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
 import shutil
 import threading
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -55,6 +55,8 @@ class Worker:
                 logger.exception("store %s: background work failed", self.label)
             finally:
                 self._tasks.task_done()
+            if self._tasks.empty():
+                _give_memory_back()
 
     def settle(self) -> None:
         """Wait until queued work is done (tests, shutdown). Never call it holding the store lock."""
@@ -85,6 +87,25 @@ class Worker:
 
     def remove_later(self, path: Path) -> None:
         """Take a directory out of the way now (a rename), delete it on the worker."""
-        doomed = path.with_name(f"{fs.TMP_PREFIX}rm-{uuid.uuid4().hex}")
+        doomed = path.with_name(f"{fs.TMP_PREFIX}rm-{os.urandom(16).hex()}")
         os.replace(path, doomed)
         self.later(lambda: shutil.rmtree(doomed, ignore_errors=True))
+
+
+def _give_memory_back() -> None:
+    """Hand the heap a push freed back to the system (glibc's ``malloc_trim``): the app keeps its
+    memory for itself, whatever a push's planning and the worker's tasks allocated meanwhile."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return trim

@@ -44,6 +44,7 @@ disk). A fallback is reported, not written: the pointer changes only through ``c
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -54,7 +55,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from overlay.bundle import DEFAULT_LIMITS, Bundle, Limits, open_bundle
+from overlay.bundle import DEFAULT_LIMITS, Bundle, Entry, Limits, open_bundle
 from overlay.errors import DeployInProgress, HabaneroError, StaleVersion, StoreError, WrongApp
 from overlay.keys import TrustedKeys
 from overlay.storage import fs
@@ -282,6 +283,31 @@ class Store:
             except OSError:
                 continue
         return None
+
+    def release(self, bundle: Bundle) -> None:
+        """``bundle`` is committed: let it go of its file's bytes and bodies, which this store holds.
+
+        Its bodies are read back from ``objects/`` when asked for (a module the code cache lacks,
+        ``get_source``, the next push's diff), each checked against its hash; an object missing or
+        damaged is read from the bundle's own file instead.
+        """
+        version, digest = bundle.version, bundle.digest
+
+        def read(entry: Entry) -> bytes | None:
+            body = self.objects.get(entry.sha256)
+            if body is not None and len(body) == entry.size and hashlib.sha256(body).hexdigest() == entry.sha256:
+                return body
+            logger.warning("habanero store %s: object %s (%s, of v%d) is missing or damaged; reading it from "
+                           "the bundle file", self.path, entry.sha256[:12], entry.name, version)
+            whole, why = self._verify_file(version, digest)
+            twin = whole.by_hash.get(entry.sha256) if whole is not None else None
+            if whole is None or twin is None:
+                logger.error("habanero store %s: %s cannot be read back: %s", self.path, entry.name,
+                             why or f"bundle v{version} does not carry it")
+                return None
+            return whole.bodies[twin.name]
+
+        bundle.release(read)
 
     def load(self, version: int) -> Bundle:
         """The stored, verified bundle of ``version``; ``StoreError(code="unknown_version")`` if none."""

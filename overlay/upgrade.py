@@ -239,6 +239,7 @@ class Change:
         assert self.report is not None
         self.host.retargeted = True  # every live module of the app now has the finder's loader and paths
         self.host.store.active = self.bundle
+        self.host.store.release(self.bundle)  # committed: the store holds its bodies now
         self._release()
         self.report.timings_ms = self.clock.done()
         self.host.note(self.action, self.bundle.version, "ok")

@@ -158,6 +158,8 @@ def assemble(table: EntryTable, included: Sequence[str], body: bytes, content: C
              base: Bundle | None, *, differ: Iterable[int] | None = None) -> tuple[dict[str, bytes], list[Entry]]:
     """A delta's bodies by name, and the entries among them whose bodies must still be hashed.
 
+    Bodies base has let go of (see ``Bodies.spill``) are left out: base's reader fetches them.
+
     The ``included`` entries (names, in entry order) come from the delta's ``body``; the others from
     ``base``: by name when base's entry has the same hash (the same bytes object, known good: not
     hashed again), else by hash from anywhere in base, else from ``content`` (the store's files:
@@ -175,9 +177,12 @@ def assemble(table: EntryTable, included: Sequence[str], body: bytes, content: C
         pos += entry.size
         unproven.append(entry)
     base_entries = base.entries if base is not None else {}
-    base_bodies = base.bodies if base is not None else {}
+    base_bodies = base.bodies if base is not None else None
+    # An entry base has is known good: its body is shared when base holds it in memory, and read
+    # back through base's reader (checked against its hash) when base let go of it.
+    shared = base_bodies.held if base_bodies is not None else _nothing_held
     if differ is not None and base is not None:
-        bodies = dict(base_bodies)
+        bodies = base_bodies.held_copy() if base_bodies is not None else {}
         bodies.update(carried)
         others = [rows[i] for i in differ if names[i] not in carried]
     else:
@@ -190,14 +195,16 @@ def assemble(table: EntryTable, included: Sequence[str], body: bytes, content: C
                 continue
             twin = base_entries.get(name)
             if twin is not None and twin.sha256 == entry.sha256 and twin.size == entry.size:
-                bodies[name] = base_bodies[name]
+                if (kept := shared(name)) is not None:
+                    bodies[name] = kept
             else:
                 others.append(entry)
     missing = 0
     for entry in others:  # bodies base holds under another name (moved, copied), or the store's
         twin = base.by_hash.get(entry.sha256) if base is not None else None
         if twin is not None and twin.size == entry.size:  # known good
-            bodies[entry.name] = base_bodies[twin.name]
+            if (kept := shared(twin.name)) is not None:
+                bodies[entry.name] = kept
             continue
         piece = content(entry.sha256) if content is not None else None
         if piece is None:
@@ -213,6 +220,10 @@ def assemble(table: EntryTable, included: Sequence[str], body: bytes, content: C
     return bodies, unproven
 
 
+def _nothing_held(name: str) -> None:
+    return None
+
+
 def split_payload(table: EntryTable, payload: bytes) -> dict[str, bytes]:
     """A full payload cut into its entries' bodies (the table's sizes add up to its length)."""
     starts = list(accumulate(table.sizes, initial=0))
@@ -225,15 +236,15 @@ def unlike(table: EntryTable, bodies: dict[str, bytes], base: Bundle) -> list[En
     Comparing bytes costs a fraction of hashing them (0.1 ms against 1 ms for 1.4 MB). An equal
     body is replaced by base's object, so versions share the memory of what they did not change.
     """
-    held, twins = base.bodies, base.entries
+    held, twins = base.bodies.held, base.entries
     unproven: list[Entry] = []
     for entry in table.rows:
         twin = twins.get(entry.name)
         # Base's body is known to have base's hash: the same bytes prove this entry only if it
-        # claims that same hash and size.
+        # claims that same hash and size. A body base no longer holds in memory is hashed instead.
         if twin is not None and twin.sha256 == entry.sha256 and twin.size == entry.size \
-                and held[entry.name] == bodies[entry.name]:
-            bodies[entry.name] = held[entry.name]
+                and (same := held(entry.name)) is not None and same == bodies[entry.name]:
+            bodies[entry.name] = same
         else:
             unproven.append(entry)
     return unproven

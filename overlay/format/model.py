@@ -9,18 +9,22 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from operator import itemgetter
 from typing import Any
 
+from overlay.errors import StoreError
 from overlay.format.manifest import ENTRY_JSON, Entry, EntryTable
 from overlay.format.proof import Spans, spans_of
 
-__all__ = ["Bundle", "ContentLookup", "ParentManifest"]
+__all__ = ["Bodies", "BodyReader", "Bundle", "ContentLookup", "ParentManifest"]
 
 ContentLookup = Callable[[str], "bytes | None"]  # sha256 -> an entry body the server already holds
+#: An entry -> its body, read back from where the store keeps it and checked against the entry's
+#: size and sha256 (None: it is nowhere to be found intact).
+BodyReader = Callable[[Entry], "bytes | None"]
 _SHA256 = itemgetter(3)  # of an Entry
 
 
@@ -31,6 +35,63 @@ class _Unknown(enum.Enum):
 #: Spans not worked out yet (None is an answer: "not canonical"). An enum member, so that the type
 #: checker can tell it from a real answer after an ``is`` test.
 UNKNOWN_SPANS = _Unknown.SPANS
+
+
+class Bodies(Mapping[str, bytes]):
+    """A bundle's entry bodies by name: in memory while the bundle is being deployed, read back
+    from the store once it is committed.
+
+    Every process of an app holds its active bundle for as long as it runs, and most of its
+    bodies are never read again: modules compile once (and the code cache serves restarts), data
+    files are read from the source tree. Keeping them all would cost each worker the app's whole
+    source in memory. After :meth:`spill` a body is read when asked for, by a reader that checks
+    it against its entry's hash. Bodies still :meth:`held` are shared with the next version, whose
+    push then reads nothing it did not change.
+    """
+
+    __slots__ = ("_entries", "_held", "_reader")
+
+    def __init__(self, entries: Mapping[str, Entry], held: dict[str, bytes], reader: BodyReader | None = None) -> None:
+        self._entries = entries
+        self._held = held
+        self._reader = reader
+
+    def held(self, name: str) -> bytes | None:
+        """The body of ``name`` if it is in memory (it never reads)."""
+        return self._held.get(name)
+
+    def held_copy(self) -> dict[str, bytes]:
+        """The bodies in memory, as a new dict (the next version's, to share)."""
+        return dict(self._held)
+
+    @property
+    def reader(self) -> BodyReader | None:
+        return self._reader
+
+    def __getitem__(self, name: str) -> bytes:
+        body = self._held.get(name)
+        if body is not None:
+            return body
+        entry = self._entries[name]  # KeyError: not an entry of this bundle
+        body = self._reader(entry) if self._reader is not None else None
+        if body is None:
+            raise StoreError(f"the body of {name!r} (sha256 {entry.sha256[:12]}) is no longer in the store "
+                             "or its bundle file; push the app again to restore it", code="store_error")
+        return body
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def spill(self, reader: BodyReader) -> None:
+        """Let go of the bodies in memory: from now on ``reader`` fetches each one when asked."""
+        self._reader = reader
+        self._held = {}
 
 
 class Bundle:
@@ -45,19 +106,35 @@ class Bundle:
     """
 
     def __init__(self, manifest: dict[str, Any], manifest_bytes: bytes, raw: bytes, key_ids: tuple[str, ...],
-                 entries: dict[str, Entry], bodies: dict[str, bytes], *, digest: str | None = None,
+                 entries: dict[str, Entry], bodies: Mapping[str, bytes], *, digest: str | None = None,
                  table: EntryTable | None = None, spans: Spans | _Unknown | None = UNKNOWN_SPANS,
                  changed_from: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None) -> None:
         self.manifest = manifest
         self.manifest_bytes = manifest_bytes
-        self.raw = raw
+        self._raw: bytes | None = raw
+        self.size = len(raw)
         self.key_ids = key_ids
         self.entries = entries
-        self.bodies = bodies
+        if isinstance(bodies, Bodies):
+            self.bodies = Bodies(entries, bodies._held, bodies.reader)
+        else:
+            self.bodies = Bodies(entries, dict(bodies))
         self.digest = digest if digest is not None else hashlib.sha256(manifest_bytes).hexdigest()
         self.changed_from = changed_from
         self._table = table
         self._spans = spans
+
+    @property
+    def raw(self) -> bytes:
+        """The bundle file's bytes (a delta's unpacked form), until :meth:`release`."""
+        if self._raw is None:
+            raise RuntimeError(f"{self!r} was committed and released; read it from the store")
+        return self._raw
+
+    def release(self, reader: BodyReader) -> None:
+        """The store holds this bundle now: free its file's bytes and its bodies (see :class:`Bodies`)."""
+        self._raw = None
+        self.bodies.spill(reader)
 
     @property
     def format(self) -> int:
@@ -127,7 +204,7 @@ class Bundle:
             "created": m["created"],
             "builder": m["builder"],
             "entries": len(self.entries),
-            "size": len(self.raw),
+            "size": self.size,
             "uncompressed_size": m["payload"]["uncompressed_size"],
             "key_ids": list(self.key_ids),
         }

@@ -34,8 +34,10 @@ import struct
 import sys
 import threading
 import types
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,37 @@ _TAG = b"HBC1"
 _HEADER = struct.Struct(">4s4s32sI")
 
 _counter = itertools.count()
+
+#: How many code objects stay in memory. A module's functions keep the code they need; the module's
+#: own code object is garbage once it ran, except that a push compiles a module in the plan and
+#: runs it at apply, and a rollback right after runs the code it replaced. Keeping every module's
+#: code cost about 2 MiB per process for a 1,000-module app; the disk cache serves the rest.
+MEMORY_ENTRIES = 64
+
+_K = TypeVar("_K")
+
+
+class _Recent(Generic[_K]):
+    """The last ``size`` code objects used, by key."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[_K, types.CodeType] = OrderedDict()
+
+    def get(self, key: _K) -> types.CodeType | None:
+        code = self._items.get(key)
+        if code is not None:
+            self._items.move_to_end(key)
+        return code
+
+    def put(self, key: _K, code: types.CodeType) -> None:
+        self._items[key] = code
+        self._items.move_to_end(key)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 # The compiler, behind a module-level name so tests can count compiles by patching it.
 _compile = compile
@@ -58,7 +91,8 @@ def _retarget(code: types.CodeType, filename: str) -> types.CodeType:
 
 
 class CodeCache:
-    """Code objects by (source sha256, filename): memory first, then the disk, then ``compile``.
+    """Code objects by (source sha256, filename): memory (the last few used) first, then the disk,
+    then ``compile``.
 
     ``directory`` None keeps the cache in memory only. ``stats`` counts compiles, memory hits,
     disk hits and retargets, for tests and the benchmark.
@@ -71,8 +105,8 @@ class CodeCache:
         self._suffix = f".{tag}{opt}.pyc"
         self._prefix = os.path.join(self.directory, "") if self.directory is not None else ""
         self._listed: set[str] | None = None  # file names seen on first use: misses skip open()
-        self._by_key: dict[tuple[str, str], types.CodeType] = {}
-        self._by_sha: dict[str, types.CodeType] = {}
+        self._by_key: _Recent[tuple[str, str]] = _Recent(MEMORY_ENTRIES)
+        self._by_sha: _Recent[str] = _Recent(MEMORY_ENTRIES)
         self._write_failed = False
         self._dir_ready = False
         self._lock = threading.Lock()  # guards only the one-time directory setup, never I/O reads
@@ -106,8 +140,9 @@ class CodeCache:
         if code.co_filename != filename:
             code = _retarget(code, filename)
             self.stats["retargeted"] += 1
-        self._by_key[key] = code
-        self._by_sha.setdefault(sha256, code)
+        self._by_key.put(key, code)
+        if self._by_sha.get(sha256) is None:
+            self._by_sha.put(sha256, code)
         return code
 
     def compile(self, source: bytes, filename: str, *, sha256: str | None = None) -> types.CodeType:
@@ -115,8 +150,8 @@ class CodeCache:
         code = _compile(source, filename, "exec", dont_inherit=True, optimize=-1)
         self.stats["compiled"] += 1
         sha256 = sha256 or hashlib.sha256(source).hexdigest()
-        self._by_key[(sha256, filename)] = code
-        self._by_sha[sha256] = code
+        self._by_key.put((sha256, filename), code)
+        self._by_sha.put(sha256, code)
         self._write(sha256, code)
         return code
 
@@ -184,6 +219,8 @@ class CodeCache:
                 os.close(fd)
             os.replace(tmp, path)
             tmp = None
+            if self._listed is not None:
+                self._listed.add(sha256 + self._suffix)
             self.stats["written"] += 1
         except OSError as exc:
             # A cache that cannot be written costs speed, never correctness: say so once.

@@ -107,6 +107,7 @@ def install(
                 if active is not None:
                     tree.lay_out(active)
                     finder.set_index(finder.index_for(active, tree.root))
+                    opened.release(active)
                 host = Host(resolved_app_id, opened, finder, tree, trusted, limits)
                 node = deploy.Node(host, registry, entry, info={"listen": resolved_listen})
                 preimported = _preimported(names)

@@ -349,6 +349,22 @@ def test_code_cache_hit_on_disk_avoids_compiling_after_a_restart(tmp_path, compi
     assert fresh.get(SHA, "/v1/m.py", lambda: SOURCE) is code and fresh.stats["memory"] == 1
 
 
+def test_code_cache_keeps_only_the_most_recent_code_in_memory_and_the_rest_on_disk(tmp_path, compiles):
+    cache = CodeCache(tmp_path)
+    sources = [f"X = {i}\n".encode() for i in range(_codecache.MEMORY_ENTRIES + 10)]
+    shas = [__import__("hashlib").sha256(s).hexdigest() for s in sources]
+    for sha, source in zip(shas, sources):
+        cache.get(sha, f"/v1/m{sha[:8]}.py", lambda source=source: source)
+    assert len(cache._by_key) == _codecache.MEMORY_ENTRIES  # bounded, whatever the app's size
+    cache.get(shas[-1], f"/v1/m{shas[-1][:8]}.py", lambda: pytest.fail("recompiled"))
+    assert cache.stats["memory"] == 1
+    oldest = cache.get(shas[0], f"/v1/m{shas[0][:8]}.py", lambda: pytest.fail("recompiled"))
+    assert cache.stats["disk"] == 1 and len(compiles) == len(sources)  # back from disk, not compiled
+    namespace: dict = {}
+    exec(oldest, namespace)
+    assert namespace["X"] == 0
+
+
 def test_unchanged_source_in_a_new_version_is_retargeted_not_recompiled(tmp_path, compiles):
     cache = CodeCache(tmp_path)
     old = cache.get(SHA, "/v1/m.py", lambda: SOURCE)

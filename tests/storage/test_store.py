@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlay.bundle import Bundle, build_bundle, open_bundle
+from overlay.bundle import Bundle, ParentManifest, build_bundle, open_bundle
 from overlay.errors import BadEntryName, StaleVersion, StoreError, WrongApp
 from overlay.keys import SigningKey, TrustedKeys, generate_signing_key
 from overlay import store as store_module
@@ -985,3 +985,57 @@ def test_a_rollback_through_a_store_with_a_stale_view_never_lowers_the_mark(open
         with pytest.raises(StaleVersion):
             late_view.check_fresh(replayed)  # superseded bundles stay refused, whoever asks
     assert late.pointer()[0] == {"version": 1, "digest": v1.digest}
+
+
+# ------------------------------------------------------------------- bodies let go after commit
+
+
+def released(opener, key) -> tuple[Store, Bundle, dict[str, bytes]]:
+    store = opener()
+    bundle = make(key, 1)
+    bodies = dict(bundle.bodies)
+    push(store, bundle)
+    store.release(bundle)
+    return store, bundle, bodies
+
+
+def test_a_committed_bundle_lets_go_of_its_bodies_and_reads_them_back_from_the_store(opener, key):
+    store, bundle, bodies = released(opener, key)
+    assert all(bundle.bodies.held(name) is None for name in bodies)  # nothing kept in memory
+    assert {name: bundle.read(name) for name in bodies} == bodies
+    assert bundle.size > 0 and bundle.summary()["size"] == bundle.size
+    with pytest.raises(RuntimeError, match="released"):
+        bundle.raw  # noqa: B018
+
+
+def test_a_damaged_object_of_a_released_bundle_is_read_from_its_bundle_file(opener, store_dir, key, caplog):
+    store, bundle, bodies = released(opener, key)
+    obj = store.objects.path(bundle.entries["shop.mod"].sha256)
+    os.chmod(obj, 0o644)
+    Path(obj).write_bytes(b"def f():\n    return 2\n")  # same size, other bytes
+    assert bundle.read("shop.mod") == bodies["shop.mod"]
+    assert "missing or damaged" in caplog.text and "shop.mod" in caplog.text
+
+
+def test_a_body_gone_from_objects_and_bundle_file_is_a_store_error_naming_it(opener, store_dir, key):
+    store, bundle, _ = released(opener, key)
+    os.unlink(store.objects.path(bundle.entries["shop.mod"].sha256))
+    bundle_file(store_dir, bundle).unlink()
+    with pytest.raises(StoreError, match="'shop.mod'.*push the app again") as raised:
+        bundle.read("shop.mod")
+    assert raised.value.code == "store_error"
+
+
+def test_a_delta_opened_against_a_released_bundle_holds_only_what_it_carries(opener, key):
+    store, v1, bodies = released(opener, key)
+    files = {"shop": ("package", bodies["shop"]), "shop.mod": ("module", b"def f():\n    return 2\n"),
+             "shop/templates/x.html": ("data", bodies["shop/templates/x.html"]),
+             "shop/copy.html": ("data", bodies["shop/templates/x.html"])}  # a known body, another name
+    data = build_bundle(files, app_id=APP, version=2, signers=[key], base=ParentManifest.from_manifest(v1.manifest_bytes))
+    v2 = open_bundle(data, TrustedKeys([key.public]), app_id=APP, content=store.objects.get, base=v1)
+    assert v2.bodies.held("shop.mod") == b"def f():\n    return 2\n"
+    assert v2.bodies.held("shop") is None and v2.read("shop") == bodies["shop"]  # read back, checked
+    assert v2.read("shop/copy.html") == bodies["shop/templates/x.html"]
+    push(store, v2)
+    store.release(v2)
+    assert v2.read("shop.mod") == b"def f():\n    return 2\n"

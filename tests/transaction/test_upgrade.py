@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from support.upgrade import (
 )
 
 import overlay
+from overlay.bundle import bundle_digest
 from overlay.transaction.plan import imported_names
 from overlay.format.wire import FLAG_PACKED, HEADER as _HEADER
 from overlay.errors import (
@@ -477,9 +479,23 @@ def test_a_packed_delta_bundle_applies_like_a_full_one_and_is_stored_unpacked(de
     assert report.version == 2 and report.added == ["upapp.tax"] and report.changed == ["upapp.core"]
     assert m.core.total is total and total([1, 2]) == 4.5
     stored = deploy.ov.store.active
-    assert _HEADER.unpack_from(stored.raw)[2] == 0  # the store keeps the plain signed form
-    on_disk = deploy.store_path / "bundles" / f"{2:010d}-{stored.digest}.hbn"
-    assert on_disk.read_bytes() == stored.raw
+    on_disk = (deploy.store_path / "bundles" / f"{2:010d}-{stored.digest}.hbn").read_bytes()
+    assert _HEADER.unpack_from(on_disk)[2] == 0  # the store keeps the plain signed form
+    assert bundle_digest(on_disk) == stored.digest and len(on_disk) == stored.size
+    assert deploy.ov.rollback().version == 1 and total([1, 2]) == 3
+
+
+def test_a_running_version_keeps_no_source_in_memory_yet_serves_it_and_takes_the_next_delta(deploy):
+    start(deploy, "new_module")
+    active = deploy.ov.store.active
+    assert all(active.bodies.held(name) is None for name in active.entries)  # read back from the store
+    assert "def total" in inspect.getsource(m.core)
+    total = m.core.total
+
+    report = deploy.ov.apply(deploy.bundle("new_module", "v2", delta=True))
+
+    assert report.changed == ["upapp.core"] and total([1, 2]) == 4.5
+    assert "def total" in inspect.getsource(m.core) and "tax" in inspect.getsource(m.core)
     assert deploy.ov.rollback().version == 1 and total([1, 2]) == 3
 
 

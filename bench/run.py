@@ -1,4 +1,8 @@
-"""Run every benchmark, each in its own interpreter, and write the tables to bench/results/latest.md.
+"""Run every benchmark, each in its own interpreter, and write the tables down.
+
+The tables go to ``bench/results/latest.md`` (kept out of git) and into ``docs/performance.md``,
+between its ``<!-- bench:start -->`` and ``<!-- bench:end -->`` marks: the narrative around them is
+written by hand, the figures are always the last run's. ``--no-docs`` leaves the docs alone.
 
 Figures are printed, never asserted: absolute times on shared machines are noisy, so each table
 quotes the ratios it measured side by side in one run.
@@ -20,10 +24,13 @@ SUITES = [
     ("Live upgrade: the whole transaction vs reload and autoreload", "bench_upgrade.py"),
     ("Push: habanero-pack --push end to end", "bench_push.py"),
     ("Save to live: watch mode vs restart", "bench_watch.py"),
+    ("Every worker: gunicorn -w 4, push vs kill -HUP, and memory", "bench_workers.py"),
 ]
+DOCS = HERE.parent / "docs" / "performance.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     out = [f"# habanero benchmarks, {datetime.datetime.now():%Y-%m-%d %H:%M}",
            f"Python {platform.python_version()} on {platform.machine()}, {platform.system()}", ""]
     failed = 0
@@ -47,8 +54,23 @@ def main() -> int:
     results.mkdir(exist_ok=True)
     (results / "latest.md").write_text("\n".join(out) + "\n", encoding="utf-8")
     print(f"\nwrote {results / 'latest.md'}")
+    if "--no-docs" not in argv and not failed:
+        _write_docs("\n".join(out))
     return 1 if failed else 0
 
 
+def _write_docs(tables: str) -> None:
+    """Put the run's tables between the marks in docs/performance.md (headings one level down)."""
+    text = DOCS.read_text(encoding="utf-8")
+    head, start, rest = text.partition(START)
+    _, end, tail = rest.partition(END)
+    if not start or not end:
+        print(f"{DOCS} lacks the {START} and {END} marks; left as it is", file=sys.stderr)
+        return
+    body = "\n".join("#" + line if line.startswith("#") else line for line in tables.strip().splitlines())
+    DOCS.write_text(f"{head}{START}\n{body}\n{END}{tail}", encoding="utf-8")
+    print(f"wrote {DOCS}")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -5,11 +5,13 @@ store. Whichever process receives a push drives it, holding the store's deploy l
 end, and takes every other live process (found in the registry, see ``overlay.cluster``) through
 the same steps as itself:
 
-1. **verify** the bundle (here, then in every process against its own trusted keys) and **plan**
-   it: every process diffs, compiles and plans its own change (``overlay.upgrade.Change``);
-2. **stage** it in the store, once;
-3. only if every process is ready: **apply** everywhere, each under its own import lock;
-4. only if every process applied cleanly: **commit** the store (the state file's atomic replace is
+1. **verify** the bundle and **plan** it here: diff, compile, plan (``overlay.upgrade.Change``);
+2. **stage** it in the store, once (the others may read it from there: a delta packed against a
+   version one of them does not run);
+3. every other process **verifies** it against its own trusted keys and **plans** its own change;
+   if one refuses, everyone is told to drop it (``abort``) and nothing was applied anywhere;
+4. only if every process is ready: **apply** everywhere, each under its own import lock;
+5. only if every process applied cleanly: **commit** the store (the state file's atomic replace is
    the commit point), then tell everyone to keep it. Otherwise everyone **reverts**.
 
 A process that refuses, fails, dies or stops answering makes the whole deploy fail, naming it and
@@ -40,7 +42,7 @@ from overlay.cluster.member import Member
 from overlay.cluster.messages import Gone
 from overlay.cluster.registry import Registry, WorkerEntry
 from overlay.cluster.rounds import Peer, Round
-from overlay.errors import ControlRejected, HabaneroError, WorkerRefused
+from overlay.errors import ControlRejected, DeployInProgress, HabaneroError, WorkerRefused
 from overlay.store import Store
 from overlay.upgrade import ApplyFailed, Change, Clock, Host, UpgradeReport, failure
 
@@ -134,7 +136,7 @@ def _deploying(node: Node) -> Iterator[None]:
     with node.host.store.deploying(DEPLOY_WAIT):
         member = node.member
         if member is not None and not member.busy.acquire(blocking=False):
-            raise ControlRejected("this process is busy with another change; push again", code="deploy_in_progress")
+            raise DeployInProgress("this process is busy with another change; push again")
         paused = gc.isenabled()
         if paused:
             gc.disable()
@@ -208,7 +210,6 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
     except HabaneroError as exc:
         _record(node, action, bundle, exc)
         raise
-    previous = change.current.version if change.current else None
     round_ = Round(node.others())
     try:
         header = {"op": "prepare", "txn": os.urandom(8).hex(), "action": action, "version": bundle.version,
@@ -231,26 +232,53 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
             if local is None:
                 change.revert()
             _give_up(node, change, bundle, action, round_, applied=True, local=local)
-        try:
-            # Inside the undo scope: if the store cannot record the new version (another process
-            # pushed first, a full disk), no process may run code the disk does not call active.
-            store.commit(bundle, action=action)
-        except BaseException as exc:
-            round_.tell({"op": "revert"}, FINISH_TIMEOUT)
-            change.revert()
-            error = failure(bundle, previous, ApplyFailed(exc, ""), " (the store could not record it)")
-            _record(node, action, bundle, error)
-            _discard(store, bundle)
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            raise error from exc
+        interrupted = _commit_store(node, change, bundle, action, round_)
         clock.lap("commit")
         round_.ask({"op": "commit"}, b"", FINISH_TIMEOUT)
     finally:
         round_.close()
     report = change.commit()
     report.workers = _lines(node, round_, report)
+    if interrupted is not None:
+        raise interrupted
     return report
+
+
+def _commit_store(node: Node, change: Change, bundle: Bundle, action: str, round_: Round) -> BaseException | None:
+    """The commit point: the store names ``bundle`` active. Raises (every process reverted) if the
+    store could not record it; returns a ``KeyboardInterrupt``/``SystemExit`` that landed after the
+    commit point, to re-raise once every process kept the change."""
+    store = node.host.store
+    try:
+        # Inside the undo scope: if the store cannot record the new version (another process
+        # pushed first, a full disk), no process may run code the disk does not call active.
+        store.commit(bundle, action=action)
+    except BaseException as exc:
+        if not _names(store, bundle):
+            round_.tell({"op": "revert"}, FINISH_TIMEOUT)
+            change.revert()
+            previous = change.current.version if change.current else None
+            error = failure(bundle, previous, ApplyFailed(exc, ""), " (the store could not record it)")
+            _record(node, action, bundle, error)
+            _discard(store, bundle)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise error from exc
+        # Past the commit point (a directory fsync failed, a signal landed): the disk calls the new
+        # version active, so every process keeps it, as a process that lost us would decide.
+        log.warning("v%d is committed, but the store raised after its commit point: %r", bundle.version, exc)
+        return None if isinstance(exc, Exception) else exc
+    return None
+
+
+def _names(store: Store, bundle: Bundle) -> bool:
+    """Whether the store's state file names ``bundle`` active, read under the store's lock."""
+    try:
+        with store._lock:
+            pointer, _ = store.pointer()
+    except (OSError, HabaneroError):
+        return False
+    return pointer is not None and pointer["digest"] == bundle.digest
 
 
 def _give_up(node: Node, change: Change, bundle: Bundle, action: str, round_: Round, *, applied: bool,
@@ -294,6 +322,8 @@ def _lines(node: Node, round_: Round, report: UpgradeReport) -> list[dict[str, A
 
 
 def _peer_line(peer: Peer, outcome: str) -> dict[str, Any]:
+    if outcome == "applied" and peer.ok and "version" in peer.answer and peer.answer["version"] is None:
+        outcome = "reverted"  # it settled alone, before our word, and the store did not name the version then
     line: dict[str, Any] = {"pid": peer.pid, "outcome": outcome if peer.ok else "lost" if peer.lost else
                             str(peer.answer.get("code", "refused")), "ms": peer.answer.get("ms")}
     if "version" in peer.answer:

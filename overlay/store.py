@@ -292,14 +292,17 @@ class Store:
         damaged is read from the bundle's own file instead.
         """
         version, digest = bundle.version, bundle.digest
+        opened: list[tuple[Bundle | None, str]] = []  # the bundle file, verified once if ever needed
 
         def read(entry: Entry) -> bytes | None:
-            body = self.objects.get(entry.sha256)
+            body = self.objects.get(entry.sha256, entry.size)
             if body is not None and len(body) == entry.size and hashlib.sha256(body).hexdigest() == entry.sha256:
                 return body
             logger.warning("habanero store %s: object %s (%s, of v%d) is missing or damaged; reading it from "
                            "the bundle file", self.path, entry.sha256[:12], entry.name, version)
-            whole, why = self._verify_file(version, digest)
+            if not opened:
+                opened.append(self._verify_file(version, digest))
+            whole, why = opened[0]
             twin = whole.by_hash.get(entry.sha256) if whole is not None else None
             if whole is None or twin is None:
                 logger.error("habanero store %s: %s cannot be read back: %s", self.path, entry.name,
@@ -450,6 +453,12 @@ class Store:
             yield
         finally:
             self._deploy_lock.release()
+
+    def deploy_running(self) -> bool:
+        """Whether a deploy holds the deploy lock now (another process's, or another thread's of
+        this one). Never waits."""
+        with self._deploy_lock.attempt() as free:
+            return not free
 
     def source_tree(self, root: Path) -> SourceTree:
         """A source tree at ``root`` laid out from this store's objects (see ``overlay.storage.tree``)."""

@@ -6,24 +6,27 @@ talks to every other live process through its socket, one connection per deploy:
     coordinator                              this process
     prepare {action, version, digest} + wire ──►  verify with its own trusted keys, plan, compile
                                          ◄──  ready | refused {code, message}
+    abort   (someone refused)            ──►  drop the plan; nothing was applied
     apply                                ──►  apply in place, holding the import lock
                                          ◄──  applied | failed {traceback}   (a failure is undone here)
     commit | revert                      ──►  keep it, or undo it; the import lock is released
                                          ◄──  done
 
 A ``status`` connection asks what this process runs. The coordinator commits the store between
-``applied`` from everyone and ``commit``; so when it disappears between the two (killed, crashed),
-this process decides by the store itself: the version the state file names is kept, any other is
-undone. While the coordinator lives, this process waits for its word however long it takes: a
-decision made alone could differ from the one the coordinator writes.
+``applied`` from everyone and ``commit``; so when its word does not come (it was killed, it
+crashed, it gave up on this process), this process decides by the store itself, once the
+coordinator's deploy is over (it holds the store's deploy lock from first step to last): the
+version the state file names is kept, any other is undone. Until then it waits, however long it
+takes: a decision made alone, earlier, could differ from the one the coordinator writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
-import select
+import selectors
 import socket
 import threading
 import time
@@ -33,8 +36,8 @@ from typing import Any
 from overlay.bundle import Bundle, open_bundle
 from overlay.cluster import messages
 from overlay.cluster.messages import Gone
-from overlay.cluster.registry import WorkerEntry, process_start
-from overlay.errors import HabaneroError, StoreError
+from overlay.cluster.registry import WorkerEntry
+from overlay.errors import ControlRejected, HabaneroError
 from overlay.upgrade import ApplyFailed, Change, Clock, Host
 
 __all__ = ["Member"]
@@ -68,14 +71,17 @@ class Member:
         self._thread = threading.Thread(target=self._accept, args=(server,), name="habanero-member", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, *, unlink: bool = True) -> None:
+        """Stop answering; ``unlink=False`` when the slot was given back already (its socket path
+        may be another process's by now)."""
         server, self._server = self._server, None
         if server is not None:
             with contextlib.suppress(OSError):
                 server.shutdown(socket.SHUT_RDWR)
             server.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.entry.socket)
+        if unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(self.entry.socket)
 
     def forget_after_fork(self) -> None:
         """In a forked child: the parent's socket and thread are the parent's; drop them unused."""
@@ -91,17 +97,23 @@ class Member:
         while self._server is server:
             try:
                 conn, _ = server.accept()
-            except OSError:
-                return  # closed by stop()
+            except OSError as exc:
+                if self._server is not server:
+                    return  # closed by stop()
+                # Out of file descriptors or buffers for a moment: a member that stopped accepting
+                # would fail every later deploy of the app, so it waits and accepts again.
+                logger.warning("habanero: this process's deploy socket cannot accept (%s); retrying", exc)
+                time.sleep(0.5)
+                continue
             try:
                 if messages.peer_uid(conn) not in (os.getuid(), 0):
                     conn.close()  # only this user's processes (and root) may drive our deploys
                     continue
-            except OSError:
+                threading.Thread(target=self._converse, args=(conn,), name="habanero-member-conversation",
+                                 daemon=True).start()
+            except (OSError, RuntimeError) as exc:  # no thread to be had: this deploy cannot be served
+                logger.warning("habanero: a deploy conversation could not start (%s)", exc)
                 conn.close()
-                continue
-            threading.Thread(target=self._converse, args=(conn,), name="habanero-member-conversation",
-                             daemon=True).start()
 
     def _converse(self, conn: socket.socket) -> None:
         with conn:
@@ -120,7 +132,6 @@ class Member:
 
     def _take_part(self, conn: socket.socket, header: dict[str, Any], payload: bytes) -> None:
         """Our part of one deploy: prepare, then apply and commit or revert as the coordinator says."""
-        coordinator = header.get("coordinator")
         if not self.busy.acquire(blocking=False):
             messages.send(conn, _refusal("deploy_in_progress", "this process is busy with another change"))
             return
@@ -136,7 +147,7 @@ class Member:
                 return
             messages.send(conn, {"ok": True, "pid": os.getpid(), "ms": clock.elapsed(),
                                  "running": change.current.version if change.current else None})
-            step, _ = self._next(conn, coordinator)
+            step, _ = self._next(conn)
             if step.get("op") != "apply":
                 self.host.note(change.action, bundle.version, "aborted")
                 return  # aborted: nothing was applied here
@@ -147,19 +158,27 @@ class Member:
                 messages.send(conn, {"ok": False, "pid": os.getpid(), "code": "activation_failed",
                                      "message": str(failed), "traceback": failed.remote_traceback})
                 return
+            # Applied and holding the import lock: from here on this process keeps the change or
+            # undoes it whatever happens, and it decides as the store does.
+            keep = False
             try:
-                messages.send(conn, {"ok": True, "pid": os.getpid(), "ms": clock.elapsed()})
-                verdict, _ = self._next(conn, coordinator)
-                keep = verdict.get("op") == "commit"
-            except Gone:
-                keep = self._committed(bundle)  # the coordinator is gone: the store decides
-                logger.warning("habanero: the process that drove v%d went away; the store says it %s",
-                               bundle.version, "was committed" if keep else "was not committed")
-            if keep:
-                change.commit()
-            else:
-                change.revert()
-                self.host.note(change.action, bundle.version, "reverted")
+                try:
+                    messages.send(conn, {"ok": True, "pid": os.getpid(), "ms": clock.elapsed()})
+                    verdict, _ = self._next(conn)
+                    keep = verdict.get("op") == "commit"
+                except BaseException as exc:
+                    keep = self._committed(bundle)  # the coordinator is gone, or this thread failed
+                    logger.warning("habanero: the deploy of v%d ended without its last word (%s); the store "
+                                   "says it %s", bundle.version, exc or type(exc).__name__,
+                                   "was committed" if keep else "was not committed")
+                    if not isinstance(exc, Exception):
+                        raise
+            finally:
+                if keep:
+                    change.commit()
+                else:
+                    change.revert()
+                    self.host.note(change.action, bundle.version, "reverted")
             with contextlib.suppress(Gone):
                 messages.send(conn, {"ok": True, "pid": os.getpid(), "ms": clock.elapsed(),
                                      "version": bundle.version if keep else None})
@@ -171,7 +190,7 @@ class Member:
         host, store = self.host, self.host.store
         version, digest = header.get("version"), header.get("digest")
         if type(version) is not int or not isinstance(digest, str):
-            raise StoreError("a deploy message without a version and digest", code="bad_request")
+            raise ControlRejected("a deploy message without a version and digest", code="bad_request")
         bundle: Bundle | None = None
         if header.get("action") == "push":
             active = host.active
@@ -193,28 +212,47 @@ class Member:
         else:
             bundle = store.load(version)
         if (bundle.version, bundle.digest) != (version, digest):
-            raise StoreError(f"the deploy names v{version} ({digest[:12]}) but its bundle is v{bundle.version} "
-                             f"({bundle.digest[:12]})", code="bad_request")
+            raise ControlRejected(f"the deploy names v{version} ({digest[:12]}) but its bundle is v{bundle.version} "
+                                  f"({bundle.digest[:12]})", code="bad_request")
         return bundle
 
-    def _next(self, conn: socket.socket, coordinator: object) -> messages.Message:
-        """The coordinator's next word; waits while it lives. Gone when it closed or died."""
-        while True:
-            ready, _, _ = select.select([conn], [], [], 1.0)
-            if ready:
-                return messages.receive(conn, time.monotonic() + MESSAGE_TIMEOUT)
-            if type(coordinator) is int and process_start(coordinator) is None:
-                raise Gone(f"process {coordinator}, which drove this deploy, has stopped")
+    def _next(self, conn: socket.socket) -> messages.Message:
+        """The coordinator's next word; waits while its deploy runs. Gone when it closed the
+        connection, or its deploy is over without a word (it died; a process it forked meanwhile
+        may still hold the connection open).
+
+        The coordinator holds the store's deploy lock from the first step to the last, so the lock,
+        not its pid, says whether it still runs: a pid may be another namespace's, or reused.
+        """
+        with selectors.DefaultSelector() as selector:  # select() fails on descriptors past 1023
+            selector.register(conn, selectors.EVENT_READ)
+            while True:
+                if selector.select(1.0) or not self.host.store.deploy_running():
+                    if not selector.select(0):  # the last word may have come just before the lock went
+                        raise Gone("the deploy ended without a word to this process")
+                    return messages.receive(conn, time.monotonic() + MESSAGE_TIMEOUT)
 
     def _committed(self, bundle: Bundle) -> bool:
-        """Whether the store names ``bundle`` active (read under its lock: after any commit that
-        was under way)."""
-        try:
-            with self.host.store._lock:
-                pointer, _ = self.host.store.pointer()
-        except (OSError, HabaneroError):
-            return False
-        return pointer is not None and pointer["digest"] == bundle.digest
+        """Whether the store names ``bundle`` active, once the deploy is over.
+
+        Read after the coordinator let go of the deploy lock (it commits under it) and under the
+        store's lock: the answer is the store's last word on this deploy, the one every other
+        process of the app gets too. A store that cannot be read now is asked again.
+        """
+        store = self.host.store
+        for attempt in itertools.count(1):
+            try:
+                if not store.deploy_running():
+                    with store._lock:
+                        pointer, _ = store.pointer()
+                    return pointer is not None and pointer["digest"] == bundle.digest
+            except (OSError, HabaneroError) as exc:
+                logger.warning("habanero: cannot read the store to settle v%d yet (%s)", bundle.version, exc)
+            time.sleep(0.2)
+            if attempt % 150 == 0:
+                logger.warning("habanero: v%d waits for the deploy that drove it to end (%d s)",
+                               bundle.version, attempt // 5)
+        raise AssertionError("unreachable")
 
 
 def _refusal(code: str, message: str) -> dict[str, Any]:

@@ -37,9 +37,13 @@ def connect(path: str | os.PathLike[str], timeout: float) -> socket.socket:
     try:
         sock.settimeout(timeout)
         sock.connect(os.fspath(path))
+        uid = peer_uid(sock)
     except OSError as exc:
         sock.close()
         raise Gone(f"cannot be reached ({exc.strerror or exc})") from None
+    if uid not in (os.getuid(), 0):  # the bundle goes only to this user's processes
+        sock.close()
+        raise Gone(f"is served by uid {uid}, not by this user")
     return sock
 
 

@@ -16,7 +16,11 @@ compiled code cached for them, stay the same from one run to the next.
 
 ``<runtime>`` is ``HABANERO_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/habanero``, else
 ``<temp dir>/habanero-<uid>``: outside the project, so that the file watchers of dev reloaders
-(uvicorn ``--reload`` watches the working directory) never see a push rewrite a tree. ``<store key>``
+(uvicorn ``--reload`` watches the working directory) never see a push rewrite a tree. The store
+records the one its processes use (``<store>/runtime``), and a process whose environment points
+elsewhere follows it when it can, and warns when it cannot: processes that do not meet would
+take pushes apart. The registry's directory is held with a shared ``flock`` while processes use it,
+which ``systemd-tmpfiles`` honours: a quiet week does not age the slots out of ``/tmp``. ``<store key>``
 names the store by its real path, so every process of one store meets in one directory whatever
 its working directory. The directories are created with mode 0700 and refused unless owned by this
 user: the tree files are read by the app (templates, data), so whoever could write them could
@@ -46,6 +50,8 @@ __all__ = ["Registry", "WorkerEntry", "process_start", "runtime_root"]
 logger = logging.getLogger("overlay.cluster")
 
 SOCKET = "sock"
+#: In the store: the runtime root its processes last met in (see ``_agreed_root``).
+RECORD = "runtime"
 INFO = "info.json"
 TREE = "tree"
 #: The longest path a Unix socket may have on Linux is 107 bytes; keep well inside it.
@@ -67,6 +73,41 @@ def process_start(pid: int) -> int | None:
         return int(fields[19])  # field 22, starttime
     except (IndexError, ValueError):
         return None
+
+
+def _recorded(record: Path) -> Path | None:
+    try:
+        text = record.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return Path(text) if text.startswith("/") and "\0" not in text else None
+
+
+def _agreed_root(record: Path) -> Path:
+    """The runtime root the store's other processes use, when this one can use it too.
+
+    Processes of one app may resolve ``runtime_root()`` differently (one service sets
+    ``XDG_RUNTIME_DIR`` and another does not, a different ``TMPDIR``): they would never meet, and
+    a push would reach some of them only. So the store records where its processes meet
+    (``<store>/runtime``) and a process follows it unless told otherwise by
+    ``HABANERO_RUNTIME_DIR``, or unable to (another mount namespace, another user's directory).
+    """
+    mine = runtime_root()
+    theirs = _recorded(record)
+    if theirs is None or theirs == mine:
+        return mine
+    explicit = bool(os.environ.get("HABANERO_RUNTIME_DIR", "").strip())
+    usable = False
+    with contextlib.suppress(OSError, ConfigError):
+        _check_private(theirs)
+        usable = True
+    if usable and not explicit:
+        return theirs
+    logger.warning("the other processes of store %s meet in %s, and this one in %s (%s): pushes to either "
+                   "side will not reach the other; give every process of the app the same "
+                   "HABANERO_RUNTIME_DIR", record.parent, theirs, mine,
+                   "HABANERO_RUNTIME_DIR says so" if explicit else "it cannot use theirs")
+    return mine
 
 
 def runtime_root() -> Path:
@@ -118,15 +159,34 @@ class Registry:
         real = os.path.realpath(store)
         key = hashlib.sha256(real.encode()).hexdigest()[:16]
         self.store = Path(real)
-        self.root = (root or runtime_root()) / key
+        self._record = self.store / RECORD
+        self.root = (root or _agreed_root(self._record)) / key
         self._held: int | None = None  # the fd that holds this process's slot
+        self._pinned: int | None = None  # the registry directory, held LOCK_SH while we use it
 
     def ensure(self) -> None:
-        """Create the registry's directories (mode 0700), refusing any not owned by this user."""
+        """Create the registry's directories (mode 0700), refusing any not owned by this user.
+
+        The registry's directory is then held with a shared ``flock`` for as long as this process
+        uses it: ``systemd-tmpfiles`` does not age out a locked directory, and the files in it
+        (locks, trees whose files keep an old mtime) would otherwise look stale after ten days in
+        ``/tmp`` without a push, and be deleted under the processes using them.
+        """
         for directory in (self.root.parent, self.root):
-            with contextlib.suppress(FileExistsError):
-                directory.mkdir(mode=0o700)
+            try:
+                with contextlib.suppress(FileExistsError):
+                    directory.mkdir(mode=0o700)
+            except OSError as exc:
+                raise ConfigError(f"cannot create habanero's runtime directory {directory} ({exc.strerror}); "
+                                  "set HABANERO_RUNTIME_DIR to a directory of your own", code="bad_config") from None
             _check_private(directory)
+        if self._pinned is None:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._pinned = fd
+        if _recorded(self._record) != self.root.parent:  # where the next process of this store looks
+            with contextlib.suppress(OSError):
+                fs.write_atomic(self._record, f"{self.root.parent}\n".encode(), sync=False, sync_dir=False)
         with contextlib.suppress(FileExistsError):  # so that someone looking knows what this is
             fd = os.open(self.root / "STORE", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
@@ -138,12 +198,17 @@ class Registry:
         for n in range(_MAX_SLOTS):
             lock = self.root / f"w{n}.lock"
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._held = fd  # first: a child forked while we lock it must know to close its copy
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                self._held = None
                 os.close(fd)
                 continue
-            self._held = fd
+            if not _same_file(fd, lock):  # the file was replaced meanwhile: that lock guards nothing
+                self._held = None
+                os.close(fd)
+                continue
             return self._prepare(self.root / f"w{n}", info)
         raise ConfigError(f"{self.root} has {_MAX_SLOTS} live processes; that is a leak of processes, not an app",
                           code="bad_config")
@@ -183,32 +248,41 @@ class Registry:
         self.release()
 
     def release(self) -> None:
-        if self._held is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._held)
-            self._held = None
+        for fd in (self._held, self._pinned):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._held = self._pinned = None
 
     def forget_after_fork(self) -> None:
         """In a forked child: the parent's slot is the parent's (the lock's open file is shared)."""
-        if self._held is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._held)  # the parent keeps its own descriptor, hence the lock
-            self._held = None
+        self.release()  # the parent keeps its own descriptors, hence its locks
 
 
 def _held(lock: Path) -> bool:
-    """Whether some process holds the flock on ``lock`` (this one included, through another fd)."""
+    """Whether some process holds the flock on ``lock`` (this one included, through another fd).
+
+    Probed with a shared lock: were this process to fork while it holds the probe, the child's
+    copy would keep a shared lock, which no probe takes for a live slot and no ``create`` can take.
+    """
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
         os.close(fd)  # closing releases a lock we just took: the slot stays free
     return False
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except OSError:
+        return False
 
 
 def _check_private(directory: Path) -> None:

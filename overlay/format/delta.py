@@ -205,6 +205,8 @@ def assemble(table: EntryTable, included: Sequence[str], body: bytes, content: C
         if twin is not None and twin.size == entry.size:  # known good
             if (kept := shared(twin.name)) is not None:
                 bodies[entry.name] = kept
+            else:  # read through base's reader when asked; never base's old body under this name
+                bodies.pop(entry.name, None)
             continue
         piece = content(entry.sha256) if content is not None else None
         if piece is None:

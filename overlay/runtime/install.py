@@ -263,9 +263,19 @@ def _rejoin(overlay: Overlay, node: deploy.Node) -> None:
             node.entry = entry
             move_tree(node.host, store.source_tree(entry.tree))
             deploy.start(node, overlay.worker_status)
-            deploy.catch_up(node)
+            try:
+                deploy.catch_up(node)
+            except HabaneroError as exc:
+                # It keeps its place (its slot, its tree): the next deploy takes it to that version
+                # from the one it runs, and ``status`` shows it behind until then.
+                logger.error("habanero: forked process %d could not catch up with the app (%s); it serves v%s "
+                             "until the next push or rollback", os.getpid(), exc, overlay.version)
+                return
         logger.info("habanero: forked process %d joined the app at v%s", os.getpid(), overlay.version)
     except (HabaneroError, OSError) as exc:
+        if node.member is not None:  # its slot is given back: it must not answer for it
+            node.member.stop(unlink=False)
+            node.member = None
         logger.error("habanero: forked process %d could not join the app (%s); it serves v%s and takes no "
                      "part in deploys", os.getpid(), exc, overlay.version)
     finally:

@@ -140,6 +140,12 @@ class ControlPlane:
         except (ValueError, AttributeError):
             raise ControlRejected('rollback body must be JSON {"to": version or null, "expect": version}',
                                   code="bad_request") from None
+        if expect is None:
+            # Each process keeps its own record of the nonces it saw: without "expect", one signed
+            # request replayed to each worker behind the port would roll the app back once each.
+            raise ControlRejected('a rollback must name the version it expects to replace: {"to": version or '
+                                  'null, "expect": the active version} (habanero-pack rollback sends it)',
+                                  code="bad_request")
         report = self.served.rollback(to, expect=expect)
         return Answer(200, {"ok": True, "report": report.to_dict(), "active": self._active()})
 

@@ -34,13 +34,21 @@ class ObjectStore:
         self.root = root
         self._lock = lock
 
-    def get(self, sha256: str) -> bytes | None:
-        """A body this store holds (for delta bundles), or None. Its hash is checked by the reader."""
+    def get(self, sha256: str, size: int | None = None) -> bytes | None:
+        """A body this store holds (for delta bundles), or None. Its hash is checked by the reader.
+
+        With ``size``, no more than one byte past it is read: a planted huge file (or a link to
+        ``/dev/zero``) costs nothing; links are not followed either way.
+        """
         if not is_sha256(sha256):
             return None
         try:
-            with open(self.path(sha256), "rb") as fh:
-                return fh.read()
+            fd = os.open(self.path(sha256), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                return fh.read() if size is None else fh.read(size + 1)
         except OSError:
             return None
 

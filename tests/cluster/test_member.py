@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import sys
+import threading
 import time
 
 import pytest
@@ -112,3 +115,65 @@ def wait_until(check, timeout: float = DEADLINE) -> None:
         if time.monotonic() > deadline:
             pytest.fail("the process did not finish its part in time")
         time.sleep(0.01)
+
+
+def test_while_the_driver_holds_the_deploy_the_process_waits_and_then_settles_by_the_store(served, signing_key):
+    """A driver whose connection stays open (a process it forked holds a copy) but whose deploy is
+    over: the deploy lock, not the connection or a pid, says it is over."""
+    data = app_bundle(signing_key, 2, "two")
+    with served.store.deploying(5):  # the driving process's deploy, from first step to last
+        sock, _ = prepare(served, data)
+        assert step(sock, {"op": "apply"})["ok"]
+        time.sleep(1.5)  # silence, but the deploy runs: nothing is decided
+        assert greet() == "two" and not served.node.member.busy.acquire(blocking=False)
+        served.store.commit(open_bundle(data, served.trusted, app_id=APP))
+    wait_until(lambda: served.node.member.busy.acquire(blocking=False))  # settled, connection still open
+    served.node.member.busy.release()
+    assert greet() == "two" and served.version == 2
+    sock.close()
+
+
+def test_the_wait_for_the_drivers_word_works_on_a_descriptor_past_1023(served):
+    """``select()`` cannot watch descriptors past 1023, which a busy worker's connections reach."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= 1500:
+        pytest.skip(f"this machine allows {soft} open files; the test needs descriptor 1500")
+    ours, theirs = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(ours.fileno(), 1500))
+    ours.close()
+    try:
+        messages.send(theirs, {"op": "apply"})
+        assert served.node.member._next(high)[0]["op"] == "apply"
+    finally:
+        high.close()
+        theirs.close()
+
+
+def test_a_member_that_runs_out_of_descriptors_for_a_moment_accepts_again(served, tmp_path):
+    member = served.node.member
+    real = member._server
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "s"))
+    listener.listen(1)
+    failures = iter([OSError(errno.EMFILE, "Too many open files")])
+
+    class Flaky:  # accept() fails once, as a process out of descriptors sees it, then works
+        def accept(self):
+            for exc in failures:
+                raise exc
+            return listener.accept()
+
+    flaky = Flaky()
+    member._server = flaky
+    try:
+        threading.Thread(target=member._accept, args=(flaky,), daemon=True).start()
+        sock = messages.connect(tmp_path / "s", DEADLINE)
+        messages.send(sock, {"op": "status"})
+        answer, _ = messages.receive(sock, time.monotonic() + DEADLINE)
+        assert answer["ok"] and answer["worker"]["version"] == 1
+        sock.close()
+    finally:
+        member._server = real  # the loop above ends at its next accept, which closing makes fail
+        listener.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 
@@ -51,3 +52,45 @@ def test_a_runtime_path_too_long_for_a_socket_is_refused_with_what_to_do(tmp_pat
     with pytest.raises(ConfigError) as refused:
         Registry(tmp_path / "store", root=deep).create({})
     assert "too long a path for a Unix socket" in refused.value.message
+
+
+def test_a_lock_a_forked_child_kept_from_a_probe_does_not_make_a_free_slot_look_live(tmp_path):
+    registry = Registry(tmp_path / "store", root=tmp_path / "rt")
+    registry.remove(registry.create({}))
+    phantom = os.open(registry.root / "w0.lock", os.O_RDWR)
+    fcntl.flock(phantom, fcntl.LOCK_SH)  # what a child forked during a probe would keep
+    try:
+        assert registry.live() == []  # no process lives there
+        assert Registry(tmp_path / "store", root=tmp_path / "rt").create({}).id == "w1"  # nor can one take it
+    finally:
+        os.close(phantom)
+
+
+def test_the_registry_directory_is_held_against_tmp_cleaners_while_a_process_uses_it(tmp_path):
+    registry = Registry(tmp_path / "store", root=tmp_path / "rt")
+    entry = registry.create({})
+    probe = os.open(registry.root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(BlockingIOError):  # systemd-tmpfiles takes this lock before it ages a directory
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        registry.remove(entry)
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once no process uses it
+    finally:
+        os.close(probe)
+
+
+def test_processes_whose_environments_differ_meet_where_the_store_says(tmp_path, monkeypatch, caplog):
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir(mode=0o700)
+    monkeypatch.delenv("HABANERO_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "a"))
+    first = Registry(store)
+    first.create({})
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "b"))  # another service, another environment
+    second = Registry(store)
+    assert second.root == first.root and second.create({}).id == "w1"  # they meet: a push reaches both
+    monkeypatch.setenv("HABANERO_RUNTIME_DIR", str(tmp_path / "c"))  # told otherwise: obeyed, and said
+    assert Registry(store).root.parent == tmp_path / "c"
+    assert "give every process of the app the same HABANERO_RUNTIME_DIR" in caplog.text

@@ -299,6 +299,14 @@ def test_a_malformed_rollback_body_is_refused_with_400(served) -> None:
     assert_serves(app, project, "Hello, v1", 1)
 
 
+def test_a_rollback_that_names_no_expected_version_is_refused_so_it_cannot_be_replayed_per_worker(served) -> None:
+    app, project = served
+    reply = rollback_request(project, app.url, body=b'{"to": null}')
+    assert (reply.status, reply.error()["code"]) == (400, "bad_request")
+    assert "expects to replace" in reply.error()["message"]
+    assert_serves(app, project, "Hello, v1", 1)
+
+
 # ------------------------------------------------------------------------------------ the shape
 
 

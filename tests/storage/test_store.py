@@ -1039,3 +1039,18 @@ def test_a_delta_opened_against_a_released_bundle_holds_only_what_it_carries(ope
     push(store, v2)
     store.release(v2)
     assert v2.read("shop.mod") == b"def f():\n    return 2\n"
+
+
+def test_reading_an_object_back_follows_no_link_and_reads_no_more_than_its_entry(opener, key):
+    store, bundle, bodies = released(opener, key)
+    entry = bundle.entries["shop.mod"]
+    path = store.objects.path(entry.sha256)
+    assert store.objects.get(entry.sha256, entry.size) == bodies["shop.mod"]
+    os.chmod(path, 0o644)
+    os.unlink(path)
+    os.symlink("/dev/zero", path)  # endless bytes: a read of them all would never end
+    assert store.objects.get(entry.sha256, entry.size) is None  # a link is not an object
+    os.unlink(path)
+    Path(path).write_bytes(bodies["shop.mod"] + b"x" * 10_000_000)
+    assert len(store.objects.get(entry.sha256, entry.size) or b"") == entry.size + 1
+    assert bundle.read("shop.mod") == bodies["shop.mod"]  # the bundle file had it right

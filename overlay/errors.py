@@ -32,8 +32,8 @@ Every code habanero raises is in this tree (``tests/test_errors.py`` holds it to
     │                               stale_request, replayed_request, bad_request, version_mismatch,
     │                               nothing_to_roll_back
     ├── DeployInProgress            deploy_in_progress
-    ├── WorkerRefused               worker_refused, worker_lost (another process of the app could not
-    │                               take part; no process applied the deploy)
+    ├── WorkerRefused               worker_refused, worker_lost (another process of the app refused
+    │                               or stopped; every process kept or went back to the old version)
     ├── UploadFailed                upload_incomplete, upload_timeout, too_many_uploads
     ├── OverlayImportError          import_failed, not_in_bundle (also an ImportError)
     └── RemoteError                 unreachable, not_habanero, bad_url, tls_error, bad_ca_file,
@@ -217,8 +217,8 @@ class DeployInProgress(HabaneroError):
 
 
 class WorkerRefused(HabaneroError):
-    """Another process of the app refused, or stopped, before any applied the deploy; ``workers``
-    (a detail) says which and why. Every process still runs the old version."""
+    """Another process of the app refused the deploy, or stopped during it; ``workers`` (a detail)
+    says which and why. Every process still runs, or went back to, the old version."""
 
     default_code = "worker_refused"
     default_status = 409

@@ -14,8 +14,9 @@ the first push diffs against what runs rather than against a file the developer 
 Switching versions is one attribute assignment (:meth:`OverlayFinder.set_index`), so an import sees
 either the old index or the new one.
 
-Every index points at the store's tree (``<store>/tree``), which holds the active version's files
-at paths that do not change from one version to the next: ``__file__`` is a real file with the
+Every index points at this process's source tree (in its slot of the runtime directory, see
+``overlay.cluster.registry``), which holds the version this process runs, at paths that change
+neither from one version to the next nor from one run to the next: ``__file__`` is a real file with the
 module's current content, data files sit beside it, and a module a push leaves alone keeps its
 ``__file__``, ``__spec__`` and ``__loader__`` (the finder's one loader serves whatever version is
 active). As with files edited on disk, a frame still running a replaced function shows the current

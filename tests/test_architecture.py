@@ -31,7 +31,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("runtime", ["overlay.runtime.*", "overlay"]),
     ("packer", ["packer", "packer.*"]),
 ]
-#: Each layer's public face: what the layers above (and the layer's own face) import.
+#: Each layer's public face. A layer's own helpers never import it (the face imports them); the
+#: layers above may import the face or, where they need one part, the helper itself.
 FACES = {"overlay.bundle", "overlay.control", "overlay.store", "overlay.finder", "overlay.rebind",
          "overlay.upgrade", "overlay.deploy", "overlay.http", "overlay"}
 #: What the packer, on the developer's machine, may use of overlay.

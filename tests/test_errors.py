@@ -96,3 +96,31 @@ def test_the_import_error_is_an_import_error_and_the_remote_error_carries_the_ap
 def test_the_checker_finds_codes_written_every_way_they_are_written(tmp_path):
     sample = 'raise X("m", code="one_two")\nclass A:\n    default_code = "three"\nd = {"code": "four_five"}\n'
     assert {next(g for g in m.groups() if g) for m in _RAISED.finditer(sample)} == {"one_two", "three", "four_five"}
+
+
+def _raises_with_code() -> list[tuple[str, str, str]]:
+    """Every ``SomeError(..., code="x")`` in the product: (where, class name, code)."""
+    import ast
+
+    found = []
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+            if name not in errors.__all__:
+                continue
+            for keyword in node.keywords:
+                if keyword.arg == "code" and isinstance(keyword.value, ast.Constant):
+                    found.append((f"{path.relative_to(ROOT)}:{node.lineno}", name, keyword.value.value))
+    return found
+
+
+def test_every_code_is_raised_by_the_class_whose_line_lists_it():
+    """Catching ``DeployInProgress`` must catch every ``deploy_in_progress``: a code belongs to one class."""
+    tree = _tree()
+    raises = _raises_with_code()
+    assert len(raises) > 50  # the walk still finds them
+    wrong = [f"{where}: {name}(code={code!r}) but {code} is not on {name}'s line"
+             for where, name, code in raises if code not in tree.get(name, set())]
+    assert wrong == []

@@ -98,8 +98,10 @@ class Bundle:
     """A verified, decompressed bundle. ``digest`` (sha256 of the manifest) names it.
 
     ``manifest`` holds the manifest's top-level fields; its entry table is ``entries``, and each
-    entry's body is in ``bodies``: one bytes object per entry, so a push shares the bodies it did
-    not change with the bundle it was opened against instead of copying a whole snapshot. Opened
+    entry's body is in ``bodies`` (a :class:`Bodies`): one bytes object per entry while the bundle
+    is being deployed, so a push shares the bodies it did not change with the bundle it was opened
+    against instead of copying a whole snapshot; once committed (:meth:`release`) they are read back
+    from the store when asked for, and ``raw``, the file's bytes, is let go too. Opened
     against a ``base`` it may also carry ``changed_from``: ``(base digest, names added, names
     changed)`` when nothing was removed, what ``overlay.transaction.diff`` would otherwise find by a
     pass over every entry.

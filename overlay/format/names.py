@@ -1,6 +1,6 @@
 """Which entry names a bundle may carry.
 
-Names become dictionary keys in the finder and, later, paths on disk in the store's source
+Names become dictionary keys in the finder and, later, paths on disk in each process's source
 tree, so they are validated once, strictly, before anything is built from them. Only ASCII is
 allowed: a Cyrillic ``а`` that looks like a Latin ``a`` would otherwise make two entries that read
 the same to a reviewer.

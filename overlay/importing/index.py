@@ -45,7 +45,7 @@ def _top(entry: Entry) -> str:
 
 class _Module(NamedTuple):
     kind: str              # "module" or "package"
-    filename: str          # the file in the store's tree: __file__ and co_filename
+    filename: str          # the file in this process's source tree: __file__ and co_filename
     search: str | None     # the package's directory (its __path__), None for a plain module
 
 
@@ -58,7 +58,7 @@ class BundleIndex:
     declared them all. Immutable once built, except that an index built without a code cache adopts
     the finder's when it goes live. Prefer ``OverlayFinder.index_for``, which passes both.
 
-    Paths do not depend on the version (the store's tree is at a fixed place), so an index built
+    Paths do not depend on the version (a process's source tree stays where it is), so an index built
     from ``previous`` with the names that differ (``changed``) copies the rest: a push that changes
     one module of 1,000 does not redo the other 999.
     """

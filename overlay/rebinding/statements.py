@@ -34,10 +34,10 @@ from typing import NamedTuple
 
 from overlay.rebinding.matching import Region, match
 
-__all__ = ["Stmt", "Table", "Parsed", "Diff", "Region", "normalize", "plan", "describe",
+__all__ = ["Stmt", "StatementTable", "Parsed", "Diff", "Region", "normalize", "plan", "describe",
            "binds_of"]
 
-_CACHE: OrderedDict[tuple[str, int, int], Table] = OrderedDict()
+_CACHE: OrderedDict[tuple[str, int, int], StatementTable] = OrderedDict()
 _CACHE_SIZE = 256  # tables are small (a few ints per statement); this covers large pushes
 # Decoded sources by their bytes: a push decodes a module's new source to plan it and again to run
 # it, and the next push decodes the same bytes object as the old source.
@@ -68,7 +68,7 @@ class Stmt(NamedTuple):
 
 
 @dataclass(slots=True)
-class Table:
+class StatementTable:
     """The statements of one version of a module's source (no AST: cheap to keep)."""
 
     filename: str
@@ -100,7 +100,7 @@ class Parsed:
 class Diff:
     """What a push does to a module's top-level statements."""
 
-    table: Table  # the new version's statements
+    table: StatementTable  # the new version's statements
     same: list[tuple[Stmt, Stmt]]  # (old, new) identical text, maybe at other lines
     relayout: list[tuple[Stmt, Parsed]]  # (old, new) same AST, other comments or layout
     changed: list[tuple[Parsed, Parsed | None]]  # (new, old counterpart of same kind and name)
@@ -194,7 +194,7 @@ def _cache_key(key: str, source: str) -> tuple[str, int, int]:
     return key, len(source), hash(source)
 
 
-def _lookup(key: str, source: str) -> Table | None:
+def _lookup(key: str, source: str) -> StatementTable | None:
     entry = _cache_key(key, source)
     table = _CACHE.get(entry)
     if table is None or table.source != source:  # an identity check when it is the same str
@@ -203,7 +203,7 @@ def _lookup(key: str, source: str) -> Table | None:
     return table
 
 
-def _remember(key: str, source: str, table: Table) -> None:
+def _remember(key: str, source: str, table: StatementTable) -> None:
     table.source = source
     _CACHE[_cache_key(key, source)] = table
     while len(_CACHE) > _CACHE_SIZE:
@@ -213,10 +213,10 @@ def _remember(key: str, source: str, table: Table) -> None:
 # -- parsing ----------------------------------------------------------------------------------
 
 
-def _parse_all(source: str, filename: str) -> tuple[Table, list[Parsed]]:
+def _parse_all(source: str, filename: str) -> tuple[StatementTable, list[Parsed]]:
     parsed = _parse_slice(source, 0, len(source), 1, filename)
     stmts = [p.stmt for p in parsed]
-    return Table(filename, stmts, _future_flags(p.node for p in parsed)), parsed
+    return StatementTable(filename, stmts, _future_flags(p.node for p in parsed)), parsed
 
 
 def _parse_slice(source: str, lo: int, hi: int, first_line: int, filename: str) -> list[Parsed]:
@@ -348,7 +348,7 @@ def _at_line_start(s: str, i: int) -> bool:
     return i == 0 or s[i - 1] == "\n"
 
 
-def _derive(old_table: Table, old: str, new: str, filename: str) -> Diff | None:
+def _derive(old_table: StatementTable, old: str, new: str, filename: str) -> Diff | None:
     """Diff by parsing only the changed slice; None if the slice does not parse alone."""
     i = _common_prefix(old, new)
     prefix_lines = old.count("\n", 0, i)
@@ -395,7 +395,7 @@ def _derive(old_table: Table, old: str, new: str, filename: str) -> Diff | None:
     suffix = ([(s, s.moved(line_delta, char_delta)) for s in stmts[b:]] if line_delta or char_delta
               else [(s, s) for s in stmts[b:]])  # an edit of the same length moves nothing
     new_stmts = [s for s, _ in prefix] + [p.stmt for p in new_parsed] + [n for _, n in suffix]
-    diff = _diff(Table(filename, new_stmts, old_table.future,
+    diff = _diff(StatementTable(filename, new_stmts, old_table.future,
                        nodes={id(p.stmt): p.node for p in new_parsed}), pairs, gone)
     diff.same[:0] = prefix
     diff.same.extend(suffix)
@@ -417,7 +417,7 @@ def _whole(old: str, new: str, filename: str, rerun_reason: str = "") -> Diff:
     return _diff(new_table, pairs, gone)
 
 
-def _diff(table: Table, pairs: list[tuple[Parsed, Parsed | None, str]],
+def _diff(table: StatementTable, pairs: list[tuple[Parsed, Parsed | None, str]],
           gone: list[Parsed]) -> Diff:
     same = [(o.stmt, p.stmt) for p, o, how in pairs if how == "same" and o is not None]
     relayout = [(o.stmt, p) for p, o, how in pairs if how == "relayout" and o is not None]

@@ -14,11 +14,14 @@ keyword            environment               default
 ``tls_cert``       ``HABANERO_TLS_CERT``     none (with ``tls_key``: the standalone server speaks TLS)
 ``tls_key``        ``HABANERO_TLS_KEY``      none
 ``public_status``  ``HABANERO_PUBLIC_STATUS`` off (``GET status`` needs a signed request)
+``sync``           ``HABANERO_SYNC``         ``background`` (or ``commit``: fsync before a push answers)
+(none)             ``HABANERO_RUNTIME_DIR``  where workers meet (see ``overlay.cluster.registry``)
 (none)             ``HABANERO_DISABLE``      off; ``1`` makes ``install()`` a no-op
 =================  ========================  ============================================
 
-Flags read ``1/true/yes/on`` as on and ``0/false/no/off`` or empty as off. An empty environment
-variable counts as unset.
+Flags read ``1/true/yes/on`` as on and ``0/false/no/off`` or empty as off, except
+``HABANERO_DISABLE``: any value but an explicit off disables, so a typo still rescues. An empty
+environment variable counts as unset.
 """
 
 from __future__ import annotations

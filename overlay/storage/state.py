@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, TypedDict
 
 from overlay.bundle import Bundle
 from overlay.errors import StoreError
+from overlay.format.manifest import is_sha256
 from overlay.storage import fs
 
 __all__ = ["STATE_FORMAT", "Pointer", "State", "StateFile", "pointer_to"]
@@ -107,4 +107,4 @@ def _valid(state: Any) -> bool:
             and ((state["highest"] == 0 and type(state["highest"]) is int) or _positive(state["highest"]))
             and (active is None or (isinstance(active, dict) and set(active) == {"version", "digest"}
                                     and _positive(active["version"]) and isinstance(active["digest"], str)
-                                    and re.fullmatch(r"[0-9a-f]{64}", active["digest"]) is not None)))
+                                    and is_sha256(active["digest"]))))

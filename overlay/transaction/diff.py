@@ -1,6 +1,6 @@
 """What differs between two versions, entry by entry: computed once per push, used by every step.
 
-The plan, the finder's index and the store's tree all need the same answer, and each finding it
+The plan, the finder's index and the process's source tree all need the same answer, and each finding it
 for itself would cost a pass over every entry of the project; one pass here is the only work a push
 does in proportion to the project's size rather than to its change.
 """

@@ -160,6 +160,11 @@ def _rollback(args: argparse.Namespace) -> int:
     with open_remote(target) as remote:
         before = remote.status()
         expect = (before.get("active") or {}).get("version")
+        if expect is None:
+            from overlay.errors import ControlRejected
+
+            raise ControlRejected(f"nothing to roll back: {target.url} runs the code on disk (no version was "
+                                  "pushed yet)", code="nothing_to_roll_back")
         response = remote.rollback(args.to, expect=expect)
     r = response["report"]
     _emit(args, f"rolled back {target.url} from version {r['previous_version']} to {r['version']} in "

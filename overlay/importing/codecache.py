@@ -34,10 +34,9 @@ import struct
 import sys
 import threading
 import types
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -57,27 +56,13 @@ MEMORY_ENTRIES = 64
 _K = TypeVar("_K")
 
 
-class _Recent(Generic[_K]):
-    """The last ``size`` code objects used, by key."""
+def _keep(memory: dict[_K, types.CodeType], key: _K, code: types.CodeType) -> None:
+    """Remember ``code`` under ``key``, forgetting the oldest entry past ``MEMORY_ENTRIES``
+    (first in, first out: a plain dict, as cheap as the lookup it saves on 1,000 imports)."""
+    memory[key] = code
+    if len(memory) > MEMORY_ENTRIES:
+        del memory[next(iter(memory))]
 
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: OrderedDict[_K, types.CodeType] = OrderedDict()
-
-    def get(self, key: _K) -> types.CodeType | None:
-        code = self._items.get(key)
-        if code is not None:
-            self._items.move_to_end(key)
-        return code
-
-    def put(self, key: _K, code: types.CodeType) -> None:
-        self._items[key] = code
-        self._items.move_to_end(key)
-        while len(self._items) > self._size:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 # The compiler, behind a module-level name so tests can count compiles by patching it.
 _compile = compile
@@ -105,8 +90,8 @@ class CodeCache:
         self._suffix = f".{tag}{opt}.pyc"
         self._prefix = os.path.join(self.directory, "") if self.directory is not None else ""
         self._listed: set[str] | None = None  # file names seen on first use: misses skip open()
-        self._by_key: _Recent[tuple[str, str]] = _Recent(MEMORY_ENTRIES)
-        self._by_sha: _Recent[str] = _Recent(MEMORY_ENTRIES)
+        self._by_key: dict[tuple[str, str], types.CodeType] = {}
+        self._by_sha: dict[str, types.CodeType] = {}  # what was compiled here, to retarget elsewhere
         self._write_failed = False
         self._dir_ready = False
         self._lock = threading.Lock()  # guards only the one-time directory setup, never I/O reads
@@ -140,9 +125,7 @@ class CodeCache:
         if code.co_filename != filename:
             code = _retarget(code, filename)
             self.stats["retargeted"] += 1
-        self._by_key.put(key, code)
-        if self._by_sha.get(sha256) is None:
-            self._by_sha.put(sha256, code)
+        _keep(self._by_key, key, code)
         return code
 
     def compile(self, source: bytes, filename: str, *, sha256: str | None = None) -> types.CodeType:
@@ -150,8 +133,8 @@ class CodeCache:
         code = _compile(source, filename, "exec", dont_inherit=True, optimize=-1)
         self.stats["compiled"] += 1
         sha256 = sha256 or hashlib.sha256(source).hexdigest()
-        self._by_key.put((sha256, filename), code)
-        self._by_sha.put(sha256, code)
+        _keep(self._by_key, (sha256, filename), code)
+        _keep(self._by_sha, sha256, code)
         self._write(sha256, code)
         return code
 

@@ -220,7 +220,8 @@ class BundleLoader:
         return self.index._module(fullname).filename
 
     def get_data(self, path: str | os.PathLike[str]) -> bytes:
-        """Bytes of a file of the served version (``pkgutil.get_data``), from the verified bundle in memory."""
+        """Bytes of a file of the served version (``pkgutil.get_data``): the verified bundle's, read
+        back from the store and checked against their hash once the version is committed."""
         index = self.index
         entry = index.entry_at(os.fspath(path))
         if entry is None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import stat
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -82,15 +85,24 @@ def test_the_registry_directory_is_held_against_tmp_cleaners_while_a_process_use
 def test_processes_whose_environments_differ_meet_where_the_store_says(tmp_path, monkeypatch, caplog):
     store = tmp_path / "store"
     store.mkdir()
-    for name in ("a", "b", "c"):
-        (tmp_path / name).mkdir(mode=0o700)
-    monkeypatch.delenv("HABANERO_RUNTIME_DIR", raising=False)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "a"))
-    first = Registry(store)
-    first.create({})
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "b"))  # another service, another environment
-    second = Registry(store)
-    assert second.root == first.root and second.create({}).id == "w1"  # they meet: a push reaches both
-    monkeypatch.setenv("HABANERO_RUNTIME_DIR", str(tmp_path / "c"))  # told otherwise: obeyed, and said
-    assert Registry(store).root.parent == tmp_path / "c"
-    assert "give every process of the app the same HABANERO_RUNTIME_DIR" in caplog.text
+    short = Path(tempfile.mkdtemp(prefix="hb-"))  # socket paths must stay short
+    first = second = None
+    try:
+        for name in ("a", "b", "c"):
+            (short / name).mkdir(mode=0o700)
+        monkeypatch.delenv("HABANERO_RUNTIME_DIR", raising=False)
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(short / "a"))
+        first = Registry(store)
+        first.create({})
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(short / "b"))  # another service, another environment
+        second = Registry(store)
+        assert second.root == first.root and second.create({}).id == "w1"  # they meet: a push reaches both
+        monkeypatch.setenv("HABANERO_RUNTIME_DIR", str(short / "c"))  # told otherwise: obeyed, and said
+        assert Registry(store).root.parent == short / "c"
+        assert "give every process of the app the same HABANERO_RUNTIME_DIR" in caplog.text
+    finally:
+        for registry in (first, second):
+            if registry is not None:
+                registry.release()
+        shutil.rmtree(short)
+

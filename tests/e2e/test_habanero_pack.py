@@ -137,6 +137,13 @@ def test_rollback_with_nothing_to_roll_back_to_says_so_in_one_line(hello) -> Non
     assert greeting(app)["message"] == "Hello, world"
 
 
+def test_rollback_before_any_push_says_there_is_nothing_to_roll_back(hello) -> None:
+    app, project = hello
+    line = one_error_line(project.pack("rollback", app.control))
+    assert "nothing to roll back" in line and "runs the code on disk" in line
+    assert greeting(app)["message"] == "Hello, world"
+
+
 def test_status_shows_the_active_version_for_people_and_as_json(hello) -> None:
     app, project = hello
     project.push(app.control)

@@ -309,7 +309,7 @@ def test_a_version_taken_meanwhile_costs_one_status_read_and_a_second_try(served
     (config.root / "wapp/m4.py").write_text("def f():\n    return 'theirs'\n")  # another developer's code
     with Remote(url, app_id=config.app_id, key=signing_key) as other:  # v2 pushed, then rolled back to v1
         push_once(other, config, bases=BaseCache(None))
-        other.rollback(1)
+        other.rollback(1, expect=2)
     mark = len(session.sent)
 
     session.save("wapp/m3.py", "def f():\n    return 'mine'\n")  # v2 on v1: the app runs v1, v2 is taken

@@ -25,6 +25,10 @@ logger = logging.getLogger("overlay.store")
 
 Task = Callable[[], None]
 
+#: Seconds without work before the freed heap goes back to the system. Not after every push: the
+#: next one would fault those pages in again (a full bundle's megabytes), and pushes come in bursts.
+TRIM_AFTER = 2.0
+
 
 class Worker:
     """One daemon thread running tasks in order; started at the first task, stopped by :meth:`stop`."""
@@ -43,8 +47,15 @@ class Worker:
         self._tasks.put(task)
 
     def _work(self) -> None:
+        owed = False  # memory freed since the last trim
         while True:
-            task = self._tasks.get()
+            try:
+                task = self._tasks.get(timeout=TRIM_AFTER if owed else None)
+            except queue.Empty:  # quiet for a while: give the memory back now
+                _give_memory_back()
+                owed = False
+                continue
+            owed = True
             try:
                 if task is None:  # stop()
                     return
@@ -55,8 +66,6 @@ class Worker:
                 logger.exception("store %s: background work failed", self.label)
             finally:
                 self._tasks.task_done()
-            if self._tasks.empty():
-                _give_memory_back()
 
     def settle(self) -> None:
         """Wait until queued work is done (tests, shutdown). Never call it holding the store lock."""
@@ -93,8 +102,8 @@ class Worker:
 
 
 def _give_memory_back() -> None:
-    """Hand the heap a push freed back to the system (glibc's ``malloc_trim``): the app keeps its
-    memory for itself, whatever a push's planning and the worker's tasks allocated meanwhile."""
+    """Hand the heap the last pushes freed back to the system (glibc's ``malloc_trim``): the app
+    keeps its memory for itself, whatever a push's planning and the worker's tasks allocated."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

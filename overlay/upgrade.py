@@ -55,18 +55,21 @@ import traceback
 import types
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from overlay.bundle import Bundle, Limits
 from overlay.errors import ActivationFailed
 from overlay.finder import BundleIndex, OverlayFinder
 from overlay.format import delta
 from overlay.keys import TrustedKeys
-from overlay.rebind import MISSING, Journal, ModuleReport, check_update, one_heap_pass, update_module
+from overlay.rebinding.journal import MISSING, Journal
 from overlay.storage.tree import SourceTree
 from overlay.store import Store
-from overlay.transaction.diff import EntryDiff, entry_diff
-from overlay.transaction.plan import Plan, make_plan
+
+if TYPE_CHECKING:
+    from overlay.rebind import ModuleReport
+    from overlay.transaction.diff import EntryDiff
+    from overlay.transaction.plan import Plan
 
 __all__ = ["Change", "Host", "UpgradeReport"]
 
@@ -190,6 +193,12 @@ class Change:
     def prepare(self) -> UpgradeReport:
         """Diff, index and plan; compile what will run. Raises ``CompileFailed`` (or another
         ``BundleRejected``) and changes nothing."""
+        # Imported at the first push, not at start-up: a worker that is never pushed to never
+        # loads the planner and the rebinder (a tenth of habanero's start-up time).
+        from overlay.rebind import check_update
+        from overlay.transaction.diff import entry_diff
+        from overlay.transaction.plan import make_plan
+
         finder, current, bundle = self.host.finder, self.current, self.bundle
         # Everything below looks only at what differs: one pass over the entries finds it.
         diff = self.diff = entry_diff(current, bundle)
@@ -297,6 +306,8 @@ def _app_traceback(exc: BaseException) -> str:
 
 def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, report: UpgradeReport,
                 version: int, *, retarget: Iterable[str] | None) -> None:
+    from overlay.rebind import one_heap_pass, update_module  # loaded by prepare() already
+
     _refuse_half_imported(plan)
     _forget_new_imports(finder.packages, journal)
     previous = finder.set_index(index)

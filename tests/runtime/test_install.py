@@ -325,3 +325,25 @@ def test_habanero_disable_in_a_fresh_interpreter_boots_the_code_on_disk(tmp_path
     proc = run_python(code, cwd=tmp_path / "app", env=child_env(HABANERO_DISABLE="1"))
     assert proc.stdout.split() == ["disk", "True"]
     assert len(proc.stderr.strip().splitlines()) == 1 and "HABANERO_DISABLE is set" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_planner_and_rebinder_load_at_the_first_push_not_at_start_up(tmp_path, trusted_keys_file, store_v1,
+                                                                         make_bundle):
+    """A worker that is never pushed to never pays for them (import time at start, memory)."""
+    write_disk_app(tmp_path / "app")
+    v2 = tmp_path / "v2.hbn"
+    v2.write_bytes(make_bundle(APP_V2, app_id="hbapp", version=2))
+    code = f"""
+        import sys
+        import overlay
+        ov = overlay.install(packages=["hbapp"], trusted_keys={str(trusted_keys_file)!r}, store={str(store_v1)!r})
+        import hbapp
+        lazy = ("overlay.rebind", "overlay.transaction.plan", "overlay.transaction.diff")
+        print([m for m in lazy if m in sys.modules])
+        ov.apply(open({str(v2)!r}, "rb").read())
+        print([m for m in lazy if m in sys.modules], ov.status()["version"])
+    """
+    proc = run_python(code, cwd=tmp_path / "app")
+    assert proc.stdout.splitlines() == [
+        "[]", "['overlay.rebind', 'overlay.transaction.plan', 'overlay.transaction.diff'] 2"]

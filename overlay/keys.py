@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from overlay import ed25519
 from overlay.errors import KeyProblem
 
 # The app side only checks signatures (``overlay.ed25519``), and loads no ``cryptography`` for it:
@@ -55,6 +54,8 @@ class PublicKey:
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         """True when ``signature`` is this key's signature of ``message``."""
+        from overlay import ed25519  # ctypes: loaded where signatures are checked, not by the packer
+
         return ed25519.verify(self.raw, signature, message)
 
     def line(self) -> str:

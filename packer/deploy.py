@@ -157,7 +157,7 @@ class BaseCache:
     def _write(self, digest: str, manifest_bytes: bytes) -> None:
         if self._dir is None:
             return
-        from overlay.store import write_atomic
+        from overlay.storage.fs import write_atomic  # not the store: its import costs 2.6 ms
 
         try:
             self._dir.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,10 @@ LAYERS: list[tuple[str, list[str]]] = [
 #: layers above may import the face or, where they need one part, the helper itself.
 FACES = {"overlay.bundle", "overlay.control", "overlay.store", "overlay.finder", "overlay.rebind",
          "overlay.upgrade", "overlay.deploy", "overlay.http", "overlay"}
-#: What the packer, on the developer's machine, may use of overlay.
+#: What the packer, on the developer's machine, may use of overlay: the public faces, and the
+#: storage layer's file primitives (an atomic write), which load nothing of the store itself.
 PACKER_MAY_IMPORT = {"overlay", "overlay.errors", "overlay.keys", "overlay.bundle", "overlay.control",
-                     "overlay.store"}
+                     "overlay.store", "overlay.storage.fs"}
 
 
 def _modules() -> dict[str, Path]:

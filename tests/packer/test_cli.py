@@ -344,6 +344,17 @@ def test_importing_the_cli_stays_light() -> None:
     assert proc.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
+def test_building_and_signing_loads_neither_the_store_nor_ctypes(project: Path) -> None:
+    """The developer's side writes files as the store does, and signs with cryptography: the store
+    and the app side's signature checker (ctypes) would only add to every command's start-up."""
+    assert main(["keygen"]) == 0  # the project's default key, .habanero/deploy_key
+    code = ("import sys; from packer.cli import main; code = main(['build', '-q']); "
+            "print(code, sorted({'overlay.store', 'ctypes', 'overlay.ed25519'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "0 []", proc.stderr
+
+
 def test_main_leaves_logging_as_it_found_it(project: Path) -> None:
     import logging
 

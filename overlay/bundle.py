@@ -35,7 +35,7 @@ from overlay.format.manifest import (
     check_manifest,
     parse_manifest,
 )
-from overlay.format.model import Bodies, Bundle, ContentLookup, ParentManifest
+from overlay.format.model import Bundle, ContentLookup, ParentManifest
 from overlay.format.names import APP_ID_RULE, FORBIDDEN_SUFFIXES, RESERVED_NAMES, check_entry_name, valid_app_id
 from overlay.format.payload import decompress
 from overlay.format.wire import FLAG_PACKED, HEADER, MAGIC, manifest_bytes_of, sign_bundle, split, verify
@@ -207,7 +207,7 @@ def open_bundle(
         changed_from = (base.digest, (), tuple(table.names[i] for i in table.changed))
     entries = dict(zip(table.names, table.rows))
     reader = base.bodies.reader if base is not None else None  # for what base let go of
-    bundle = Bundle(manifest, parts.manifest_bytes, data, key_ids, entries, Bodies(entries, bodies, reader),
+    bundle = Bundle(manifest, parts.manifest_bytes, data, key_ids, entries, bodies, reader=reader,
                     digest=digest.hex(), table=table._replace(changed=None), changed_from=changed_from)
     if proven is not None:
         bundle.spans = proven.spans  # the proof located them already

@@ -27,7 +27,6 @@ deploy slips between its reading the store and its taking part.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import threading
@@ -36,7 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from overlay.bundle import Bundle, open_bundle
+from overlay.bundle import Bundle
 from overlay.cluster import messages
 from overlay.cluster.member import Member
 from overlay.cluster.messages import Gone
@@ -44,7 +43,7 @@ from overlay.cluster.registry import Registry, WorkerEntry
 from overlay.cluster.rounds import Peer, Round
 from overlay.errors import ControlRejected, DeployInProgress, HabaneroError, WorkerRefused
 from overlay.store import Store
-from overlay.upgrade import ApplyFailed, Change, Clock, Host, UpgradeReport, failure
+from overlay.upgrade import ApplyFailed, Change, Clock, Host, UpgradeReport, failure, paused_gc
 
 __all__ = ["Node", "catch_up", "joining", "push", "rollback", "start", "workers"]
 
@@ -75,7 +74,7 @@ class Node:
     info: dict[str, Any] = field(default_factory=dict)
 
     def others(self) -> list[WorkerEntry]:
-        return [entry for entry in self.registry.live() if entry.id != self.entry.id]
+        return self.registry.live(skip=self.entry.id)
 
 
 # --------------------------------------------------------------------------------------- joining
@@ -126,25 +125,16 @@ def catch_up(node: Node) -> UpgradeReport | None:
 
 @contextlib.contextmanager
 def _deploying(node: Node) -> Iterator[None]:
-    """The store's deploy lock, this process's own, and the cyclic garbage collector paused.
-
-    A push allocates a few thousand objects (the manifest's entries), enough to trigger collections
-    mid-push; a full one walks the whole heap, tens of milliseconds in a process holding millions
-    of objects. What the push allocates is bounded, so collecting after it answers costs nothing
-    and keeps its time flat in heap size.
-    """
+    """The store's deploy lock, this process's own, and the cyclic garbage collector paused (see
+    ``overlay.upgrade.paused_gc``)."""
     with node.host.store.deploying(DEPLOY_WAIT):
         member = node.member
         if member is not None and not member.busy.acquire(blocking=False):
             raise DeployInProgress("this process is busy with another change; push again")
-        paused = gc.isenabled()
-        if paused:
-            gc.disable()
         try:
-            yield
+            with paused_gc():
+                yield
         finally:
-            if paused:
-                gc.enable()
             if member is not None:
                 member.busy.release()
 
@@ -155,13 +145,7 @@ def push(node: Node, data: bytes) -> UpgradeReport:
     with _deploying(node):
         clock = Clock()
         try:
-            # The active bundle's bodies are verified and in memory: entries a push shares with it
-            # are taken from there unhashed; anything else (the store's objects) is hashed.
-            active = host.active
-            bundle = open_bundle(data, host.trusted, app_id=host.app_id, limits=host.limits,
-                                 content=host.store.objects.get, base=active,
-                                 base_manifest=lambda d: active.manifest_bytes
-                                 if active is not None and active.digest == d else None)
+            bundle = host.open_push(data)
             host.store.check_fresh(bundle)
         except HabaneroError as exc:
             _record(node, "push", None, exc)
@@ -274,11 +258,9 @@ def _commit_store(node: Node, change: Change, bundle: Bundle, action: str, round
 def _names(store: Store, bundle: Bundle) -> bool:
     """Whether the store's state file names ``bundle`` active, read under the store's lock."""
     try:
-        with store._lock:
-            pointer, _ = store.pointer()
+        return store.names_active(bundle.digest)
     except (OSError, HabaneroError):
         return False
-    return pointer is not None and pointer["digest"] == bundle.digest
 
 
 def _give_up(node: Node, change: Change, bundle: Bundle, action: str, round_: Round, *, applied: bool,

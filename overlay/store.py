@@ -284,6 +284,13 @@ class Store:
                 continue
         return None
 
+    def names_active(self, digest: str) -> bool:
+        """Whether the state file names the bundle ``digest`` active, read under the store's lock:
+        the store's last word on a deploy, the one every process of the app gets."""
+        with self._lock:
+            pointer, _ = self.pointer()
+        return pointer is not None and pointer["digest"] == digest
+
     def release(self, bundle: Bundle) -> None:
         """``bundle`` is committed: let it go of its file's bytes and bodies, which this store holds.
 
@@ -408,11 +415,14 @@ class Store:
         final, staged = os.path.join(self._bundles_dir, name), os.path.join(self._staged_dir, name)
         with self._lock:
             with self._io(f"commit v{bundle.version}"):
+                # Under the lock, self.highest is re-read from disk (another process may have written).
                 if action == "push":
                     self.check_fresh(bundle)
                 elif not os.path.exists(final):
                     raise StoreError(f"rollback target v{bundle.version} ({_short(bundle.digest)}) is not "
                                      "in the store; roll back to a stored version", code="unknown_version")
+                else:
+                    self._current_highest()
                 commit_sync = self.sync == "commit"
                 written, self._written = self._written, []
                 if not os.path.exists(final):  # bundle before pointer
@@ -423,8 +433,7 @@ class Store:
                     written.append(final)
                     if commit_sync:
                         fs.fsync_dir(self._bundles_dir)
-                state, _ = self._read_state()  # under the lock: another process may have written
-                highest = max(state["highest"] if state is not None else self.highest, bundle.version)
+                highest = max(self.highest, bundle.version)
                 retired: list[str] | None = None if commit_sync else []  # the old state file, freed later
                 self._state.write(pointer_to(bundle), highest, sync=commit_sync, retire=retired)  # the commit point
                 written.append(self._state.path)

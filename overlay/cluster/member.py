@@ -33,12 +33,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from overlay.bundle import Bundle, open_bundle
+from overlay.bundle import Bundle
 from overlay.cluster import messages
 from overlay.cluster.messages import Gone
 from overlay.cluster.registry import WorkerEntry
 from overlay.errors import ControlRejected, HabaneroError
-from overlay.upgrade import ApplyFailed, Change, Clock, Host
+from overlay.upgrade import ApplyFailed, Change, Clock, Host, paused_gc
 
 __all__ = ["Member"]
 
@@ -54,7 +54,6 @@ class Member:
     def __init__(self, host: Host, entry: WorkerEntry, *, status: Callable[[], dict[str, Any]]) -> None:
         self.host, self.entry, self._status = host, entry, status
         self._server: socket.socket | None = None
-        self._thread: threading.Thread | None = None
         #: One change at a time in this process, whoever asks for it.
         self.busy = threading.Lock()
 
@@ -68,8 +67,7 @@ class Member:
             server.close()
             raise
         self._server = server
-        self._thread = threading.Thread(target=self._accept, args=(server,), name="habanero-member", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._accept, args=(server,), name="habanero-member", daemon=True).start()
 
     def stop(self, *, unlink: bool = True) -> None:
         """Stop answering; ``unlink=False`` when the slot was given back already (its socket path
@@ -85,11 +83,10 @@ class Member:
 
     def forget_after_fork(self) -> None:
         """In a forked child: the parent's socket and thread are the parent's; drop them unused."""
-        server, self._server, self._thread = self._server, None, None
+        server, self._server = self._server, None
         if server is not None:
             with contextlib.suppress(OSError):
                 os.close(server.detach())
-        self.busy = threading.Lock()
 
     # ------------------------------------------------------------------------------ serving
 
@@ -138,9 +135,10 @@ class Member:
         try:
             clock = Clock()
             try:
-                bundle = self._target(header, payload)
-                change = Change(self.host, bundle, str(header["action"]), clock)
-                change.prepare()
+                with paused_gc():  # as in the process that drives the deploy (not while waiting for it)
+                    bundle = self._target(header, payload)
+                    change = Change(self.host, bundle, str(header["action"]), clock)
+                    change.prepare()
             except HabaneroError as exc:
                 self.host.note(str(header.get("action")), header.get("version"), "refused", exc.code, exc.message)
                 messages.send(conn, _refusal(exc.code, exc.message))
@@ -152,7 +150,8 @@ class Member:
                 self.host.note(change.action, bundle.version, "aborted")
                 return  # aborted: nothing was applied here
             try:
-                change.apply()
+                with paused_gc():
+                    change.apply()
             except ApplyFailed as failed:
                 self.host.note(change.action, bundle.version, "failed", "activation_failed", str(failed))
                 messages.send(conn, {"ok": False, "pid": os.getpid(), "code": "activation_failed",
@@ -193,12 +192,8 @@ class Member:
             raise ControlRejected("a deploy message without a version and digest", code="bad_request")
         bundle: Bundle | None = None
         if header.get("action") == "push":
-            active = host.active
             try:
-                bundle = open_bundle(payload, host.trusted, app_id=host.app_id, limits=host.limits,
-                                     content=store.objects.get, base=active,
-                                     base_manifest=lambda d: active.manifest_bytes
-                                     if active is not None and active.digest == d else None)
+                bundle = host.open_push(payload)
             except HabaneroError as exc:
                 if exc.code != "parent_missing":
                     raise
@@ -206,8 +201,7 @@ class Member:
                 staged = store.read_bundle(version, digest)
                 if staged is None:
                     raise
-                bundle = open_bundle(staged, host.trusted, app_id=host.app_id, limits=host.limits,
-                                     content=store.objects.get, base=active)
+                bundle = host.open_push(staged)
             store.check_fresh(bundle)
         else:
             bundle = store.load(version)
@@ -243,16 +237,14 @@ class Member:
         for attempt in itertools.count(1):
             try:
                 if not store.deploy_running():
-                    with store._lock:
-                        pointer, _ = store.pointer()
-                    return pointer is not None and pointer["digest"] == bundle.digest
+                    return store.names_active(bundle.digest)
             except (OSError, HabaneroError) as exc:
                 logger.warning("habanero: cannot read the store to settle v%d yet (%s)", bundle.version, exc)
             time.sleep(0.2)
             if attempt % 150 == 0:
                 logger.warning("habanero: v%d waits for the deploy that drove it to end (%d s)",
                                bundle.version, attempt // 5)
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # for the type checker: the loop above never ends
 
 
 def _refusal(code: str, message: str) -> dict[str, Any]:

@@ -19,11 +19,13 @@ import struct
 import time
 from typing import Any
 
+from overlay.format.limits import DEFAULT_LIMITS
+
 __all__ = ["Gone", "Message", "connect", "peer_uid", "receive", "send"]
 
 _LEN = struct.Struct(">I")
 MAX_HEADER = 1 << 20
-MAX_PAYLOAD = 64 << 20  # a bundle's own cap (Limits.max_bundle_bytes)
+MAX_PAYLOAD = DEFAULT_LIMITS.max_bundle_bytes  # a bundle's own cap
 
 Message = tuple[dict[str, Any], bytes]
 
@@ -55,8 +57,8 @@ def send(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> N
         raise Gone(f"went away ({exc.strerror or exc})") from None
 
 
-def receive(sock: socket.socket, deadline: float | None) -> Message:
-    """The next message, by ``deadline`` (a ``time.monotonic()`` value; None: wait as long as it takes)."""
+def receive(sock: socket.socket, deadline: float) -> Message:
+    """The next message, by ``deadline`` (a ``time.monotonic()`` value)."""
     (length,) = _LEN.unpack(_exactly(sock, _LEN.size, deadline))
     if length > MAX_HEADER:
         raise Gone("sent a message header over 1 MiB")
@@ -70,16 +72,13 @@ def receive(sock: socket.socket, deadline: float | None) -> Message:
     return header, _exactly(sock, size, deadline) if size else b""
 
 
-def _exactly(sock: socket.socket, n: int, deadline: float | None) -> bytes:
+def _exactly(sock: socket.socket, n: int, deadline: float) -> bytes:
     chunks, got = [], 0
     while got < n:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Gone("did not answer in time")
-            sock.settimeout(left)
-        else:
-            sock.settimeout(None)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Gone("did not answer in time")
+        sock.settimeout(left)
         try:
             chunk = sock.recv(min(n - got, 1 << 20))
         except TimeoutError:

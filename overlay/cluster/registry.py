@@ -45,7 +45,7 @@ from typing import Any
 from overlay.errors import ConfigError
 from overlay.storage import fs
 
-__all__ = ["Registry", "WorkerEntry", "process_start", "runtime_root"]
+__all__ = ["Registry", "WorkerEntry", "runtime_root"]
 
 logger = logging.getLogger("overlay.cluster")
 
@@ -60,24 +60,9 @@ _MAX_SOCKET_PATH = 100
 _MAX_SLOTS = 4096
 
 
-def process_start(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot; None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may hold anything: count fields after it.
-    fields = raw.rpartition(b")")[2].split()
-    try:
-        return int(fields[19])  # field 22, starttime
-    except (IndexError, ValueError):
-        return None
-
-
 def _recorded(record: Path) -> Path | None:
     try:
-        text = record.read_text(encoding="utf-8").strip()
+        text = fs.read_small(record).decode("utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
     return Path(text) if text.startswith("/") and "\0" not in text else None
@@ -146,7 +131,7 @@ class WorkerEntry:
 
     def info(self) -> dict[str, Any]:
         try:
-            value = json.loads((self.path / INFO).read_bytes())
+            value = json.loads(fs.read_small(self.path / INFO))
         except (OSError, ValueError):
             return {}
         return value if isinstance(value, dict) else {}
@@ -226,15 +211,15 @@ class Registry:
                         sync=False, sync_dir=False)
         return WorkerEntry(path, os.getpid())
 
-    def live(self) -> list[WorkerEntry]:
-        """The slots held now, lowest first."""
+    def live(self, *, skip: str | None = None) -> list[WorkerEntry]:
+        """The slots held now, lowest first; ``skip`` names one not to look at (this process's own)."""
         found = []
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
         for name in names:
-            if not (name.startswith("w") and name.endswith(".lock") and name[1:-5].isdigit()):
+            if not (name.startswith("w") and name.endswith(".lock") and name[1:-5].isdigit()) or name[:-5] == skip:
                 continue
             path = self.root / name[:-5]
             if _held(self.root / name):

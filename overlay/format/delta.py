@@ -177,12 +177,12 @@ def assemble(table: EntryTable, included: Sequence[str], body: bytes, content: C
         pos += entry.size
         unproven.append(entry)
     base_entries = base.entries if base is not None else {}
-    base_bodies = base.bodies if base is not None else None
     # An entry base has is known good: its body is shared when base holds it in memory, and read
     # back through base's reader (checked against its hash) when base let go of it.
-    shared = base_bodies.held if base_bodies is not None else _nothing_held
+    nothing: dict[str, bytes] = {}
+    shared = base.bodies.held if base is not None else nothing.get
     if differ is not None and base is not None:
-        bodies = base_bodies.held_copy() if base_bodies is not None else {}
+        bodies = base.bodies.held_copy()
         bodies.update(carried)
         others = [rows[i] for i in differ if names[i] not in carried]
     else:
@@ -220,10 +220,6 @@ def assemble(table: EntryTable, included: Sequence[str], body: bytes, content: C
             "here (another version is active, or it was pruned); push the full bundle instead "
             "(habanero-pack does this by itself)", parent=parent, missing=missing)
     return bodies, unproven
-
-
-def _nothing_held(name: str) -> None:
-    return None
 
 
 def split_payload(table: EntryTable, payload: bytes) -> dict[str, bytes]:

@@ -110,17 +110,18 @@ class Bundle:
     def __init__(self, manifest: dict[str, Any], manifest_bytes: bytes, raw: bytes, key_ids: tuple[str, ...],
                  entries: dict[str, Entry], bodies: Mapping[str, bytes], *, digest: str | None = None,
                  table: EntryTable | None = None, spans: Spans | _Unknown | None = UNKNOWN_SPANS,
-                 changed_from: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None) -> None:
+                 changed_from: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None,
+                 reader: BodyReader | None = None) -> None:
         self.manifest = manifest
         self.manifest_bytes = manifest_bytes
         self._raw: bytes | None = raw
         self.size = len(raw)
         self.key_ids = key_ids
         self.entries = entries
-        if isinstance(bodies, Bodies):
-            self.bodies = Bodies(entries, bodies._held, bodies.reader)
+        if isinstance(bodies, Bodies):  # another bundle's: the same bodies, keyed by these entries
+            self.bodies = Bodies(entries, bodies._held, reader or bodies.reader)
         else:
-            self.bodies = Bodies(entries, dict(bodies))
+            self.bodies = Bodies(entries, bodies if isinstance(bodies, dict) else dict(bodies), reader)
         self.digest = digest if digest is not None else hashlib.sha256(manifest_bytes).hexdigest()
         self.changed_from = changed_from
         self._table = table

@@ -63,14 +63,20 @@ def parse_json(raw: bytes) -> tuple[Any, str]:
         return None, f"corrupt ({exc})"
 
 
-def read_small(path: str | os.PathLike[str]) -> bytes:
+def read_small(path: str | os.PathLike[str], *, flags: int = 0, limit: int | None = None) -> bytes:
     """A small file's bytes, read with three system calls (``open()``'s file object costs six,
-    and a push reads the state file three times)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    and a push reads the state file three times). ``flags`` are added to ``os.open``'s (e.g.
+    ``O_NOFOLLOW``); with ``limit``, no more than that many bytes are read."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
+        chunks, left = [], limit
+        while left is None or left > 0:
+            chunk = os.read(fd, 1 << 16 if left is None else min(left, 1 << 16))
+            if not chunk:
+                break
             chunks.append(chunk)
+            if left is not None:
+                left -= len(chunk)
         return b"".join(chunks)
     finally:
         os.close(fd)

@@ -43,12 +43,7 @@ class ObjectStore:
         if not is_sha256(sha256):
             return None
         try:
-            fd = os.open(self.path(sha256), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            with os.fdopen(fd, "rb") as fh:
-                return fh.read() if size is None else fh.read(size + 1)
+            return fs.read_small(self.path(sha256), flags=os.O_NOFOLLOW, limit=None if size is None else size + 1)
         except OSError:
             return None
 

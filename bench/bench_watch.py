@@ -112,14 +112,16 @@ def run(edits: int = EDITS) -> list[dict]:
 
 
 class _Project:
-    def __init__(self, root: Path) -> None:
+    """The synthetic 1,000-module app, with ``app`` written to ``app_file`` (bench_workers' too)."""
+
+    def __init__(self, root: Path, *, app_file: str = "app.py", app: str = APP) -> None:
         synthetic_project(root)
         self.root = root
         self.packages = sorted(p.name for p in root.iterdir() if (p / "__init__.py").exists())
         (root / "packages.txt").write_text("\n".join(self.packages))
         key = generate_signing_key(root / ".habanero" / "deploy_key", comment="bench")
         (root / "trusted_keys").write_text(key.public.line() + "\n")
-        (root / "app.py").write_text(APP)
+        (root / app_file).write_text(app)
         self.file = sorted((root / self.packages[0]).glob("m00_*.py"))[0]
         self.module = f"{self.packages[0]}.{self.file.stem}"
         self.original = self.file.read_text() + TARGET.format(value="edit-0")
@@ -128,7 +130,8 @@ class _Project:
         # 1,000 modules each time, which flatters habanero), and no HABANERO_* setting leaks in.
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith("HABANERO_") and k != "PYTHONDONTWRITEBYTECODE"}
-        self.env.update(BENCH_TARGET=self.module, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        self.env.update(BENCH_TARGET=self.module, BENCH_ROOT=str(root),
+                        PYTHONPATH=str(Path(__file__).resolve().parent.parent))
 
     def edit(self, value: str) -> None:
         self.file.write_text(self.original.replace("'edit-0'", repr(value)))

@@ -30,17 +30,14 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_build import _synthetic as synthetic_project  # noqa: E402  (the same 1,000 modules)
-from bench_watch import PACK, TARGET, _free_port, _Poller, _Proc, _stats  # noqa: E402
+from bench_watch import PACK, _free_port, _Poller, _Proc, _Project, _stats  # noqa: E402
 
-from overlay.keys import generate_signing_key  # noqa: E402
 from overlay.storage.worker import TRIM_AFTER  # noqa: E402
 
 WORKERS = 4
@@ -97,29 +94,6 @@ application = ov.wsgi(app) if ov is not None else app
 '''
 LISTENING = re.compile(r"Listening at: (http://\S+)")
 PUSHED = re.compile(r"info: push v(?P<version>\d+): ")
-
-
-class _Project:
-    def __init__(self, root: Path) -> None:
-        synthetic_project(root)
-        self.root = root
-        self.packages = sorted(p.name for p in root.iterdir() if (p / "__init__.py").exists())
-        (root / "packages.txt").write_text("\n".join(self.packages))
-        key = generate_signing_key(root / ".habanero" / "deploy_key", comment="bench")
-        (root / "trusted_keys").write_text(key.public.line() + "\n")
-        (root / "workers_app.py").write_text(APP)
-        self.file = sorted((root / self.packages[0]).glob("m00_*.py"))[0]
-        self.module = f"{self.packages[0]}.{self.file.stem}"
-        self.original = self.file.read_text() + TARGET.format(value="edit-0")
-        self.file.write_text(self.original)
-        # As on a server: bytecode is cached, and no HABANERO_* setting leaks in.
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith("HABANERO_") and k != "PYTHONDONTWRITEBYTECODE"}
-        self.env.update(BENCH_TARGET=self.module, BENCH_ROOT=str(root),
-                        PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-
-    def edit(self, value: str) -> None:
-        self.file.write_text(self.original.replace("'edit-0'", repr(value)))
 
 
 def _gunicorn(project: _Project, overlay: bool) -> tuple[_Proc, str]:
@@ -216,7 +190,7 @@ def _hup(project: _Project) -> dict:
 
 def run() -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="habanero-bench-workers-") as tmp:
-        project = _Project(Path(tmp) / "project")
+        project = _Project(Path(tmp) / "project", app_file="workers_app.py", app=APP)
         return [_habanero(project), _hup(project)]
 
 

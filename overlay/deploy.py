@@ -30,15 +30,12 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from overlay.bundle import Bundle
-from overlay.cluster import messages
 from overlay.cluster.member import Member
-from overlay.cluster.messages import Gone
 from overlay.cluster.registry import Registry, WorkerEntry
 from overlay.cluster.rounds import Peer, Round
 from overlay.errors import ControlRejected, DeployInProgress, HabaneroError, WorkerRefused
@@ -338,21 +335,11 @@ def _discard(store: Store, bundle: Bundle) -> None:
 
 def workers(node: Node, own: dict[str, Any]) -> list[dict[str, Any]]:
     """Every live process of the app, as it describes itself (``own`` is this one's description);
-    a process that does not answer in time is left out."""
-    found = [own]
-    for entry in node.others():
-        try:
-            sock = messages.connect(entry.socket, STATUS_TIMEOUT)
-        except Gone:
-            continue
-        try:
-            messages.send(sock, {"op": "status"})
-            answer, _ = messages.receive(sock, time.monotonic() + STATUS_TIMEOUT)
-        except Gone:
-            continue
-        finally:
-            sock.close()
-        worker = answer.get("worker")
-        if isinstance(worker, dict):
-            found.append(worker)
-    return found
+    a process that does not answer within ``STATUS_TIMEOUT`` (one deadline for all) is left out."""
+    round_ = Round(node.others(), connect_timeout=STATUS_TIMEOUT)
+    try:
+        round_.ask({"op": "status"}, b"", STATUS_TIMEOUT)
+    finally:
+        round_.close()
+    return [own, *(peer.answer["worker"] for peer in round_.peers
+                   if peer.ok and isinstance(peer.answer.get("worker"), dict))]

@@ -16,6 +16,7 @@ aiohttp is imported only by the first and the last: a WSGI app never loads it.
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -37,16 +38,18 @@ def mount(app: Any, plane: ControlPlane) -> None:
     aiohttp.mount(app, plane)
 
 
-def wsgi(app: WSGIApp, plane: ControlPlane, ready: Callable[[], None]) -> WSGIWrapper:
-    """A WSGI app answering the routes itself and passing every other request to ``app``."""
-    return WSGIWrapper(app, plane, ready)
+def wsgi(app: WSGIApp, plane: ControlPlane, joined: threading.Event, ready: Callable[[], None]) -> WSGIWrapper:
+    """A WSGI app answering the routes itself and passing every other request to ``app``; until
+    ``joined`` is set (a forked worker catching up), a request first waits in ``ready``."""
+    return WSGIWrapper(app, plane, joined, ready)
 
 
-def asgi(app: ASGIApp, plane: ControlPlane, ready: Callable[[], None], is_ready: Callable[[], bool]) -> ASGIWrapper:
-    """An ASGI app answering the routes itself and passing everything else to ``app``."""
+def asgi(app: ASGIApp, plane: ControlPlane, joined: threading.Event, ready: Callable[[], None]) -> ASGIWrapper:
+    """An ASGI app answering the routes itself and passing everything else to ``app`` (``joined``
+    and ``ready`` as for :func:`wsgi`)."""
     from overlay.serving.asgi import ASGIWrapper
 
-    return ASGIWrapper(app, plane, ready, is_ready)
+    return ASGIWrapper(app, plane, joined, ready)
 
 
 def standalone(plane: ControlPlane, host: str, port: int, *, ours: Callable[[], bool],

@@ -71,11 +71,17 @@ def push_json(result: PushResult) -> dict[str, Any]:
             "report": result.report if result.pushed else None}
 
 
-def failure_json(exc: HabaneroError, project_root: str | None, store: str | None = None) -> dict[str, Any]:
+def _workers(exc: HabaneroError) -> list[Any]:
+    """The per-worker lines an app's refusal carries (``RemoteError.body["workers"]``), if any."""
     body = getattr(exc, "body", None)
+    workers = body.get("workers") if isinstance(body, dict) else None
+    return workers if isinstance(workers, list) else []
+
+
+def failure_json(exc: HabaneroError, project_root: str | None, store: str | None = None) -> dict[str, Any]:
     return {"ok": False, "code": exc.code, "message": map_traceback(exc.message, project_root, store),
             "remote_traceback": map_traceback(getattr(exc, "remote_traceback", ""), project_root, store),
-            "workers": body.get("workers", []) if isinstance(body, dict) else []}
+            "workers": _workers(exc)}
 
 
 def describe_failure(exc: HabaneroError, project_root: str | None, store: str | None = None) -> str:
@@ -85,9 +91,7 @@ def describe_failure(exc: HabaneroError, project_root: str | None, store: str | 
     when there is a project to map them to (``project_root``).
     """
     text = f"{exc.code}: {map_traceback(exc.message, project_root, store)}"
-    body = getattr(exc, "body", None)
-    workers = body.get("workers") if isinstance(body, dict) else None
-    if isinstance(workers, list) and workers:
+    if workers := _workers(exc):
         text += "\n" + "\n".join(worker_lines(workers))
     remote_tb = getattr(exc, "remote_traceback", "")
     if remote_tb:

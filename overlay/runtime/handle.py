@@ -21,14 +21,14 @@ from overlay import deploy
 from overlay.bundle import Bundle, Limits
 from overlay.errors import ConfigError
 from overlay.finder import OverlayFinder
-from overlay.http import ControlPlane, asgi, wsgi
 from overlay.keys import TrustedKeys
-from overlay.serving.wsgi import WSGIApp, WSGIWrapper
 from overlay.store import Store
 from overlay.upgrade import UpgradeReport
 
-if TYPE_CHECKING:  # asyncio is imported by an ASGI app only
+if TYPE_CHECKING:  # the serving layer is loaded by the first overlay that serves routes
+    from overlay.http import ControlPlane
     from overlay.serving.asgi import ASGIApp, ASGIWrapper
+    from overlay.serving.wsgi import WSGIApp, WSGIWrapper
 
 __all__ = ["Overlay"]
 
@@ -62,7 +62,6 @@ class Overlay:
         self.started = time.time()
         self.control = control or {}  # control-plane options (TLS, public status, upload deadline)
         self.server: Any = None  # the standalone control server, when listen= is used
-        self.address: tuple[str, int] | None = None  # where the standalone server actually listens
         self._plane: ControlPlane | None = None
 
     # ------------------------------------------------------------------------------- what runs
@@ -70,6 +69,11 @@ class Overlay:
     @property
     def disabled(self) -> bool:
         return self.node is None
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """Where the standalone server (``listen=``) actually listens; None without one."""
+        return self.server.address if self.server is not None else None
 
     @property
     def store(self) -> Store | None:
@@ -140,8 +144,10 @@ class Overlay:
 
             application = ov.wsgi(flask_app)        # gunicorn myapp:application -w 4
         """
+        from overlay.http import wsgi
+
         plane = self.plane()
-        return app if plane is None else wsgi(app, plane, self.ready)
+        return app if plane is None or self.node is None else wsgi(app, plane, self.node.joined, self.ready)
 
     def asgi(self, app: ASGIApp) -> ASGIApp | ASGIWrapper:
         """``app`` with the control routes in front of it, on its own port (any ASGI server).
@@ -150,20 +156,21 @@ class Overlay:
 
             app = ov.asgi(FastAPI())                # uvicorn myapp:app --workers 4
         """
+        from overlay.http import asgi
+
         plane = self.plane()
-        return app if plane is None else asgi(app, plane, self.ready, self.is_ready)
+        return app if plane is None or self.node is None else asgi(app, plane, self.node.joined, self.ready)
 
     def plane(self) -> ControlPlane | None:
         """The control routes of this overlay (None when disabled: a wrapped app serves only itself)."""
         if self.node is None:
             return None
         if self._plane is None:
+            from overlay.http import ControlPlane
+
             self._plane = ControlPlane(self, public_status=bool(self.control.get("public_status")),
                                        upload_timeout=float(self.control.get("upload_timeout", 30.0)))
         return self._plane
-
-    def is_ready(self) -> bool:
-        return self.node is None or self.node.joined.is_set()
 
     def ready(self) -> None:
         """Wait until this process takes part in deploys: at once, but for a worker forked after

@@ -24,9 +24,9 @@ from typing import Any
 from overlay import deploy
 from overlay.bundle import DEFAULT_LIMITS, Limits
 from overlay.cluster.registry import Registry
+from overlay.control import PREFIX
 from overlay.errors import ConfigError, HabaneroError
 from overlay.finder import BundleLoader, OverlayFinder, check_packages
-from overlay.http import PREFIX, standalone
 from overlay.importing.codecache import CodeCache
 from overlay.keys import TrustedKeys
 from overlay.runtime import handle, settings
@@ -224,15 +224,15 @@ def _start_control_plane(overlay: Overlay) -> None:
 
     def ours() -> bool:
         """Whether another live process of this store listens at this address already."""
-        want = settings.parse_address(overlay.listen)
-        return any(entry.info().get("listen") and settings.parse_address(entry.info()["listen"]) == want
+        return any((listen := entry.info().get("listen")) and settings.parse_address(listen) == (host, port)
                    for entry in node.others())
 
-    overlay.server = standalone(plane, host, port, ours=ours, tls_cert=options.get("tls_cert"),
-                                tls_key=options.get("tls_key"))
-    overlay.address = overlay.server.address
+    from overlay.http import standalone
+
+    server = overlay.server = standalone(plane, host, port, ours=ours, tls_cert=options.get("tls_cert"),
+                                         tls_key=options.get("tls_key"))
     logger.info("habanero endpoint listening on %s://%s:%d%s", "https" if options.get("tls_cert") else "http",
-                overlay.address[0], overlay.address[1], PREFIX)
+                server.address[0], server.address[1], PREFIX)
 
 
 # ------------------------------------------------------------------------------------- fork
@@ -252,7 +252,7 @@ def _after_fork_in_child() -> None:
         node.member = None
     store = node.host.store
     store.worker = Worker(str(store.path))  # the parent's worker thread did not come along
-    overlay.server, overlay.address = None, None  # the parent serves listen=: its port is its own
+    overlay.server = None  # the parent serves listen=: its port is its own
     threading.Thread(target=_rejoin, args=(overlay, node), name="habanero-join", daemon=True).start()
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import socket
 import ssl
 import threading
@@ -34,7 +33,6 @@ from overlay.serving.routes import Answer, ControlPlane, incomplete, too_large, 
 
 __all__ = ["StandaloneServer", "listening_socket", "mount"]
 
-log = logging.getLogger("overlay.http")
 
 _PLANE = web.AppKey("plane", ControlPlane)
 
@@ -69,7 +67,7 @@ async def _route(request: web.Request) -> web.StreamResponse:
             with plane.upload_slot():
                 body = await _read_body(request, plane.cap(path), plane.upload_timeout)
     except HabaneroError as exc:
-        return _json(Answer(exc.http_status, exc.to_dict()))
+        return _json(Answer.of(exc))
     return _json(plane.handle(request.method, path, request.query, request.headers, body))
 
 

@@ -10,6 +10,7 @@ version; its first request waits for that (off the event loop).
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -27,13 +28,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 class ASGIWrapper:
     """The app, with the control routes in front of it (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, plane: ControlPlane, ready: Callable[[], None],
-                 is_ready: Callable[[], bool]) -> None:
-        self.app, self.plane, self._ready, self._is_ready = app, plane, ready, is_ready
+    def __init__(self, app: ASGIApp, plane: ControlPlane, joined: threading.Event, ready: Callable[[], None]) -> None:
+        self.app, self.plane, self._joined, self._ready = app, plane, joined, ready
         self.__wrapped__ = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._is_ready():
+        if not self._joined.is_set():
             await asyncio.get_running_loop().run_in_executor(None, self._ready)
         if scope.get("type") != "http" or not self.plane.owns(scope.get("path", "")):
             await self.app(scope, receive, send)
@@ -55,7 +55,7 @@ class ASGIWrapper:
             with self.plane.upload_slot():
                 body = await _read(receive, headers, self.plane.cap(path), self.plane.upload_timeout)
         except HabaneroError as exc:
-            return Answer(exc.http_status, exc.to_dict())
+            return Answer.of(exc)
         return self.plane.handle(scope.get("method", "GET"), path, query, headers, body)
 
 

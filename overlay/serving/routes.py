@@ -58,6 +58,11 @@ class Answer:
     status: int
     body: dict[str, Any]
 
+    @classmethod
+    def of(cls, exc: HabaneroError) -> Answer:
+        """A refusal, with its own HTTP status and its JSON form."""
+        return cls(exc.http_status, exc.to_dict())
+
     def encoded(self) -> bytes:
         return json.dumps(self.body, default=str).encode()
 
@@ -104,7 +109,7 @@ class ControlPlane:
         try:
             return self._route(method, path, query, headers, body)
         except HabaneroError as exc:
-            return Answer(exc.http_status, exc.to_dict())
+            return Answer.of(exc)
         except Exception:
             log.exception("habanero control request failed")
             return Answer(500, {"code": "internal_error",

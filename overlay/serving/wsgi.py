@@ -8,6 +8,7 @@ catches up with the store's active version: its first request waits for that.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,15 +25,17 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found"
 
 
 class WSGIWrapper:
-    """The app, with the control routes in front of it. ``ready`` blocks until this process takes
-    part in deploys (at once, except in a child forked after ``install()``)."""
+    """The app, with the control routes in front of it. Until ``joined`` is set (at once, except in
+    a child forked after ``install()``), a request waits in ``ready`` for this process to take part
+    in deploys; after that, every request pays one flag test."""
 
-    def __init__(self, app: WSGIApp, plane: ControlPlane, ready: Callable[[], None]) -> None:
-        self.app, self.plane, self._ready = app, plane, ready
+    def __init__(self, app: WSGIApp, plane: ControlPlane, joined: threading.Event, ready: Callable[[], None]) -> None:
+        self.app, self.plane, self._joined, self._ready = app, plane, joined, ready
         self.__wrapped__ = app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        self._ready()
+        if not self._joined.is_set():
+            self._ready()
         path = environ.get("PATH_INFO", "")
         if not self.plane.owns(path):
             return self.app(environ, start_response)
@@ -50,7 +53,7 @@ class WSGIWrapper:
             with self.plane.upload_slot():
                 body = _read(environ, self.plane.cap(path), self.plane.upload_timeout)
         except HabaneroError as exc:  # a refusal of the upload, answered as JSON like every other
-            return Answer(exc.http_status, exc.to_dict())
+            return Answer.of(exc)
         return self.plane.handle(environ.get("REQUEST_METHOD", "GET"), path, query, headers, body)
 
 

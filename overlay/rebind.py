@@ -49,7 +49,7 @@ from overlay.rebinding.journal import MISSING, Journal
 from overlay.rebinding.runner import Runner
 from overlay.rebinding.statements import Diff, Parsed, Stmt, describe, normalize, plan
 
-__all__ = ["ModuleReport", "check_update", "update_module", "one_heap_pass", "HeapPass"]
+__all__ = ["ModuleReport", "check_update", "update_module", "one_heap_pass", "HeapPass", "Journal", "MISSING"]
 
 # Never removed from a module even if no statement binds them: the import system set them.
 _MODULE_SPECIALS = frozenset({"__name__", "__file__", "__spec__", "__loader__", "__package__",

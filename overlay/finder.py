@@ -29,7 +29,7 @@ import keyword
 import os
 import sys
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.machinery import ModuleSpec, PathFinder, SourceFileLoader
 
 from overlay.bundle import Bundle
@@ -72,12 +72,14 @@ def check_packages(packages: Iterable[object]) -> tuple[str, ...]:
 class _RecordingLoader(SourceFileLoader):
     """A plain source loader that keeps the bytes of the source it executes."""
 
-    def __init__(self, fullname: str, path: str, record: dict[str, bytes]) -> None:
+    def __init__(self, fullname: str, path: str, finder: OverlayFinder) -> None:
         super().__init__(fullname, path)
-        self._record = record
+        self._finder = finder
 
     def exec_module(self, module: types.ModuleType) -> None:
-        self._record[module.__name__] = self.get_data(self.path)
+        self._finder.disk_sources[module.__name__] = self.get_data(self.path)
+        if self._finder.before_exec is not None:
+            self._finder.before_exec()
         super().exec_module(module)
 
 
@@ -97,6 +99,9 @@ class OverlayFinder:
         # The exact source each declared module ran when it came from disk, by module name: the
         # first push diffs against what runs, not against a file the developer has since edited.
         self.disk_sources: dict[str, bytes] = {}
+        #: Called before each module of the app runs (from the bundle or from disk): the runtime
+        #: loads framework integrations there, before the app's code registers routes with them.
+        self.before_exec: Callable[[], None] | None = None
 
     @property
     def index(self) -> BundleIndex | None:
@@ -149,7 +154,7 @@ class OverlayFinder:
             return None  # a submodule is always looked up in its parent's __path__
         spec = PathFinder.find_spec(fullname, path)
         if spec is not None and type(spec.loader) is SourceFileLoader:
-            spec.loader = _RecordingLoader(spec.loader.name, spec.loader.path, self.disk_sources)
+            spec.loader = _RecordingLoader(spec.loader.name, spec.loader.path, self)
         return spec
 
     def invalidate_caches(self) -> None:

@@ -63,6 +63,7 @@ from overlay.bundle import Bundle, Limits, open_bundle
 from overlay.errors import ActivationFailed
 from overlay.finder import BundleIndex, OverlayFinder
 from overlay.format import delta
+from overlay.integrations import hooks
 from overlay.keys import TrustedKeys
 from overlay.rebinding.journal import MISSING, Journal
 from overlay.storage.tree import SourceTree
@@ -140,6 +141,9 @@ class UpgradeReport:
     timings_ms: dict[str, float] = field(default_factory=dict)
     #: One line per process of the app: ``{"pid", "version", "outcome", "ms"}`` (see ``overlay.deploy``).
     workers: list[dict[str, Any]] = field(default_factory=list)
+    #: What did not take effect live, and what to do: ``{"source", "what", "fix"}`` each, reported
+    #: by the hooks (``overlay.integrations``) and the rebinding.
+    not_live: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,7 +252,8 @@ class Change:
             journal.call(lambda: None, self.host.tree.update(self.current, self.bundle, self.diff.names))
             everything = not self.host.retargeted or self.current is None
             _apply_plan(self.plan, self.index, self.host.finder, journal, self.report, self.bundle.version,
-                        retarget=None if everything else (*self.plan.added, *self.plan.changed))
+                        retarget=None if everything else (*self.plan.added, *self.plan.changed),
+                        action=self.action)
             self.clock.lap("apply")
         except BaseException as exc:
             tb = _app_traceback(exc)
@@ -338,7 +343,7 @@ def _app_traceback(exc: BaseException) -> str:
 
 
 def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, report: UpgradeReport,
-                version: int, *, retarget: Iterable[str] | None) -> None:
+                version: int, *, retarget: Iterable[str] | None, action: str = "push") -> None:
     from overlay.rebind import one_heap_pass, update_module  # loaded by prepare() already
 
     _refuse_half_imported(plan)
@@ -352,13 +357,20 @@ def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, r
             parent, _, child = name.rpartition(".")
             if parent in sys.modules and getattr(sys.modules[parent], child, None) is module:
                 journal.delattr(sys.modules[parent], child)
-    _retarget(index.modules if retarget is None else retarget, index, journal)
+    moved = _retarget(index.modules if retarget is None else retarget, index, journal)
+    push = hooks.Push(action, version, report.previous_version, tuple(plan.added), tuple(plan.changed),
+                      tuple(plan.removed), tuple(plan.data_changed), tuple(c.name for c in plan.rerun),
+                      moved=moved, _journal=journal)
+    report.not_live = push.notices
+    hooks.run("before", push)
     with one_heap_pass(journal):  # closures made from changed code: one heap scan for the whole push
         for change in plan.rerun:
             report.modules.append(update_module(
                 sys.modules[change.name], change.new_source, filename=change.filename,
                 old_source=change.old_source, journal=journal, version=version, code=change.code,
                 diff=change.checked))
+    push.modules = report.modules
+    hooks.run("after", push)
 
 
 def _half_imported(plan: Plan) -> list[str]:
@@ -403,15 +415,16 @@ def _forget_new_imports(packages: Iterable[str], journal: Journal) -> None:
 _SPEC_KEYS = ("__spec__", "__loader__", "__file__", "__cached__", "__path__")
 
 
-def _retarget(names: Iterable[str], index: BundleIndex, journal: Journal) -> None:
+def _retarget(names: Iterable[str], index: BundleIndex, journal: Journal) -> dict[str, str]:
     """Point the live modules ``names`` at the new version: ``__spec__``, ``__loader__``,
     ``__file__``, ``__cached__`` (a package's ``__path__``).
 
     Paths and the loader are the same in every version, so a push re-points only the modules it
     adds or changes (a changed module's compiled-code path moves with its content). The first push
     of a process re-points every live module: those imported from disk before it. One journal
-    entry for them all.
+    entry for them all. Returns the package directories that moved, ``{old: new}``.
     """
+    moved: dict[str, str] = {}
     saved: list[tuple[dict[str, Any], tuple[Any, ...]]] = []
     journal.call(lambda: None, lambda: _restore_specs(saved))  # first: covers a failure half-way
     spec_of = index.spec
@@ -433,6 +446,10 @@ def _retarget(names: Iterable[str], index: BundleIndex, journal: Journal) -> Non
         namespace["__cached__"] = spec.cached
         if spec.submodule_search_locations is not None:
             namespace["__path__"] = list(spec.submodule_search_locations)
+            before, after = saved[-1][1][4], namespace["__path__"]
+            if isinstance(before, list) and before and after and before[0] != after[0]:
+                moved[os.path.abspath(before[0])] = after[0]
+    return moved
 
 
 def _restore_specs(saved: list[tuple[dict[str, Any], tuple[Any, ...]]]) -> None:
@@ -462,7 +479,8 @@ def _old_source(module: types.ModuleType, disk_sources: dict[str, bytes]) -> byt
 
 def move_tree(host: Host, tree: SourceTree) -> None:
     """Serve this process's version from ``tree`` from now on: lay it out, and re-point every live
-    module at it. For a forked child, whose modules still name its parent's tree."""
+    module at it. For a forked child, whose modules still name its parent's tree. The ``after``
+    hooks are told what moved (a framework that keeps a package's directory re-points it)."""
     active = host.active
     if active is not None:
         tree.lay_out(active)
@@ -473,6 +491,8 @@ def move_tree(host: Host, tree: SourceTree) -> None:
     _imp.acquire_lock()
     try:
         host.finder.set_index(index)
-        _retarget(index.modules, index, Journal())
+        moved = _retarget(index.modules, index, Journal())
+        if moved:
+            hooks.run("after", hooks.Push("move", active.version, active.version, (), (), (), (), (), moved=moved))
     finally:
         _imp.release_lock()

@@ -24,7 +24,8 @@ __all__ = ["describe_failure", "describe_push", "display", "failure_json", "form
 
 
 def describe_push(result: PushResult) -> str:
-    """One readable summary of a push: version, what changed, what was patched, and timings."""
+    """One readable summary of a push: version, what changed, what was patched, and timings; and,
+    in capitals so that it is not missed, every change that did not take effect live."""
     if not result.pushed:
         return (f"nothing to push: {result.url} runs this code already (version {result.version}, "
                 f"{result.digest[:12]}); no version number was spent")
@@ -46,6 +47,8 @@ def describe_push(result: PushResult) -> str:
         lines += [f"  replaced {name}.{what}: {reason}" for what, reason in module.get("replaced", [])]
         lines += [f"  removed {name}.{what}" for what in module.get("removed", [])]
         lines += [f"  note ({name}): {note}" for note in module.get("notes", [])]
+    for notice in r.get("not_live") or []:
+        lines.append(f"  NOT LIVE ({notice.get('source', '?')}): {notice.get('what', '')}; {notice.get('fix', '')}")
     if not any(r.get(k) for k in ("changed", "added", "removed", "data_changed")):
         lines.append("  nothing changed in the code; the version number moved on")
     return "\n".join(lines)

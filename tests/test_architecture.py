@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("storage", ["overlay.storage.*", "overlay.store"]),
     ("importing", ["overlay.importing.*", "overlay.finder"]),
     ("rebinding", ["overlay.rebinding.*", "overlay.rebind"]),
+    ("integrations", ["overlay.integrations.*", "overlay.integrations"]),
     ("transaction", ["overlay.transaction.*", "overlay.upgrade"]),
     ("processes", ["overlay.cluster.*", "overlay.deploy"]),
     ("control plane", ["overlay.serving.*", "overlay.http"]),
@@ -34,7 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
 #: Each layer's public face. A layer's own helpers never import it (the face imports them); the
 #: layers above may import the face or, where they need one part, the helper itself.
 FACES = {"overlay.bundle", "overlay.control", "overlay.store", "overlay.finder", "overlay.rebind",
-         "overlay.upgrade", "overlay.deploy", "overlay.http", "overlay"}
+         "overlay.integrations", "overlay.upgrade", "overlay.deploy", "overlay.http", "overlay"}
 #: What the packer, on the developer's machine, may use of overlay: the public faces, and the
 #: storage layer's file primitives (an atomic write), which load nothing of the store itself.
 PACKER_MAY_IMPORT = {"overlay", "overlay.errors", "overlay.keys", "overlay.bundle", "overlay.control",

@@ -201,6 +201,9 @@ class BundleLoader:
     def exec_module(self, module: types.ModuleType) -> None:
         spec = module.__spec__
         name = spec.name if spec is not None else module.__name__
+        before_exec = getattr(self.owner, "before_exec", None)
+        if before_exec is not None:
+            before_exec()
         exec(self.get_code(name), module.__dict__)
 
     def get_code(self, fullname: str) -> types.CodeType:

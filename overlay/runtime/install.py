@@ -28,6 +28,7 @@ from overlay.control import PREFIX
 from overlay.errors import ConfigError, HabaneroError
 from overlay.finder import BundleLoader, OverlayFinder, check_packages
 from overlay.importing.codecache import CodeCache
+from overlay.integrations import hooks
 from overlay.keys import TrustedKeys
 from overlay.runtime import handle, settings
 from overlay.runtime.handle import Overlay
@@ -130,6 +131,7 @@ def install(
             logger.warning("store %s: %s", store_path, problem)
         for text in warnings:
             logger.warning("%s", text)
+        _arm_integrations(finder)
         sys.meta_path.insert(0, finder)
         handle.make_current(overlay)
     try:
@@ -140,6 +142,13 @@ def install(
     logger.info("habanero serving %s from %s", ", ".join(names),
                 f"bundle v{overlay.version}" if overlay.version is not None else "disk (no bundle pushed yet)")
     return overlay
+
+
+def _arm_integrations(finder: OverlayFinder) -> None:
+    """Framework integrations load with their framework: now for one imported already, else before
+    the next module of the app runs (the one that registers routes with it)."""
+    hooks.arm()
+    finder.before_exec = hooks.arm
 
 
 def _text(path: str | os.PathLike[str] | None) -> str | None:

@@ -1,0 +1,31 @@
+"""What habanero-pack prints for a push (``packer.output``)."""
+
+from __future__ import annotations
+
+from packer.deploy import PushResult
+from packer.output import describe_push, push_json
+
+
+def _result(**report: object) -> PushResult:
+    base = {"version": 3, "changed": ["shop.views"], "added": [], "removed": [], "data_changed": [],
+            "modules": [], "timings_ms": {"verify": 0.4, "apply": 1.2}, "workers": []}
+    return PushResult(3, "ab" * 32, "http://127.0.0.1:8000", {"report": {**base, **report}},
+                      timings_ms={"total": 40, "build": 10, "transfer": 20, "server": 2.0})
+
+
+def test_a_change_that_did_not_take_effect_live_is_printed_with_its_fix():
+    text = describe_push(_result(not_live=[
+        {"source": "django", "what": "settings.DEBUG changed", "fix": "restart the app to apply it"}]))
+
+    assert "  NOT LIVE (django): settings.DEBUG changed; restart the app to apply it" in text.splitlines()
+
+
+def test_a_push_that_took_effect_whole_prints_no_not_live_line():
+    assert "NOT LIVE" not in describe_push(_result(not_live=[]))
+    assert "NOT LIVE" not in describe_push(_result())  # an app of an older habanero: no such field
+
+
+def test_the_json_output_carries_what_did_not_take_effect_live():
+    notices = [{"source": "aiohttp", "what": "route GET /new", "fix": "restart"}]
+
+    assert push_json(_result(not_live=notices))["report"]["not_live"] == notices

@@ -24,13 +24,15 @@ variable. A link whose target vanished stays: opening it to write creates the fi
 A link is ours when its target is an absolute path whose last component is its own name (``media ->
 /srv/app/media``): recognisable without a record, even after the project moved (a new release
 directory), in which case it is re-pointed at the first home. The mirror is refreshed whenever the
-tree is laid out or updated: one ``scandir`` of the tree root and of each home.
+tree is laid out or updated: a ``stat`` of the tree root and of each home, and when one of them
+changed, a ``scandir`` of each.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
 from importlib.machinery import PathFinder, all_suffixes
 
@@ -41,6 +43,8 @@ __all__ = ["Mirror", "homes_of", "warn_once"]
 logger = logging.getLogger("overlay.store")
 
 _warned: set[tuple[str, str]] = set()
+#: A directory changed less than this long ago may change again without a new mtime (see _stamp).
+_SETTLE_NS = 2_000_000_000
 
 
 def warn_once(key: str, path: str, message: str, *args: object) -> None:
@@ -80,12 +84,21 @@ class Mirror:
         suffixes = ("", *all_suffixes())
         self.served = frozenset(name + suffix for name in packages for suffix in suffixes)
         self._avoid = tuple(os.path.realpath(path) for path in avoid)
+        self._stamps: dict[str, tuple[int, ...] | None] = {}  # tree root -> _stamp() at its last refresh
 
     def refresh(self, root: str) -> None:
         """Add the missing links at ``root``, re-point ours that point elsewhere; never fails (a
-        link that cannot be made is logged)."""
+        link that cannot be made is logged).
+
+        Skipped when neither ``root`` nor any home changed since the last refresh (their inodes and
+        mtimes, one ``stat`` each): a push then costs a few microseconds, however large the homes.
+        """
         try:
+            last = self._stamps.get(root)
+            if last is not None and last == _stamp((root, *self.homes)):
+                return
             self._refresh(root)
+            self._stamps[root] = _stamp((root, *self.homes))
         except OSError as exc:
             warn_once("mirror", root, "could not link the project's files into the source tree %s (%s): code "
                       "that derives paths from __file__ may not find them", root, exc)
@@ -145,6 +158,20 @@ class Mirror:
                     continue
                 wanted[name] = child.path
         return wanted
+
+
+def _stamp(directories: tuple[str, ...]) -> tuple[int, ...] | None:
+    """The inode and mtime of each directory, or None when one changed less than ``_SETTLE_NS``
+    ago: an mtime has the granularity of the kernel's clock tick, so a change made right after the
+    last scan could carry the same one (git's "racy clean" problem)."""
+    stamp: list[int] = []
+    now = time.time_ns()
+    for directory in directories:
+        st = os.stat(directory)
+        if now - st.st_mtime_ns < _SETTLE_NS:
+            return None
+        stamp += (st.st_ino, st.st_mtime_ns)
+    return tuple(stamp)
 
 
 def _ours(name: str, target: str) -> bool:

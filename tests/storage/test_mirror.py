@@ -81,8 +81,12 @@ def test_a_file_added_to_the_project_is_linked_at_the_next_push(project, store, 
     tree = tree_in(store, tmp_path / "w0" / "tree", {"app": str(project)})
     v1 = version(1)
     tree.lay_out(v1)
+    for directory in (project, tree.root):  # settled long ago: the next refresh remembers them
+        os.utime(directory, (1_000_000_000, 1_000_000_000))
+    v2 = version(2)
+    tree.update(v1, v2)
     (project / "uploads.json").write_text("[]")
-    tree.update(v1, version(2))
+    tree.update(v2, version(3))
     assert (base_dir(tree) / "uploads.json").read_text() == "[]"
 
 

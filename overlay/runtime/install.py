@@ -104,7 +104,8 @@ def install(
             with deploy.joining(opened, registry, {"listen": resolved_listen}) as entry:
                 # Under the deploy lock: the version read now is the one every other process runs.
                 active = opened.sync_active()
-                tree = opened.source_tree(entry.tree)
+                # Found before the app imports them: where its paths derived from __file__ lead.
+                tree = opened.source_tree(entry.tree, mirror=opened.mirror(names))
                 if active is not None:
                     tree.lay_out(active)
                     finder.set_index(finder.index_for(active, tree.root))
@@ -270,7 +271,7 @@ def _rejoin(overlay: Overlay, node: deploy.Node) -> None:
     try:
         with deploy.joining(store, node.registry, node.info) as entry:
             node.entry = entry
-            move_tree(node.host, store.source_tree(entry.tree))
+            move_tree(node.host, store.source_tree(entry.tree, mirror=node.host.tree.mirror))
             deploy.start(node, overlay.worker_status)
             try:
                 deploy.catch_up(node)

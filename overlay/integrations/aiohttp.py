@@ -324,8 +324,8 @@ def _report(push: Push, state: _Before) -> None:
             for part in qualname.split("."):
                 obj = getattr(obj, part, None)
             if inspect.isfunction(obj) and _REGISTERS & set(obj.__code__.co_names):
-                push.not_live(f"{report.module}.{qualname}: it registers routes and was changed, but it ran at "
-                              "start-up and nothing calls it again", _RESTART)
+                push.not_live(f"{report.module}.{qualname}: it registers routes and was changed; what it "
+                              "registered before the push stays as it was", _RESTART)
 
 
 def _where(table: web.RouteTableDef) -> str:

@@ -403,7 +403,7 @@ def _report_rebound(push: Push, state: _Before) -> None:
 
 
 def _report_registrars(push: Push, state: _Before) -> None:
-    """A changed function that registers routes ran at start-up; nothing calls it again."""
+    """A changed function that registers routes: what its earlier calls registered is not redone."""
     for report in push.modules:
         module = sys.modules.get(report.module)
         for qualname in report.patched:
@@ -413,8 +413,8 @@ def _report_registrars(push: Push, state: _Before) -> None:
             fn = _unwrap(obj)
             if isinstance(fn, types.FunctionType) and _REGISTERS & set(fn.__code__.co_names) and \
                     not _is_endpoint(fn):
-                push.not_live(f"{report.module}.{qualname}: it registers routes or middleware and was changed, "
-                              "but it ran at start-up and nothing calls it again", _RESTART)
+                push.not_live(f"{report.module}.{qualname}: it registers routes or middleware and was changed; "
+                              "what it registered before the push stays as it was", _RESTART)
 
 
 def _is_endpoint(fn: Any) -> bool:

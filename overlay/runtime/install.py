@@ -14,6 +14,7 @@ wrappers call before a request) waits for that.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -179,8 +180,18 @@ def _check_app(app: Any, listen: str | None) -> None:
     from aiohttp import web  # only apps that pass app= pay for importing aiohttp here
 
     if not isinstance(app, web.Application):
-        raise ConfigError(f"app= must be an aiohttp.web.Application, got {type(app).__name__}",
-                          code="bad_config")
+        raise ConfigError(f"app= mounts the routes into an aiohttp.web.Application, got {type(app).__name__}; "
+                          f"{_wrap_instead(app)}", code="bad_config")
+
+
+def _wrap_instead(app: Any) -> str:
+    """What to write instead of ``app=`` for an app that is not aiohttp's: the routes go on its own port."""
+    call = getattr(type(app), "__call__", None)  # noqa: B004  (the class's: is calling an instance async?)
+    if inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(call):
+        return ("for an ASGI app (FastAPI, Starlette...) leave app= out and wrap it: app = ov.asgi(app), which "
+                "serves habanero's routes on the app's own port (no second port)")
+    return ("for a WSGI app leave app= out and wrap it: application = ov.wsgi(application) (Flask: "
+            "app.wsgi_app = ov.wsgi(app.wsgi_app)), which serves habanero's routes on the app's own port")
 
 
 def _preimported(packages: tuple[str, ...]) -> list[str]:

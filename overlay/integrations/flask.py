@@ -235,20 +235,25 @@ def _close_app(state: _Apply, app: App) -> None:
         push.setattr(url_map, "_matcher", _matcher(url_map, url_map._rules_by_endpoint))
         push.setattr(url_map, "_remap", True)
     for endpoint in state.registered.get(app, ()):
-        _keep_live_function(push, app.view_functions, endpoint)
+        live = _live_twin(app.view_functions.get(endpoint))
+        if live is not None:
+            push.setitem(app.view_functions, endpoint, live)
     for name in ("_check_setup_finished", "add_url_rule", "register_blueprint"):
         push.delattr(app, name)
     push.delattr(url_map, "add")
 
 
-def _keep_live_function(push: Push, table: dict[Any, Any], key: Any) -> None:
-    """A decorator that ran again registered the function its statement made; the module keeps the
-    old one, patched to the same code, which later pushes patch again: register that one."""
-    fn = table.get(key)
-    live = _module_binding(fn)
-    if live is not None and live is not fn and isinstance(live, types.FunctionType) \
-            and isinstance(fn, types.FunctionType) and live.__code__ is fn.__code__:
-        push.setitem(table, key, live)
+def _live_twin(fn: Any) -> types.FunctionType | None:
+    """The function the module binds in place of ``fn``, if ``fn`` is its throwaway twin: a decorator
+    that ran again registered the function its statement made, while the module keeps the old one,
+    patched to the same code (and patched again by later pushes). That one is what to register."""
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    if not isinstance(fn, types.FunctionType) or module is None or fn.__qualname__ != fn.__name__:
+        return None
+    live = module.__dict__.get(fn.__name__)
+    if live is not fn and isinstance(live, types.FunctionType) and live.__code__ is fn.__code__:
+        return live
+    return None
 
 
 def _module_binding(fn: Any) -> Any:
@@ -284,7 +289,10 @@ def _replay_blueprints(state: _Apply) -> None:
                 for deferred in new:
                     deferred(setup)
             for fn in new:
-                _keep_live_cell(state.push, fn)
+                cells = _deferred_route(fn)
+                live = _live_twin(cells["view_func"].cell_contents) if cells is not None else None
+                if cells is not None and live is not None:
+                    state.push.setattr(cells["view_func"], "cell_contents", live)
         for app, name in registrations:
             _merge_tables(state, bp, app, name)
         if len(bp._blueprints) > state.children.get(bp, len(bp._blueprints)) and registrations:
@@ -292,36 +300,26 @@ def _replay_blueprints(state: _Apply) -> None:
                                 "on the app", "restart the app to serve the nested blueprint")
 
 
-def _deferred_cells(fn: Any) -> dict[str, Any]:
-    """The variables a setup function made by ``Blueprint.add_url_rule`` closes over."""
+def _deferred_route(fn: Any) -> dict[str, Any] | None:
+    """The cells of a setup function made by ``Blueprint.add_url_rule`` (``endpoint``, ``view_func``,
+    ...), or None for any other setup function."""
     code = getattr(fn, "__code__", None)
     if code is None or code.co_qualname != "Blueprint.add_url_rule.<locals>.<lambda>":
-        return {}
+        return None
     return dict(zip(code.co_freevars, fn.__closure__ or ()))
 
 
 def _deferred_endpoint(fn: Any) -> str | None:
-    cells = _deferred_cells(fn)
-    if not cells:
+    cells = _deferred_route(fn)
+    if cells is None:
         return None
-    endpoint = cells["endpoint"].cell_contents
-    view = cells["view_func"].cell_contents
+    endpoint, view = cells["endpoint"].cell_contents, cells["view_func"].cell_contents
     return endpoint if endpoint is not None else getattr(view, "__name__", None)
 
 
 def _deferred_view(fn: Any) -> Any:
-    cells = _deferred_cells(fn)
-    return cells["view_func"].cell_contents if cells else None
-
-
-def _keep_live_cell(push: Push, fn: Any) -> None:
-    cell = _deferred_cells(fn).get("view_func")
-    if cell is not None:
-        live = _module_binding(cell.cell_contents)
-        view = cell.cell_contents
-        if live is not None and live is not view and isinstance(live, types.FunctionType) \
-                and isinstance(view, types.FunctionType) and live.__code__ is view.__code__:
-            push.setattr(cell, "cell_contents", live)
+    cells = _deferred_route(fn)
+    return cells["view_func"].cell_contents if cells is not None else None
 
 
 # ------------------------------------------------------------------------------- removed and doubled
@@ -408,7 +406,7 @@ def _definition(fn: Any, push: Push) -> tuple[str, str] | None:
             break
         inner = wrapped
     if not isinstance(inner, types.FunctionType) or inner.__module__ not in push.reran \
-            or inner.__qualname__ != inner.__name__:
+            or inner.__qualname__ != inner.__name__ or not inner.__name__.isidentifier():  # not a lambda
         return None
     return inner.__module__, inner.__qualname__
 

@@ -322,10 +322,12 @@ def test_a_changed_url_map_setting_is_reported_not_live(shop):
         "the old setting"]
 
 
-def test_a_push_that_changes_nothing_of_flask_reports_nothing(shop):
-    shop.edit("flshop/views.py", 'return "home"', 'return "home, again"')
+def test_an_ordinary_push_of_a_view_and_its_template_is_live_and_reports_nothing(shop):
+    shop.get("/page")
+    shop.edit("flshop/views.py", 'name="v1"', 'name="v2"')
+    shop.edit("flshop/templates/page.html", "page", "Page")
 
     report = shop.push()
 
-    assert shop.get("/") == (200, "home, again")
+    assert shop.get("/page") == (200, "Page v2 v1")
     assert report.not_live == []

@@ -73,6 +73,10 @@ class ModuleReport:
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (qualname, reason)
     removed: list[str] = field(default_factory=list)  # names whose definition was deleted
     notes: list[str] = field(default_factory=list)  # everything else, with its reason
+    #: Top-level defs whose decorators the push changed (they ran again, or are gone):
+    #: ``{name: (old decorators, new decorators)}``, as source text. What the old ones registered
+    #: (a route) is the framework integration's to drop (see ``overlay.integrations``).
+    redecorated: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
 
 
 @contextlib.contextmanager

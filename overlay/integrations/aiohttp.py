@@ -35,7 +35,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_urldispatcher import MatchedSubAppResource, PrefixedSubAppResource, Resource, UrlDispatcher
 
-from overlay.integrations.hooks import Push, register
+from overlay.integrations.hooks import Push, calls_any, register
 
 
 class _Known:
@@ -60,6 +60,7 @@ _MISSING = object()
 _REGISTERS = frozenset({"add_get", "add_post", "add_put", "add_patch", "add_delete", "add_head", "add_route",
                         "add_routes", "add_view", "add_static", "add_resource", "add_subapp"})
 _RESTART = "restart the app to apply it"
+_ROUTE_DECORATORS = frozenset({"get", "post", "put", "patch", "delete", "head", "view", "route"})
 
 
 @dataclass
@@ -301,7 +302,7 @@ def _drop_stale_routes(router: UrlDispatcher, state: _Before, renewed: set[int])
             handler = _handler(route)
             if id(route) not in state.routes or getattr(handler, "__module__", None) not in state.reran:
                 continue
-            if _live(handler) is _MISSING or id(handler) in renewed:
+            if _live(handler) is _MISSING or id(handler) in renewed or _unrouted(state.push, handler):
                 del routes[method]
                 if resource._any_route is route:
                     resource._any_route = None
@@ -310,6 +311,13 @@ def _drop_stale_routes(router: UrlDispatcher, state: _Before, renewed: set[int])
             router._resources.remove(resource)
             if resource.name is not None:
                 router._named_resources.pop(resource.name, None)
+
+
+def _unrouted(push: Push, fn: Any) -> bool:
+    """Whether the push changed the decorators of ``fn`` and the old ones routed it (a
+    ``RouteTableDef`` decorator): the route they made goes, as after a fresh start."""
+    changed = push.decorators_changed(fn)
+    return changed is not None and calls_any(changed[0], _ROUTE_DECORATORS)
 
 
 def _report(push: Push, state: _Before) -> None:

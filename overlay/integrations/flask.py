@@ -46,7 +46,7 @@ from flask.sansio.scaffold import Scaffold, _endpoint_from_view_func
 from werkzeug.routing import Map, Rule
 from werkzeug.routing.matcher import StateMachineMatcher
 
-from overlay.integrations.hooks import Push, register
+from overlay.integrations.hooks import Push, calls_any, register
 
 __all__: list[str] = []
 
@@ -55,6 +55,7 @@ __all__: list[str] = []
 _FUNCTION_TABLES = ("before_request_funcs", "after_request_funcs", "teardown_request_funcs",
                     "url_default_functions", "url_value_preprocessors", "template_context_processors")
 #: URL map settings a rule reads once, when it is added.
+_ROUTE_DECORATORS = frozenset({"route", "get", "post", "put", "patch", "delete"})
 _MAP_SETTINGS = ("strict_slashes", "merge_slashes", "redirect_defaults", "host_matching", "sort_parameters")
 
 #: Apps seen in an earlier push (found in the app's modules or through a blueprint's registration).
@@ -339,8 +340,17 @@ def _gone(fn: Any, push: Push) -> bool:
 def _drop_removed_views(state: _Apply) -> None:
     for app in state.apps:
         for endpoint, view in list(app.view_functions.items()):
-            if endpoint not in state.registered.get(app, ()) and _gone(view, state.push):
+            if endpoint not in state.registered.get(app, ()) and (_gone(view, state.push)
+                                                                  or _unrouted(view, state.push)):
                 state.drop_endpoint(app, endpoint)
+
+
+def _unrouted(fn: Any, push: Push) -> bool:
+    """Whether the push changed the decorators of ``fn`` (its ``def`` stays) and the old ones routed
+    it: what they registered goes, as after a fresh start (a route decorator that is still there
+    registered the endpoint again, which keeps it)."""
+    changed = push.decorators_changed(fn)
+    return changed is not None and calls_any(changed[0], _ROUTE_DECORATORS)
 
 
 def _save_tables(state: _Apply, owner: Scaffold) -> None:

@@ -39,7 +39,7 @@ from overlay.rebinding.journal import Journal
 if TYPE_CHECKING:
     from overlay.rebind import ModuleReport
 
-__all__ = ["Hook", "Push", "arm", "register", "registered", "run", "unregister"]
+__all__ = ["Hook", "Push", "arm", "calls_any", "register", "registered", "run", "unregister"]
 
 log = logging.getLogger("overlay.integrations")
 
@@ -154,6 +154,18 @@ class Push:
         prefix = directory.rstrip("/") + "/"
         return [f for f in self.files if f.startswith(prefix)]
 
+    def decorators_changed(self, fn: Any) -> tuple[list[str], list[str]] | None:
+        """For ``fn``, a top-level function of a module that ran again: its decorators before and
+        after the push, as source text, when the push changed them (``(["app.get('/a')"], [])``:
+        a route decorator was deleted); else None. What the old decorators registered is stale."""
+        module, name = getattr(fn, "__module__", None), getattr(fn, "__name__", None)
+        if module not in self.reran or getattr(fn, "__qualname__", None) != name:
+            return None
+        for report in self.modules:
+            if report.module == module and name in report.redecorated:
+                return report.redecorated[name]
+        return None
+
     # ---------------------------------------------------------------- undoable changes
 
     def setattr(self, obj: Any, name: str, value: Any) -> None:
@@ -215,6 +227,13 @@ def _below(name: str, prefix: str) -> bool:
     if name == prefix or (prefix.endswith(("/", ".")) and name.startswith(prefix)):
         return True
     return name.startswith((prefix + ".", prefix + "/"))
+
+
+def calls_any(decorators: Iterable[str], names: Iterable[str]) -> bool:
+    """Whether any of ``decorators`` (source text, as :meth:`Push.decorators_changed` gives them)
+    calls one of ``names``: ``"app.get('/a')"`` calls ``get``, ``"routes.route('*', '/')"`` ``route``."""
+    wanted = frozenset(names)
+    return any(d.partition("(")[0].rpartition(".")[2].strip() in wanted for d in decorators)
 
 
 def describe(notices: Iterable[dict[str, str]]) -> list[str]:

@@ -37,7 +37,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, Route, Router
 
-from overlay.integrations.hooks import Push, register
+from overlay.integrations.hooks import Push, calls_any, register
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ _MISSING = object()
 _REGISTERS = frozenset({"add_api_route", "add_route", "include_router", "mount", "add_api_websocket_route",
                         "add_websocket_route", "api_route", "add_middleware", "add_exception_handler"})
 _RESTART = "restart the app to apply it"
+_ROUTE_DECORATORS = frozenset({"get", "post", "put", "patch", "delete", "options", "head", "trace", "api_route",
+                               "route", "websocket", "websocket_route"})
 
 
 @dataclass
@@ -345,12 +347,20 @@ def _drop_replaced_and_removed(push: Push, state: _Before, touched: set[int]) ->
             endpoint = getattr(route, "endpoint", None)
             gone = (id(route) in existed and isinstance(endpoint, types.FunctionType)
                     and endpoint.__module__ in state.reran
-                    and (id(endpoint) in renewed or _live(endpoint) is _MISSING))
+                    and (id(endpoint) in renewed or _live(endpoint) is _MISSING
+                         or _unrouted(push, endpoint)))
             if not gone:
                 keep.append(route)
         if len(keep) != len(router.routes):
             router.routes[:] = keep  # the before hook's undo puts the list back
             touched.add(id(router))
+
+
+def _unrouted(push: Push, fn: Any) -> bool:
+    """Whether the push changed the decorators of ``fn`` and the old ones made its route (deleted
+    or replaced: a route decorator still there made a new route, which is kept)."""
+    changed = push.decorators_changed(fn)
+    return changed is not None and calls_any(changed[0], _ROUTE_DECORATORS)
 
 
 def _rebuild_changed(push: Push, state: _Before, touched: set[int]) -> int:

@@ -73,6 +73,7 @@ class Report(Protocol):
     replaced: list[tuple[str, str]]  # (qualname, reason)
     removed: list[str]
     notes: list[str]
+    redecorated: dict[str, tuple[list[str], list[str]]]
 
 
 def pair_nested(old: CodeType, new: CodeType, required: Pairs, optional: Pairs) -> None:

@@ -136,6 +136,9 @@ class Runner:
         same_decorators = old_node is not None and _dumps(old_node.decorator_list) == _dumps(
             node.decorator_list)
         same_defaults = old_node is not None and _defaults(old_node) == _defaults(node)
+        if old_node is not None and not same_decorators:
+            ctx.report.redecorated[name] = ([ast.unparse(d) for d in old_node.decorator_list],
+                                            [ast.unparse(d) for d in node.decorator_list])
         refused = None
         if same_decorators and node.decorator_list:
             found = self._find_old(old_obj, name)

@@ -107,6 +107,15 @@ def test_a_deleted_handler_loses_its_route(live):
     assert get(app, "/")[0] == 200
 
 
+def test_a_deleted_route_decorator_takes_the_route_away_while_the_handler_stays(live):
+    app = started(live)
+    index = live.module("views").index
+    live.push({"views": VIEWS.replace('@routes.get("/")\n', ''), "app": APP})
+
+    assert get(app, "/")[0] == 404
+    assert live.module("views").index is index and get(app, "/direct")[0] == 200
+
+
 def test_a_failing_push_leaves_the_router_exactly_as_it_was(live):
     app = started(live)
     resources = list(app.router._resources)

@@ -146,6 +146,24 @@ def _url_map(app: Any) -> tuple[Any, ...]:
 # ------------------------------------------------------------------------------------------ routes
 
 
+def test_a_deleted_route_decorator_takes_the_route_away_while_the_function_stays(shop):
+    shop.edit("flshop/views.py", '@app.get("/old")\ndef old():', 'def old():')
+
+    shop.push()
+
+    assert shop.get("/old")[0] == 404
+    assert sys.modules["flshop.views"].old() == "old page" and shop.get("/") == (200, "home")
+
+
+def test_a_decorator_added_beside_the_route_keeps_the_route(shop):
+    shop.edit("flshop/views.py", '@app.get("/old")\ndef old():',
+              'import functools\n\n\n@app.get("/old")\n@functools.lru_cache(maxsize=1)\ndef old():')
+
+    shop.push()
+
+    assert shop.get("/old") == (200, "old page")
+
+
 def test_a_route_added_by_a_push_is_served(shop):
     shop.append("flshop/views.py", '''
 

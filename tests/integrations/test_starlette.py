@@ -117,6 +117,15 @@ def test_a_changed_path_moves_the_route_and_a_deleted_endpoint_loses_its_route(l
     assert "/greet" in paths and "/hello" not in paths and "/api/items" not in paths
 
 
+def test_a_deleted_route_decorator_takes_the_route_away_while_the_function_stays(live):
+    app = started(live)
+    hello = live.module("main").hello
+    live.push({"main": MAIN.replace('@app.get("/hello")\n', '')})
+
+    assert asgi_get(app, "/hello", "name=x")[0] == 404
+    assert live.module("main").hello is hello and "/hello" not in asgi_get(app, "/openapi.json")[1]["paths"]
+
+
 def test_a_changed_return_annotation_changes_the_response_model(live):
     app = started(live, MAIN + '\n\n@app.get("/n")\ndef n() -> int:\n    return "3"\n')
     assert asgi_get(app, "/n") == (200, 3)

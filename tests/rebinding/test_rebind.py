@@ -105,6 +105,7 @@ def test_the_module_report_names_what_ran_was_patched_replaced_removed_and_noted
                               "version 2 keep the old class")],
         "removed": ["old_helper"],
         "notes": ["ran __habanero_migrate__ with the previous namespace"],
+        "redecorated": {},
     }
 
 

@@ -220,6 +220,7 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
         round_.close()
     report = change.commit()
     report.workers = _lines(node, round_, report)
+    _gather_not_live(report, round_)
     if interrupted is not None:
         raise interrupted
     return report
@@ -298,6 +299,20 @@ def _lines(node: Node, round_: Round, report: UpgradeReport) -> list[dict[str, A
     own = {"pid": os.getpid(), "version": report.version, "outcome": "applied",
            "ms": report.timings_ms.get("total", 0.0)}
     return [own, *(_peer_line(p, "applied") for p in round_.peers)]
+
+
+def _gather_not_live(report: UpgradeReport, round_: Round) -> None:
+    """Every process's hooks judge what could not take effect live in it (a worker may hold a
+    framework table another does not): the report lists each notice once, whoever found it."""
+    seen = {(n["source"], n["what"], n["fix"]) for n in report.not_live}
+    for peer in round_.peers:
+        notices = peer.answer.get("not_live") if peer.ok else None
+        for notice in notices if isinstance(notices, list) else []:
+            if isinstance(notice, dict) and all(isinstance(notice.get(k), str) for k in ("source", "what", "fix")):
+                key = (notice["source"], notice["what"], notice["fix"])
+                if key not in seen:
+                    seen.add(key)
+                    report.not_live.append({"source": key[0], "what": key[1], "fix": key[2]})
 
 
 def _peer_line(peer: Peer, outcome: str) -> dict[str, Any]:

@@ -180,7 +180,8 @@ class Member:
                     self.host.note(change.action, bundle.version, "reverted")
             with contextlib.suppress(Gone):
                 messages.send(conn, {"ok": True, "pid": os.getpid(), "ms": clock.elapsed(),
-                                     "version": bundle.version if keep else None})
+                                     "version": bundle.version if keep else None,
+                                     "not_live": change.report.not_live if keep and change.report else []})
         finally:
             self.busy.release()
 

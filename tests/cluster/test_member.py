@@ -177,3 +177,39 @@ def test_a_member_that_runs_out_of_descriptors_for_a_moment_accepts_again(served
     finally:
         member._server = real  # the loop above ends at its next accept, which closing makes fail
         listener.close()
+
+
+def test_what_a_process_could_not_make_live_goes_back_with_its_commit(served, signing_key):
+    from overlay.cluster import member
+
+    # The hook registry the member's transaction runs (tests reload modules between them).
+    hooks = member.Change.apply.__globals__["hooks"]
+    hooks.register("pid-table", after=lambda push: push.not_live(f"table of process {os.getpid()}", "restart it"))
+    try:
+        sock, _ = prepare(served, app_bundle(signing_key, 2, "two"))
+        assert step(sock, {"op": "apply"})["ok"]
+        done = step(sock, {"op": "commit"})
+        sock.close()
+    finally:
+        hooks.unregister("pid-table")
+
+    assert done["version"] == 2
+    assert done["not_live"] == [{"source": "pid-table", "what": f"table of process {os.getpid()}",
+                                 "fix": "restart it"}]
+
+
+def test_the_push_report_lists_each_processs_notice_once():
+    from types import SimpleNamespace
+
+    from overlay.deploy import _gather_not_live
+
+    mine = {"source": "flask", "what": "app made anew", "fix": "restart"}
+    theirs = {"source": "django", "what": "settings.DEBUG changed", "fix": "restart"}
+    report = SimpleNamespace(not_live=[dict(mine)])
+    peers = [SimpleNamespace(ok=True, answer={"not_live": [mine, theirs]}),
+             SimpleNamespace(ok=True, answer={"not_live": [theirs, {"what": 1}]}),
+             SimpleNamespace(ok=False, answer={"not_live": [{"source": "x", "what": "y", "fix": "z"}]})]
+
+    _gather_not_live(report, SimpleNamespace(peers=peers))
+
+    assert report.not_live == [mine, theirs]

@@ -49,6 +49,7 @@ Phase = Literal["before", "after"]
 #: The integrations habanero ships: the module whose presence in ``sys.modules`` means the app
 #: uses the framework, and the module of this package that rebuilds the framework's tables.
 BUILTIN: dict[str, tuple[str, str]] = {
+    "django": ("django.apps", "overlay.integrations.django"),
 }
 
 

@@ -284,7 +284,7 @@ def _settings(push: Push, settings_module: str, before: dict[str, Any]) -> None:
 
 
 def _urls(push: Push) -> None:
-    from django.urls import clear_url_caches  # type: ignore[import-untyped]
+    from django.urls import clear_url_caches
 
     clear_url_caches()  # resolvers hold the urlpatterns lists and views they first read
     push.on_undo(clear_url_caches)

@@ -2,9 +2,10 @@
 
 Loaded when ``django.apps`` is. Each push (and rollback) that re-runs app code:
 
-* **URLconf.** Django caches one resolver per URLconf, holding the ``urlpatterns`` list it first
-  read: a new path 404s until the caches are cleared (``clear_url_caches``), here after every push
-  that re-ran, added or removed a module (the cleared caches are derived: an undo clears them again).
+* **URLconf.** Django caches one resolver per URLconf, and each ``include()`` makes a resolver that
+  keeps the ``urlpatterns`` list it first read: a new path 404s until they read again. After every
+  push that re-ran, added or removed a module, the caches are cleared and every resolver of the
+  URLconf forgets what it read (derived state: an undo does the same again).
 * **Templates.** The cached loader keeps compiled templates, and the ``app_directories`` loader
   reads each app's ``AppConfig.path``, worked out from the app's ``__file__`` at start-up. On a
   process's first push the app's package moves from the code on disk to habanero's source tree:
@@ -284,10 +285,34 @@ def _settings(push: Push, settings_module: str, before: dict[str, Any]) -> None:
 
 
 def _urls(push: Push) -> None:
-    from django.urls import clear_url_caches
+    _fresh_urls()
+    push.on_undo(_fresh_urls)
 
-    clear_url_caches()  # resolvers hold the urlpatterns lists and views they first read
-    push.on_undo(clear_url_caches)
+
+def _fresh_urls() -> None:
+    """Drop the resolvers Django cached, and what every ``include()`` resolver of the URLconf read
+    (its ``urlpatterns`` list, its reverse tables): they are built again from the modules on use."""
+    from django.conf import settings
+    from django.urls import URLResolver, clear_url_caches, get_resolver
+
+    clear_url_caches()  # the root resolver per URLconf, and the views looked up by name
+    if not settings.configured or not getattr(settings, "ROOT_URLCONF", None):
+        return
+    pending, seen = [get_resolver()], set()
+    while pending:  # include() resolvers live in their parent's urlpatterns, not in any cache
+        resolver = pending.pop()
+        if id(resolver) in seen:
+            continue
+        seen.add(id(resolver))
+        resolver.__dict__.pop("url_patterns", None)
+        if isinstance(resolver.urlconf_name, str):
+            resolver.__dict__.pop("urlconf_module", None)
+        resolver._reverse_dict.clear()
+        resolver._namespace_dict.clear()
+        resolver._app_dict.clear()
+        resolver._callback_strs = set()
+        resolver._populated = False
+        pending.extend(p for p in resolver.url_patterns if isinstance(p, URLResolver))
 
 
 def _templates(push: Push) -> None:

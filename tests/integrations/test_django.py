@@ -59,8 +59,8 @@ def test_a_new_url_is_served_a_removed_one_404s_and_a_changed_one_moves(tmp_path
         pk = Product.objects.create(name="tea").pk
         result["before"] = [get("/")[0], get("/about/")[0], get(f"/products/{pk}/")[0], get(f"/items/{pk}/")[0]]
         write("views.py", open("dev/shopapp/views.py").read() + "\\n\\ndef about(request):\\n    return HttpResponse('about us')\\n")
-        edit("urls.py", 'path("", views.index),', 'path("about/", views.about),')
-        edit("urls.py", '"products/<int:pk>/"', '"items/<int:pk>/"')
+        edit("site_urls.py", 'path("", views.index),', 'path("about/", views.about),')
+        edit("site_urls.py", '"products/<int:pk>/"', '"items/<int:pk>/"')
         result["report"] = push()
         result["after"] = [get("/")[0], get("/about/"), get(f"/products/{pk}/")[0], get(f"/items/{pk}/")[0]]
     """)
@@ -179,7 +179,7 @@ def test_a_failed_push_leaves_the_urls_the_registry_and_the_model_classes_as_the
 
         register("fail", after=fail)
         write("views.py", open("dev/shopapp/views.py").read() + "\\n\\ndef about(request):\\n    return HttpResponse('about us')\\n")
-        edit("urls.py", 'path("", views.index),', 'path("", views.index),\\n    path("about/", views.about),')
+        edit("site_urls.py", 'path("", views.index),', 'path("", views.index),\\n    path("about/", views.about),')
         edit("models.py", 'return f"product {self.name}"', 'return f"item {self.name}"')
         result["push"] = push()
         result["about"] = get("/about/")[0]

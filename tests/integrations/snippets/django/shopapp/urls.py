@@ -1,8 +1,3 @@
-from django.urls import path
+from django.urls import include, path
 
-from shopapp import views
-
-urlpatterns = [
-    path("", views.index),
-    path("products/<int:pk>/", views.product),
-]
+urlpatterns = [path("", include("shopapp.site_urls"))]

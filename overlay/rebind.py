@@ -29,7 +29,9 @@ thread imports a half-applied module; draining requests around the apply is the 
 
 Known limits: side effects of re-run statements on other objects (appending to another
 module's list) are not undone by the journal; only this module's namespace and the objects
-patched here are. A class statement's decorators run again when the class changed.
+patched here are. A class statement's decorators (and its metaclass, and its bases'
+``__init_subclass__``) run again when the class changed; what they registered is re-pointed at
+the live class afterwards (``rebinding.registrations``), so a registry holds it once.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from overlay.rebinding import closures
 from overlay.rebinding.closures import HeapPass, children, is_function_code, makes_functions, moved, pair_nested
 from overlay.rebinding.functions import Context, owned_functions
 from overlay.rebinding.journal import MISSING, Journal
+from overlay.rebinding.registrations import repoint
 from overlay.rebinding.runner import Runner
 from overlay.rebinding.statements import Diff, Parsed, Stmt, describe, normalize, plan
 
@@ -166,6 +169,12 @@ def update_module(module: types.ModuleType, new_source: str | bytes, *, filename
     for new, old in diff.changed:
         runner.run(new, old)
     _queue_heap_pass(ctx)
+    if ctx.registered:
+        places = repoint(ctx.registered)
+        if places:
+            names = ", ".join(dict.fromkeys(new.__qualname__ for new, _ in ctx.registered))
+            report.notes.append(f"class statements ran again ({names}): {len(places)} reference(s) to the "
+                                "new class objects (registries, tables) now hold the live classes")
     hook = namespace.get("__habanero_migrate__")
     if migrate and callable(hook):
         hook(dict(previous))  # a copy: the hook must not edit what undo restores

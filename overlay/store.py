@@ -59,9 +59,10 @@ from overlay.bundle import DEFAULT_LIMITS, Bundle, Entry, Limits, open_bundle
 from overlay.errors import DeployInProgress, HabaneroError, StaleVersion, StoreError, WrongApp
 from overlay.keys import TrustedKeys
 from overlay.storage import fs
+from overlay.storage.mirror import Mirror, homes_of
 from overlay.storage.objects import ObjectStore
 from overlay.storage.state import Pointer, State, StateFile, pointer_to
-from overlay.storage.tree import SourceTree
+from overlay.storage.tree import SourceTree, foreign_files
 from overlay.storage.worker import Task, Worker
 
 __all__ = ["SYNC_MODES", "Store", "write_atomic"]
@@ -167,7 +168,7 @@ class Store:
                     (self._staged / name).unlink()
                 for legacy in ("trees", "tree"):  # the shared trees of an older habanero
                     if (self.path / legacy).is_dir():
-                        self.worker.remove_later(self.path / legacy)
+                        self._remove_legacy(self.path / legacy)
             state, why = self._read_state()
             if idle and why == "missing" and not self.stored() and not self.history():
                 # A new store gets its state file now, so a crash during the first commit leaves a
@@ -194,6 +195,18 @@ class Store:
         # After a rollback the last commit is not the newest bundle: prefer what history says.
         self._fall_back(f"state file {self.path / 'state.json'} is {why}", below=None,
                         prefer=commits[-1].get("digest") if commits else None)
+
+    def _remove_legacy(self, directory: Path) -> None:
+        """Remove an older habanero's tree, unless the app wrote files into it (its ``__file__``
+        paths pointed there): then it stays, whole, and a warning names them."""
+        foreign = foreign_files(directory, self.objects)
+        if not foreign:
+            self.worker.remove_later(directory)
+            return
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        logger.warning("%s, the source tree of an older habanero, holds files habanero did not write (%s): it is "
+                       "left in place; move what the app needs of them into the project directory, then delete "
+                       "%s", directory, shown, directory)
 
     def _fall_back(self, problem: str, *, below: int | None, prefer: str | None = None) -> None:
         self.active, skipped = self._newest_verifying(lambda v: below is None or v < below, prefer)
@@ -469,9 +482,16 @@ class Store:
         with self._deploy_lock.attempt() as free:
             return not free
 
-    def source_tree(self, root: Path) -> SourceTree:
-        """A source tree at ``root`` laid out from this store's objects (see ``overlay.storage.tree``)."""
-        return SourceTree(root, self.objects, label=str(self.path))
+    def source_tree(self, root: Path, *, mirror: Mirror | None = None) -> SourceTree:
+        """A source tree at ``root`` laid out from this store's objects (see ``overlay.storage.tree``),
+        with ``mirror``'s links to the project's other files at its root."""
+        return SourceTree(root, self.objects, label=str(self.path), mirror=mirror)
+
+    def mirror(self, packages: Iterable[str]) -> Mirror:
+        """The links a tree of ``packages`` needs to the rest of their project, as found on
+        ``sys.path`` now (see ``overlay.storage.mirror``)."""
+        names = tuple(packages)
+        return Mirror(homes_of(names), packages=names, avoid=[str(self.path)])
 
     def discard(self, bundle: Bundle) -> None:
         """Forget a staged bundle whose push failed: a failed push leaves no trace but its history

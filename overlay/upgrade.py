@@ -68,6 +68,7 @@ from overlay.keys import TrustedKeys
 from overlay.rebinding.journal import MISSING, Journal
 from overlay.storage.tree import SourceTree
 from overlay.store import Store
+from overlay.transaction.outside import capture
 
 if TYPE_CHECKING:
     from overlay.rebind import ModuleReport
@@ -180,10 +181,14 @@ class Clock:
 class ApplyFailed(Exception):
     """The new code raised while this process applied it; everything was undone here already."""
 
-    def __init__(self, error: BaseException, remote_traceback: str) -> None:
-        super().__init__(f"{type(error).__name__}: {error}")
+    def __init__(self, error: BaseException, remote_traceback: str, leftovers: list[str] | None = None) -> None:
+        message = f"{type(error).__name__}: {error}"
+        if leftovers:
+            message += f" (the undo could not put back everything: {'; '.join(leftovers)})"
+        super().__init__(message)
         self.error = error
         self.remote_traceback = remote_traceback
+        self.leftovers = leftovers or []
 
 
 class Change:
@@ -248,7 +253,11 @@ class Change:
         # done): a thread waiting to import sees the committed new version or the old one.
         _imp.acquire_lock()
         self._locked = True
+        leftovers: list[str] = []
         try:
+            # First in the journal, so undone last: what the new code did outside the app.
+            outside = capture(self.host.finder.packages, _live_modules(self.plan), _code_of(self.plan))
+            journal.call(lambda: None, lambda: leftovers.extend(outside.restore()))
             journal.call(lambda: None, self.host.tree.update(self.current, self.bundle, self.diff.names))
             everything = not self.host.retargeted or self.current is None
             _apply_plan(self.plan, self.index, self.host.finder, journal, self.report, self.bundle.version,
@@ -260,7 +269,7 @@ class Change:
             self.revert()
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            raise ApplyFailed(exc, tb) from exc
+            raise ApplyFailed(exc, tb, leftovers) from exc
 
     def commit(self) -> UpgradeReport:
         """Keep the new version: the journal is dropped and the import lock released."""
@@ -371,6 +380,19 @@ def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, r
                 diff=change.checked))
     push.modules = report.modules
     hooks.run("after", push)
+
+
+def _live_modules(plan: Plan) -> list[types.ModuleType]:
+    return [m for m in (sys.modules.get(c.name) for c in plan.rerun) if m is not None]
+
+
+def _code_of(plan: Plan) -> Iterator[types.CodeType]:
+    """The code a push will run: each changed module's, or its changed statements'."""
+    for change in plan.rerun:
+        if change.code is not None:
+            yield change.code
+        elif change.checked is not None:
+            yield from change.checked.compiled.values()
 
 
 def _half_imported(plan: Plan) -> list[str]:

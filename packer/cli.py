@@ -107,7 +107,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _fail(message: str, status: int) -> int:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    from .output import printable
+
+    print(f"{PROG}: error: {printable(' '.join(message.split()))}", file=sys.stderr)
     return status
 
 

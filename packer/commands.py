@@ -35,7 +35,13 @@ class Verb:
 def _emit(args: argparse.Namespace, text: str) -> None:
     """Print a command's result, unless ``-q`` asked for errors only."""
     if getattr(args, "quiet", 0) <= 0:
-        print(text, flush=True)
+        print(_printable(text), flush=True)
+
+
+def _printable(text: str) -> str:
+    from .output import printable
+
+    return printable(text)
 
 
 def _emit_json(args: argparse.Namespace, data: Any) -> None:
@@ -72,7 +78,8 @@ def _push(args: argparse.Namespace) -> int:
                 raise
             if args.json:
                 _emit_json(args, failure_json(exc, target.root, remote.store))
-            print(f"{PROG}: push refused: {describe_failure(exc, target.root, remote.store)}", file=sys.stderr)
+            print(f"{PROG}: push refused: {_printable(describe_failure(exc, target.root, remote.store))}",
+                  file=sys.stderr)
             print(f"{PROG}: the app still serves its previous version", file=sys.stderr)
             return 1
     if args.json:
@@ -212,7 +219,8 @@ def _inspect(args: argparse.Namespace) -> int:
     else:
         _emit(args, format_inspection(args.file, report, trusted))
     if report.refusal is not None:
-        print(f"{PROG}: error: {report.refusal.code}: {' '.join(report.refusal.message.split())}", file=sys.stderr)
+        print(f"{PROG}: error: {report.refusal.code}: {_printable(' '.join(report.refusal.message.split()))}",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -19,8 +19,26 @@ if TYPE_CHECKING:
     from .build import Inspection
     from .deploy import PushResult
 
-__all__ = ["describe_failure", "describe_push", "display", "failure_json", "format_inspection",
+__all__ = ["printable", "describe_failure", "describe_push", "display", "failure_json", "format_inspection",
            "inspection_json", "push_json", "size", "worker_lines"]
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control and format characters escaped (``\\x1b``, ``\\u202e``),
+    newlines and tabs kept.
+
+    What the CLI prints comes partly from the app, and so from the network (key ids, messages,
+    tracebacks, history): an escape sequence in it must not move the cursor, retitle the terminal
+    or hide text, and a bidirectional override must not reorder what the reader sees.
+    """
+    if text.isprintable() or all(c.isprintable() or c in "\n\t" for c in text):
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def describe_push(result: PushResult) -> str:

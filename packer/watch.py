@@ -47,7 +47,7 @@ from .client import Remote
 from .collect import SourceSnapshot
 from .config import ProjectConfig
 from .deploy import BaseCache, PushResult, Tip, push_once
-from .output import describe_failure
+from .output import describe_failure, printable
 
 __all__ = ["DEBOUNCE_MS", "WatchSession"]
 
@@ -72,7 +72,7 @@ class WatchSession:
                  out: Callable[[str], None] | None = None) -> None:
         self.remote, self.config, self.check_command = remote, config, check
         self.debounce_ms, self.level = debounce_ms, level
-        self.out = out or (lambda line: print(line, flush=True))
+        self.out = out or (lambda line: print(printable(line), flush=True))
         self.snapshot = SourceSnapshot(config)
         self.snapshot.refresh()
         self.builder = builder_info(config.root)  # once: git is a subprocess

@@ -25,7 +25,7 @@ ov = overlay.install(
 
 from hello import views  # noqa: E402  (after install: served from the active bundle)
 
-app.router.add_get("/", views.index)
+app.add_routes(views.routes)  # the table in hello/views.py: pushes add, move and delete its routes
 
 
 async def main() -> None:

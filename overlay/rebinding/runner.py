@@ -22,6 +22,7 @@ from typing import Any, TypeGuard
 from overlay.rebinding.classes import conform_class
 from overlay.rebinding.functions import Context, clear_caches, conform_function, find_inner
 from overlay.rebinding.journal import MISSING
+from overlay.rebinding.registrations import may_register
 from overlay.rebinding.statements import Diff, Parsed, Region, binds_of, describe
 
 __all__ = ["Runner"]
@@ -195,11 +196,6 @@ class Runner:
         new_obj = self._scratch(node).get(name)
         impure = [ast.unparse(d) for d in node.decorator_list
                   if _decorator_name(d) not in _PURE_CLASS_DECORATORS]
-        if impure:
-            ctx.report.notes.append(
-                f"class {name}: its decorators ran again on the new class ("
-                + ", ".join("@" + d for d in impure) + "); side effects they have, such as "
-                "registering the class, happened again with the new class object")
         old_obj = ctx.namespace.get(name, MISSING)
         if not (_ours(old_obj, name, ctx) and _ours(new_obj, name, ctx)):
             self._bind(name, new_obj)
@@ -210,7 +206,14 @@ class Runner:
         reason = conform_class(old_obj, new_obj, old_node, node, ctx, regions)
         if reason is None:
             ctx.report.patched.insert(at, name)
+            if may_register(new_obj, bool(impure)):
+                ctx.registered.append((new_obj, old_obj))
             return
+        if impure:
+            ctx.report.notes.append(
+                f"class {name}: its decorators ran again on the new class ("
+                + ", ".join("@" + d for d in impure) + "), which replaced the old one; what they "
+                "registered now names the new class")
         self._bind(name, new_obj)
         ctx.report.replaced.append((name, reason))
         for sub in old_obj.__subclasses__():

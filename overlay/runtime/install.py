@@ -14,6 +14,7 @@ wrappers call before a request) waits for that.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -104,7 +105,8 @@ def install(
             with deploy.joining(opened, registry, {"listen": resolved_listen}) as entry:
                 # Under the deploy lock: the version read now is the one every other process runs.
                 active = opened.sync_active()
-                tree = opened.source_tree(entry.tree)
+                # Found before the app imports them: where its paths derived from __file__ lead.
+                tree = opened.source_tree(entry.tree, mirror=opened.mirror(names))
                 if active is not None:
                     tree.lay_out(active)
                     finder.set_index(finder.index_for(active, tree.root))
@@ -178,8 +180,18 @@ def _check_app(app: Any, listen: str | None) -> None:
     from aiohttp import web  # only apps that pass app= pay for importing aiohttp here
 
     if not isinstance(app, web.Application):
-        raise ConfigError(f"app= must be an aiohttp.web.Application, got {type(app).__name__}",
-                          code="bad_config")
+        raise ConfigError(f"app= mounts the routes into an aiohttp.web.Application, got {type(app).__name__}; "
+                          f"{_wrap_instead(app)}", code="bad_config")
+
+
+def _wrap_instead(app: Any) -> str:
+    """What to write instead of ``app=`` for an app that is not aiohttp's: the routes go on its own port."""
+    call = getattr(type(app), "__call__", None)  # noqa: B004  (the class's: is calling an instance async?)
+    if inspect.iscoroutinefunction(app) or inspect.iscoroutinefunction(call):
+        return ("for an ASGI app (FastAPI, Starlette...) leave app= out and wrap it: app = ov.asgi(app), which "
+                "serves habanero's routes on the app's own port (no second port)")
+    return ("for a WSGI app leave app= out and wrap it: application = ov.wsgi(application) (Flask: "
+            "app.wsgi_app = ov.wsgi(app.wsgi_app)), which serves habanero's routes on the app's own port")
 
 
 def _preimported(packages: tuple[str, ...]) -> list[str]:
@@ -270,7 +282,7 @@ def _rejoin(overlay: Overlay, node: deploy.Node) -> None:
     try:
         with deploy.joining(store, node.registry, node.info) as entry:
             node.entry = entry
-            move_tree(node.host, store.source_tree(entry.tree))
+            move_tree(node.host, store.source_tree(entry.tree, mirror=node.host.tree.mirror))
             deploy.start(node, overlay.worker_status)
             try:
                 deploy.catch_up(node)

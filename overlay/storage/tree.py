@@ -10,22 +10,34 @@ sees its own tree, and :meth:`SourceTree.update` returns the undo that puts the 
 
 Each process has a tree of its own (see ``overlay.cluster.registry``), so a process still running
 one version never reads another version's files. The tree is derived data: it is never fsynced,
-and :meth:`SourceTree.repair` checks it against the bundle it should show, file by file, and
+and :meth:`SourceTree.lay_out` checks it against the bundle it should show, file by file, and
 repairs what differs.
+
+Beside the packages, the tree root links to the project's other files (``overlay.storage.mirror``),
+so paths derived from ``__file__`` (``BASE_DIR / "db.sqlite3"``) reach the project. The app may still
+write into the tree (a file its project did not have when the links were made): habanero removes
+only what it can prove it wrote itself, and leaves anything else where it is, with a warning. Proof
+is one of: a temp file of ours (:data:`fs.TMP_PREFIX`); inside a served package, a read-only file
+that is a hard link to an object of the store, or a copy of one (its sha256 names an object), or a
+read-only module file with habanero's fixed mtime (:data:`MODULE_MTIME`, for a version whose objects
+retention has dropped since). The mirror's own links are managed by the mirror.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from overlay.bundle import Bundle, Entry
+from overlay.bundle import DEFAULT_LIMITS, Bundle, Entry
 from overlay.errors import BadEntryName
 from overlay.storage import fs
+from overlay.storage.mirror import Mirror, warn_once
 from overlay.storage.objects import ObjectStore
 
 __all__ = ["SourceTree"]
@@ -44,10 +56,12 @@ class SourceTree:
     belong to stored or staged bundles, which the store's sweep never takes.
     """
 
-    def __init__(self, root: Path, objects: ObjectStore, *, label: str) -> None:
+    def __init__(self, root: Path, objects: ObjectStore, *, label: str, mirror: Mirror | None = None) -> None:
         self.root = root
         self._objects = objects
         self._label = label  # the store, for error messages
+        #: The links to the project's other files at the root (None: no links, as in a test's tree).
+        self.mirror = mirror
 
     def update(self, old: Bundle | None, new: Bundle, names: Iterable[str] | None = None) -> Undo:
         """Make the tree show ``new`` where it differs from ``old``; return the undo.
@@ -87,6 +101,8 @@ class SourceTree:
 
         with fs.os_errors_as_store_errors(self._label, f"update the source tree for v{new.version}"):
             os.makedirs(root, mode=0o700, exist_ok=True)
+            if self.mirror is not None:  # first: a name the push makes a package's is unlinked
+                self.mirror.refresh(root)
             try:
                 for path, sha256, previous in steps:
                     self._put(root, path, sha256)
@@ -130,6 +146,10 @@ class SourceTree:
         """
         root = self.root
         expected = {e.path: e for e in bundle.entries.values()}
+        if self.mirror is not None and expected:
+            with fs.os_errors_as_store_errors(self._label, f"lay out the source tree of v{bundle.version}"):
+                os.makedirs(root, mode=0o700, exist_ok=True)
+            self.mirror.refresh(os.fspath(root))
         wrong: list[Entry] = []
         for entry in expected.values():
             body = bundle.read(entry.name)
@@ -144,7 +164,7 @@ class SourceTree:
                 tree_ok = False  # relink the tree file to the new object
             if not tree_ok:
                 wrong.append(entry)
-        extra = [p for p in _files_below(root) if p not in expected] if root.is_dir() else []
+        extra = self._ours([p for p in _files_below(root) if p not in expected], expected) if root.is_dir() else []
         if not wrong and not extra:
             return
         if root.is_dir() and len(wrong) < len(expected):
@@ -156,6 +176,25 @@ class SourceTree:
                 self._put(os.fspath(root), path, None)
             for entry in wrong:
                 self._put(os.fspath(root), entry.path, entry.sha256)
+
+    def _ours(self, extra: list[str], expected: dict[str, Entry]) -> list[str]:
+        """The files of ``extra`` (relative paths no entry has) habanero can prove it wrote (see the
+        module docstring); every other one is left alone, with a warning."""
+        served = {path.partition("/")[0] for path in expected}
+        if self.mirror is not None:
+            served |= self.mirror.served
+        ours: list[str] = []
+        for path in extra:
+            full = os.path.join(self.root, path)
+            top, sep, _ = path.partition("/")
+            if os.path.basename(path).startswith(fs.TMP_PREFIX) or (top in served and _wrote(full, self._objects)):
+                ours.append(path)
+            elif sep and top in served:  # at the root, the mirror tells about it
+                warn_once("foreign", full, "%s is a file the app created inside its package in habanero's source "
+                          "tree, not in the project; habanero leaves it there, but a push or a restart does not "
+                          "bring it along to another process: create such files in the project directory, or "
+                          "derive their path from a setting or an environment variable", full)
+        return ours
 
 
 @functools.lru_cache(maxsize=16)
@@ -183,6 +222,31 @@ def _holds(path: str, body: bytes) -> tuple[bool, int | None]:
     except OSError:
         pass
     return False, None
+
+
+def foreign_files(root: Path, objects: ObjectStore) -> list[str]:
+    """The files under ``root`` (relative paths) habanero cannot prove it wrote (see the module
+    docstring): what the app wrote into an older habanero's tree."""
+    return [path for path in _files_below(root)
+            if not os.path.basename(path).startswith(fs.TMP_PREFIX) and not _wrote(os.path.join(root, path), objects)]
+
+
+def _wrote(path: str, objects: ObjectStore) -> bool:
+    """Whether the file at ``path`` is one habanero wrote into a package: a read-only hard link to
+    an object, a read-only copy of one, or a read-only module file with the tree's fixed mtime."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o444:
+            return False  # every file of a tree is read-only, as its object is
+        if path.endswith(".py") and st.st_mtime == MODULE_MTIME:
+            return True
+        if st.st_size > DEFAULT_LIMITS.max_entry_bytes:
+            return False
+        with open(path, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        return os.path.isfile(objects.path(digest))  # the same inode (a link) or the same bytes (a copy)
+    except OSError:
+        return False
 
 
 def _inode(path: str) -> int | None:

@@ -244,7 +244,7 @@ def test_traceback_of_a_method_in_a_moved_class_points_at_its_new_line(live):
     assert (frame.filename, frame.lineno) == (str(m.path(2)), 7)
 
 
-def test_class_decorator_that_registers_is_reported_when_it_runs_again(live):
+def test_class_decorator_that_registers_leaves_the_live_class_registered_once_and_says_so(live):
     v1 = ("SEEN = []\n\ndef register(cls):\n    SEEN.append(cls)\n    return cls\n\n"
           "@register\nclass K:\n    def f(self):\n        return 1\n")
     m = live(v1)
@@ -252,4 +252,5 @@ def test_class_decorator_that_registers_is_reported_when_it_runs_again(live):
     report = m.push(v1.replace("return 1", "return 2"))
 
     assert m.module.K().f() == 2
-    assert any("decorators ran again on the new class (@register)" in n for n in report.notes)
+    assert m.module.SEEN == [m.module.K] and m.module.SEEN[0] is m.module.K
+    assert any("class statements ran again (K): 1 reference(s)" in n for n in report.notes)

@@ -521,8 +521,8 @@ def test_default_retention_keeps_twenty(opener, key):
 
 
 def tree_of(store: Store) -> SourceTree:
-    """A source tree laid out from ``store`` (a process's own; here at ``<store>/tree``)."""
-    return store.source_tree(store.path / "tree")
+    """A source tree laid out from ``store`` (a process's own, outside the store as a slot's is)."""
+    return store.source_tree(store.path.parent / "w0" / "tree")
 
 
 def tree_files(root: Path) -> dict[str, bytes]:
@@ -733,8 +733,12 @@ def test_a_damaged_tree_or_object_is_repaired_when_the_tree_is_laid_out(opener, 
     elif damage == "object removed":  # objects are not fsynced either (sync="background")
         sha = bundle.entries["shop.mod"].sha256
         (store_dir / "objects" / sha[:2] / sha).unlink()
-    else:
-        (tree_of(store).root / "shop" / "added.py").write_bytes(b"X = 'never committed'\n")
+    else:  # a push that never committed: its files, as habanero wrote them
+        v2 = make(key, 2, files={"shop": ("package", b"VERSION = 2\n"), "shop.mod": ("module", b"M = 2\n"),
+                                 "shop.added": ("module", b"X = 'never committed'\n"),
+                                 "shop/templates/new.html": ("data", b"<p>new</p>\n")})
+        store.stage(v2)
+        tree_of(store).update(bundle, v2)
     store.close()
     reopened = opener()
     assert reopened.active is not None and reopened.active.digest == bundle.digest
@@ -859,7 +863,7 @@ def test_a_relative_store_path_with_dot_dot_lays_out_its_tree(tmp_path, trusted,
         bundle = make(key, 1)
         push(store, bundle)
         tree_of(store).update(None, bundle)
-        assert tree_of(store).root == tmp_path / "store" / "tree"  # normalised: paths are checked against it
+        assert tree_of(store).root == tmp_path / "w0" / "tree"  # normalised: paths are checked against it
         assert tree_files(tree_of(store).root)["shop/mod.py"] == bundle.read("shop.mod")
 
 

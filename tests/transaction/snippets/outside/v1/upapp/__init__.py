@@ -1,0 +1,5 @@
+import json
+
+
+def answer():
+    return 1

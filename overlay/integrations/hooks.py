@@ -50,6 +50,7 @@ Phase = Literal["before", "after"]
 #: uses the framework, and the module of this package that rebuilds the framework's tables.
 BUILTIN: dict[str, tuple[str, str]] = {
     "flask": ("flask", "overlay.integrations.flask"),
+    "django": ("django.apps", "overlay.integrations.django"),
     "starlette": ("starlette.routing", "overlay.integrations.starlette"),
     "aiohttp": ("aiohttp.web", "overlay.integrations.aiohttp"),
 }

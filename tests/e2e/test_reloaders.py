@@ -70,7 +70,7 @@ def test_django_runserver_takes_pushes_without_reloading(launcher, tmp_path) -> 
     project = make_project(tmp_path / "django", "django_app")
     push_is_not_an_edit(launcher, project, ["manage.py", "runserver", "{port}"],
                         r"Starting development server at (?P<url>http://127\.0\.0\.1:{port})/", "polls/views.py",
-                        "mysite/urls.py")
+                        "wsgi.py")
 
 
 def test_uvicorn_reload_takes_pushes_without_reloading(launcher, tmp_path) -> None:

@@ -1,5 +1,3 @@
-from django.urls import path
+from django.urls import include, path
 
-from polls import views
-
-urlpatterns = [path("", views.index)]
+urlpatterns = [path("", include("polls.urls"))]

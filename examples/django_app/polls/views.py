@@ -3,6 +3,9 @@
 import os
 
 from django.http import JsonResponse
+from django.template.loader import render_to_string
+
+from polls.models import Question
 
 # In-memory state: survives every push, because unchanged top-level lines do not run again.
 HITS = {"count": 0}
@@ -15,3 +18,8 @@ def greeting() -> str:
 def index(request):
     HITS["count"] += 1
     return JsonResponse({"message": greeting(), "hits": HITS["count"], "pid": os.getpid()})
+
+
+def questions(request):
+    html = render_to_string("polls/questions.html", {"questions": Question.objects.all()})
+    return JsonResponse({"html": html, "pid": os.getpid()})

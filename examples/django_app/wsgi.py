@@ -12,7 +12,6 @@ import overlay
 
 BASE_DIR = Path(__file__).resolve().parent
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
-os.environ.setdefault("MYSITE_DIR", str(BASE_DIR))  # where the data lives (settings.py may run from a bundle)
 
 ov = overlay.install(
     packages=["mysite", "polls"],

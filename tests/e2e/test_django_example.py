@@ -48,8 +48,9 @@ def test_gunicorn_workers_serve_pushed_urls_templates_and_models_and_a_settings_
         launcher: Launcher, tmp_path: Path) -> None:
     project = make_project(tmp_path / "django", "django_app")
     here = migrated_copy(project)
+    env = project.app_env(HABANERO_RUNTIME_DIR=str(tmp_path / "run"))  # where the source trees are
     app = launcher.start([sys.executable, "-m", "gunicorn", "wsgi", "-w", "2", "-b", "127.0.0.1:0",
-                          "--graceful-timeout", "5"], env=project.app_env(), cwd=here, name="gunicorn",
+                          "--graceful-timeout", "5"], env=env, cwd=here, name="gunicorn",
                          ready=GUNICORN_READY)
     pids = {w["pid"] for w in wait_for_workers(project, app, 2)}
     before = from_every_worker(app.url, pids, "/questions/")
@@ -75,6 +76,17 @@ def test_gunicorn_workers_serve_pushed_urls_templates_and_models_and_a_settings_
             "fix": "Django read it at start-up; restart the app to apply it"} in notices
     assert {a["html"] for a in from_every_worker(app.url, pids, "/questions/").values()} == \
         {'<ul class="pushed"><li>Question: Tea or coffee?</li></ul>\n'}
+
+    # Restarted, the settings run from habanero's source tree: Django's own BASE_DIR line still finds
+    # the project's database (the tree links to it), and the settings pushed meanwhile apply.
+    app.stop()
+    app = launcher.start([sys.executable, "-m", "gunicorn", "wsgi", "-w", "2", "-b", "127.0.0.1:0",
+                          "--graceful-timeout", "5"], env=env, cwd=here, name="gunicorn again",
+                         ready=GUNICORN_READY)
+    pids = {w["pid"] for w in wait_for_workers(project, app, 2)}
+    assert {c["count"] for c in from_every_worker(app.url, pids, "/count/").values()} == {1}
+    found = [p for root in (tmp_path / "run", project.store) for p in root.rglob("db.sqlite3*")]
+    assert found and all(p.is_symlink() for p in found), found  # the trees link to it; no copy, no new one
 
 
 def test_runserver_with_its_reloader_serves_a_push_in_the_same_process(launcher: Launcher, tmp_path: Path) -> None:

@@ -1,12 +1,11 @@
 """Settings. Served by habanero like the rest of the project, but Django reads them once, at
 start-up: a push that changes one is listed in its report as NOT LIVE, and the restart applies it."""
 
-import os
 from pathlib import Path
 
-# The project's directory on disk, named by wsgi.py: once a version is pushed this file runs from
-# habanero's source tree, so the data (the database) is not found next to __file__.
-BASE_DIR = Path(os.environ.get("MYSITE_DIR", Path(__file__).resolve().parent.parent))
+# Django's own line. Once a version is pushed this file runs from habanero's source tree, whose root
+# links to this project's files (db.sqlite3, media/, .env): BASE_DIR / "db.sqlite3" is the same file.
+BASE_DIR = Path(__file__).resolve().parent.parent
 
 SECRET_KEY = "not-a-secret: an example"
 DEBUG = True

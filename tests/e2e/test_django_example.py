@@ -12,6 +12,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,11 +26,22 @@ GUNICORN_READY = re.compile(r"Listening at: (?P<url>http://[\d.]+:\d+)")
 RUNSERVER_READY = r"Starting development server at (?P<url>http://127\.0\.0\.1:{port})/"
 
 
-def migrated_copy(project: DevProject) -> Path:
-    """The app's own copy of the example, its database created by ``manage.py migrate``."""
+@pytest.fixture
+def run() -> Iterator[Path]:
+    """A runtime directory of the test's own, where the app's source trees are: short, for the Unix
+    sockets beside them."""
+    path = Path(tempfile.mkdtemp(prefix="hbrt-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def migrated_copy(project: DevProject, env: dict[str, str] | None = None) -> Path:
+    """The app's own copy of the example, its database created by ``manage.py migrate`` (run with
+    ``env``, the app's: every process of a store meets in one runtime directory)."""
     here = project.root.parent / "app"
-    shutil.copytree(EXAMPLES / "django_app", here, ignore=shutil.ignore_patterns("__pycache__", ".habanero", "*.sqlite3"))
-    proc = subprocess.run([sys.executable, "manage.py", "migrate"], cwd=here, env=project.app_env(), text=True,
+    shutil.copytree(EXAMPLES / "django_app", here,
+                    ignore=shutil.ignore_patterns("__pycache__", ".habanero", "*.sqlite3"))
+    proc = subprocess.run([sys.executable, "manage.py", "migrate"], cwd=here, env=env or project.app_env(), text=True,
                           capture_output=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return here
@@ -45,10 +58,10 @@ def edit_app(project: DevProject) -> None:
 
 
 def test_gunicorn_workers_serve_pushed_urls_templates_and_models_and_a_settings_change_is_reported(
-        launcher: Launcher, tmp_path: Path) -> None:
+        launcher: Launcher, tmp_path: Path, run: Path) -> None:
     project = make_project(tmp_path / "django", "django_app")
-    here = migrated_copy(project)
-    env = project.app_env(HABANERO_RUNTIME_DIR=str(tmp_path / "run"))  # where the source trees are
+    env = project.app_env(HABANERO_RUNTIME_DIR=str(run))
+    here = migrated_copy(project, env)
     app = launcher.start([sys.executable, "-m", "gunicorn", "wsgi", "-w", "2", "-b", "127.0.0.1:0",
                           "--graceful-timeout", "5"], env=env, cwd=here, name="gunicorn",
                          ready=GUNICORN_READY)
@@ -85,7 +98,7 @@ def test_gunicorn_workers_serve_pushed_urls_templates_and_models_and_a_settings_
                          ready=GUNICORN_READY)
     pids = {w["pid"] for w in wait_for_workers(project, app, 2)}
     assert {c["count"] for c in from_every_worker(app.url, pids, "/count/").values()} == {1}
-    found = [p for root in (tmp_path / "run", project.store) for p in root.rglob("db.sqlite3*")]
+    found = [p for root in (run, project.store) for p in root.rglob("db.sqlite3*")]
     assert found and all(p.is_symlink() for p in found), found  # the trees link to it; no copy, no new one
 
 

@@ -3,10 +3,11 @@
 A push is authenticated by the bundle's own signature. Everything else that reaches the endpoint is
 signed by the client over a domain-prefixed string of method, path, app id, timestamp, nonce and the
 body's sha256, so a captured request cannot be retargeted (another path, app or body), is accepted
-only within a few minutes of the server's clock, and only once (nonce cache). The domain prefix
-means no control signature can ever verify as a bundle signature, or the other way round. A
-rollback also names the version it expects to be active, so replaying it after a restart (when the
-nonce cache is gone) fails harmlessly.
+only within a few minutes of the server's clock, and only once: the app's store keeps the nonces
+of the requests taken within that window on disk, for every process of the app and across restarts
+(``overlay.storage.requests``). The domain prefix means no control signature can ever verify as a
+bundle signature, or the other way round. A rollback also names the version it expects to be
+active, so a replay to another app sharing nothing with this one's store changes nothing either.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Protocol
 
 from overlay.errors import ControlRejected
 from overlay.keys import SigningKey, TrustedKeys
 
-__all__ = ["RequestVerifier", "sign_request"]
+__all__ = ["Nonces", "RequestVerifier", "sign_request"]
 
 #: Where the control routes live, under the app's own URL or habanero's own server.
 PREFIX = "/_habanero"
@@ -51,15 +53,24 @@ def sign_request(key: SigningKey, method: str, path: str, app_id: str, body: byt
             H_SIG: base64.b64encode(signature).decode("ascii")}
 
 
+class Nonces(Protocol):
+    """Where the nonces of taken requests are kept: ``first_use`` records one (valid until
+    ``expires``) and says whether it is new. The app's store keeps them on disk for every process
+    (``overlay.storage.requests``); by default, this process's memory."""
+
+    def first_use(self, nonce: str, expires: float, now: float) -> bool: ...
+
+
 class RequestVerifier:
-    """Checks control-request signatures, the clock window and nonce reuse."""
+    """Checks control-request signatures, the clock window and nonce reuse (in ``nonces``)."""
 
     def __init__(self, trusted: TrustedKeys, app_id: str, *, window: int = WINDOW_SECONDS,
-                 max_nonces: int = 100_000) -> None:
+                 max_nonces: int = 100_000, nonces: Nonces | None = None) -> None:
         self.trusted, self.app_id, self.window = trusted, app_id, window
         self._nonces: OrderedDict[str, float] = OrderedDict()
         self._max_nonces = max_nonces
         self._lock = threading.Lock()
+        self._store = nonces
 
     def verify(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
                *, now: float | None = None) -> str:
@@ -101,6 +112,11 @@ class RequestVerifier:
         return key_id
 
     def _remember(self, nonce: str, stamp: int, now: float) -> None:
+        if self._store is not None:
+            if not self._store.first_use(nonce, max(stamp, now) + self.window, now):
+                raise ControlRejected("this request was already used (replayed nonce); sign a new one",
+                                      code="replayed_request")
+            return
         with self._lock:
             while self._nonces:
                 oldest, expiry = next(iter(self._nonces.items()))

@@ -144,6 +144,7 @@ def push(node: Node, data: bytes) -> UpgradeReport:
         try:
             bundle = host.open_push(data)
             host.store.check_fresh(bundle)
+            host.store.check_parent(bundle, host.active)
         except HabaneroError as exc:
             _record(node, "push", None, exc)
             raise

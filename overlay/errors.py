@@ -12,7 +12,8 @@ Every code habanero raises is in this tree (``tests/test_errors.py`` holds it to
     │   ├── BadSignature            bad_signature, unsigned
     │   ├── UntrustedKey            unknown_key
     │   ├── WrongApp                wrong_app
-    │   ├── StaleVersion            stale_version, version_jump_too_large
+    │   ├── StaleVersion            stale_version, version_jump_too_large, stale_parent (built on
+    │   │                           another version than the active one)
     │   ├── TooLarge                bundle_too_large, manifest_too_large, too_many_entries,
     │   │                           entry_too_large, decompressed_too_large
     │   ├── CorruptPayload          payload_hash_mismatch, entry_hash_mismatch, trailing_data,
@@ -25,7 +26,8 @@ Every code habanero raises is in this tree (``tests/test_errors.py`` holds it to
     ├── KeyProblem                  bad_key, bad_trusted_keys, wrong_passphrase, unsupported_key,
     │                               missing_dependency
     ├── StoreError                  store_error, store_locked, store_format, store_app_mismatch,
-    │                               bad_highest, unknown_version
+    │                               bad_highest, unknown_version, store_unsafe (a symbolic link or
+    │                               a foreign file where habanero writes: it writes nothing)
     ├── ConfigError                 bad_config, already_installed, disabled, listen_failed
     ├── ActivationFailed            activation_failed (the push was undone; the old code still serves)
     ├── ControlRejected             unsigned_request, unknown_key, wrong_app, bad_request_signature,

@@ -12,6 +12,7 @@ Layout (the directory is created with mode 0700: whoever can write it decides wh
       deploy.lock     flock()ed by the process that runs a deploy, for the whole of it
       pycache/        compiled code, owned by the finder
       history.jsonl   one JSON object per push, rollback, failure or reset; append-only
+      requests.jsonl  the nonces of signed control requests within their window (overlay.storage.requests)
       lock            flock()ed by writers only; readers never wait
       .tmp-*          (anywhere above) what an interrupted write left; open() removes it
 
@@ -44,6 +45,7 @@ disk). A fallback is reported, not written: the pointer changes only through ``c
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -61,6 +63,7 @@ from overlay.keys import TrustedKeys
 from overlay.storage import fs
 from overlay.storage.mirror import Mirror, homes_of
 from overlay.storage.objects import ObjectStore
+from overlay.storage.requests import SeenRequests
 from overlay.storage.state import Pointer, State, StateFile, pointer_to
 from overlay.storage.tree import SourceTree, foreign_files
 from overlay.storage.worker import Task, Worker
@@ -87,6 +90,40 @@ def _stem(version: int, digest: str) -> str:
     return f"{version:010d}-{digest}"
 
 
+#: What the store writes at its root: directories, then files (``unsafe_layout`` checks them).
+_DIRECTORIES = ("bundles", "staged", "objects", "pycache")
+_FILES = ("state.json", "history.jsonl", "lock", "deploy.lock", "requests.jsonl")
+
+
+def unsafe_layout(root: Path, *, shards: bool) -> list[str]:
+    """What makes the store at ``root`` unsafe to write: a symbolic link, or a file of another type,
+    where habanero writes a directory or a file (with ``shards``, the directories of ``objects/``
+    too: a ``scandir``). Empty when every one is what it should be, or absent."""
+    base = os.fspath(root)
+    problems = [p for name in _DIRECTORIES if (p := fs.unsafe_entry(os.path.join(base, name), directory=True))]
+    problems += [p for name in _FILES if (p := fs.unsafe_entry(os.path.join(base, name), directory=False))]
+    if shards and not problems:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(root / "objects"):
+                if not entry.name.startswith(fs.TMP_PREFIX) and not entry.is_dir(follow_symlinks=False):
+                    problems.append(fs.unsafe_entry(entry.path, directory=True) or f"{entry.path} is not a directory")
+    return problems
+
+
+def _read_file(path: Path, limit: int) -> bytes:
+    """A stored file's bytes: never through a symbolic link, never from a FIFO or a device (which
+    would block or never end), never more than ``limit`` bytes. ``ValueError`` says what is wrong."""
+    try:
+        raw = fs.read_small(path, flags=os.O_NOFOLLOW | os.O_NONBLOCK, limit=limit + 1, regular=True)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError("is a symbolic link, which habanero never follows in its store") from None
+        raise
+    if len(raw) > limit:
+        raise ValueError("is larger than any bundle may be")
+    return raw
+
+
 class Store:
     """The versions of one app's code on disk; the module docstring has the layout and guarantees.
 
@@ -97,7 +134,8 @@ class Store:
     """
 
     def __init__(self, path: Path, *, trusted: TrustedKeys, app_id: str, limits: Limits, keep: int,
-                 max_version_jump: int, lock: fs.FileLock, sync: str = "background") -> None:
+                 max_version_jump: int, lock: fs.FileLock, sync: str = "background",
+                 unsafe: Sequence[str] = ()) -> None:
         self.path, self.app_id, self.trusted, self.limits = path, app_id, trusted, limits
         self.keep, self.max_version_jump, self.sync = keep, max_version_jump, sync
         self.active: Bundle | None = None
@@ -111,9 +149,20 @@ class Store:
         self._history_file = os.path.join(path, "history.jsonl")
         self._history = fs.RecordLog(Path(self._history_file))  # read incrementally
         self.objects = ObjectStore(os.fspath(path / "objects"), lock)
-        self._deploy_lock = fs.FileLock(path / "deploy.lock", timeout=60.0)
+        #: What makes the store unsafe to write, found when it was opened: it is then only read.
+        self.unsafe: list[str] = list(unsafe)
+        try:
+            self._deploy_lock = fs.FileLock(path / "deploy.lock", timeout=60.0, local=bool(unsafe))
+        except OSError:
+            self.unsafe.append(f"{path / 'deploy.lock'} is not a regular file habanero created")
+            self._deploy_lock = fs.FileLock(path / "deploy.lock", timeout=60.0, local=True)
+        if self.unsafe:
+            self.objects.refuse = self._unsafe_error
         self.worker = Worker(str(path))
         self._written: list[str] = []  # files a staged push wrote, to flush once it commits
+        #: The nonces of the control requests any process of the app took, until they expire.
+        self.requests = SeenRequests(path / "requests.jsonl", lock, self._flush_later,
+                                     sync=sync == "commit", writable=self.check_writable)
         self._dropped_since_sweep = 0
 
     # ------------------------------------------------------------------------------- opening
@@ -133,9 +182,19 @@ class Store:
             raise ValueError(f"sync must be one of {SYNC_MODES}, not {sync!r}")
         root = Path(os.path.abspath(path))  # normalised: tree paths are checked against it
         try:
-            for directory in (root, *(root / d for d in ("bundles", "staged", "objects"))):
-                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            lock = fs.FileLock(root / "lock", timeout=lock_timeout)
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            unsafe = unsafe_layout(root, shards=True)
+            for directory in (root / d for d in ("bundles", "staged", "objects")):
+                if not directory.is_symlink():  # what is wrong is reported; the rest is made
+                    with contextlib.suppress(FileExistsError):
+                        directory.mkdir(mode=0o700)
+            try:
+                lock = fs.FileLock(root / "lock", timeout=lock_timeout, local=bool(unsafe))
+            except (fs.NotARegularFile, OSError) as exc:
+                if exc.errno not in (errno.ELOOP, errno.EINVAL, errno.ENXIO, errno.EISDIR):
+                    raise
+                unsafe.append(f"{root / 'lock'} is not a regular file habanero created")
+                lock = fs.FileLock(root / "lock", timeout=lock_timeout, local=True)
         except OSError as exc:
             raise StoreError(f"cannot use {root} as the habanero store ({exc.strerror or exc}); point "
                              "it at a directory this process can create and write", path=str(root)) from None
@@ -143,7 +202,7 @@ class Store:
             logger.warning("store %s is writable by other users, who could change what code runs: "
                            "chmod 700 it", root)
         store = cls(root, trusted=trusted, app_id=app_id, limits=limits, keep=keep,
-                    max_version_jump=max_version_jump, lock=lock, sync=sync)
+                    max_version_jump=max_version_jump, lock=lock, sync=sync, unsafe=unsafe)
         try:
             with store._io("repair the store"):
                 store._recover()
@@ -155,21 +214,26 @@ class Store:
     def _recover(self) -> None:
         # Leftovers are leftovers only while no writer runs and no deploy is under way: clean up if
         # both locks are free right now, else leave it to a later open (starting never waits).
+        for problem in self.unsafe:
+            message = (f"{problem}: habanero never writes through a symbolic link or into a file it did not "
+                       "create in its store; it serves what verifies and refuses every push and rollback until "
+                       "that is removed (check who put it there: whoever can write the store chooses what runs)")
+            logger.error("habanero store %s: %s", self.path, message)
+            self.startup_problems.append(message)
         with self._deploy_lock.attempt() as no_deploy, self._lock.attempt() as free:
-            idle = no_deploy and free
+            idle = no_deploy and free and not self.unsafe
             if idle:
                 objects_dir = Path(self.objects.root)
                 objects = [d for d in objects_dir.iterdir() if d.is_dir()]
                 dirs = [self.path, self._bundles, self._staged, objects_dir, *objects]
                 for path in fs.remove_orphans(dirs):
                     logger.warning("removed %s, left by an interrupted write", path)
-                for name in os.listdir(self._staged):
-                    logger.info("removed staged bundle %s: its push never committed", name)
-                    (self._staged / name).unlink()
                 for legacy in ("trees", "tree"):  # the shared trees of an older habanero
                     if (self.path / legacy).is_dir():
                         self._remove_legacy(self.path / legacy)
             state, why = self._read_state()
+            if idle:
+                self._clear_staged(state["active"] if state is not None else None)
             if idle and why == "missing" and not self.stored() and not self.history():
                 # A new store gets its state file now, so a crash during the first commit leaves a
                 # pointer to "nothing" and an unreferenced bundle, never a store without a pointer.
@@ -195,6 +259,19 @@ class Store:
         # After a rollback the last commit is not the newest bundle: prefer what history says.
         self._fall_back(f"state file {self.path / 'state.json'} is {why}", below=None,
                         prefer=commits[-1].get("digest") if commits else None)
+
+    def _clear_staged(self, pointer: Pointer | None) -> None:
+        """Empty staged/: a push there never committed, but for the one the state file names, whose
+        move to bundles/ a crash cut short (see ``commit``): that one moves now."""
+        committed = f"{_stem(pointer['version'], pointer['digest'])}.hbn" if pointer is not None else None
+        for name in os.listdir(self._staged):
+            if name == committed and not (self._bundles / name).exists():
+                logger.warning("moved committed bundle %s from staged/ to bundles/: its commit was interrupted "
+                               "after its commit point", name)
+                os.replace(self._staged / name, self._bundles / name)
+                continue
+            logger.info("removed staged bundle %s: its push never committed", name)
+            (self._staged / name).unlink()
 
     def _remove_legacy(self, directory: Path) -> None:
         """Remove an older habanero's tree, unless the app wrote files into it (its ``__file__``
@@ -223,11 +300,26 @@ class Store:
         return self._state.read()
 
     def _verify_file(self, version: int, digest: str) -> tuple[Bundle | None, str]:
-        path = self._bundles / f"{_stem(version, digest)}.hbn"
+        """The stored bundle of ``(version, digest)``, verified, or None and why. Callers name a
+        stored bundle or the state file's: a committed bundle whose move out of staged/ was cut short
+        (see ``commit``) is read from there."""
+        name = f"{_stem(version, digest)}.hbn"
+        path = self._bundles / name
         try:
-            if path.stat().st_size > self.limits.max_bundle_bytes:  # never read a planted huge file
-                return None, f"{path.name} is larger than any bundle may be"
-            bundle = open_bundle(path.read_bytes(), self.trusted, app_id=self.app_id, limits=self.limits,
+            raw = _read_file(path, self.limits.max_bundle_bytes)
+        except FileNotFoundError:
+            try:
+                raw = _read_file(self._staged / name, self.limits.max_bundle_bytes)
+            except OSError:
+                return None, f"{path.name} is missing"
+            except ValueError as exc:
+                return None, f"{path.name} {exc}"
+        except ValueError as exc:
+            return None, f"{path.name} {exc}"
+        except OSError as exc:
+            return None, f"cannot read {path.name} ({exc.strerror})"
+        try:
+            bundle = open_bundle(raw, self.trusted, app_id=self.app_id, limits=self.limits,
                                  content=self.objects.get)
         except FileNotFoundError:
             return None, f"{path.name} is missing"
@@ -256,7 +348,11 @@ class Store:
 
     def stored(self) -> list[tuple[int, str]]:
         """``(version, digest)`` of every stored bundle, ascending."""
-        found = (_NAME.match(name) for name in os.listdir(self._bundles) if name.endswith(".hbn"))
+        try:
+            names = os.listdir(self._bundles)
+        except OSError:  # bundles/ is not a directory (reported at open)
+            return []
+        found = (_NAME.match(name) for name in names if name.endswith(".hbn"))
         return sorted((int(m[1]), m[2]) for m in found if m)
 
     def pointer(self) -> tuple[Pointer | None, int]:
@@ -377,6 +473,33 @@ class Store:
                 f"the jump is intended, have an admin on the server run Store.reset_highest({version - 1})",
                 code="version_jump_too_large", version=version, highest=highest)
 
+    def check_parent(self, bundle: Bundle, running: Bundle | None) -> None:
+        """Refuse a push built on another version than the one ``running`` (``stale_parent``).
+
+        A bundle's signed ``parent`` names the version it was built on. Naming one that is not
+        active means someone pushed or rolled back since: taking it would silently replace their
+        version. A bundle with no parent claims no base (the first push, ``habanero-pack push
+        --force``, a bundle file built alone) and replaces whatever runs, deliberately.
+        """
+        parent = bundle.parent
+        if parent is None or (running is not None and running.digest == parent):
+            return
+        versions = {digest: version for version, digest in self.stored()}
+
+        def named(digest: str | None, version: int | None) -> str:
+            if digest is None:
+                return "the code on disk (no version is active)"
+            return f"v{version} ({_short(digest)})" if version is not None else f"{_short(digest)}, not in this store"
+
+        base = named(parent, versions.get(parent))
+        active = named(running.digest if running else None, running.version if running else None)
+        raise StaleVersion(
+            f"version {bundle.version} was built on {base}, but the app runs {active}: someone pushed or "
+            "rolled back since, and this push would silently replace their version; pull their change and "
+            "rebuild on the active version (habanero-pack push builds on it), or push with --force to "
+            "replace it anyway", code="stale_parent", version=bundle.version, parent=parent,
+            active=running.digest if running else None)
+
     def _current_highest(self) -> int:
         """The mark as on disk now (another process may have pushed), else the one in memory."""
         state, _ = self._read_state()
@@ -400,6 +523,7 @@ class Store:
         final, staged = os.path.join(self._bundles_dir, name), os.path.join(self._staged_dir, name)
         with self._lock, self._io(f"stage v{bundle.version}"):
             self._written = []
+            self.check_writable()
             if os.path.exists(final):  # a stored version: its objects are there too
                 return Path(final)
             self.check_fresh(bundle)
@@ -428,6 +552,7 @@ class Store:
         final, staged = os.path.join(self._bundles_dir, name), os.path.join(self._staged_dir, name)
         with self._lock:
             with self._io(f"commit v{bundle.version}"):
+                self.check_writable()
                 # Under the lock, self.highest is re-read from disk (another process may have written).
                 if action == "push":
                     self.check_fresh(bundle)
@@ -438,17 +563,25 @@ class Store:
                     self._current_highest()
                 commit_sync = self.sync == "commit"
                 written, self._written = self._written, []
-                if not os.path.exists(final):  # bundle before pointer
-                    try:
-                        os.replace(staged, final)
-                    except FileNotFoundError:  # another process's open() cleared staged/ meanwhile
-                        fs.write_atomic(final, bundle.raw, mode=0o444, sync=commit_sync, sync_dir=False)
-                    written.append(final)
+                promote = not os.path.exists(final)
+                if promote:  # the bundle is on disk (in staged/) before the pointer names it
+                    if not os.path.exists(staged):  # another process's open() cleared staged/ meanwhile
+                        fs.write_atomic(staged, bundle.raw, mode=0o444, sync=commit_sync, sync_dir=False)
                     if commit_sync:
-                        fs.fsync_dir(self._bundles_dir)
+                        fs.fsync_dir(self._staged_dir)
                 highest = max(self.highest, bundle.version)
                 retired: list[str] | None = None if commit_sync else []  # the old state file, freed later
-                self._state.write(pointer_to(bundle), highest, sync=commit_sync, retire=retired)  # the commit point
+                named = False
+                try:
+                    self._state.write(pointer_to(bundle), highest, sync=commit_sync, retire=retired)  # the commit point
+                    named = True
+                finally:
+                    # Only a version the state file has named moves to bundles/: a push whose commit
+                    # failed stays in staged/, which discard() and open() empty, and is never a
+                    # rollback target nor a version to start on.
+                    if promote and (named or self._names_now(bundle)):
+                        self._promote(staged, final, bundle, sync=commit_sync)
+                        written.append(final)
                 written.append(self._state.path)
             self.active, self.highest = bundle, highest
             # Past the commit point nothing may raise: the caller would undo what disk says is live.
@@ -461,6 +594,29 @@ class Store:
             if not commit_sync:
                 self.worker.flush_later(written, retired or ())
             self.later(self._retain)
+
+    def _names_now(self, bundle: Bundle) -> bool:
+        """Whether the state file on disk names ``bundle`` active (a write that raised may have
+        replaced it before raising: its commit point then passed)."""
+        with contextlib.suppress(HabaneroError):
+            state, _ = self._read_state()
+            return state is not None and state["active"] == pointer_to(bundle)
+        return False
+
+    def _promote(self, staged: str, final: str, bundle: Bundle, *, sync: bool) -> None:
+        """Move a committed bundle from staged/ to bundles/. Never raises for the disk: until it
+        moves, the state file's bundle is read from staged/ (``_verify_file``), and ``open()``
+        finishes the move."""
+        try:
+            try:
+                os.replace(staged, final)
+            except FileNotFoundError:
+                fs.write_atomic(final, bundle.raw, mode=0o444, sync=sync, sync_dir=False)
+            if sync:
+                fs.fsync_dir(self._bundles_dir)
+        except OSError as exc:
+            logger.error("habanero store %s: v%d is committed but stays in staged/ (%s); it is served from "
+                         "there, and the next start moves it", self.path, bundle.version, exc)
 
     @contextlib.contextmanager
     def deploying(self, wait: float) -> Iterator[None]:
@@ -499,6 +655,7 @@ class Store:
         name = f"{_stem(bundle.version, bundle.digest)}.hbn"
         with self._lock, self._io(f"discard v{bundle.version}"):
             self._written = []
+            self.check_writable()
             if not (self._bundles / name).exists():  # a stored version (a rollback target) stays
                 (self._staged / name).unlink(missing_ok=True)
 
@@ -506,6 +663,7 @@ class Store:
                        key_ids: Sequence[str], code: str, reason: str) -> None:
         """Append a failed push or rollback to the history; nothing else changes."""
         with self._lock, self._io("record a failure in the history"):
+            self.check_writable()
             self._append_history(action, version, digest, key_ids, "failed", code, reason)
 
     def reset_highest(self, value: int) -> None:
@@ -517,6 +675,7 @@ class Store:
         if type(value) is not int or value < 0:
             raise StoreError(f"highest must be a non-negative integer, not {value!r}", code="bad_highest")
         with self._lock, self._io("reset the highest version"):
+            self.check_writable()
             state, _ = self._read_state()
             pointer = state["active"] if state is not None else pointer_to(self.active)
             if pointer and value < pointer["version"]:
@@ -551,6 +710,24 @@ class Store:
             raise WrongApp(f"bundle is for app {bundle.app_id!r}; this store holds {self.app_id!r}",
                            expected=self.app_id, got=bundle.app_id)
 
+    def _flush_later(self, files: list[str]) -> None:
+        self.worker.flush_later(files)  # the worker of now: a forked child gets one of its own
+
+    def check_writable(self) -> None:
+        """Refuse (``store_unsafe``) to write a store that holds a symbolic link or a foreign file
+        where habanero writes: found at open, or planted since (a few ``lstat`` calls)."""
+        problems = self.unsafe or unsafe_layout(self.path, shards=False)
+        if problems:
+            raise self._unsafe_error(problems[0])
+
+    def _unsafe_error(self, problem: str) -> StoreError:
+        active = f"v{self.active.version}" if self.active is not None else "the code on disk"
+        return StoreError(
+            f"the habanero store {self.path} is not safe to write: {problem}. habanero never writes through a "
+            "symbolic link or into a file it did not create in its store (whoever placed it could choose what "
+            f"runs or what gets overwritten); nothing changed and {active} still serves: check who put it "
+            "there, remove it, and restart the app", code="store_unsafe", path=str(self.path))
+
     def _io(self, what: str) -> AbstractContextManager[None]:
         """Turn an OSError (disk full, permissions) into a StoreError that says what to do."""
         return fs.os_errors_as_store_errors(self.path, what)
@@ -575,6 +752,7 @@ class Store:
     def _prune(self, *, on_disk: Pointer | None, stored: list[tuple[int, str]] | None = None) -> None:
         """``prune()`` under the lock, given the active pointer on disk (just written by a commit)."""
         with self._lock, self._io("prune old versions"):
+            self.check_writable()
             stored = self.stored() if stored is None else stored  # a commit just listed them
             kept = set(stored[-self.keep:]) if self.keep else set()
             for p in filter(None, (pointer_to(self.active), on_disk)):
@@ -583,8 +761,9 @@ class Store:
             for version, digest in [s for s in stored if s not in kept]:
                 logger.info("retention: removing v%d (%s)", version, _short(digest))
                 self._remove_version(version, digest)
+            committed = {_stem(p["version"], p["digest"]) for p in filter(None, (on_disk,))}
             for name in os.listdir(self._staged):  # stale: can never be committed as a push
-                if (m := _NAME.match(name)) and int(m[1]) <= self.highest:
+                if (m := _NAME.match(name)) and int(m[1]) <= self.highest and name[:-4] not in committed:
                     (self._staged / name).unlink(missing_ok=True)
 
     def _dropped(self, count: int) -> None:
@@ -597,6 +776,7 @@ class Store:
     def _sweep_objects(self) -> None:
         """Delete the objects that no stored or staged bundle, nor the active one, refers to."""
         active = self.active
+        self.check_writable()
         self.objects.sweep(self._bundle_files, keep=active.by_hash if active is not None else ())
 
     def _bundle_files(self) -> list[str]:
@@ -618,10 +798,19 @@ class Store:
         self.worker.settle()
 
     @property
-    def cache_dir(self) -> Path:
-        """Where the finder keeps compiled code (``<store>/pycache``), created on demand."""
+    def cache_dir(self) -> Path | None:
+        """Where the finder keeps compiled code (``<store>/pycache``), created on demand; None (code
+        is cached in memory only) when something else than a directory of ours is in its place."""
         path = self.path / "pycache"
-        path.mkdir(mode=0o700, exist_ok=True)
+        problem = fs.unsafe_entry(path, directory=True)
+        if problem is None:
+            with contextlib.suppress(FileExistsError):
+                path.mkdir(mode=0o700)
+            problem = fs.unsafe_entry(path, directory=True)
+        if problem is not None:
+            logger.error("habanero store %s: %s; compiled code is not written there (habanero never writes "
+                         "through a symbolic link in its store): remove it", self.path, problem)
+            return None
         return path
 
     def close(self) -> None:

@@ -5,10 +5,15 @@ What becomes what, for each configured package (paths are relative to the packag
     shop/__init__.py            package  shop
     shop/cart.py                module   shop.cart
     shop/templates/index.html   data     shop/templates/index.html   (include/exclude apply)
-    shop/scripts/tool.py        data     shop/scripts/tool.py        (scripts/ has no __init__.py)
+    shop/my-tool.py             data     shop/my-tool.py             (not an identifier: not importable)
     worker.py                   module   worker                      (a single-file module)
 
-A ``.py`` file whose name is not an identifier (``my-tool.py``) cannot be imported and ships as data.
+A ``.py`` file whose name is not an identifier (``my-tool.py``), or in a directory whose name is not
+one (``shop/my-scripts/``), cannot be imported and ships as data. One that could be imported through
+a directory without ``__init__.py`` (``shop/scripts/tool.py``, as ``shop.scripts.tool``) is refused:
+the app would import it from habanero's source tree without habanero compiling it first or re-running
+it on a push. Add ``shop/scripts/__init__.py`` to ship it as a module, rename it (``tool.py-tpl``) or
+exclude it.
 Never shipped: ``__pycache__``, ``*.pyc``/``*.pyo``, editor droppings (``*.swp``, ``*.swo``, ``*~``,
 ``#*#``), hidden files and directories (``.git``, ``.#lock``, ``.env``...). Native code and path hooks
 (``.so``, ``.pyd``, ``.pth``...) are skipped with a warning that names them. Symlinks are followed

@@ -56,6 +56,9 @@ def _push(args: argparse.Namespace) -> int:
 
     if not args.watch and (args.check is not None or args.debounce is not None):
         raise UsageError("--check and --debounce go with --watch: habanero-pack push --watch --check CMD")
+    if args.watch and args.force:
+        raise UsageError("--force goes with a single push, not --watch (watch mode builds on the version "
+                         "the app runs, whoever pushed it)")
     target = resolve(args, need_project=True)
     assert target.config is not None
     if args.watch:
@@ -72,7 +75,7 @@ def _push(args: argparse.Namespace) -> int:
 
     with open_remote(target) as remote:
         try:
-            result = push_once(remote, target.config, bases=BaseCache(target.config.root))
+            result = push_once(remote, target.config, bases=BaseCache(target.config.root), force=args.force)
         except RemoteError as exc:
             if not exc.status or exc.code == "not_habanero":  # one line from main()
                 raise
@@ -97,6 +100,9 @@ PUSH_ARGUMENTS: tuple[Argument, ...] = (
         "before each push; when it fails the push is skipped and its output shown"),
     arg("--debounce", type=lambda s: positive_int(s, "--debounce"), metavar="MS",
         help="with --watch: group saves made within MS milliseconds into one push (default 20)"),
+    arg("--force", action="store_true",
+        help="replace whatever version the app runs, even one pushed or rolled back to since this push "
+        "read it (the bundle is signed with no parent; without --force the app refuses it: stale_parent)"),
     JSON, KEY, PROJECT, APP_ID, PACKAGES, CA_FILE,
 )
 

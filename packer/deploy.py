@@ -81,7 +81,11 @@ class PushResult:
 #: Built bundle and wire bytes for ``(version, parent, base)``; the wire form is packed against base.
 Make = Callable[[int, "str | None", "ParentManifest | None"], "tuple[BuiltBundle, bytes]"]
 #: Refusals that say the tip a push was built on is out of date: another push, a rollback, a reset store.
-_OUTDATED = frozenset({"stale_version", "parent_missing"})
+_OUTDATED = frozenset({"stale_version", "parent_missing", "stale_parent"})
+#: Of those, the ones that say the app runs another version than the push was built on: a push
+#: that read the app's status refuses them (someone else's version would be silently replaced);
+#: watch mode, which guesses the tip from its own last push, reads the status and follows the app.
+_MOVED = frozenset({"parent_missing", "stale_parent"})
 
 
 class BaseCache:
@@ -170,7 +174,7 @@ class BaseCache:
 
 def push_once(remote: Remote, config: ProjectConfig, *, snapshot: SourceSnapshot | None = None, level: int = 3,
               bases: BaseCache | None = None, builder: dict[str, Any] | None = None, tip: Tip | None = None,
-              make: Make | None = None, read_back: bool = True) -> PushResult:
+              make: Make | None = None, read_back: bool = True, force: bool = False) -> PushResult:
     """Build the next version on top of what the app runs, push it, and confirm it is live.
 
     Without ``tip`` the app is asked for its status first. With the ``tip`` of this side's last
@@ -189,6 +193,10 @@ def push_once(remote: Remote, config: ProjectConfig, *, snapshot: SourceSnapshot
 
     A build whose sources are the ones the app runs is not sent: the result says ``pushed=False``
     and no version number is spent.
+
+    The bundle names the active bundle as its ``parent``, and the app refuses it (``stale_parent``)
+    if another one is active when it arrives. ``force`` builds it with no parent (signed: the
+    manifest says so), so it replaces whatever the app runs; it is sent in full.
     """
     assert remote.key is not None, "a push is signed: the remote needs the signing key"
     make = make or _make_afresh(config, remote.key, snapshot=snapshot, level=level, builder=builder)
@@ -198,15 +206,15 @@ def push_once(remote: Remote, config: ProjectConfig, *, snapshot: SourceSnapshot
         with clock("status"):
             tip = Tip.of(remote.status())
     try:
-        sent = _send(remote, make, tip, bases, clock, full_retry=not guessed)
+        sent = _send(remote, make, tip, bases, clock, full_retry=not guessed, force=force)
     except RemoteError as exc:
-        if exc.code not in _OUTDATED or (exc.code == "parent_missing" and not guessed):
+        if exc.code not in _OUTDATED or (exc.code in _MOVED and not guessed):
             raise
         log.info("the app moved on since this push was built (%s); reading its status and pushing again",
                  exc.code)
         with clock("status"):
             tip = Tip.of(remote.status())
-        sent = _send(remote, make, tip, bases, clock, full_retry=True)
+        sent = _send(remote, make, tip, bases, clock, full_retry=True, force=force)
     if sent is None:  # the app runs this code already
         return PushResult(tip.version or 0, tip.active or "", str(remote.endpoint), {}, clock.rounded(),
                           pushed=False, sources=tip.sources)
@@ -232,10 +240,10 @@ def _runs_already(tip: Tip, built: BuiltBundle, bases: BaseCache | None) -> bool
 
 
 def _send(remote: Remote, make: Make, tip: Tip, bases: BaseCache | None, clock: _Clock, *,
-          full_retry: bool) -> tuple[BuiltBundle, bytes, dict[str, Any]] | None:
-    """Build version ``tip.highest + 1`` on the active bundle and push it, in full if need be;
-    None when the app runs these sources already."""
-    version, parent = tip.highest + 1, tip.active
+          full_retry: bool, force: bool = False) -> tuple[BuiltBundle, bytes, dict[str, Any]] | None:
+    """Build version ``tip.highest + 1`` on the active bundle (on none with ``force``) and push it,
+    in full if need be; None when the app runs these sources already."""
+    version, parent = tip.highest + 1, None if force else tip.active
     base = bases.get(parent) if bases is not None else None
     with clock("build"):
         built, wire = make(version, parent, base)

@@ -384,10 +384,14 @@ def check_name(name: str, kind: str) -> None:
 
 
 def check_tree(names: Mapping[str, str]) -> None:
-    """Every module's parent is a package in the bundle; no data file shadows a module's file; no
-    file sits where another entry needs a directory (``app/sub`` beside ``app/sub/x.txt``)."""
-    files = {module_path(n, k) for n, k in names.items() if k != "data"}
-    paths = files | {n for n, k in names.items() if k == "data"}
+    """Every module's parent is a package in the bundle; no two entries share a file (``p`` the
+    package and ``p.__init__`` the module are both ``p/__init__.py``), no data file shadows a
+    module's file; no file sits where another entry needs a directory (``app/sub`` beside
+    ``app/sub/x.txt``)."""
+    files = {module_path(n, k): n for n, k in names.items() if k != "data"}
+    if len(files) != len(names) - sum(k == "data" for k in names.values()):
+        _same_file(names)
+    paths = files.keys() | {n for n, k in names.items() if k == "data"}
     directories: set[str] = set()
     for path in paths:
         parent = path.rpartition("/")[0]
@@ -406,3 +410,17 @@ def check_tree(names: Mapping[str, str]) -> None:
         if parent and names.get(parent) != "package":
             raise BadEntryName(f"module {name!r} is inside {parent!r}, which is not a package in this "
                                "bundle (is its __init__.py missing?)", name=name)
+
+
+def _same_file(names: Mapping[str, str]) -> None:
+    """Raise for two module entries that land on one file of the source tree."""
+    seen: dict[str, str] = {}
+    for name, kind in names.items():
+        if kind == "data":
+            continue
+        path = module_path(name, kind)
+        if path in seen:
+            raise BadEntryName(f"entries {seen[path]!r} ({names[seen[path]]}) and {name!r} ({kind}) are both "
+                               f"{path} in the source tree; a package's own code is its package entry: ship "
+                               "it once, and rename the other", name=name)
+        seen[path] = name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import keyword
 import re
+from importlib.machinery import all_suffixes
 
 from overlay.errors import BadEntryName
 
@@ -27,6 +28,10 @@ MAX_NAME_LENGTH = 512
 # Extensions that must never ride in a bundle: native code, bytecode that bypasses our source
 # hashes, and path hooks that site.py would execute.
 FORBIDDEN_SUFFIXES = (".so", ".pyd", ".pyc", ".pyo", ".pth", ".dll", ".dylib")
+#: What the import system loads a module from (``.py``, and the forbidden ones above): a data entry
+#: whose path is an importable module name with one of these would be imported from the source tree,
+#: without being verified as a module, compiled before it runs or re-run by a push.
+IMPORT_SUFFIXES = tuple(sorted(set(all_suffixes()), key=len, reverse=True))
 _FORBIDDEN_CHARS = set('\\:*?"<>|')
 
 
@@ -75,6 +80,28 @@ def check_data_name(name: str) -> None:
                 "and path hooks are refused); ship source only",
                 name=name,
             )
+    module = importable_as(parts)
+    if module is not None:
+        directory = "/".join(parts[:-1])
+        raise BadEntryName(
+            f"data entry {name!r} would be importable as module {module!r} from the source tree, without "
+            "being compiled before it runs or re-run by a push: ship it as a module (add "
+            f"{directory}/__init__.py, so its directory is a package), or rename it (e.g. "
+            f"{parts[-1]}-tpl), or exclude it", name=name)
+
+
+def importable_as(parts: list[str]) -> str | None:
+    """The dotted module name a file at these path components could be imported as (through
+    namespace packages below a served package), or None: every directory and the file's stem are
+    identifiers that are not keywords, and its suffix is one the import system loads."""
+    filename = parts[-1]
+    suffix = next((s for s in IMPORT_SUFFIXES if filename.endswith(s)), None)
+    if suffix is None:
+        return None
+    dotted = [*parts[:-1], filename[: -len(suffix)]]
+    if all(part.isidentifier() and not keyword.iskeyword(part) for part in dotted):
+        return ".".join(dotted)
+    return None
 
 
 def check_entry_name(name: str, kind: str) -> None:

@@ -169,7 +169,8 @@ class Overlay:
             from overlay.http import ControlPlane
 
             self._plane = ControlPlane(self, public_status=bool(self.control.get("public_status")),
-                                       upload_timeout=float(self.control.get("upload_timeout", 30.0)))
+                                       upload_timeout=float(self.control.get("upload_timeout", 30.0)),
+                                       nonces=self.node.host.store.requests)
         return self._plane
 
     def ready(self) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from overlay import deploy
-from overlay.bundle import DEFAULT_LIMITS, Limits
+from overlay.bundle import DEFAULT_LIMITS, Bundle, Limits
 from overlay.cluster.registry import Registry
 from overlay.control import PREFIX
 from overlay.errors import ConfigError, HabaneroError
@@ -33,6 +33,7 @@ from overlay.integrations import hooks
 from overlay.keys import TrustedKeys
 from overlay.runtime import handle, settings
 from overlay.runtime.handle import Overlay
+from overlay.storage.tree import SourceTree
 from overlay.storage.worker import Worker
 from overlay.store import Store
 from overlay.upgrade import Host, move_tree
@@ -107,8 +108,7 @@ def install(
                 active = opened.sync_active()
                 # Found before the app imports them: where its paths derived from __file__ lead.
                 tree = opened.source_tree(entry.tree, mirror=opened.mirror(names))
-                if active is not None:
-                    tree.lay_out(active)
+                if active is not None and _laid_out(tree, active, opened):
                     finder.set_index(finder.index_for(active, tree.root))
                     opened.release(active)
                 host = Host(resolved_app_id, opened, finder, tree, trusted, limits)
@@ -144,6 +144,20 @@ def install(
     logger.info("habanero serving %s from %s", ", ".join(names),
                 f"bundle v{overlay.version}" if overlay.version is not None else "disk (no bundle pushed yet)")
     return overlay
+
+
+def _laid_out(tree: SourceTree, active: Bundle, store: Store) -> bool:
+    """Lay out this process's tree for the version it starts on; False (the code on disk runs, and
+    the problem is reported) when the tree cannot hold it: the app always starts."""
+    try:
+        tree.lay_out(active)
+    except HabaneroError as exc:
+        problem = (f"v{active.version} cannot be laid out in this process's source tree ({exc}); serving the code "
+                   "on disk")
+        logger.error("habanero: %s", problem)
+        store.startup_problems.append(problem)
+        return False
+    return True
 
 
 def _arm_integrations(finder: OverlayFinder) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from overlay.bundle import Bundle, Limits
-from overlay.control import PREFIX, RequestVerifier
+from overlay.control import PREFIX, Nonces, RequestVerifier
 from overlay.errors import ConfigError, ControlRejected, HabaneroError, TooLarge, UploadFailed
 from overlay.keys import TrustedKeys
 from overlay.upgrade import UpgradeReport
@@ -70,13 +70,14 @@ class Answer:
 class ControlPlane:
     """The routes of one installed overlay (see the module docstring)."""
 
-    def __init__(self, served: Served, *, public_status: bool = False, upload_timeout: float = 30.0) -> None:
+    def __init__(self, served: Served, *, public_status: bool = False, upload_timeout: float = 30.0,
+                 nonces: Nonces | None = None) -> None:
         if served.trusted is None:
             raise ConfigError("a disabled overlay serves no control routes", code="disabled")
         self.served = served
         self.public_status = public_status
         self.upload_timeout = upload_timeout
-        self.verifier = RequestVerifier(served.trusted, served.app_id)
+        self.verifier = RequestVerifier(served.trusted, served.app_id, nonces=nonces)
         self._uploads = 0
         self._uploads_lock = threading.Lock()
 

@@ -12,11 +12,14 @@ interrupted write leaves behind is recognisable and removed by :func:`remove_orp
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
+import logging
 import os
 import shutil
+import stat
 import threading
 import time
 import weakref
@@ -63,12 +66,16 @@ def parse_json(raw: bytes) -> tuple[Any, str]:
         return None, f"corrupt ({exc})"
 
 
-def read_small(path: str | os.PathLike[str], *, flags: int = 0, limit: int | None = None) -> bytes:
+def read_small(path: str | os.PathLike[str], *, flags: int = 0, limit: int | None = None,
+               regular: bool = False) -> bytes:
     """A small file's bytes, read with three system calls (``open()``'s file object costs six,
     and a push reads the state file three times). ``flags`` are added to ``os.open``'s (e.g.
-    ``O_NOFOLLOW``); with ``limit``, no more than that many bytes are read."""
+    ``O_NOFOLLOW``); with ``limit``, no more than that many bytes are read. ``regular`` refuses
+    anything but a regular file (a directory, a FIFO, a device) with ``NotARegularFile``."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
+        if regular and not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file", os.fspath(path))
         chunks, left = [], limit
         while left is None or left > 0:
             chunk = os.read(fd, 1 << 16 if left is None else min(left, 1 << 16))
@@ -80,6 +87,10 @@ def read_small(path: str | os.PathLike[str], *, flags: int = 0, limit: int | Non
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+class NotARegularFile(OSError):
+    """A path of the store or a tree holds something else than the regular file habanero expects."""
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -185,8 +196,11 @@ class RecordLog:
 
     def read(self) -> list[dict[str, Any]]:
         try:
-            with open(self.path, "rb") as fh:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with open(fd, "rb") as fh:
                 st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise NotARegularFile(errno.EINVAL, "not a regular file", os.fspath(self.path))
                 if st.st_ino != self._inode or st.st_size < self._size:
                     self._records, self._size, self._inode, self._pending = [], 0, st.st_ino, b""
                 if st.st_size > self._size:
@@ -197,6 +211,9 @@ class RecordLog:
                     self._pending = lines.pop()  # b"" when the chunk ended with a newline
                     self._records.extend(_parse_lines(lines))
         except FileNotFoundError:
+            self._records, self._size, self._inode, self._pending = [], 0, -1, b""
+        except OSError as exc:  # a link or something else planted in its place: nothing habanero wrote
+            warn_unsafe(self.path, exc)
             self._records, self._size, self._inode, self._pending = [], 0, -1, b""
         tail = list(_parse_lines([self._pending])) if self._pending else []
         return self._records + tail
@@ -235,9 +252,12 @@ def append_record(path: str | os.PathLike[str], record: dict[str, Any], *, sync:
     """
     line = json.dumps(record, sort_keys=True).encode("utf-8") + b"\n"
     created = not os.path.exists(path)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file", os.fspath(path))
+        size = st.st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
         view = memoryview(line)
@@ -313,10 +333,13 @@ class FileLock:
     actionable error instead of a hang.
     """
 
-    def __init__(self, path: Path, *, timeout: float) -> None:
+    def __init__(self, path: Path, *, timeout: float, local: bool = False) -> None:
         self.path = path
         self.timeout = timeout
-        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        #: Exclude this process's threads only, with no file (a store that is not safe to write, whose
+        #: lock file is not one habanero can trust: it is never opened).
+        self.local = local
+        self._fd: int | None = None if local else _open_lock(path)
         self._pid = os.getpid()
         self._mutex = threading.RLock()
         self._depth = 0
@@ -351,7 +374,7 @@ class FileLock:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = _open_lock(self.path)
         self._pid = os.getpid()
 
     def __enter__(self) -> FileLock:
@@ -369,7 +392,7 @@ class FileLock:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._depth -= 1
-        if self._depth == 0 and self._fd is not None:
+        if self._depth == 0 and self._fd is not None and not self.local:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._mutex.release()
 
@@ -380,7 +403,7 @@ class FileLock:
             yield False
             return
         try:
-            if self._depth == 0:
+            if self._depth == 0 and not self.local:
                 try:
                     fcntl.flock(self._require_fd(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -391,24 +414,28 @@ class FileLock:
                 yield True
             finally:
                 self._depth -= 1
-                if self._depth == 0:
+                if self._depth == 0 and not self.local:
                     fcntl.flock(self._require_fd(), fcntl.LOCK_UN)
         finally:
             self._mutex.release()
 
     def _require_fd(self) -> int:
+        if self.local:
+            return -1
         if self._fd is None:
             raise StoreError(f"the store lock {self.path} was closed; open the store again",
                              code="store_error")
         if self._pid != os.getpid():
             # A forked child shares our open file description, hence our flock: it needs its own.
             os.close(self._fd)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = _open_lock(self.path)
             self._pid = os.getpid()
         return self._fd
 
     def _flock(self, timeout: float | None = None, *, raising: bool = True) -> bool:
         fd = self._require_fd()
+        if self.local:
+            return True
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         delay = 0.002
         while True:
@@ -436,3 +463,42 @@ class FileLock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file, opened (created) without following a link: a planted link would have the
+    store create or lock a file elsewhere."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotARegularFile(errno.EINVAL, "not a regular file", os.fspath(path))
+    return fd
+
+
+def unsafe_entry(path: str | os.PathLike[str], *, directory: bool) -> str | None:
+    """Why habanero must not write at ``path`` (a symbolic link, or not the regular file or the
+    directory it should be), or None: it is what it should be, or absent (habanero creates it)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return f"{os.fspath(path)} is a symbolic link (to {os.readlink(path)})"
+    if directory and not stat.S_ISDIR(st.st_mode):
+        return f"{os.fspath(path)} is not a directory"
+    if not directory and not stat.S_ISREG(st.st_mode):
+        return f"{os.fspath(path)} is not a regular file"
+    return None
+
+
+def warn_unsafe(path: str | os.PathLike[str], exc: OSError) -> None:
+    """Log, once per path, that a file of the store was not read: something else is in its place."""
+    key = os.fspath(path)
+    if key not in _warned_unsafe:
+        _warned_unsafe.add(key)
+        logging.getLogger("overlay.store").error(
+            "habanero store: %s cannot be read safely (%s): habanero never follows a symbolic link or reads "
+            "a FIFO or device in its store; remove it after checking who put it there", key, exc.strerror or exc)
+
+
+_warned_unsafe: set[str] = set()

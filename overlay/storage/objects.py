@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable
 
 from overlay.bundle import Bundle, manifest_bytes_of
-from overlay.errors import UnknownFormat
+from overlay.errors import StoreError, UnknownFormat
 from overlay.format.manifest import is_sha256
 from overlay.storage import fs
 
@@ -33,6 +34,8 @@ class ObjectStore:
     def __init__(self, root: str, lock: fs.FileLock) -> None:
         self.root = root
         self._lock = lock
+        #: Set when the store is not safe to write: what to raise instead of writing.
+        self.refuse: Callable[[str], Exception] | None = None
 
     def get(self, sha256: str, size: int | None = None) -> bytes | None:
         """A body this store holds (for delta bundles), or None. Its hash is checked by the reader.
@@ -70,7 +73,8 @@ class ObjectStore:
                 continue
             path = self.path(sha256)
             try:
-                if os.stat(path).st_size == entry.size:
+                st = os.lstat(path)  # a link is replaced, never taken for the object
+                if stat.S_ISREG(st.st_mode) and st.st_size == entry.size:
                     continue
             except FileNotFoundError:
                 pass
@@ -78,11 +82,18 @@ class ObjectStore:
             written.append(path)
         return written
 
-    @staticmethod
-    def put(path: str, body: bytes, *, sync: bool) -> None:
+    def put(self, path: str, body: bytes, *, sync: bool) -> None:
         """Write one object, read-only. Preallocated: objects are hashed where they are used (see
-        ``fs.write_atomic``)."""
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        ``fs.write_atomic``). Never into a directory that is a symbolic link (``store_unsafe``)."""
+        shard = os.path.dirname(path)
+        problem = fs.unsafe_entry(shard, directory=True)
+        if problem is None:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(shard, 0o700)
+            problem = fs.unsafe_entry(shard, directory=True)
+        if problem is not None or self.refuse is not None:
+            refuse = self.refuse or _refusal
+            raise refuse(problem or "it was found unsafe when it was opened")
         fs.write_atomic(path, body, mode=0o444, sync=sync, sync_dir=False, preallocate=True)
 
     def sweep(self, bundle_files: Callable[[], list[str]], keep: Iterable[str] = ()) -> None:
@@ -111,6 +122,12 @@ class ObjectStore:
                 if name not in referenced:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.root, shard, name))
+
+
+def _refusal(problem: str) -> StoreError:
+    return StoreError(f"cannot write an object of the store: {problem}; habanero never writes through a symbolic "
+                      "link or into a file it did not create in its store: check who put it there and remove it",
+                      code="store_unsafe")
 
 
 def _hashes_in(path: str, among: set[str]) -> set[str]:

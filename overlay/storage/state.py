@@ -23,6 +23,8 @@ from overlay.storage import fs
 __all__ = ["STATE_FORMAT", "Pointer", "State", "StateFile", "pointer_to"]
 
 STATE_FORMAT = 1
+#: Far more than a state file holds: a planted huge file is not read whole.
+MAX_STATE_BYTES = 1 << 16
 
 
 class Pointer(TypedDict):
@@ -58,7 +60,7 @@ class StateFile:
         state of another app or written by a newer habanero: serving from it would be wrong.
         """
         try:
-            raw = fs.read_small(self.path)
+            raw = fs.read_small(self.path, flags=os.O_NOFOLLOW | os.O_NONBLOCK, limit=MAX_STATE_BYTES, regular=True)
         except FileNotFoundError:
             return None, "missing"
         except OSError as exc:

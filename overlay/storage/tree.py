@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from overlay.bundle import DEFAULT_LIMITS, Bundle, Entry
-from overlay.errors import BadEntryName
+from overlay.errors import BadEntryName, StoreError
 from overlay.storage import fs
 from overlay.storage.mirror import Mirror, warn_once
 from overlay.storage.objects import ObjectStore
@@ -100,7 +100,7 @@ class SourceTree:
                 raise failed
 
         with fs.os_errors_as_store_errors(self._label, f"update the source tree for v{new.version}"):
-            os.makedirs(root, mode=0o700, exist_ok=True)
+            self._make_root()
             if self.mirror is not None:  # first: a name the push makes a package's is unlinked
                 self.mirror.refresh(root)
             try:
@@ -121,9 +121,12 @@ class SourceTree:
             _remove_empty_dirs(root, os.path.dirname(target))
             return
         parent = os.path.dirname(target)
-        os.makedirs(parent, mode=0o700, exist_ok=True)
+        self._make_dirs(root, parent)
         if parent != root and not _below(os.path.realpath(parent), root):
             raise BadEntryName(f"entry path {relative!r} resolves outside the source tree", name=relative)
+        problem = fs.unsafe_entry(target, directory=False)
+        if problem is not None:
+            raise self._unsafe(problem)
         tmp = os.path.join(parent, f"{fs.TMP_PREFIX}{os.urandom(6).hex()}")
         fs.link_or_copy(self._objects.path(sha256), tmp)
         if relative.endswith(".py"):
@@ -138,6 +141,37 @@ class SourceTree:
             os.unlink(tmp)
             raise
 
+    def _make_root(self) -> None:
+        """Create the tree's root (its parent is the process's slot, see ``overlay.cluster.registry``);
+        refuse one that is a symbolic link: the mirror's links and the packages would land elsewhere."""
+        root = os.fspath(self.root)
+        os.makedirs(os.path.dirname(root), mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(root, 0o700)
+        problem = fs.unsafe_entry(root, directory=True)
+        if problem is not None:
+            raise self._unsafe(problem)
+
+    def _make_dirs(self, root: str, directory: str) -> None:
+        """Create ``directory`` below ``root`` one component at a time, never through a symbolic
+        link or into something that is not a directory (``store_unsafe``): a link planted in place
+        of a package directory would have habanero create directories elsewhere."""
+        path = root
+        for part in ["", *os.path.relpath(directory, root).split(os.sep)]:
+            path = os.path.join(path, part) if part and part != "." else path
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                os.mkdir(path, 0o700)
+                continue
+            if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+                raise self._unsafe(fs.unsafe_entry(path, directory=True) or f"{path} is not a directory")
+
+    def _unsafe(self, problem: str) -> StoreError:
+        return StoreError(f"cannot write the source tree {self.root}: {problem}, where habanero lays out a "
+                          "package; it never writes through a symbolic link or over a file it did not create "
+                          "there: check who put it there and remove it", code="store_unsafe", path=problem)
+
     def lay_out(self, bundle: Bundle) -> None:
         """Make the tree hold exactly ``bundle``'s files, new or repaired, checked file by file.
 
@@ -146,10 +180,17 @@ class SourceTree:
         """
         root = self.root
         expected = {e.path: e for e in bundle.entries.values()}
+        with fs.os_errors_as_store_errors(self._label, f"lay out the source tree of v{bundle.version}"):
+            if expected:
+                self._make_root()
         if self.mirror is not None and expected:
-            with fs.os_errors_as_store_errors(self._label, f"lay out the source tree of v{bundle.version}"):
-                os.makedirs(root, mode=0o700, exist_ok=True)
-            self.mirror.refresh(os.fspath(root))
+            self.mirror.refresh(os.fspath(root))  # first: a name the version makes a package's is unlinked
+        # Every directory the version's files are in is a directory of the tree, not a link elsewhere
+        # (a file there may hold the right bytes: it would still not be the tree's).
+        for directory in sorted({os.path.dirname(path) for path in expected} - {""}):
+            problem = fs.unsafe_entry(os.path.join(root, directory), directory=True)
+            if problem is not None:
+                raise self._unsafe(problem)
         wrong: list[Entry] = []
         for entry in expected.values():
             body = bundle.read(entry.name)
@@ -171,7 +212,7 @@ class SourceTree:
             logger.warning("the source tree of v%s differs from its bundle (%d files wrong or missing, "
                            "%d extra); repairing it", bundle.version, len(wrong), len(extra))
         with fs.os_errors_as_store_errors(self._label, f"lay out the source tree of v{bundle.version}"):
-            os.makedirs(root, mode=0o700, exist_ok=True)
+            self._make_root()
             for path in extra:
                 self._put(os.fspath(root), path, None)
             for entry in wrong:
@@ -216,9 +257,11 @@ def _below(real_path: str, root: str) -> bool:
 def _holds(path: str, body: bytes) -> tuple[bool, int | None]:
     """Whether the file at ``path`` holds exactly ``body``, and its inode when it does."""
     try:
-        with open(path, "rb") as fh:
-            if fh.read() == body:
-                return True, os.fstat(fh.fileno()).st_ino
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)  # never a FIFO's wait
+        with open(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size == len(body) and fh.read(len(body) + 1) == body:
+                return True, st.st_ino
     except OSError:
         pass
     return False, None

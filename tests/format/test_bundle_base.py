@@ -185,6 +185,12 @@ CHANGED_BADLY = {  # how the entry table changes, what the delta carries, fields
                                        ["app.a"], {}, "bad_entry_name"),
     "a data file shadowing a module": (lambda rows: sorted(rows + [("app/b.py", "data", b"x")]),
                                        ["app.a", "app/b.py"], {}, "bad_entry_name"),
+    "a module __init__ beside its package (one file)": (
+        lambda rows: sorted(rows + [("app.sub.__init__", "module", b"x = 1\n")]), ["app.a", "app.sub.__init__"],
+        {}, "bad_entry_name"),
+    "a .py data file importable through a plain directory": (
+        lambda rows: sorted(rows + [("app/tools/run.py", "data", b"import os\n")]), ["app.a", "app/tools/run.py"],
+        {}, "bad_entry_name"),
 }
 
 

@@ -198,7 +198,7 @@ def test_a_standard_library_name_is_warned_about(tmp_path: Path, caplog: pytest.
 
 
 def test_collect_names_modules_packages_and_data(project: Path) -> None:
-    write_files(project, {"shop/scripts/tool.py": "print('not importable')\n", "shop/my-tool.py": "x\n",
+    write_files(project, {"shop/my-scripts/tool.py": "print('not importable')\n", "shop/my-tool.py": "x\n",
                           "worker.py": "JOBS = []\n"})
     config = load_config(project, packages=["shop", "worker.py"])
     files = collect(config)
@@ -208,7 +208,7 @@ def test_collect_names_modules_packages_and_data(project: Path) -> None:
         "shop.admin.views": "module",
         "shop.cart": "module",
         "shop/my-tool.py": "data",  # not an identifier: cannot be imported
-        "shop/scripts/tool.py": "data",  # scripts/ has no __init__.py
+        "shop/my-scripts/tool.py": "data",  # my-scripts is not an identifier: not importable either
         "shop/static/site.css": "data",
         "shop/templates/index.html": "data",
         "worker": "module",
@@ -217,12 +217,14 @@ def test_collect_names_modules_packages_and_data(project: Path) -> None:
     assert files["shop.admin"] == ("package", b"")
 
 
-def test_a_py_file_below_a_directory_without_init_is_data_even_deeper(project: Path) -> None:
+def test_a_package_below_a_directory_without_init_is_refused_it_would_import_from_the_tree(project: Path) -> None:
     write_files(project, {"shop/plugins/contrib/__init__.py": "", "shop/plugins/contrib/x.py": ""})
+    with pytest.raises(BadEntryName, match=r"importable as module 'shop.plugins.contrib.__init__'.*"
+                       r"add shop/plugins/contrib/__init__.py"):
+        collect(load_config(project))
+    write_files(project, {"shop/plugins/__init__.py": ""})
     files = collect(load_config(project))
-    assert files["shop/plugins/contrib/__init__.py"][0] == "data"
-    assert files["shop/plugins/contrib/x.py"][0] == "data"
-    assert "shop.plugins.contrib" not in files
+    assert (files["shop.plugins.contrib"][0], files["shop.plugins.contrib.x"][0]) == ("package", "module")
 
 
 def test_junk_never_goes_in(project: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -410,12 +412,15 @@ def test_refresh_with_changed_paths_sees_added_and_removed_files_and_dirs(
 
 
 def test_adding_an_init_turns_data_files_into_modules(snapshot: SourceSnapshot, project: Path) -> None:
+    plugins = project / "shop" / "plugins"
     write_files(project, {"shop/plugins/x.py": "X = 1\n"})
-    assert snapshot.refresh({project / "shop" / "plugins" / "x.py"}).added == ("shop/plugins/x.py",)
-    write_files(project, {"shop/plugins/__init__.py": ""})
-    changes = snapshot.refresh({project / "shop" / "plugins" / "__init__.py"})
+    with pytest.raises(BadEntryName, match="importable as module 'shop.plugins.x'"):
+        snapshot.refresh({plugins / "x.py"})
+    (plugins / "x.py").rename(plugins / "x.py-tpl")
+    assert snapshot.refresh({plugins / "x.py", plugins / "x.py-tpl"}).added == ("shop/plugins/x.py-tpl",)
+    write_files(project, {"shop/plugins/__init__.py": "", "shop/plugins/x.py": "X = 1\n"})
+    changes = snapshot.refresh({plugins / "__init__.py", plugins / "x.py"})
     assert sorted(changes.added) == ["shop.plugins", "shop.plugins.x"]
-    assert changes.removed == ("shop/plugins/x.py",)
 
 
 def test_changed_paths_outside_the_packages_or_junk_cost_nothing(
@@ -520,6 +525,13 @@ def test_write_replaces_the_file_atomically(project: Path, signing_key) -> None:
     assert [p.name for p in project.iterdir() if p.name.startswith(".out.hbn")] == []
 
 
+def test_a_py_file_importable_through_a_directory_without_init_is_refused_naming_the_fix(project: Path) -> None:
+    write_files(project, {"shop/scripts/tool.py": "print('imported from the tree')\n"})
+    with pytest.raises(BadEntryName, match=r"cannot ship shop/scripts/tool.py: .*importable as module "
+                       r"'shop.scripts.tool'.*add shop/scripts/__init__.py.*or rename it"):
+        collect(load_config(project, packages=["shop"]))
+
+
 # ------------------------------------------------------------------------------- warm builds
 
 CREATED = "2030-01-02T03:04:05.000006Z"
@@ -529,7 +541,7 @@ STEPS = [
     {"shop/cart.py": "def total(items):\n    return 0\n"},  # a save
     {"shop/cart.py": "def total(items):\n    return 0\n", "shop/admin/views.py": "X = 'é'\n"},  # one of two
     {"shop/orders.py": "ORDERS = []\n", "shop/static/site.css": None},  # a module added, a data file gone
-    {"shop/scripts/tool.py": "print(1)\n"},  # data; then a module once scripts/ is a package
+    {"shop/scripts/run.sh": "echo 1\n"},  # data in a plain directory; then it becomes a package
     {"shop/scripts/__init__.py": ""},
     {},  # nothing changed: the delta carries no body
 ]

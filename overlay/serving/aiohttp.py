@@ -41,6 +41,8 @@ __all__ = ["StandaloneServer", "listening_socket", "mount"]
 
 _PLANE = web.AppKey("plane", ControlPlane)
 _CONNECTIONS = web.AppKey("connections", Connections)
+_LISTEN_BACKLOG = 128  # connections the kernel queues for us
+_ACCEPT_BATCH = 8  # accepted in one go (see StandaloneServer._serve)
 
 
 def _json(answer: Answer) -> web.Response:
@@ -130,7 +132,7 @@ def listening_socket(host: str, port: int, *, ours: Callable[[], bool]) -> socke
             raise ConfigError(f"cannot listen on {host}:{port}: the port is shared by a process that is not "
                               "this app's (another app's habanero?); give each app its own address",
                               code="listen_failed")
-        sock.listen(128)
+        sock.listen(_LISTEN_BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -207,8 +209,12 @@ class StandaloneServer:
 
         self.connections = root[_CONNECTIONS] = Connections(aiohttp_protocol, limits, loop)
         await runner.setup()
+        # asyncio accepts up to ``backlog`` sockets in one go before any protocol sees them: a small
+        # batch keeps the descriptors open at once near max_connections under a flood of connects.
         self._server = await loop.create_server(self.connections.protocol, sock=self._sock, ssl=self._tls,
+                                                backlog=_ACCEPT_BATCH,
                                                 ssl_handshake_timeout=limits.request_timeout if self._tls else None)
+        self._sock.listen(_LISTEN_BACKLOG)  # create_server re-listened with the batch size
 
     async def _shutdown(self) -> None:
         if self._server is not None:

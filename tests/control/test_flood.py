@@ -141,6 +141,7 @@ def test_a_thousand_idle_connections_to_the_control_port_leave_the_app_serving_a
         for sock in idle:
             sock.close()
     assert status_of(project, app.control)["version"] == 1
+    assert "Too many open files" not in app.output  # not even for a moment
 
 
 @pytest.fixture(scope="module")

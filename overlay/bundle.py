@@ -23,7 +23,7 @@ from typing import Any
 
 import zstandard
 
-from overlay.errors import BadSignature, CorruptPayload, UnknownFormat, WrongApp
+from overlay.errors import BadSignature, CorruptPayload, UnknownFormat, WrongApp, unverified
 from overlay.format import delta, proof
 from overlay.format.limits import DEFAULT_LIMITS, Limits
 from overlay.format.manifest import (
@@ -38,13 +38,22 @@ from overlay.format.manifest import (
 from overlay.format.model import Bundle, ContentLookup, ParentManifest
 from overlay.format.names import APP_ID_RULE, FORBIDDEN_SUFFIXES, RESERVED_NAMES, check_entry_name, valid_app_id
 from overlay.format.payload import decompress
-from overlay.format.wire import FLAG_PACKED, HEADER, MAGIC, manifest_bytes_of, sign_bundle, split, verify
+from overlay.format.wire import (
+    FLAG_PACKED,
+    HEADER,
+    MAGIC,
+    claimed_key_ids,
+    manifest_bytes_of,
+    sign_bundle,
+    split,
+    verify,
+)
 from overlay.keys import SigningKey, TrustedKeys
 
 __all__ = [
     # reading
     "Bundle", "Entry", "Limits", "DEFAULT_LIMITS", "open_bundle", "read_unverified", "bundle_digest",
-    "manifest_bytes_of",
+    "claimed_key_ids", "manifest_bytes_of",
     # writing
     "FORMAT", "CODECS", "APP_ID_RULE", "FORBIDDEN_SUFFIXES", "RESERVED_NAMES", "ParentManifest", "build_bundle",
     "valid_app_id",
@@ -166,9 +175,10 @@ def open_bundle(
     data = bytes(data)
     if len(data) >= HEADER.size and data.startswith(MAGIC) and HEADER.unpack_from(data)[2] == FLAG_PACKED:
         data = delta.unpack(data, trusted, base_manifest, limits)
-    parts = split(data, limits)
-    digest = hashlib.sha256(parts.manifest_bytes).digest()  # the bundle's name, and format 2 signs it
-    key_ids = verify(parts, trusted, digest)  # before the manifest is parsed or anything decompressed
+    with unverified():  # a refusal up to here is of bytes no trusted key signed: counted, not recorded
+        parts = split(data, limits)
+        digest = hashlib.sha256(parts.manifest_bytes).digest()  # the bundle's name, and format 2 signs it
+        key_ids = verify(parts, trusted, digest)  # before the manifest is parsed or anything decompressed
     proven = None
     if base is not None and parts.format != 1:
         proven = proof.proven_table(parts.manifest_bytes, base.manifest_bytes, base.table, base.spans, limits)

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Protocol
 
-from overlay.errors import ControlRejected
+from overlay.errors import ControlRejected, printable, unverified
 from overlay.keys import SigningKey, TrustedKeys
 
 __all__ = ["Nonces", "RequestVerifier", "sign_request"]
@@ -76,6 +76,17 @@ class RequestVerifier:
                *, now: float | None = None) -> str:
         """Return the key id that signed the request, or raise ``ControlRejected``."""
         now = time.time() if now is None else now
+        with unverified():  # until the signature holds, a refusal is of anyone's request
+            key_id, stamp_value, nonce = self._signed_by(method, path, headers, body)
+        if abs(now - stamp_value) > self.window:
+            raise ControlRejected(
+                f"request timestamp is {int(now - stamp_value)} s away from the server's clock (window "
+                f"±{self.window} s); check both clocks and retry", code="stale_request")
+        self._remember(nonce, stamp_value, now)
+        return key_id
+
+    def _signed_by(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> tuple[str, int, str]:
+        """The key id, timestamp and nonce of a request whose signature holds."""
         missing = [h for h in (H_KEY, H_TIME, H_NONCE, H_SIG) if not headers.get(h)]
         if missing:
             raise ControlRejected(
@@ -90,7 +101,7 @@ class RequestVerifier:
         key_id, stamp, nonce = headers[H_KEY], headers[H_TIME], headers[H_NONCE]
         public = self.trusted.get(key_id)
         if public is None:
-            raise ControlRejected(f"key {key_id} is not trusted by this server; add its public key to "
+            raise ControlRejected(f"key {printable(key_id, 128)} is not trusted by this server; add its public key to "
                                   f"{self.trusted.source}", code="unknown_key")
         try:
             signature = base64.b64decode(headers[H_SIG], validate=True)
@@ -104,12 +115,7 @@ class RequestVerifier:
             raise ControlRejected(
                 "request signature does not verify: it was altered, signed for another app or path, "
                 "or by another key", code="bad_request_signature")
-        if abs(now - stamp_value) > self.window:
-            raise ControlRejected(
-                f"request timestamp is {int(now - stamp_value)} s away from the server's clock (window "
-                f"±{self.window} s); check both clocks and retry", code="stale_request")
-        self._remember(nonce, stamp_value, now)
-        return key_id
+        return key_id, stamp_value, nonce
 
     def _remember(self, nonce: str, stamp: int, now: float) -> None:
         if self._store is not None:

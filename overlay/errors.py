@@ -48,6 +48,8 @@ The endpoint also answers ``internal_error`` (500, a bug: the app's log has the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 __all__ = [
@@ -91,6 +93,9 @@ class HabaneroError(Exception):
 
     default_code: ClassVar[str] = "habanero_error"
     default_status: ClassVar[int] = 400
+    #: Set on a refusal of bytes that no trusted key vouched for (see :func:`unverified`): it is
+    #: counted, never recorded in the history nor shown as the app's last failure.
+    unverified: bool = False
 
     def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
         super().__init__(message)
@@ -261,3 +266,30 @@ class RemoteError(HabaneroError):
         self.status = status
         self.remote_traceback = remote_traceback
         self.body = body or {}
+
+
+@contextlib.contextmanager
+def unverified() -> Iterator[None]:
+    """Mark each refusal raised in the block as one of a request no trusted signature holds for
+    (yet): anyone who can reach the port can cause it, so it must cost the app next to nothing."""
+    try:
+        yield
+    except HabaneroError as exc:
+        exc.unverified = True
+        raise
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """``text`` as one bounded line for a log or a message: control and format characters escaped
+    (an escape sequence from the network must not reach a terminal), cut to ``limit`` characters."""
+    value = str(text)
+    if len(value) > limit:
+        value = value[:limit] + "..."
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else _escape(c) for c in value)
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from overlay.control import PREFIX
+from overlay.serving.connections import DEFAULT_CONTROL_LIMITS, ControlLimits
 from overlay.serving.routes import MAX_UPLOADS, ControlPlane, Served
 from overlay.serving.wsgi import WSGIApp, WSGIWrapper
 
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     from overlay.serving.aiohttp import StandaloneServer
     from overlay.serving.asgi import ASGIApp, ASGIWrapper
 
-__all__ = ["MAX_UPLOADS", "PREFIX", "ControlPlane", "Served", "asgi", "mount", "standalone", "wsgi"]
+__all__ = ["DEFAULT_CONTROL_LIMITS", "MAX_UPLOADS", "PREFIX", "ControlLimits", "ControlPlane", "Served", "asgi",
+           "mount", "standalone", "wsgi"]
 
 
 def mount(app: Any, plane: ControlPlane) -> None:
@@ -53,12 +55,14 @@ def asgi(app: ASGIApp, plane: ControlPlane, joined: threading.Event, ready: Call
 
 
 def standalone(plane: ControlPlane, host: str, port: int, *, ours: Callable[[], bool],
-               tls_cert: str | None = None, tls_key: str | None = None) -> StandaloneServer:
-    """The routes on their own server at ``host:port``, started (see ``overlay.serving.aiohttp``)."""
+               tls_cert: str | None = None, tls_key: str | None = None,
+               limits: ControlLimits = DEFAULT_CONTROL_LIMITS) -> StandaloneServer:
+    """The routes on their own server at ``host:port``, started, its connections bounded by
+    ``limits`` (see ``overlay.serving.aiohttp`` and ``overlay.serving.connections``)."""
     from overlay.serving import aiohttp
 
     tls = aiohttp.ssl_context(tls_cert, tls_key)
     sock: socket.socket = aiohttp.listening_socket(host, port, ours=ours)
-    server = aiohttp.StandaloneServer(plane, sock, tls=tls)
+    server = aiohttp.StandaloneServer(plane, sock, tls=tls, limits=limits)
     server.start()
     return server

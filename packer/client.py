@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from overlay.control import PREFIX, sign_request
+from overlay.bundle import claimed_key_ids
+from overlay.control import H_APP, H_KEY, PREFIX, sign_request
 from overlay.errors import RemoteError
 from overlay.keys import SigningKey
 
@@ -92,9 +93,9 @@ class Remote:
         self.close()
 
     def request(self, method: str, route: str, body: bytes = b"", *, signed: bool = True,
-                content_type: str = "application/json") -> dict[str, Any]:
+                content_type: str = "application/json", extra: dict[str, str] | None = None) -> dict[str, Any]:
         path = f"{self.endpoint.base}{PREFIX}/{route}"
-        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        headers = {"Content-Type": content_type, "Accept": "application/json", **(extra or {})}
         if signed and self.key is not None:
             # The server mounts the routes at /_habanero, whatever the base path in front of it.
             headers.update(sign_request(self.key, method, f"{PREFIX}/{route.partition('?')[0]}",
@@ -163,7 +164,11 @@ class Remote:
         return entries
 
     def push(self, data: bytes) -> dict[str, Any]:
-        return self.request("POST", "push", data, signed=False, content_type="application/octet-stream")
+        # The bundle's own signatures authenticate it; the headers name its keys and app up front,
+        # so that a server refuses an unknown key before reading the body.
+        claims = {H_KEY: ",".join(claimed_key_ids(data)), H_APP: self.app_id}
+        return self.request("POST", "push", data, signed=False, content_type="application/octet-stream",
+                            extra={k: v for k, v in claims.items() if v})
 
     def rollback(self, to: int | None = None, expect: int | None = None) -> dict[str, Any]:
         body = json.dumps({"to": to, "expect": expect}).encode()
@@ -195,9 +200,21 @@ class _Connection:
         """Send one request; return the status, the body, and whether the connection stays open."""
         head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}", f"Content-Length: {len(body)}",
                 *(f"{name}: {value}" for name, value in headers.items())]
-        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        try:
+            self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # A server may refuse from the headers alone and close before the body is in: its
+            # answer may still be there to read.
+            try:
+                answer = self._head()
+            except OSError:
+                raise exc from None
+            return self._rest(*answer)
+        return self._rest(*self._head())
+
+    def _rest(self, status: int, version: bytes, fields: dict[str, str]) -> tuple[int, bytes, bool]:
+        """The body of the answer whose status line and headers were read, and whether to keep it."""
         while True:
-            status, version, fields = self._head()
             if not 100 <= status < 200:
                 break
         if "chunked" in fields.get("transfer-encoding", "").lower():

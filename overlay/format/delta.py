@@ -32,7 +32,7 @@ from itertools import accumulate
 
 import zstandard
 
-from overlay.errors import CorruptPayload, ParentMissing, TooLarge, UnknownFormat
+from overlay.errors import CorruptPayload, ParentMissing, TooLarge, UnknownFormat, unverified
 from overlay.format.limits import Limits
 from overlay.format.manifest import READABLE, Entry, EntryTable
 from overlay.format.model import Bundle, ContentLookup, ParentManifest
@@ -73,24 +73,25 @@ def pack(bundle: bytes, base: ParentManifest, signers: Sequence[SigningKey], *, 
 def unpack(data: bytes, trusted: TrustedKeys, base_manifest: Callable[[str], bytes | None] | None,
            limits: Limits) -> bytes:
     """Check the transport signature, inflate the manifest against the base, return the bundle."""
-    if len(data) > limits.max_bundle_bytes:
-        raise TooLarge(f"bundle is {len(data)} bytes, over the {limits.max_bundle_bytes} byte limit",
-                       code="bundle_too_large")
-    _, fmt, _, packed_len, sig_len = HEADER.unpack_from(data)
-    if fmt not in READABLE:
-        raise UnknownFormat(f"bundle format {fmt} is not supported (this habanero reads formats "
-                            f"{', '.join(map(str, READABLE))}); upgrade habanero on the server")
-    pos = HEADER.size
-    if len(data) < pos + 32 + _LEN.size:
-        raise CorruptPayload("packed bundle is truncated", code="truncated")
-    base_raw = data[pos : pos + 32]
-    (tsig_len,) = _LEN.unpack_from(data, pos + 32)
-    pos += 32 + _LEN.size
-    if pos + tsig_len + packed_len + sig_len > len(data):
-        raise CorruptPayload("packed bundle is truncated", code="truncated")
-    signatures = parse_sigblock(data[pos : pos + tsig_len])
-    body = data[pos + tsig_len :]
-    verify_block(signatures, TRANSPORT_DOMAIN + base_raw + body, trusted)  # before inflating anything
+    with unverified():  # up to the transport signature: bytes no trusted key vouched for
+        if len(data) > limits.max_bundle_bytes:
+            raise TooLarge(f"bundle is {len(data)} bytes, over the {limits.max_bundle_bytes} byte limit",
+                           code="bundle_too_large")
+        _, fmt, _, packed_len, sig_len = HEADER.unpack_from(data)
+        if fmt not in READABLE:
+            raise UnknownFormat(f"bundle format {fmt} is not supported (this habanero reads formats "
+                                f"{', '.join(map(str, READABLE))}); upgrade habanero on the server")
+        pos = HEADER.size
+        if len(data) < pos + 32 + _LEN.size:
+            raise CorruptPayload("packed bundle is truncated", code="truncated")
+        base_raw = data[pos : pos + 32]
+        (tsig_len,) = _LEN.unpack_from(data, pos + 32)
+        pos += 32 + _LEN.size
+        if pos + tsig_len + packed_len + sig_len > len(data):
+            raise CorruptPayload("packed bundle is truncated", code="truncated")
+        signatures = parse_sigblock(data[pos : pos + tsig_len])
+        body = data[pos + tsig_len :]
+        verify_block(signatures, TRANSPORT_DOMAIN + base_raw + body, trusted)  # before inflating anything
     digest = base_raw.hex()
     dictionary = base_manifest(digest) if base_manifest is not None else None
     if dictionary is None:

@@ -21,8 +21,8 @@ from overlay.format.limits import Limits
 from overlay.format.manifest import FORMAT, READABLE
 from overlay.keys import SigningKey, TrustedKeys
 
-__all__ = ["FLAG_PACKED", "HEADER", "MAGIC", "SIGNATURE_DOMAIN", "Parts", "manifest_bytes_of", "parse_sigblock",
-           "sign_block", "sign_bundle", "signed_message", "split", "verify_block"]
+__all__ = ["FLAG_PACKED", "HEADER", "MAGIC", "SIGNATURE_DOMAIN", "Parts", "claimed_key_ids", "manifest_bytes_of",
+           "parse_sigblock", "sign_block", "sign_bundle", "signed_message", "split", "verify_block"]
 
 MAGIC = b"HABANERO"
 SIGNATURE_DOMAIN = b"habanero-bundle-v2\x00"  # + sha256(manifest): signing cost flat in project size
@@ -119,10 +119,11 @@ def parse_sigblock(block: bytes) -> tuple[tuple[str, bytes], ...]:
         sig = block[pos + 1 + kid_len : pos + 1 + kid_len + _SIG_LEN]
         if len(kid_raw) != kid_len or len(sig) != _SIG_LEN:
             raise BadSignature("signature block is truncated")
-        try:
-            kid = kid_raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise BadSignature("signature block names a key id that is not ASCII") from None
+        # A key id is printable ASCII ("SHA256:..."): anything else is refused before it can reach a
+        # message, a log or a terminal.
+        if not all(0x21 <= b <= 0x7E for b in kid_raw):
+            raise BadSignature("signature block names a key id that is not printable ASCII")
+        kid = kid_raw.decode("ascii")
         sigs.append((kid, sig))
         pos += 1 + kid_len + _SIG_LEN
     if pos != len(block):
@@ -164,3 +165,23 @@ def manifest_bytes_of(data: bytes) -> bytes:
         raise UnknownFormat("this is not a habanero bundle (bad magic)")
     manifest_len = HEADER.unpack_from(data)[3]
     return data[HEADER.size : HEADER.size + manifest_len]
+
+
+def claimed_key_ids(data: bytes) -> tuple[str, ...]:
+    """The key ids a bundle (or its transport form) says it is signed by, unverified: what a push
+    names in its ``X-Habanero-Key`` header so that a server can refuse an unknown key before it reads
+    the body. Empty for bytes that are not a signed bundle."""
+    if len(data) < HEADER.size or not data.startswith(MAGIC):
+        return ()
+    _, _, flags, manifest_len, sig_len = HEADER.unpack_from(data)
+    if flags == FLAG_PACKED:  # base digest, then the transport signature block's length and itself
+        start = HEADER.size + 32 + 4
+        if len(data) < start:
+            return ()
+        sig_len = int.from_bytes(data[start - 4 : start], "big")
+    else:
+        start = HEADER.size + manifest_len
+    try:
+        return tuple(kid for kid, _ in parse_sigblock(data[start : start + sig_len]))
+    except BadSignature:
+        return ()

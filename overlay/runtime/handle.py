@@ -215,6 +215,8 @@ class Overlay:
             "listen": self.listen,
             "address": own["address"],
             "last_failure": self.last_failure,
+            # Requests refused before any trusted signature held: counted only (overlay.serving.guard).
+            "refused_unverified": self._plane.refusals.total if self._plane is not None else 0,
             "uptime_s": round(time.time() - self.started, 3),
             "history": self.history(10),
         }

@@ -33,6 +33,7 @@ from overlay.integrations import hooks
 from overlay.keys import TrustedKeys
 from overlay.runtime import handle, settings
 from overlay.runtime.handle import Overlay
+from overlay.serving.connections import ControlLimits
 from overlay.storage.tree import SourceTree
 from overlay.storage.worker import Worker
 from overlay.store import Store
@@ -61,15 +62,18 @@ def install(
     public_status: bool | None = None,
     upload_timeout: float = 30.0,
     sync: str | None = None,
+    control_limits: ControlLimits | None = None,
 ) -> Overlay:
     """Serve ``packages`` from the store's active bundle, and return the handle that reports on it.
 
     Call it at the top of the app's entry point, before the app imports its own packages. Every
     keyword has an environment twin (``HABANERO_PACKAGES``, ``HABANERO_TRUSTED_KEYS``,
     ``HABANERO_STORE``, ``HABANERO_LISTEN``, ``HABANERO_APP_ID``, ``HABANERO_CODE_CACHE``,
-    ``HABANERO_SYNC``); ``HABANERO_DISABLE=1`` turns the call into a no-op that boots the code on
-    disk. For a WSGI or ASGI app, wrap it with the handle's ``wsgi()`` or ``asgi()``: the control
-    routes are then on the app's own port, in every worker.
+    ``HABANERO_SYNC``, and ``HABANERO_MAX_CONNECTIONS``, ``HABANERO_REQUEST_TIMEOUT``,
+    ``HABANERO_IDLE_TIMEOUT`` for ``control_limits``, the standalone server's bounds on its
+    connections: see ``overlay.serving.connections``); ``HABANERO_DISABLE=1`` turns the call into a
+    no-op that boots the code on disk. For a WSGI or ASGI app, wrap it with the handle's ``wsgi()``
+    or ``asgi()``: the control routes are then on the app's own port, in every worker.
 
     Example::
 
@@ -123,7 +127,8 @@ def install(
                                       "tls_key": _text(tls_key) or settings.env("HABANERO_TLS_KEY"),
                                       "public_status": settings.resolve_flag(public_status,
                                                                              "HABANERO_PUBLIC_STATUS", False),
-                                      "upload_timeout": upload_timeout})
+                                      "upload_timeout": upload_timeout,
+                                      "limits": settings.resolve_control_limits(control_limits)})
                 deploy.start(node, overlay.worker_status)
                 node.joined.set()
         except BaseException:
@@ -265,7 +270,7 @@ def _start_control_plane(overlay: Overlay) -> None:
     from overlay.http import standalone
 
     server = overlay.server = standalone(plane, host, port, ours=ours, tls_cert=options.get("tls_cert"),
-                                         tls_key=options.get("tls_key"))
+                                         tls_key=options.get("tls_key"), limits=options["limits"])
     logger.info("habanero endpoint listening on %s://%s:%d%s", "https" if options.get("tls_cert") else "http",
                 server.address[0], server.address[1], PREFIX)
 

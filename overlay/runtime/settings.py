@@ -1,4 +1,4 @@
-"""Where ``install()``'s settings come from: the argument, then ``HABANERO_*``, then a default.
+r"""Where ``install()``'s settings come from: the argument, then ``HABANERO_*``, then a default.
 
 One order for every setting, documented once:
 
@@ -15,6 +15,9 @@ keyword            environment               default
 ``tls_key``        ``HABANERO_TLS_KEY``      none
 ``public_status``  ``HABANERO_PUBLIC_STATUS`` off (``GET status`` needs a signed request)
 ``sync``           ``HABANERO_SYNC``         ``background`` (or ``commit``: fsync before a push answers)
+``control_limits`` ``HABANERO_MAX_CONNECTIONS`` 64 connections to the standalone server at once
+\                  ``HABANERO_REQUEST_TIMEOUT``  10 s from a request's first byte to its last header
+\                  ``HABANERO_IDLE_TIMEOUT``     5 s before an idle connection is closed
 (none)             ``HABANERO_RUNTIME_DIR``  where workers meet (see ``overlay.cluster.registry``)
 (none)             ``HABANERO_DISABLE``      off; ``1`` makes ``install()`` a no-op
 =================  ========================  ============================================
@@ -34,6 +37,7 @@ from pathlib import Path
 from overlay.bundle import APP_ID_RULE, valid_app_id
 from overlay.errors import ConfigError
 from overlay.keys import TrustedKeys, load_trusted_keys
+from overlay.serving.connections import DEFAULT_CONTROL_LIMITS, ControlLimits
 from overlay.store import SYNC_MODES
 
 DEFAULT_STORE = ".habanero"
@@ -130,3 +134,30 @@ def resolve_flag(value: bool | None, variable: str, default: bool) -> bool:
     if raw.lower() in _FALSE:
         return False
     raise ConfigError(f"{variable}={raw!r}: expected 1/0, true/false, yes/no or on/off", code="bad_config")
+
+
+def resolve_control_limits(limits: ControlLimits | None) -> ControlLimits:
+    """The standalone server's connection limits: the argument, else each of
+    ``HABANERO_MAX_CONNECTIONS``, ``HABANERO_REQUEST_TIMEOUT``, ``HABANERO_IDLE_TIMEOUT``, else its default."""
+    if limits is not None:
+        return limits
+    default = DEFAULT_CONTROL_LIMITS
+    try:
+        return ControlLimits(max_connections=int(_number("HABANERO_MAX_CONNECTIONS", int, default.max_connections)),
+                             request_timeout=_number("HABANERO_REQUEST_TIMEOUT", float, default.request_timeout),
+                             idle_timeout=_number("HABANERO_IDLE_TIMEOUT", float, default.idle_timeout))
+    except ValueError as exc:
+        raise ConfigError(str(exc), code="bad_config") from None
+
+
+def _number(variable: str, kind: type[float] | type[int], default: float) -> float:
+    raw = env(variable)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{variable}={raw!r}: expected a positive {kind.__name__}") from None
+    if value <= 0:
+        raise ValueError(f"{variable}={raw!r}: expected a positive {kind.__name__}")
+    return value

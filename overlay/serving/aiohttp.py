@@ -12,7 +12,11 @@
   gets a push drives it. A port held by anything else is refused at start-up.
 
 The body is read as a stream with its own byte cap and deadline (``client_max_size`` does not cover
-streamed bodies).
+streamed bodies). On the standalone server every connection is bounded too: how many at once, how
+long a request may take from its first byte to its last header, how long one may sit idle (see
+``overlay.serving.connections``), and the upload's deadline runs from the request's first byte.
+Mounted in the app's own server, those are the app server's settings; the upload's deadline runs
+from the moment the headers are in.
 """
 
 from __future__ import annotations
@@ -29,30 +33,36 @@ from aiohttp import web
 
 from overlay.control import PREFIX
 from overlay.errors import ConfigError, HabaneroError
+from overlay.serving.connections import DEFAULT_CONTROL_LIMITS, Connections, ControlLimits
 from overlay.serving.routes import Answer, ControlPlane, incomplete, too_large, too_slow
 
 __all__ = ["StandaloneServer", "listening_socket", "mount"]
 
 
 _PLANE = web.AppKey("plane", ControlPlane)
+_CONNECTIONS = web.AppKey("connections", Connections)
+_LISTEN_BACKLOG = 128  # connections the kernel queues for us
+_ACCEPT_BATCH = 8  # accepted in one go (see StandaloneServer._serve)
 
 
 def _json(answer: Answer) -> web.Response:
     return web.Response(body=answer.encoded(), status=answer.status, content_type="application/json")
 
 
-async def _read_body(request: web.Request, cap: int, deadline: float) -> bytes:
+async def _read_body(request: web.Request, cap: int, deadline: float, timeout: float) -> bytes:
+    """The body, within ``cap`` bytes and by the loop time ``deadline`` (``timeout`` seconds after
+    the request's first byte, for the message)."""
     if request.content_length is not None and request.content_length > cap:
         raise too_large(cap, request.content_length)
     buf = bytearray()
     try:
-        async with asyncio.timeout(deadline):
+        async with asyncio.timeout_at(deadline):
             async for chunk in request.content.iter_chunked(1 << 16):
                 buf += chunk
                 if len(buf) > cap:
                     raise too_large(cap)
     except TimeoutError:
-        raise too_slow(deadline) from None
+        raise too_slow(timeout) from None
     if request.content_length is not None and len(buf) != request.content_length:
         raise incomplete(len(buf), request.content_length)
     return bytes(buf)
@@ -61,14 +71,23 @@ async def _read_body(request: web.Request, cap: int, deadline: float) -> bytes:
 async def _route(request: web.Request) -> web.StreamResponse:
     plane = request.app[_PLANE]
     path = f"{PREFIX}/{request.match_info['tail']}"
-    try:
-        body = b""
-        if request.method == "POST":
-            with plane.upload_slot():
-                body = await _read_body(request, plane.cap(path), plane.upload_timeout)
-    except HabaneroError as exc:
-        return _json(Answer.of(exc))
-    return _json(plane.handle(request.method, path, request.query, request.headers, body))
+    peer = request.remote or ""
+    connections = request.config_dict.get(_CONNECTIONS)
+    with connections.request(request.transport) if connections is not None else contextlib.nullcontext() as first:
+        # On habanero's own server the upload's deadline runs from the request's first byte;
+        # mounted in the app's, from here (the headers are the app's server's business).
+        started = first if first is not None else asyncio.get_running_loop().time()
+        try:
+            body = b""
+            with plane.admit(request.method, path, request.headers, peer):
+                if request.method == "POST":
+                    body = await _read_body(request, plane.cap(path), started + plane.upload_timeout,
+                                            plane.upload_timeout)
+        except HabaneroError as exc:
+            response = _json(plane.refuse(exc, peer))
+            response.force_close()  # the body, unread or cut off, is not the next request
+            return response
+        return _json(plane.handle(request.method, path, request.query, request.headers, body, peer=peer))
 
 
 def control_app(plane: ControlPlane) -> web.Application:
@@ -113,7 +132,7 @@ def listening_socket(host: str, port: int, *, ours: Callable[[], bool]) -> socke
             raise ConfigError(f"cannot listen on {host}:{port}: the port is shared by a process that is not "
                               "this app's (another app's habanero?); give each app its own address",
                               code="listen_failed")
-        sock.listen(128)
+        sock.listen(_LISTEN_BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -133,13 +152,17 @@ def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 
 class StandaloneServer:
-    """The control routes on their own small server, on a daemon thread with its own event loop."""
+    """The control routes on their own small server, on a daemon thread with its own event loop;
+    its connections bounded by ``limits`` (see ``overlay.serving.connections``)."""
 
-    def __init__(self, plane: ControlPlane, sock: socket.socket, *, tls: ssl.SSLContext | None = None) -> None:
-        self._plane, self._sock, self._tls = plane, sock, tls
+    def __init__(self, plane: ControlPlane, sock: socket.socket, *, tls: ssl.SSLContext | None = None,
+                 limits: ControlLimits = DEFAULT_CONTROL_LIMITS) -> None:
+        self._plane, self._sock, self._tls, self.limits = plane, sock, tls, limits
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
+        self.connections: Connections | None = None
         host, port = sock.getsockname()[:2]
         self.address: tuple[str, int] = (host, port)
 
@@ -159,8 +182,7 @@ class StandaloneServer:
                 return
             ready.set()
             loop.run_forever()
-            if self._runner is not None:
-                loop.run_until_complete(self._runner.cleanup())
+            loop.run_until_complete(self._shutdown())
             loop.close()
 
         self._thread = threading.Thread(target=run, name="habanero-control", daemon=True)
@@ -172,11 +194,35 @@ class StandaloneServer:
         return self.address
 
     async def _serve(self) -> None:
+        limits = self.limits
         root = web.Application()
         mount(root, self._plane)
-        self._runner = web.AppRunner(root, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._sock, ssl_context=self._tls).start()
+        # aiohttp's own keep-alive close is a backstop: Connections closes an idle connection first.
+        # A refused body is drained for at most a second, so that the client reads the answer.
+        runner = self._runner = web.AppRunner(root, access_log=None, handle_signals=False, lingering_time=1.0,
+                                              keepalive_timeout=limits.idle_timeout + limits.request_timeout)
+        loop = asyncio.get_running_loop()
+
+        def aiohttp_protocol() -> asyncio.Protocol:  # aiohttp's own, once the runner is set up
+            assert runner.server is not None
+            return runner.server()
+
+        self.connections = root[_CONNECTIONS] = Connections(aiohttp_protocol, limits, loop)
+        await runner.setup()
+        # asyncio accepts up to ``backlog`` sockets in one go before any protocol sees them: a small
+        # batch keeps the descriptors open at once near max_connections under a flood of connects.
+        self._server = await loop.create_server(self.connections.protocol, sock=self._sock, ssl=self._tls,
+                                                backlog=_ACCEPT_BATCH,
+                                                ssl_handshake_timeout=limits.request_timeout if self._tls else None)
+        self._sock.listen(_LISTEN_BACKLOG)  # create_server re-listened with the batch size
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self.connections is not None:
+            self.connections.close_all()
+        if self._runner is not None:
+            await self._runner.cleanup()
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
@@ -184,4 +230,3 @@ class StandaloneServer:
             self._thread.join(10)
         with contextlib.suppress(OSError):
             self._sock.close()
-

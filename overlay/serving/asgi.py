@@ -51,12 +51,16 @@ class ASGIWrapper:
                    for name, value in scope.get("headers", [])}
         raw_query = scope.get("query_string", b"").decode("latin-1")
         query = dict(part.partition("=")[::2] for part in raw_query.split("&") if part)
+        method = scope.get("method", "GET")
+        client = scope.get("client")
+        peer = str(client[0]) if client else ""
         try:
-            with self.plane.upload_slot():
-                body = await _read(receive, headers, self.plane.cap(path), self.plane.upload_timeout)
+            with self.plane.admit(method, path, headers, peer):
+                body = await _read(receive, headers, self.plane.cap(path), self.plane.upload_timeout) \
+                    if method == "POST" else b""
         except HabaneroError as exc:
-            return Answer.of(exc)
-        return self.plane.handle(scope.get("method", "GET"), path, query, headers, body)
+            return self.plane.refuse(exc, peer)
+        return self.plane.handle(method, path, query, headers, body, peer=peer)
 
 
 async def _read(receive: Receive, headers: dict[str, str], cap: int, deadline: float) -> bytes:

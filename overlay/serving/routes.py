@@ -6,10 +6,12 @@
     GET  /_habanero/history    the store's deploy history                   (a signed request)
 
 :class:`ControlPlane` answers them from a method, a path, headers and a body, with a status and a
-JSON object: the WSGI, ASGI and aiohttp adapters (``overlay.serving``) only move bytes. Bodies are
-read by the adapters within :meth:`ControlPlane.cap` bytes and ``upload_timeout`` seconds, at most
-``MAX_UPLOADS`` at once, before anything is authenticated or locked. Errors are JSON
-``{"code", "message"}`` with fitting statuses, never a traceback page.
+JSON object: the WSGI, ASGI and aiohttp adapters (``overlay.serving``) only move bytes. Before a
+body is read, :meth:`ControlPlane.admit` checks what the headers claim (a trusted key, this app: see
+``overlay.serving.guard``) and takes one of ``MAX_UPLOADS`` upload slots; the adapters then read
+the body within :meth:`ControlPlane.cap` bytes and ``upload_timeout`` seconds. Errors are JSON
+``{"code", "message"}`` with fitting statuses, never a traceback page; a refusal of unverified bytes
+is counted (``refused_unverified`` in ``status``), never recorded.
 """
 
 from __future__ import annotations
@@ -17,23 +19,23 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from overlay.bundle import Bundle, Limits
 from overlay.control import PREFIX, Nonces, RequestVerifier
-from overlay.errors import ConfigError, ControlRejected, HabaneroError, TooLarge, UploadFailed
+from overlay.errors import ConfigError, ControlRejected, HabaneroError, TooLarge, UploadFailed, printable
 from overlay.keys import TrustedKeys
+from overlay.serving.guard import MAX_UPLOADS, Refusals, UploadSlots, precheck
 from overlay.upgrade import UpgradeReport
 
 __all__ = ["MAX_UPLOADS", "Answer", "ControlPlane", "Served", "incomplete", "too_large", "too_slow"]
 
 log = logging.getLogger("overlay.http")
 
-MAX_UPLOADS = 4  # bodies read at once; each is capped at Limits.max_bundle_bytes
 _CONTROL_BODY = 64 << 10  # a rollback's JSON
 
 
@@ -78,8 +80,8 @@ class ControlPlane:
         self.public_status = public_status
         self.upload_timeout = upload_timeout
         self.verifier = RequestVerifier(served.trusted, served.app_id, nonces=nonces)
-        self._uploads = 0
-        self._uploads_lock = threading.Lock()
+        self.uploads = UploadSlots()
+        self.refusals = Refusals()
 
     @staticmethod
     def owns(path: str) -> bool:
@@ -91,28 +93,35 @@ class ControlPlane:
         return self.served.limits.max_bundle_bytes if path == f"{PREFIX}/push" else _CONTROL_BODY
 
     @contextlib.contextmanager
-    def upload_slot(self) -> Iterator[None]:
-        """One of ``MAX_UPLOADS`` places to read a body in; ``too_many_uploads`` when none is free."""
-        with self._uploads_lock:
-            if self._uploads >= MAX_UPLOADS:
-                raise UploadFailed(f"{MAX_UPLOADS} uploads are already in progress; push again in a moment",
-                                   code="too_many_uploads")
-            self._uploads += 1
-        try:
+    def admit(self, method: str, path: str, headers: Mapping[str, str], peer: str) -> Iterator[None]:
+        """Before a body is read: refuse what the headers claim (see ``overlay.serving.guard``), then
+        hold an upload slot (``too_many_uploads`` when none is free) while the block reads it."""
+        if method.upper() != "POST":
+            yield  # no body is read
+            return
+        trusted = self.served.trusted
+        assert trusted is not None  # a disabled overlay has no plane
+        precheck(path == f"{PREFIX}/push", headers, trusted, self.served.app_id)
+        with self.uploads.slot(peer):
             yield
-        finally:
-            with self._uploads_lock:
-                self._uploads -= 1
+
+    def refuse(self, exc: HabaneroError, peer: str = "") -> Answer:
+        """The answer to a refusal; one of unverified bytes is counted, never recorded."""
+        if exc.unverified:
+            self.refusals.add(exc, peer)
+        return Answer.of(exc)
 
     def handle(self, method: str, path: str, query: Mapping[str, str], headers: Mapping[str, str],
-               body: bytes) -> Answer:
+               body: bytes, *, peer: str = "") -> Answer:
         """Answer one request (its body read already, within :meth:`cap`)."""
         try:
             return self._route(method, path, query, headers, body)
         except HabaneroError as exc:
-            return Answer.of(exc)
+            return self.refuse(exc, peer)
         except Exception:
-            log.exception("habanero control request failed")
+            # Escaped: the exception's text may carry bytes from the request.
+            log.error("habanero control request failed:\n%s",
+                      "\n".join(printable(line, 1000) for line in traceback.format_exc().splitlines()))
             return Answer(500, {"code": "internal_error",
                                 "message": "internal error in the habanero endpoint; see the app's log"})
 
@@ -175,16 +184,26 @@ class ControlPlane:
 
 
 
+# Refusals of a body not read yet: nothing vouches for it (see overlay.serving.guard).
+
+
 def too_large(cap: int, declared: int | None = None) -> TooLarge:
     if declared is not None:
-        return TooLarge(f"request body of {declared} bytes is over the {cap} byte limit", code="bundle_too_large")
-    return TooLarge(f"request body is over the {cap} byte limit; the upload was cut off", code="bundle_too_large")
+        exc = TooLarge(f"request body of {declared} bytes is over the {cap} byte limit", code="bundle_too_large")
+    else:
+        exc = TooLarge(f"request body is over the {cap} byte limit; the upload was cut off", code="bundle_too_large")
+    exc.unverified = True
+    return exc
 
 
 def too_slow(deadline: float) -> UploadFailed:
-    return UploadFailed(f"the upload did not finish within {deadline:g} s; check the network and push again",
-                        code="upload_timeout")
+    exc = UploadFailed(f"the upload did not finish within {deadline:g} s of its first byte; check the network "
+                       "and push again", code="upload_timeout")
+    exc.unverified = True
+    return exc
 
 
 def incomplete(got: int, declared: int) -> UploadFailed:
-    return UploadFailed(f"the upload ended after {got} of {declared} bytes; push again", code="upload_incomplete")
+    exc = UploadFailed(f"the upload ended after {got} of {declared} bytes; push again", code="upload_incomplete")
+    exc.unverified = True
+    return exc

@@ -49,17 +49,20 @@ class WSGIWrapper:
         headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items()
                    if key.startswith("HTTP_")}
         query = dict(part.partition("=")[::2] for part in environ.get("QUERY_STRING", "").split("&") if part)
+        method = environ.get("REQUEST_METHOD", "GET")
+        peer = str(environ.get("REMOTE_ADDR", ""))
         try:
-            with self.plane.upload_slot():
-                body = _read(environ, self.plane.cap(path), self.plane.upload_timeout)
+            with self.plane.admit(method, path, headers, peer):
+                body = _read(environ, self.plane.cap(path), self.plane.upload_timeout) if method == "POST" else b""
         except HabaneroError as exc:  # a refusal of the upload, answered as JSON like every other
-            return Answer.of(exc)
-        return self.plane.handle(environ.get("REQUEST_METHOD", "GET"), path, query, headers, body)
+            return self.plane.refuse(exc, peer)
+        return self.plane.handle(method, path, query, headers, body, peer=peer)
 
 
 def _read(environ: dict[str, Any], cap: int, deadline: float) -> bytes:
-    """The request body, within ``cap`` bytes and ``deadline`` seconds (checked between reads: a
-    server's own socket timeout bounds a read that hangs)."""
+    """The request body, within ``cap`` bytes and ``deadline`` seconds from its first read (checked
+    between reads: the server's own socket or worker timeout must bound one read that hangs, as it
+    bounds the headers; e.g. gunicorn's ``--timeout``)."""
     declared_text = environ.get("CONTENT_LENGTH") or ""
     declared = int(declared_text) if declared_text.isdigit() else None
     if declared is not None and declared > cap:

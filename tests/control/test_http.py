@@ -96,7 +96,7 @@ def test_another_apps_bundle_is_refused_with_409_wrong_app(served) -> None:
 
 def test_bytes_that_are_not_a_bundle_are_refused_with_422(served) -> None:
     app, project = served
-    reply = push_bytes(app.url, b"<html>not a bundle</html>")
+    reply = push_bytes(app.url, b"<html>not a bundle</html>", key_ids=[project.key.key_id])
     assert (reply.status, reply.error()["code"]) == (422, "unknown_format")
     assert_serves(app, project, "Hello, v1", 1)
 
@@ -127,7 +127,7 @@ def test_a_replayed_older_bundle_is_refused_with_409_stale_version(fresh) -> Non
 
 def test_a_chunked_body_over_the_cap_is_cut_off_with_413_while_it_streams(served) -> None:
     app, project = served
-    upload = Upload(app.url)  # chunked, no Content-Length: only the streaming cap can stop it
+    upload = Upload(app.url, key_id=project.key.key_id)  # chunked, no Content-Length: only the cap stops it
     try:
         for _ in range(2 * CAP // 4096):
             upload.send_chunk(b"\0" * 4096)
@@ -142,7 +142,7 @@ def test_a_chunked_body_over_the_cap_is_cut_off_with_413_while_it_streams(served
 
 def test_a_declared_length_over_the_cap_is_refused_before_reading(served) -> None:
     app, project = served
-    upload = Upload(app.url, length=CAP + 1)
+    upload = Upload(app.url, key_id=project.key.key_id, length=CAP + 1)
     try:
         reply = upload.response()  # nothing of the body was sent
     finally:
@@ -155,7 +155,7 @@ def test_a_stalled_upload_is_cut_off_at_its_deadline_and_delays_no_other_push(la
     project = make_project(tmp_path)
     app = start_limited_app(launcher, project, upload_timeout=1.5)  # long enough to push meanwhile
     bundle = hello_bundle(project.key, 1, greeting="after the stall")
-    stalled = Upload(app.url, length=len(bundle), expect_continue=True)
+    stalled = Upload(app.url, key_id=project.key.key_id, length=len(bundle), expect_continue=True)
     try:
         stalled.wait_continue()
         stalled.send(bundle[:100])  # ...and nothing more
@@ -174,7 +174,7 @@ def test_a_stalled_upload_is_cut_off_at_its_deadline_and_delays_no_other_push(la
 def test_a_push_that_arrives_during_another_upload_goes_first_and_the_slow_one_is_stale(fresh) -> None:
     app, project = fresh
     first = hello_bundle(project.key, 1, greeting="first")
-    upload = Upload(app.url, length=len(first), expect_continue=True)
+    upload = Upload(app.url, key_id=project.key.key_id, length=len(first), expect_continue=True)
     try:
         upload.wait_continue()  # the first push is uploading from here
         second = push_bytes(app.url, hello_bundle(project.key, 1, greeting="second"))
@@ -190,7 +190,7 @@ def test_a_push_that_arrives_during_another_upload_goes_first_and_the_slow_one_i
 def test_two_simultaneous_pushes_of_one_version_leave_exactly_one_live(fresh) -> None:
     app, project = fresh
     bundles = [hello_bundle(project.key, 1, greeting=g) for g in ("left", "right")]
-    uploads = [Upload(app.url, length=len(b)) for b in bundles]
+    uploads = [Upload(app.url, key_id=project.key.key_id, length=len(b)) for b in bundles]
     replies = {}
 
     def finish(i: int) -> None:
@@ -322,15 +322,17 @@ def test_errors_under_the_prefix_are_json_never_html(served, method: str, path: 
     reply.error()
 
 
-def test_uploads_beyond_the_concurrent_cap_get_503_and_memory_stays_bounded(launcher, tmp_path) -> None:
-    from overlay.http import MAX_UPLOADS
+def test_uploads_beyond_one_peers_share_of_the_cap_get_503_and_memory_stays_bounded(launcher, tmp_path) -> None:
+    from overlay.serving.guard import MAX_UPLOADS, UPLOADS_PER_PEER
 
+    assert UPLOADS_PER_PEER < MAX_UPLOADS  # one address never holds every slot
     project = make_project(tmp_path)
     # A deadline no loaded machine reaches while the test holds its uploads open: one timing out
     # would free a slot for the push that must be turned away. Closing them frees the slots.
     app = start_limited_app(launcher, project, upload_timeout=30)
     bundle = hello_bundle(project.key, 1, greeting="after the crowd")
-    stalled = [Upload(app.url, length=len(bundle), expect_continue=True) for _ in range(MAX_UPLOADS)]
+    stalled = [Upload(app.url, key_id=project.key.key_id, length=len(bundle), expect_continue=True)
+               for _ in range(UPLOADS_PER_PEER)]
     try:
         for upload in stalled:
             upload.wait_continue()

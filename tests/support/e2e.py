@@ -30,8 +30,8 @@ from urllib.parse import urlsplit
 from support import ROOT
 from support.project import HABANERO_PACK
 
-from overlay.bundle import build_bundle
-from overlay.control import sign_request
+from overlay.bundle import build_bundle, claimed_key_ids
+from overlay.control import H_APP, H_KEY, sign_request
 from overlay.keys import SigningKey, generate_signing_key
 
 EXAMPLES = ROOT / "examples"
@@ -303,9 +303,16 @@ def get_json(url: str, path: str = "/") -> dict[str, Any]:
     return reply.json()
 
 
-def push_bytes(url: str, data: bytes) -> Reply:
-    return request(url, "/_habanero/push", method="POST", body=data,
-                   headers={"Content-Type": "application/octet-stream"})
+def push_bytes(url: str, data: bytes, *, key_ids: list[str] | None = None, app_id: str | None = None) -> Reply:
+    """A push as habanero-pack sends it: the bundle, with the key ids it claims (by default those
+    it is signed by) and optionally its app id in the headers."""
+    headers = {"Content-Type": "application/octet-stream"}
+    claimed = list(claimed_key_ids(data)) if key_ids is None else key_ids
+    if claimed:
+        headers[H_KEY] = ",".join(claimed)
+    if app_id is not None:
+        headers[H_APP] = app_id
+    return request(url, "/_habanero/push", method="POST", body=data, headers=headers)
 
 
 def signed(project: DevProject, method: str, path: str, body: bytes = b"", *,
@@ -330,12 +337,15 @@ def rollback_request(project: DevProject, url: str, *, to: int | None = None, ex
 class Upload:
     """A push written by hand on a raw socket: headers now, the body when and how the test says."""
 
-    def __init__(self, url: str, *, length: int | None = None, expect_continue: bool = False) -> None:
+    def __init__(self, url: str, *, length: int | None = None, expect_continue: bool = False,
+                 key_id: str | None = None) -> None:
         parts = urlsplit(url)
         self.sock = socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT)
         framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
         head = (f"POST /_habanero/push HTTP/1.1\r\nHost: {parts.netloc}\r\n"
                 f"Content-Type: application/octet-stream\r\n{framing}\r\n")
+        if key_id is not None:  # the key the push claims to be signed by
+            head += f"{H_KEY}: {key_id}\r\n"
         if expect_continue:
             head += "Expect: 100-continue\r\n"
         self.sock.sendall((head + "\r\n").encode("ascii"))

@@ -133,8 +133,7 @@ class Store:
             raise ValueError(f"sync must be one of {SYNC_MODES}, not {sync!r}")
         root = Path(os.path.abspath(path))  # normalised: tree paths are checked against it
         try:
-            for directory in (root, *(root / d for d in ("bundles", "staged", "objects"))):
-                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fs.make_dirs((root, *(root / d for d in ("bundles", "staged", "objects"))), mode=0o700)
             lock = fs.FileLock(root / "lock", timeout=lock_timeout)
         except OSError as exc:
             raise StoreError(f"cannot use {root} as the habanero store ({exc.strerror or exc}); point "

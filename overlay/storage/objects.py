@@ -81,8 +81,13 @@ class ObjectStore:
     @staticmethod
     def put(path: str, body: bytes, *, sync: bool) -> None:
         """Write one object, read-only. Preallocated: objects are hashed where they are used (see
-        ``fs.write_atomic``)."""
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        ``fs.write_atomic``). With ``sync``, a shard directory made for it is made durable in
+        ``objects/`` too: the caller fsyncs the shards, which keeps their entries, not their names."""
+        shard = os.path.dirname(path)
+        if not os.path.isdir(shard):
+            os.makedirs(shard, mode=0o700, exist_ok=True)
+            if sync:
+                fs.fsync_dir(os.path.dirname(shard))
         fs.write_atomic(path, body, mode=0o444, sync=sync, sync_dir=False, preallocate=True)
 
     def sweep(self, bundle_files: Callable[[], list[str]], keep: Iterable[str] = ()) -> None:

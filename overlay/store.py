@@ -182,12 +182,11 @@ class Store:
             raise ValueError(f"sync must be one of {SYNC_MODES}, not {sync!r}")
         root = Path(os.path.abspath(path))  # normalised: tree paths are checked against it
         try:
-            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fs.make_dirs((root,), mode=0o700)  # durable in its parent: see fs.make_dirs
             unsafe = unsafe_layout(root, shards=True)
-            for directory in (root / d for d in ("bundles", "staged", "objects")):
-                if not directory.is_symlink():  # what is wrong is reported; the rest is made
-                    with contextlib.suppress(FileExistsError):
-                        directory.mkdir(mode=0o700)
+            # What is wrong is reported; the rest is made.
+            fs.make_dirs([d for d in (root / n for n in ("bundles", "staged", "objects")) if not d.is_symlink()],
+                         mode=0o700)
             try:
                 lock = fs.FileLock(root / "lock", timeout=lock_timeout, local=bool(unsafe))
             except (fs.NotARegularFile, OSError) as exc:

@@ -176,8 +176,8 @@ def _entry_at(raw: bytes, pos: int, stop: int, name: str, limits: Limits) -> tup
     """The entry ``name`` whose canonical text starts at ``pos``, checked, and where its text ends."""
     after_name = raw.find(_AFTER_NAME, pos, stop)
     right = raw.find(b"}", after_name, stop) if after_name >= 0 else -1
-    if right < 0:
-        return None
+    if right < 0 or raw.count(b"[", pos, right) or raw.count(b"{", pos + 1, right):
+        return None  # not an entry's canonical text, which has no other bracket (nor a parser recursing in it)
     try:
         obj = json.loads(raw[pos : right + 1])
     except (ValueError, RecursionError):

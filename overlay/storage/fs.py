@@ -53,6 +53,25 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def make_dirs(paths: Iterable[Path], mode: int) -> None:
+    """Create the directories of ``paths`` that are missing, and their missing parents, each made
+    durable in its parent: an fsync of a directory keeps its entries, not its own name."""
+    created: list[Path] = []
+    for path in paths:
+        missing, here = [], path
+        while not here.is_dir():
+            missing.append(here)
+            here = here.parent
+        for directory in reversed(missing):
+            try:
+                directory.mkdir(mode=mode)
+            except FileExistsError:  # another process made it meanwhile: it makes it durable
+                continue
+            created.append(directory)
+    for parent in dict.fromkeys(d.parent for d in created):
+        fsync_dir(parent)
+
+
 def parse_json(raw: bytes) -> tuple[Any, str]:
     """The JSON value in ``raw``, or None and what is wrong (empty, corrupt).
 

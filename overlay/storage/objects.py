@@ -84,12 +84,19 @@ class ObjectStore:
 
     def put(self, path: str, body: bytes, *, sync: bool) -> None:
         """Write one object, read-only. Preallocated: objects are hashed where they are used (see
-        ``fs.write_atomic``). Never into a directory that is a symbolic link (``store_unsafe``)."""
+        ``fs.write_atomic``). Never into a directory that is a symbolic link (``store_unsafe``). With
+        ``sync``, a shard directory made for it is made durable in ``objects/`` too: the caller fsyncs
+        the shards, which keeps their entries, not their names."""
         shard = os.path.dirname(path)
         problem = fs.unsafe_entry(shard, directory=True)
         if problem is None:
-            with contextlib.suppress(FileExistsError):
+            try:
                 os.mkdir(shard, 0o700)
+            except FileExistsError:
+                pass
+            else:
+                if sync:
+                    fs.fsync_dir(os.path.dirname(shard))
             problem = fs.unsafe_entry(shard, directory=True)
         if problem is not None or self.refuse is not None:
             refuse = self.refuse or _refusal

@@ -11,6 +11,8 @@ with ``tests/`` on ``sys.path`` through ``pythonpath`` in ``[tool.pytest.ini_opt
 * ``upgrade``: push scenarios as source trees, snapshots by identity.
 * ``bundles``: a base bundle and the pushes the format tests open against it.
 * ``crash_writer``: the child process the store's kill -9 test kills.
+* ``powercut``, ``powercut_writer``: a recorder of fsyncs and the disk images a power cut can leave;
+  the child process the store's power-loss test records.
 """
 
 from pathlib import Path

@@ -11,6 +11,13 @@ answer JSON; each way of serving them only moves bytes:
   address.
 
 aiohttp is imported only by the first and the last: a WSGI app never loads it.
+
+Who reaches these routes is untrusted until a signature by a locally trusted key holds: an
+anonymous peer is refused from a push's headers (``X-Habanero-Key``, ``X-Habanero-App``) before its
+body is read or an upload slot taken, its refusal is counted rather than recorded, and the
+standalone server bounds connections, header time and idle time (``ControlLimits``). A captured
+request or bundle cannot be replayed, even after a restart; a proxy in the middle can delay or drop,
+never forge. The whole model, adversary by adversary: ``docs/threat-model.md``.
 """
 
 from __future__ import annotations

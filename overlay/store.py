@@ -17,8 +17,11 @@ Layout (the directory is created with mode 0700: whoever can write it decides wh
       .tmp-*          (anywhere above) what an interrupted write left; open() removes it
 
 Crash safety: every file is written to a temp name and renamed into place (``overlay.storage.fs``).
-``commit()`` puts the bundle in ``bundles/`` *before* it replaces ``state.json``, and that replace
-is the commit point: a ``kill -9`` at any moment leaves the old pointer or the new one.
+``commit()`` replaces ``state.json`` first, and that replace is the commit point: a ``kill -9`` at
+any moment leaves the old pointer or the new one. Only then does the bundle move from ``staged/`` to
+``bundles/``, so ``bundles/`` holds committed versions only: a push whose commit failed can never be
+rolled back to or started on. A committed bundle whose move a crash cut short is read from
+``staged/`` and moved by the next ``open()``.
 
 Power cuts: ``sync`` says when a commit reaches the disk itself. ``"background"`` (the default) has
 the page cache hold it when the push answers (a ``kill -9`` or a crash of the app loses nothing) and
@@ -27,9 +30,17 @@ those milliseconds may boot the previous version (the store falls back to the ne
 verifies) and forget that the newest version was accepted. ``"commit"`` fsyncs before the push
 answers (a few fsyncs, about 3 ms a push here): an acknowledged push survives a power cut.
 
-What a crash can leave is recognisable and removed by ``open()``: temp files, staged bundles, a
-bundle promoted by a commit that died before its pointer flip (its version is above ``highest``,
-which no committed bundle's is: ``reset_highest`` drops those).
+What a crash can leave is recognisable and removed by ``open()``: temp files, and staged bundles
+the state file does not name (an older habanero promoted before its pointer flip: such a bundle's
+version is above ``highest``, which no committed bundle's is, and it is dropped).
+
+Who can write this directory decides what code runs: a local user with write access can replace
+the state file, the trusted keys' effect (by planting a bundle signed by a key they also add to the
+trusted-keys file, if they can write that too) or the objects. What habanero does about it: every
+bundle is verified against the trusted keys at every open; a symbolic link or a foreign file where
+the store keeps its own opens the store read-only (``store_unsafe``: it serves the newest version
+that verifies and refuses pushes), and nothing is ever written through a link or outside the store.
+See ``docs/threat-model.md``.
 
 Shared by processes: every process of an app opens the same store. Each change re-reads the state
 file under the lock and derives from what is on disk, never from what this process last saw: the

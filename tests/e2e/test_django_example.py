@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 from support.e2e import EXAMPLES, TIMEOUT, DevProject, Launcher, free_port, get_json, make_project, request
-from test_workers import from_every_worker, wait_for_workers
+from support.workers import GUNICORN_READY, from_every_worker, wait_for_workers
 
 pytestmark = pytest.mark.slow  # real servers, real worker processes, the real CLI
 
-GUNICORN_READY = re.compile(r"Listening at: (?P<url>http://[\d.]+:\d+)")
 RUNSERVER_READY = r"Starting development server at (?P<url>http://127\.0\.0\.1:{port})/"
 
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 from support.e2e import EXAMPLES, get_json, make_project, request, start_example
-from test_workers import UVICORN_READY, from_every_worker, wait_for_workers
+from support.workers import UVICORN_READY, from_every_worker, wait_for_workers
 
 pytestmark = pytest.mark.slow  # real servers, real worker processes, the real CLI
 

@@ -174,7 +174,7 @@ def update_module(module: types.ModuleType, new_source: str | bytes, *, filename
         runner.run(new, old)
     _queue_heap_pass(ctx)
     if ctx.registered:
-        places = repoint(ctx.registered)
+        places = repoint(ctx.registered, journal)
         if places:
             names = ", ".join(dict.fromkeys(new.__qualname__ for new, _ in ctx.registered))
             report.notes.append(f"class statements ran again ({names}): {len(places)} reference(s) to the "

@@ -29,10 +29,12 @@ class Registering(type):
     def __new__(mcs, name, bases, ns):
         cls = super().__new__(mcs, name, bases, ns)
         TABLE[name] = cls
-        BY_CLASS[cls] = name.lower()
+        BY_CLASS[cls] = ns.get("ROUTE")
         return cls
 
 class Product(metaclass=Registering):
+    ROUTE = "/v{price}"
+
     def price(self):
         return {price}
 '''
@@ -80,7 +82,7 @@ def test_a_metaclass_registry_holds_the_live_class_after_its_statement_ran_again
     report = m.push(METACLASS.format(price=2))
 
     assert m.ns["Product"] is Product and probe.TABLE == {"Product": Product}
-    assert probe.TABLE["Product"] is Product and list(probe.BY_CLASS) == [Product]
+    assert probe.TABLE["Product"] is Product and probe.BY_CLASS == {Product: "/v2"}
     assert bought.price() == 2 and isinstance(bought, probe.TABLE["Product"])
     assert any("reference(s) to the new class objects" in note for note in report.notes)
 
@@ -125,7 +127,7 @@ def test_undo_puts_the_registries_back_exactly(live, probe):
 
     assert probe.TABLE == before[0] and all(probe.TABLE[k] is v for k, v in before[0].items())
     assert probe.LIST == before[1] and all(a is b for a, b in zip(probe.LIST, before[1]))
-    assert list(probe.BY_CLASS) == list(before[2])
+    assert list(probe.BY_CLASS) == list(before[2]) and probe.BY_CLASS == before[2]  # {Product: "/v1"}
 
 
 @pytest.mark.parametrize("kind", ["plain", "dataclass", "enum", "abc"])

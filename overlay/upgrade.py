@@ -258,7 +258,7 @@ class Change:
             # First in the journal, so undone last: what the new code did outside the app.
             outside = capture(self.host.finder.packages, _live_modules(self.plan), _code_of(self.plan))
             journal.call(lambda: None, lambda: leftovers.extend(outside.restore()))
-            with outside.watching():  # what this thread does outside the app, told from other threads
+            with outside.watching(), hooks.applying(journal):  # what this thread does, told from others
                 journal.call(lambda: None, self.host.tree.update(self.current, self.bundle, self.diff.names))
                 everything = not self.host.retargeted or self.current is None
                 _apply_plan(self.plan, self.index, self.host.finder, journal, self.report, self.bundle.version,

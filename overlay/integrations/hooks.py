@@ -27,10 +27,12 @@ report (the CLI's output and ``--json``) with what to do about it. Nothing is si
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import logging
 import sys
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,7 +41,7 @@ from overlay.rebinding.journal import Journal
 if TYPE_CHECKING:
     from overlay.rebind import ModuleReport
 
-__all__ = ["Hook", "Push", "arm", "calls_any", "register", "registered", "run", "unregister"]
+__all__ = ["Hook", "Push", "applying", "arm", "calls_any", "register", "registered", "run", "unregister"]
 
 log = logging.getLogger("overlay.integrations")
 
@@ -103,16 +105,42 @@ def arm() -> None:
 
     Called at start-up, before each app module runs and at each push, so a framework's integration
     is in place before the app registers its first route; cheap enough for that (a dict lookup per
-    framework).
+    framework). One loaded by a push (whose new code imported the framework first) is unloaded
+    again if that push is undone: the undo drops the framework's modules it imported.
     """
     for name, (trigger, module) in BUILTIN.items():
         if name not in _LOADED and trigger in sys.modules:
             _LOADED.add(name)
+            before = set(_HOOKS)
             try:
                 importlib.import_module(module)
             except Exception:  # an integration that cannot load must not take the app down
                 log.exception("habanero's %s integration failed to load; pushes will not rebuild %s's "
                               "tables (please report this)", name, name)
+            if _APPLYING:
+                added = set(_HOOKS) - before
+                _APPLYING[-1].call(lambda: None, functools.partial(_unload, name, module, added))
+
+
+def _unload(name: str, module: str, hooks: set[str]) -> None:
+    _LOADED.discard(name)
+    for hook in hooks:
+        _HOOKS.pop(hook, None)
+    sys.modules.pop(module, None)
+
+
+#: The journal of the push applying in this process now, if one is (pushes apply one at a time).
+_APPLYING: list[Journal] = []
+
+
+@contextlib.contextmanager
+def applying(journal: Journal) -> Iterator[None]:
+    """Mark the block as a push's apply: what :func:`arm` loads meanwhile is undone with it."""
+    _APPLYING.append(journal)
+    try:
+        yield
+    finally:
+        _APPLYING.pop()
 
 
 @dataclass(eq=False)

@@ -118,3 +118,34 @@ def test_registering_again_replaces_the_hook_and_moves_it_last(hooks):
 def test_a_hook_without_a_callable_is_refused_at_registration(kw, message):
     with pytest.raises(TypeError, match=message):
         register("bad", **kw)
+
+
+def test_an_integration_loaded_by_a_push_that_fails_is_unloaded_with_it_and_loads_again_later(
+        deploy, tmp_path, monkeypatch):
+    from overlay.upgrade import Change
+
+    live_hooks = Change.apply.__globals__["hooks"]  # the registry the transaction runs
+    (tmp_path / "fakeframework.py").write_text("ROUTES = []\n")
+    (tmp_path / "fakeframework_integration.py").write_text(
+        "import fakeframework, upgrade_probe\n"
+        "from overlay.integrations.hooks import register\n"
+        "upgrade_probe.ran('integration loaded')\n"
+        "register('fakeframework', after=lambda push: fakeframework.ROUTES.append(push.version))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(live_hooks.BUILTIN, "fakeframework", ("fakeframework", "fakeframework_integration"))
+    start(deploy, "hooks_load")
+
+    with pytest.raises(ActivationFailed):
+        deploy.push("hooks_load", "v2")
+
+    assert m.probe.runs["integration loaded"] == 1  # during the failed push: the case at hand
+    assert "fakeframework" not in sys.modules and "fakeframework_integration" not in sys.modules
+    assert "fakeframework" not in live_hooks.registered() and "fakeframework" not in live_hooks._LOADED
+
+    try:
+        report = deploy.push("hooks_load", "v3")
+        assert sys.modules["fakeframework"].ROUTES == [report.version]  # the hook of the live framework ran
+        assert m.probe.runs["integration loaded"] == 2
+    finally:
+        live_hooks.unregister("fakeframework")
+        live_hooks._LOADED.discard("fakeframework")

@@ -1,0 +1,5 @@
+import fakeframework
+
+
+def answer():
+    return 3

@@ -21,15 +21,17 @@ project. habanero never deletes it (see ``overlay.storage.tree``); it warns, nam
 it in the project before the app starts, or derive its path from a setting or an environment
 variable. A link whose target vanished stays: opening it to write creates the file in the project.
 
-A link is ours when its target is an absolute path whose last component is its own name (``media ->
-/srv/app/media``): recognisable without a record, even after the project moved (a new release
-directory), in which case it is re-pointed at the first home. The mirror is refreshed whenever the
+A link is ours when the record of the links the mirror made (beside the tree, ``.<tree>.links``)
+lists it with the target it still has: a link the app made at the tree root, or one of ours it
+re-pointed, is never touched. One of ours whose project moved (a new release directory) is
+re-pointed at the first home. The mirror is refreshed whenever the
 tree is laid out or updated: a ``stat`` of the tree root and of each home, and when one of them
 changed, a ``scandir`` of each.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -107,21 +109,24 @@ class Mirror:
         present = {entry.name: entry for entry in os.scandir(root)}
         real_root = os.path.realpath(root)
         wanted = self._wanted((*self._avoid, real_root))
+        made = _Record(root)
         for name, entry in present.items():
             if name.startswith(fs.TMP_PREFIX) and entry.is_symlink():
                 os.unlink(entry.path)  # a re-pointing that was interrupted
             elif entry.is_symlink():
                 target = os.readlink(entry.path)
-                if not _ours(name, target):
-                    continue
+                if not made.holds(name, target):
+                    continue  # the app's own link, or one it re-pointed: never touched
                 if name in self.served:  # now a package of the app: the bundle lays it out
                     os.unlink(entry.path)
+                    made.forget(name)
                     continue
                 desired = wanted.get(name)
                 if desired is None:  # gone from the project: keep pointing into it
                     desired = target if os.path.dirname(target) in self.homes else os.path.join(self.homes[0], name)
                 if target != desired:
                     _link(desired, entry.path)
+                    made.note(name, desired)
             elif name not in self.served and not name.startswith(fs.TMP_PREFIX):
                 where = wanted.get(name)
                 warn_once("foreign", entry.path, "%s was created in habanero's source tree, not in the project%s; "
@@ -132,6 +137,8 @@ class Mirror:
         for name, target in wanted.items():
             if name not in present:
                 _link(target, os.path.join(root, name))
+                made.note(name, target)
+        made.save()
 
     def _wanted(self, avoid: tuple[str, ...]) -> dict[str, str]:
         """Link name -> target, over every home's children, first home first."""
@@ -174,9 +181,35 @@ def _stamp(directories: tuple[str, ...]) -> tuple[int, ...] | None:
     return tuple(stamp)
 
 
-def _ours(name: str, target: str) -> bool:
-    """Whether a link at the tree root is one the mirror made: an absolute target of its own name."""
-    return os.path.isabs(target) and os.path.basename(target) == name
+class _Record:
+    """The links the mirror made at a tree root, name -> target, kept beside the tree
+    (``.<tree name>.links``, JSON): a link is the mirror's only if it is listed and still points
+    where the mirror pointed it, so a link the app made, or re-pointed, is never touched."""
+
+    def __init__(self, root: str) -> None:
+        self.path = os.path.join(os.path.dirname(root), f".{os.path.basename(root)}.links")
+        try:
+            value = json.loads(fs.read_small(self.path, flags=os.O_NOFOLLOW, limit=1 << 20))
+        except (OSError, ValueError):
+            value = {}
+        self.links: dict[str, str] = {k: v for k, v in value.items() if isinstance(v, str)} \
+            if isinstance(value, dict) else {}
+        self._changed = False
+
+    def holds(self, name: str, target: str) -> bool:
+        return self.links.get(name) == target
+
+    def note(self, name: str, target: str) -> None:
+        self.links[name] = target
+        self._changed = True
+
+    def forget(self, name: str) -> None:
+        if self.links.pop(name, None) is not None:
+            self._changed = True
+
+    def save(self) -> None:
+        if self._changed:
+            fs.write_atomic(self.path, json.dumps(self.links, sort_keys=True).encode(), sync=False, sync_dir=False)
 
 
 def _loops(child: os.DirEntry[str], real_home: str, avoid: tuple[str, ...]) -> bool:

@@ -166,3 +166,24 @@ def test_a_packages_home_is_the_sys_path_directory_it_is_found_in(project, tmp_p
     monkeypatch.syspath_prepend(str(tmp_path / "lib"))
     monkeypatch.syspath_prepend(str(project))
     assert homes_of(["app", "single", "nowhere_on_disk"]) == {"app": str(project), "single": str(tmp_path / "lib")}
+
+
+def test_links_the_app_made_at_the_tree_root_are_never_rewritten_or_removed(project, store, version, tmp_path):
+    tree = tree_in(store, tmp_path / "w0" / "tree", {"app": str(project)})
+    v1 = version(1)
+    tree.lay_out(v1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "current").write_text("the app's own")
+    os.symlink(elsewhere / "current", tree.root / "current")  # shaped like one of the mirror's links
+    os.symlink(elsewhere / "current", tree.root / "app.py")  # named like a served module
+    os.symlink(elsewhere / "current", tree.root / "db.sqlite3.bak")
+    os.unlink(tree.root / ".env")
+    os.symlink(elsewhere / "current", tree.root / ".env")  # one of ours, re-pointed by the app
+
+    tree.update(v1, version(2))
+    tree.lay_out(version(3))  # and a restart
+
+    for name in ("current", "app.py", "db.sqlite3.bak", ".env"):
+        assert os.readlink(tree.root / name) == str(elsewhere / "current"), name
+    assert os.readlink(tree.root / "media") == str(project / "media")  # ours: still there

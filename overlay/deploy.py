@@ -26,6 +26,7 @@ deploy slips between its reading the store and its taking part.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -143,11 +144,18 @@ def push(node: Node, data: bytes) -> UpgradeReport:
         clock = Clock()
         try:
             bundle = host.open_push(data)
-            host.store.check_fresh(bundle)
-            host.store.check_parent(bundle, host.active)
         except HabaneroError as exc:
             if not exc.unverified:  # anyone's bytes: the control plane counts them (see overlay.serving.guard)
                 _record(node, "push", None, exc)
+            raise
+        try:
+            host.store.check_fresh(bundle)
+            host.store.check_parent(bundle, host.active)
+        except HabaneroError as exc:
+            # Signed, but stale: whoever holds an old bundle may send it again and again. Each is
+            # refused; the history keeps the first of each (bundle, reason), not every replay.
+            if _first_time(node, bundle, exc):
+                _record(node, "push", bundle, exc)
             raise
         clock.lap("verify")
         return _everywhere(node, bundle, "push", clock, wire=data)
@@ -327,6 +335,22 @@ def _peer_line(peer: Peer, outcome: str) -> dict[str, Any]:
     if not peer.ok:
         line["reason"] = peer.describe()
     return line
+
+
+#: Stale bundles refused lately, by (digest, code): a replay of one is refused without a record.
+_REFUSED: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+_REFUSED_KEPT = 64
+
+
+def _first_time(node: Node, bundle: Bundle, exc: HabaneroError) -> bool:
+    key = (bundle.digest, exc.code)
+    if key in _REFUSED:
+        _REFUSED.move_to_end(key)
+        return False
+    _REFUSED[key] = None
+    while len(_REFUSED) > _REFUSED_KEPT:
+        _REFUSED.popitem(last=False)
+    return True
 
 
 def _record(node: Node, action: str, bundle: Bundle | None, exc: HabaneroError) -> None:

@@ -35,6 +35,7 @@ from overlay.bundle import bundle_digest
 from overlay.transaction.plan import imported_names
 from overlay.format.wire import FLAG_PACKED, HEADER as _HEADER
 from overlay.errors import (
+    StaleVersion,
     ActivationFailed,
     BundleRejected,
     CompileFailed,
@@ -548,3 +549,19 @@ def test_the_planner_sees_imports_at_any_depth_for_ordering_and_removal_checks()
               "upapp.i", "upapp.j", "upapp.k", "upapp.sibling", "upapp.n", "upapp.o", "upapp.p"}
     assert wanted <= found
     assert "upapp.sibling.m" in found and "upapp.sub.c.thing" in found
+
+
+def test_a_replayed_old_bundle_is_refused_every_time_and_recorded_once(deploy):
+    first = deploy.bundle("hooks", "v1", number=1)
+    deploy.ov.apply(first)
+    deploy.push("hooks", "v2")
+    history = len(deploy.ov.history())
+
+    for _ in range(5):
+        with pytest.raises(StaleVersion):
+            deploy.ov.apply(first)
+
+    records = deploy.ov.history()[history:]
+    assert [(r["code"], r["version"], r["digest"]) for r in records] == [
+        ("stale_version", 1, bundle_digest(first))]
+    assert records[0]["key_ids"] == [deploy.key.public.key_id]

@@ -47,15 +47,6 @@ def test_a_control_request_claiming_an_unknown_key_is_refused_before_its_body_is
     assert raised.value.code == "unknown_key" and "\x1b" not in raised.value.message
 
 
-def test_the_claim_check_costs_a_few_microseconds(key) -> None:
-    trusted = load_trusted_keys([key.public.line()])
-    headers = {H_KEY: key.key_id, H_APP: "shop"}
-    started = time.perf_counter()
-    for _ in range(10_000):
-        precheck(True, headers, trusted, "shop")
-    assert (time.perf_counter() - started) / 10_000 < 100e-6
-
-
 def test_a_push_names_the_keys_of_its_first_signature_block_packed_or_not(key, tmp_path) -> None:
     other = generate_signing_key(tmp_path / "other")
     v1 = build_bundle({"app": ("module", b"x = 1\n")}, app_id="app", version=1, signers=[key, other])
@@ -85,12 +76,12 @@ def test_one_peer_never_holds_every_upload_slot() -> None:
 
 
 def test_unverified_refusals_are_counted_and_logged_at_most_once_per_window(caplog) -> None:
-    refusals = Refusals(every=0.2)
+    refusals = Refusals(every=1.0)
     exc = UntrustedKey("no", key_ids=[])
     with caplog.at_level(logging.WARNING, logger="overlay.http"):
         for _ in range(1000):
             refusals.add(exc, "10.0.0.1\x1b[2J")
-        time.sleep(0.25)
+        time.sleep(1.05)
         refusals.add(exc, "10.0.0.2")
     lines = [r.getMessage() for r in caplog.records]
     assert refusals.total == 1001

@@ -279,15 +279,17 @@ def unverified() -> Iterator[None]:
         raise
 
 
-def printable(text: object, limit: int = 200) -> str:
-    """``text`` as one bounded line for a log or a message: control and format characters escaped
-    (an escape sequence from the network must not reach a terminal), cut to ``limit`` characters."""
+def printable(text: object, limit: int | None = 200, keep: str = "") -> str:
+    """``text`` safe for a log, a message or a terminal: control and format characters escaped
+    (``\\x1b``, ``\\u202e``: an escape sequence from the network must not drive a terminal, a
+    bidirectional override must not reorder what the reader sees), cut to ``limit`` characters.
+    Characters in ``keep`` stay as they are (the CLI keeps its own newlines and tabs)."""
     value = str(text)
-    if len(value) > limit:
+    if limit is not None and len(value) > limit:
         value = value[:limit] + "..."
-    if value.isprintable():
+    if value.isprintable() or (keep and all(c.isprintable() or c in keep for c in value)):
         return value
-    return "".join(c if c.isprintable() else _escape(c) for c in value)
+    return "".join(c if c.isprintable() or c in keep else _escape(c) for c in value)
 
 
 def _escape(c: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from overlay.errors import HabaneroError
+from overlay.errors import printable as _printable
 
 from .client import map_traceback
 
@@ -24,21 +25,9 @@ __all__ = ["printable", "describe_failure", "describe_push", "display", "failure
 
 
 def printable(text: str) -> str:
-    """``text`` safe for a terminal: control and format characters escaped (``\\x1b``, ``\\u202e``),
-    newlines and tabs kept.
-
-    What the CLI prints comes partly from the app, and so from the network (key ids, messages,
-    tracebacks, history): an escape sequence in it must not move the cursor, retitle the terminal
-    or hide text, and a bidirectional override must not reorder what the reader sees.
-    """
-    if text.isprintable() or all(c.isprintable() or c in "\n\t" for c in text):
-        return text
-    return "".join(c if c.isprintable() or c in "\n\t" else _escape(c) for c in text)
-
-
-def _escape(c: str) -> str:
-    code = ord(c)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    """``text`` safe for a terminal, newlines and tabs kept: what the CLI prints comes partly from
+    the app, and so from the network (key ids, messages, tracebacks, history)."""
+    return _printable(text, limit=None, keep="\n\t")
 
 
 def describe_push(result: PushResult) -> str:

@@ -36,26 +36,11 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import MatchedSubAppResource, PrefixedSubAppResource, Resource, UrlDispatcher
 
 from overlay.integrations.hooks import Push, calls_any, register
+from overlay.integrations.known import Known
 
-
-class _Known:
-    """Objects remembered by identity without keeping them alive (these types are not hashable)."""
-
-    def __init__(self) -> None:
-        self._refs: dict[int, weakref.ref[Any]] = {}
-
-    def add(self, obj: Any) -> None:
-        key = id(obj)
-        if key not in self._refs:
-            self._refs[key] = weakref.ref(obj, lambda _: self._refs.pop(key, None))
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter([obj for ref in list(self._refs.values()) if (obj := ref()) is not None])
-
-
-_APPS = _Known()  # web.Application objects
+_APPS = Known()  # web.Application objects
 #: RouteTableDefs and the routers they were added to (``UrlDispatcher.add_routes``, recorded).
-_TABLES: weakref.WeakKeyDictionary[web.RouteTableDef, _Known] = weakref.WeakKeyDictionary()
+_TABLES: weakref.WeakKeyDictionary[web.RouteTableDef, Known] = weakref.WeakKeyDictionary()
 _MISSING = object()
 _REGISTERS = frozenset({"add_get", "add_post", "add_put", "add_patch", "add_delete", "add_head", "add_route",
                         "add_routes", "add_view", "add_static", "add_resource", "add_subapp"})
@@ -73,7 +58,9 @@ class _Before:
     bound: dict[tuple[str, str], web.Application] = field(default_factory=dict)
 
 
-_PENDING: dict[str, _Before] = {}  # the before hook's findings, for the after hook
+#: The before hook's findings, for the after hook of the same push (a push that fails between the
+#: two leaves nothing behind: the entry goes with the push).
+_PENDING: weakref.WeakKeyDictionary[Push, _Before] = weakref.WeakKeyDictionary()
 
 
 def _record_add_routes() -> None:
@@ -86,7 +73,7 @@ def _record_add_routes() -> None:
     def add_routes(self: UrlDispatcher, routes: Iterable[Any]) -> Any:
         if isinstance(routes, web.RouteTableDef):
             with contextlib.suppress(Exception):  # remembering must never keep the app from adding routes
-                _TABLES.setdefault(routes, _Known()).add(self)
+                _TABLES.setdefault(routes, Known()).add(self)
         return original(self, routes)
 
     add_routes._habanero = True  # type: ignore[attr-defined]
@@ -162,7 +149,6 @@ def _app_modules(names: Iterable[str]) -> list[Any]:
 
 
 def _before(push: Push) -> None:
-    _PENDING.clear()
     if not push.reran and not push.removed:
         return
     reran = frozenset(push.reran) | frozenset(push.removed)
@@ -181,7 +167,7 @@ def _before(push: Push) -> None:
                 push.on_undo(functools.partial(_restore_list, value._items, list(value._items)))
             elif isinstance(value, web.Application):
                 state.bound[(name, key)] = value
-    _PENDING["push"] = state
+    _PENDING[push] = state
 
 
 def _journal_router(push: Push, router: UrlDispatcher) -> None:
@@ -212,7 +198,7 @@ def _reindex(router: UrlDispatcher) -> None:
 
 
 def _after(push: Push) -> None:
-    state = _PENDING.pop("push", None)
+    state = _PENDING.pop(push, None)
     if state is None or state.push is not push:
         return
     renewed = _add_table_routes(push, state)

@@ -38,26 +38,12 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, Route, Router
 
 from overlay.integrations.hooks import Push, calls_any, register
+from overlay.integrations.known import Known
 
 log = logging.getLogger(__name__)
 
-class _Known:
-    """Objects remembered by identity without keeping them alive (these types are not hashable)."""
-
-    def __init__(self) -> None:
-        self._refs: dict[int, weakref.ref[Any]] = {}
-
-    def add(self, obj: Any) -> None:
-        key = id(obj)
-        if key not in self._refs:
-            self._refs[key] = weakref.ref(obj, lambda _: self._refs.pop(key, None))
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter([obj for ref in list(self._refs.values()) if (obj := ref()) is not None])
-
-
-_APPS = _Known()  # Starlette apps (FastAPI ones too)
-_ROUTERS = _Known()  # routers bound in the app's modules
+_APPS = Known()  # Starlette apps (FastAPI ones too)
+_ROUTERS = Known()  # routers bound in the app's modules
 _MISSING = object()
 #: Calls that register routes: a changed function making them, which ran at start-up, is not re-run.
 _REGISTERS = frozenset({"add_api_route", "add_route", "include_router", "mount", "add_api_websocket_route",
@@ -81,7 +67,9 @@ class _Before:
     bound: dict[tuple[str, str], Any] = field(default_factory=dict)
 
 
-_PENDING: dict[str, _Before] = {}  # the before hook's findings, for the after hook
+#: The before hook's findings, for the after hook of the same push (a push that fails between the
+#: two leaves nothing behind: the entry goes with the push).
+_PENDING: weakref.WeakKeyDictionary[Push, _Before] = weakref.WeakKeyDictionary()
 
 
 # ------------------------------------------------------------------------------------- discovery
@@ -269,7 +257,6 @@ def _app_modules(names: Iterable[str]) -> list[Any]:
 
 
 def _before(push: Push) -> None:
-    _PENDING.clear()
     if not push.reran and not push.removed:
         return
     reran = frozenset(push.reran) | frozenset(push.removed)
@@ -296,7 +283,7 @@ def _before(push: Push) -> None:
                 state.bound[(name, key)] = value
     if state.watched:
         push.on_undo(_clear_call_caches)
-    _PENDING["push"] = state
+    _PENDING[push] = state
 
 
 def _restore_routes(router: Router, saved: list[BaseRoute]) -> None:
@@ -306,7 +293,7 @@ def _restore_routes(router: Router, saved: list[BaseRoute]) -> None:
 
 
 def _after(push: Push) -> None:
-    state = _PENDING.pop("push", None)
+    state = _PENDING.pop(push, None)
     if state is None or state.push is not push:
         return
     touched: set[int] = set()

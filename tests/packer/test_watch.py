@@ -315,7 +315,7 @@ def test_a_version_taken_meanwhile_costs_one_status_read_and_a_second_try(served
     session.save("wapp/m3.py", "def f():\n    return 'mine'\n")  # v2 on v1: the app runs v1, v2 is taken
 
     assert session.since(mark) == ["POST push", "GET status", "POST push"]
-    assert [(e["version"], e["code"]) for e in ov.history()][-2:] == [(None, "stale_version"), (3, None)]
+    assert [(e["version"], e["code"]) for e in ov.history()][-2:] == [(2, "stale_version"), (3, None)]  # the refused bundle is named
     assert (_f("wapp.m3"), ov.version) == ("mine", 3)
 
 
@@ -386,5 +386,5 @@ def test_a_one_off_push_whose_version_was_taken_reads_the_status_again_and_pushe
         mine.status = status  # type: ignore[method-assign]
         result = push_once(mine, config, bases=BaseCache(None))
     assert reads == [1, 2, 3] and result.version == 3 and ov.version == 3  # the last read confirms it
-    assert [(e["version"], e["code"]) for e in ov.history()][-2:] == [(None, "stale_version"), (3, None)]
+    assert [(e["version"], e["code"]) for e in ov.history()][-2:] == [(2, "stale_version"), (3, None)]  # the refused bundle is named
     assert (_f("wapp.m3"), _f("wapp.m4")) == ("mine", "theirs")

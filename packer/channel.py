@@ -199,7 +199,10 @@ class ChannelRemote:
                        if (a["status"].get("active") or {}).get("digest") == newest.get("digest")), None)
         reported = {(w.get("host"), w.get("pid")) for w in workers}
         unanswered = [m for m in live if (m.get("host"), m.get("pid")) not in reported]
-        behind = [m for m in [*live, *silent] if newest.get("digest") and m.get("digest") != newest.get("digest")]
+        # What each process runs is its store's fresh answer; a heartbeat (up to a second old) only
+        # speaks for the processes no store listed, and for the silent ones.
+        behind = [m for m in [*workers, *unanswered, *silent]
+                  if newest.get("digest") and m.get("digest") != newest.get("digest")]
         return {"app_id": self.app_id, "channel": self.endpoint, "active": active, "highest": highest,
                 "fleet": fleet or None, "workers": workers, "members": live, "silent": silent,
                 "unanswered": unanswered, "behind": behind,

@@ -97,7 +97,8 @@ def make_fleet_project(base: Path, channel: str, *, modules: int = 0) -> FleetPr
     (root / "fleetapp").mkdir(parents=True)
     (root / "pyproject.toml").write_text(f'[project]\nname = "fleetapp"\n\n[tool.habanero]\napp_id = "{APP_ID}"\n'
                                          f'packages = ["fleetapp"]\nchannel = "{channel}"\n', encoding="utf-8")
-    (root / "fleetapp" / "__init__.py").write_text("", encoding="utf-8")
+    (root / "fleetapp" / "__init__.py").write_text(  # the app uses every module: all of them are live
+        "".join(f"from . import mod{n:04d}\n" for n in range(modules)), encoding="utf-8")
     (root / "fleetapp" / "views.py").write_text("import os\nimport time\n\nVERSION = 1\n", encoding="utf-8")
     for n in range(modules):
         (root / "fleetapp" / f"mod{n:04d}.py").write_text(

@@ -41,8 +41,8 @@ Every code habanero raises is in this tree (``tests/test_errors.py`` holds it to
     ├── UploadFailed                upload_incomplete, upload_timeout, too_many_uploads
     ├── OverlayImportError          import_failed, not_in_bundle (also an ImportError)
     └── RemoteError                 unreachable, not_habanero, bad_url, tls_error, bad_ca_file,
-                                    not_confirmed, channel_unreachable, no_members, no_key (raised by the deploying side; or the code the app
-                                    answered with)
+                                    not_confirmed, channel_unreachable, no_members, no_key (raised
+                                    by the deploying side; or the code the app answered with)
 
 The endpoint also answers ``internal_error`` (500, a bug: the app's log has the traceback) and
 ``http_error`` (a request outside the routes) without raising any of these.

@@ -25,6 +25,7 @@ SUITES = [
     ("Push: habanero-pack --push end to end", "bench_push.py"),
     ("Save to live: watch mode vs restart", "bench_watch.py"),
     ("Every worker: gunicorn -w 4, push vs kill -HUP, and memory", "bench_workers.py"),
+    ("A fleet through Redis: 12 members in 3 stores", "bench_fleet.py"),
 ]
 DOCS = HERE.parent / "docs" / "performance.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

@@ -33,7 +33,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from overlay.bundle import Bundle
 from overlay.cluster.member import Member
@@ -43,7 +43,7 @@ from overlay.errors import ControlRejected, DeployInProgress, HabaneroError, Wor
 from overlay.store import Store
 from overlay.upgrade import ApplyFailed, Change, Clock, Host, UpgradeReport, failure, paused_gc
 
-__all__ = ["Node", "catch_up", "joining", "push", "rollback", "start", "workers"]
+__all__ = ["Gate", "Node", "catch_up", "joining", "push", "rollback", "start", "workers"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,16 @@ JOIN_WAIT = 60.0
 PREPARE_TIMEOUT, APPLY_TIMEOUT, FINISH_TIMEOUT = 30.0, 60.0, 5.0
 #: Seconds a status question waits for each process.
 STATUS_TIMEOUT = 2.0
+
+
+class Gate(Protocol):
+    """A word from outside this store between the steps of a deploy (a fleet's, through a channel:
+    ``overlay.serving.channel``). Each method gets one line per process so far and returns to go on,
+    or raises a ``HabaneroError`` to stop: every process here then drops or undoes the change."""
+
+
+    def prepared(self, bundle: Bundle, lines: list[dict[str, Any]]) -> None: ...
+    def applied(self, bundle: Bundle, lines: list[dict[str, Any]]) -> None: ...
 
 
 @dataclass(eq=False)
@@ -137,8 +147,11 @@ def _deploying(node: Node) -> Iterator[None]:
                 member.busy.release()
 
 
-def push(node: Node, data: bytes) -> UpgradeReport:
-    """Verify a pushed bundle and make it the running version of every process, or of none."""
+def push(node: Node, data: bytes, *, gate: Gate | None = None, parent: bool = True) -> UpgradeReport:
+    """Verify a pushed bundle and make it the running version of every process, or of none.
+
+    ``gate`` waits for a fleet's word between the steps; ``parent=False`` skips the parent check
+    (a store catching up with its fleet runs the fleet's version, whatever it ran before)."""
     host = node.host
     with _deploying(node):
         clock = Clock()
@@ -150,7 +163,8 @@ def push(node: Node, data: bytes) -> UpgradeReport:
             raise
         try:
             host.store.check_fresh(bundle)
-            host.store.check_parent(bundle, host.active)
+            if parent:
+                host.store.check_parent(bundle, host.active)
         except HabaneroError as exc:
             # Signed, but stale: whoever holds an old bundle may send it again and again. Each is
             # refused; the history keeps the first of each (bundle, reason), not every replay.
@@ -158,10 +172,11 @@ def push(node: Node, data: bytes) -> UpgradeReport:
                 _record(node, "push", bundle, exc)
             raise
         clock.lap("verify")
-        return _everywhere(node, bundle, "push", clock, wire=data)
+        return _everywhere(node, bundle, "push", clock, wire=data, gate=gate)
 
 
-def rollback(node: Node, to: int | None = None, *, expect: int | None = None) -> UpgradeReport:
+def rollback(node: Node, to: int | None = None, *, expect: int | None = None,
+             gate: Gate | None = None) -> UpgradeReport:
     """Return every process to the previous stored version (or version ``to``), as a push would.
 
     ``expect`` is the version the caller believes is active; a mismatch refuses the rollback, so a
@@ -187,10 +202,11 @@ def rollback(node: Node, to: int | None = None, *, expect: int | None = None) ->
                 raise ControlRejected(f"version {to} is already active", code="nothing_to_roll_back")
             target = store.load(to)
         clock.lap("verify")
-        return _everywhere(node, target, "rollback", clock)
+        return _everywhere(node, target, "rollback", clock, gate=gate)
 
 
-def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: bytes = b"") -> UpgradeReport:
+def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: bytes = b"",
+                gate: Gate | None = None) -> UpgradeReport:
     host, store = node.host, node.host.store
     change = Change(host, bundle, action, clock)
     try:
@@ -210,6 +226,8 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
         if refused:
             round_.tell({"op": "abort"}, FINISH_TIMEOUT)
             _give_up(node, change, bundle, action, round_, applied=False)
+        if gate is not None:
+            _wait_for(gate.prepared, node, change, bundle, action, round_, applied=False)
         # Every process applies at the same time: the step goes out to all, ours runs, then we wait.
         round_.send({"op": "apply"})
         local: ApplyFailed | None = None
@@ -223,6 +241,8 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
             if local is None:
                 change.revert()
             _give_up(node, change, bundle, action, round_, applied=True, local=local)
+        if gate is not None:
+            _wait_for(gate.applied, node, change, bundle, action, round_, applied=True)
         interrupted = _commit_store(node, change, bundle, action, round_)
         clock.lap("commit")
         round_.ask({"op": "commit"}, b"", FINISH_TIMEOUT)
@@ -234,6 +254,27 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
     if interrupted is not None:
         raise interrupted
     return report
+
+
+def _wait_for(step: Callable[[Bundle, list[dict[str, Any]]], None], node: Node, change: Change, bundle: Bundle,
+              action: str, round_: Round, *, applied: bool) -> None:
+    """The gate's word after every process here prepared (or applied): go on, or stop, every process
+    here dropping (or undoing) the change, and raise the gate's reason with one line per process."""
+    outcome = "applied" if applied else "ready"
+    own = {"pid": os.getpid(), "version": bundle.version, "outcome": outcome, "ms": change.clock.elapsed()}
+    lines = [own, *(_peer_line(p, outcome) for p in round_.peers)]
+    try:
+        step(bundle, lines)
+    except HabaneroError as exc:
+        round_.tell({"op": "revert" if applied else "abort"}, FINISH_TIMEOUT)
+        if applied:
+            change.revert()
+        previous = change.current.version if change.current else None
+        exc.details["workers"] = [{**line, "version": previous, "outcome": "reverted" if applied else "aborted"}
+                                  for line in lines]
+        _record(node, action, bundle, exc)
+        _discard(node.host.store, bundle)
+        raise
 
 
 def _commit_store(node: Node, change: Change, bundle: Bundle, action: str, round_: Round) -> BaseException | None:

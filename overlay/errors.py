@@ -32,15 +32,17 @@ Every code habanero raises is in this tree (``tests/test_errors.py`` holds it to
     ├── ActivationFailed            activation_failed (the push was undone; the old code still serves)
     ├── ControlRejected             unsigned_request, unknown_key, wrong_app, bad_request_signature,
     │                               stale_request, replayed_request, bad_request, version_mismatch,
-    │                               nothing_to_roll_back
+    │                               nothing_to_roll_back, fleet_aborted, fleet_reverted (the fleet
+    │                               did not go ahead), payload_missing, channel_unreachable (a
+    │                               channel's member: Redis lost the bundle, or cannot be reached)
     ├── DeployInProgress            deploy_in_progress
     ├── WorkerRefused               worker_refused, worker_lost (another process of the app refused
     │                               or stopped; every process kept or went back to the old version)
     ├── UploadFailed                upload_incomplete, upload_timeout, too_many_uploads
     ├── OverlayImportError          import_failed, not_in_bundle (also an ImportError)
     └── RemoteError                 unreachable, not_habanero, bad_url, tls_error, bad_ca_file,
-                                    not_confirmed (raised by the deploying side; or the code the app
-                                    answered with)
+                                    not_confirmed, channel_unreachable, no_members, no_key (raised
+                                    by the deploying side; or the code the app answered with)
 
 The endpoint also answers ``internal_error`` (500, a bug: the app's log has the traceback) and
 ``http_error`` (a request outside the routes) without raising any of these.

@@ -61,11 +61,17 @@ def _push(args: argparse.Namespace) -> int:
                          "the app runs, whoever pushed it)")
     target = resolve(args, need_project=True)
     assert target.config is not None
+    if args.watch and _is_channel(target.url):
+        raise UsageError("--watch pushes to one app over HTTP; push a fleet through its channel one push at a time")
     if args.watch:
         from .watch import DEBOUNCE_MS, WatchSession
 
         out = (lambda line: None) if getattr(args, "quiet", 0) > 0 else None
-        session = WatchSession(open_remote(target), target.config, check=args.check,
+        from .client import Remote
+
+        remote = open_remote(target)
+        assert isinstance(remote, Remote)  # a channel was refused above
+        session = WatchSession(remote, target.config, check=args.check,
                                debounce_ms=args.debounce or DEBOUNCE_MS, out=out)
         return session.run()
     from overlay.errors import RemoteError
@@ -110,6 +116,12 @@ PUSH_ARGUMENTS: tuple[Argument, ...] = (
 # ------------------------------------------------------------------------ status, history, rollback
 
 
+def _is_channel(url: str) -> bool:
+    from overlay.channel import is_channel_url
+
+    return is_channel_url(url)
+
+
 def _status(args: argparse.Namespace) -> int:
     from .target import open_remote, resolve
 
@@ -119,6 +131,11 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(args, status)
         return 0
+    if _is_channel(target.url):
+        from .output import fleet_status
+
+        _emit(args, fleet_status(status))
+        return 1 if status.get("behind") or status.get("unanswered") else 0
     active = status.get("active") or {}
     lines = [f"app        {status.get('app_id')} at {target.url} (pid {status.get('pid')}, up "
              f"{status.get('uptime_s', 0):.0f} s)"]
@@ -179,9 +196,11 @@ def _rollback(args: argparse.Namespace) -> int:
             raise ControlRejected(f"nothing to roll back: {target.url} runs the code on disk (no version was "
                                   "pushed yet)", code="nothing_to_roll_back")
         response = remote.rollback(args.to, expect=expect)
+    from .output import worker_lines
+
     r = response["report"]
-    _emit(args, f"rolled back {target.url} from version {r['previous_version']} to {r['version']} in "
-                f"{r['timings_ms'].get('total', 0):.1f} ms")
+    _emit(args, "\n".join([f"rolled back {target.url} from version {r['previous_version']} to {r['version']} in "
+                           f"{r['timings_ms'].get('total', 0):.1f} ms", *worker_lines(r.get("workers") or [])]))
     return 0
 
 

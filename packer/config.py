@@ -10,6 +10,7 @@ The project is the nearest directory, from the current one upwards, that holds a
     exclude = ["*.psd"]                 # data files never to ship
     key = ".habanero/deploy_key"        # signing key, relative to the project; ~ is expanded
     url = "http://127.0.0.1:8765"       # where --push sends bundles
+    channel = "redis://10.0.0.2:6379/0" # or a fleet's Redis channel (wins over url)
     ca_file = "deploy/ca.pem"           # CA to trust for an https:// url (default: the system's)
 
 Every setting resolves in one order, the first that is set wins:
@@ -51,7 +52,7 @@ PYPROJECT = "pyproject.toml"
 PROJECT_KEY = Path(".habanero") / "deploy_key"
 HOME_KEY = Path("~") / ".ssh" / "id_ed25519"
 # Every [tool.habanero] setting some feature reads; anything else earns a "did you mean" warning.
-KNOWN_SETTINGS = frozenset({"app_id", "packages", "include", "exclude", "key", "url", "ca_file"})
+KNOWN_SETTINGS = frozenset({"app_id", "packages", "include", "exclude", "key", "url", "channel", "ca_file"})
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,8 @@ def _resolve_key(flag: Any, env: Mapping[str, str], table: Mapping[str, Any], ro
 
 def _resolve_url(flag: str | None, env: Mapping[str, str], table: Mapping[str, Any],
                  pyproject: Path) -> str | None:
-    return flag or _env(env, "HABANERO_URL") or _typed(table, "url", str, pyproject)
+    return (flag or _env(env, "HABANERO_URL") or _env(env, "HABANERO_CHANNEL")
+            or _typed(table, "channel", str, pyproject) or _typed(table, "url", str, pyproject))
 
 
 def _resolve_ca_file(flag: Any, env: Mapping[str, str], table: Mapping[str, Any], root: Path,

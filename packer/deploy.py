@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the builder pulls in zstandard and cryptography: imported w
     from overlay.keys import SigningKey
 
     from .build import BuiltBundle
+    from .channel import ChannelRemote
     from .client import Remote
     from .collect import SourceSnapshot
     from .config import ProjectConfig
@@ -172,7 +173,8 @@ class BaseCache:
             pass  # a cache: the next push is a full one
 
 
-def push_once(remote: Remote, config: ProjectConfig, *, snapshot: SourceSnapshot | None = None, level: int = 3,
+def push_once(remote: Remote | ChannelRemote, config: ProjectConfig, *, snapshot: SourceSnapshot | None = None,
+              level: int = 3,
               bases: BaseCache | None = None, builder: dict[str, Any] | None = None, tip: Tip | None = None,
               make: Make | None = None, read_back: bool = True, force: bool = False) -> PushResult:
     """Build the next version on top of what the app runs, push it, and confirm it is live.
@@ -239,7 +241,7 @@ def _runs_already(tip: Tip, built: BuiltBundle, bases: BaseCache | None) -> bool
     return runs is not None and runs == built.sources
 
 
-def _send(remote: Remote, make: Make, tip: Tip, bases: BaseCache | None, clock: _Clock, *,
+def _send(remote: Remote | ChannelRemote, make: Make, tip: Tip, bases: BaseCache | None, clock: _Clock, *,
           full_retry: bool, force: bool = False) -> tuple[BuiltBundle, bytes, dict[str, Any]] | None:
     """Build version ``tip.highest + 1`` on the active bundle (on none with ``force``) and push it,
     in full if need be; None when the app runs these sources already."""

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .deploy import PushResult
 
 __all__ = ["printable", "describe_failure", "describe_push", "display", "failure_json", "format_inspection",
-           "inspection_json", "push_json", "size", "worker_lines"]
+           "fleet_status", "inspection_json", "push_json", "size", "worker_lines"]
 
 
 def printable(text: str) -> str:
@@ -70,8 +70,32 @@ def worker_lines(workers: list[Any]) -> list[str]:
         version = f"v{w['version']}" if w.get("version") is not None else "-"
         ms = f"{w['ms']:.1f} ms" if isinstance(w.get("ms"), (int, float)) else "-"
         reason = f"  {w['reason']}" if w.get("reason") else ""
-        lines.append(f"  worker {w.get('pid', '?')!s:<7} {version:<6} {w.get('outcome', '?'):<9} {ms}{reason}")
+        where = f"{w['host']} " if w.get("host") else ""  # a fleet's member: its machine first
+        lines.append(f"  worker {where}{w.get('pid', '?')!s:<7} {version:<6} {w.get('outcome', '?'):<9} {ms}{reason}")
     return lines
+
+
+def fleet_status(status: dict[str, Any]) -> str:
+    """A fleet's status: its version, each store, each member (host, pid, version), and who is behind."""
+    fleet = status.get("fleet") or {}
+    lines = [f"fleet      {status.get('app_id')} through {status.get('channel')}: "
+             f"{len(status.get('members') or [])} live members in {len(status.get('stores') or [])} stores",
+             f"active     version {fleet.get('version')} ({(fleet.get('digest') or '')[:12]})" if fleet
+             else "active     none pushed through the channel yet", f"highest    {status.get('highest')}"]
+    behind = status.get("behind") or []
+    lines += [f"store      {s.get('where')}: v{s.get('active')}, highest {s.get('highest')}"
+              for s in status.get("stores") or []]
+    lines += [f"member     {w.get('host')} pid {w.get('pid')}: v{w.get('version')}"
+              for w in status.get("workers") or []]
+    lines += [f"BEHIND     {m.get('host')} pid {m.get('pid')}: v{m.get('version')}"
+              f"{'  ' + str(m['behind']) if m.get('behind') else ''}" for m in behind]
+    lines += [f"silent     {m.get('host')} pid {m.get('pid')}: last heard on v{m.get('version')}"
+              for m in status.get("silent") or []]
+    lines += [f"no answer  {m.get('host')} pid {m.get('pid')} (its store's member did not list it)"
+              for m in status.get("unanswered") or []]
+    if not behind:
+        lines.append("every live member runs the newest version")
+    return "\n".join(lines)
 
 
 def push_json(result: PushResult) -> dict[str, Any]:

@@ -12,12 +12,16 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from overlay.bundle import APP_ID_RULE, valid_app_id
 from overlay.errors import ConfigError
 
 from .client import Remote
 from .config import HOME_KEY, ProjectConfig, find_project, load_config
+
+if TYPE_CHECKING:
+    from .channel import ChannelRemote
 
 __all__ = ["Target", "open_remote", "project_config", "resolve"]
 
@@ -61,7 +65,7 @@ def project_config(args: argparse.Namespace, *, url: str | None = None) -> Proje
 
 def resolve(args: argparse.Namespace, *, need_project: bool) -> Target:
     """Where the command goes, or a ConfigError that says what is missing."""
-    url_flag = getattr(args, "url", None) or None
+    url_flag = getattr(args, "url", None) or None  # an app's http(s):// URL or a fleet's redis:// channel
     if need_project or getattr(args, "project", None) is not None or _in_a_project():
         config = project_config(args, url=url_flag)
         url = url_flag or config.url
@@ -81,7 +85,7 @@ def _in_a_project() -> bool:
 
 
 def _without_project(args: argparse.Namespace, url: str | None) -> Target:
-    url = url or _env("HABANERO_URL")
+    url = url or _env("HABANERO_URL") or _env("HABANERO_CHANNEL")
     app_id = getattr(args, "app_id", None) or _env("HABANERO_APP_ID")
     missing = [what for what, value in (("the app's URL (argument or HABANERO_URL)", url),
                                         ("its app id (--app-id or HABANERO_APP_ID)", app_id)) if not value]
@@ -102,10 +106,16 @@ def _env(name: str) -> str | None:
     return os.environ.get(name, "").strip() or None
 
 
-def open_remote(target: Target, *, signed: bool = True) -> Remote:
-    """A client for the app's endpoint, signing control requests with the target's key."""
+def open_remote(target: Target, *, signed: bool = True) -> Remote | ChannelRemote:
+    """A client for the app's endpoint (or its fleet's channel), signing control requests with the
+    target's key."""
+    from overlay.channel import is_channel_url
     from overlay.keys import load_signing_key  # cryptography: only once a command talks to an app
 
     key = load_signing_key(target.require_key()) if signed else None
+    if is_channel_url(target.url):
+        from .channel import ChannelRemote  # asyncio and the redis client: only for a fleet
+
+        return ChannelRemote(target.url, app_id=target.app_id, key=key)
     return Remote(target.url, app_id=target.app_id, key=key,
                   ca_file=str(target.ca_file) if target.ca_file is not None else None)

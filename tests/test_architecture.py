@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: list[tuple[str, list[str]]] = [
     ("errors", ["overlay.errors"]),
     ("keys", ["overlay.ed25519", "overlay.keys"]),
-    ("format", ["overlay.format.*", "overlay.bundle", "overlay.control"]),
+    ("format", ["overlay.format.*", "overlay.bundle", "overlay.control", "overlay.channel"]),
     ("storage", ["overlay.storage.*", "overlay.store"]),
     ("importing", ["overlay.importing.*", "overlay.finder"]),
     ("rebinding", ["overlay.rebinding.*", "overlay.rebind"]),
@@ -34,11 +34,11 @@ LAYERS: list[tuple[str, list[str]]] = [
 ]
 #: Each layer's public face. A layer's own helpers never import it (the face imports them); the
 #: layers above may import the face or, where they need one part, the helper itself.
-FACES = {"overlay.bundle", "overlay.control", "overlay.store", "overlay.finder", "overlay.rebind",
+FACES = {"overlay.bundle", "overlay.control", "overlay.channel", "overlay.store", "overlay.finder", "overlay.rebind",
          "overlay.integrations", "overlay.upgrade", "overlay.deploy", "overlay.http", "overlay"}
 #: What the packer, on the developer's machine, may use of overlay: the public faces, and the
 #: storage layer's file primitives (an atomic write), which load nothing of the store itself.
-PACKER_MAY_IMPORT = {"overlay", "overlay.errors", "overlay.keys", "overlay.bundle", "overlay.control",
+PACKER_MAY_IMPORT = {"overlay", "overlay.errors", "overlay.keys", "overlay.bundle", "overlay.control", "overlay.channel",
                      "overlay.store", "overlay.storage.fs"}
 
 

@@ -62,6 +62,7 @@ class Overlay:
         self.started = time.time()
         self.control = control or {}  # control-plane options (TLS, public status, upload deadline)
         self.server: Any = None  # the standalone control server, when listen= is used
+        self.fleet: Any = None  # the fleet's channel, when channel= is used (overlay.serving.channel)
         self._plane: ControlPlane | None = None
 
     # ------------------------------------------------------------------------------- what runs
@@ -213,6 +214,7 @@ class Overlay:
             "warnings": list(self.warnings),
             "preimported": list(self.preimported),
             "listen": self.listen,
+            "channel": self.fleet.describe() if self.fleet is not None else None,
             "address": own["address"],
             "last_failure": self.last_failure,
             # Requests refused before any trusted signature held: counted only (overlay.serving.guard).
@@ -232,6 +234,9 @@ class Overlay:
         """Stop serving: remove the finder, leave the app's processes, close the store, so that
         ``install()`` may run again (for tests). Imported modules keep the code they run."""
         forget(self)
+        if self.fleet is not None:
+            self.fleet.stop()
+            self.fleet = None
         if self.server is not None:
             self.server.stop()
             self.server = None

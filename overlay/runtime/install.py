@@ -24,6 +24,7 @@ from typing import Any
 
 from overlay import deploy
 from overlay.bundle import DEFAULT_LIMITS, Bundle, Limits
+from overlay.channel import ChannelURL
 from overlay.cluster.registry import Registry
 from overlay.control import PREFIX
 from overlay.errors import ConfigError, HabaneroError
@@ -63,6 +64,7 @@ def install(
     upload_timeout: float = 30.0,
     sync: str | None = None,
     control_limits: ControlLimits | None = None,
+    channel: str | None = None,
 ) -> Overlay:
     """Serve ``packages`` from the store's active bundle, and return the handle that reports on it.
 
@@ -71,7 +73,8 @@ def install(
     ``HABANERO_STORE``, ``HABANERO_LISTEN``, ``HABANERO_APP_ID``, ``HABANERO_CODE_CACHE``,
     ``HABANERO_SYNC``, and ``HABANERO_MAX_CONNECTIONS``, ``HABANERO_REQUEST_TIMEOUT``,
     ``HABANERO_IDLE_TIMEOUT`` for ``control_limits``, the standalone server's bounds on its
-    connections: see ``overlay.serving.connections``); ``HABANERO_DISABLE=1`` turns the call into a
+    connections: see ``overlay.serving.connections``; ``HABANERO_CHANNEL`` for ``channel``, a Redis URL through
+    which the process joins its fleet: see ``overlay.serving.channel``); ``HABANERO_DISABLE=1`` turns the call into a
     no-op that boots the code on disk. For a WSGI or ASGI app, wrap it with the handle's ``wsgi()``
     or ``asgi()``: the control routes are then on the app's own port, in every worker.
 
@@ -96,6 +99,7 @@ def install(
         names = check_packages(settings.resolve_packages(packages))
         resolved_app_id = settings.resolve_app_id(app_id, names)
         resolved_listen = settings.resolve_listen(listen)
+        resolved_channel = settings.resolve_channel(channel)
         _check_app(app, resolved_listen)
         trusted = settings.resolve_trusted_keys(trusted_keys)
         store_path = settings.resolve_store(store)
@@ -142,7 +146,7 @@ def install(
         sys.meta_path.insert(0, finder)
         handle.make_current(overlay)
     try:
-        _start_control_plane(overlay)
+        _start_control_plane(overlay, resolved_channel)
     except BaseException:
         overlay.uninstall()
         raise
@@ -244,8 +248,11 @@ def _preimported_warning(names: list[str], finder: OverlayFinder) -> str:
             "install() before the app imports its own packages.")
 
 
-def _start_control_plane(overlay: Overlay) -> None:
-    """Mount the routes into ``app=``, or serve them on habanero's own server at ``listen=``."""
+def _start_control_plane(overlay: Overlay, channel: ChannelURL | None) -> None:
+    """Mount the routes into ``app=``, or serve them on habanero's own server at ``listen=``; and
+    subscribe to the fleet's ``channel``."""
+    if channel is not None:
+        _join_fleet(overlay, channel)
     plane = overlay.plane()
     if plane is None or (overlay.listen is None and overlay.app is None):
         return
@@ -275,6 +282,17 @@ def _start_control_plane(overlay: Overlay) -> None:
                 server.address[0], server.address[1], PREFIX)
 
 
+def _join_fleet(overlay: Overlay, url: ChannelURL) -> None:
+    """Subscribe to the app's deploy channel (``overlay.serving.channel``), catching up first."""
+    from overlay.serving.channel import Fleet
+
+    assert overlay.node is not None
+    fleet = overlay.fleet = Fleet(overlay.node, url, app_id=overlay.app_id, status=overlay.status,
+                                  history=overlay.history)
+    fleet.start()
+    logger.info("habanero subscribed to %s", url)
+
+
 # ------------------------------------------------------------------------------------- fork
 
 
@@ -293,6 +311,8 @@ def _after_fork_in_child() -> None:
     store = node.host.store
     store.worker = Worker(str(store.path))  # the parent's worker thread did not come along
     overlay.server = None  # the parent serves listen=: its port is its own
+    if overlay.fleet is not None:
+        overlay.fleet.forget_after_fork()  # joins again, as itself, once this process has joined the app
     threading.Thread(target=_rejoin, args=(overlay, node), name="habanero-join", daemon=True).start()
 
 
@@ -320,6 +340,8 @@ def _rejoin(overlay: Overlay, node: deploy.Node) -> None:
                      "part in deploys", os.getpid(), exc, overlay.version)
     finally:
         node.joined.set()
+        if overlay.fleet is not None:
+            overlay.fleet.start(wait=0)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -9,6 +9,7 @@ keyword            environment               default
 ``trusted_keys``   ``HABANERO_TRUSTED_KEYS`` required (path to an authorized_keys-style file)
 ``store``          ``HABANERO_STORE``        ``.habanero`` (relative to the working directory)
 ``listen``         ``HABANERO_LISTEN``       none (``host:port``; the control plane's address)
+``channel``        ``HABANERO_CHANNEL``      none (``redis://host:6379/0``: join a fleet through Redis)
 ``app_id``         ``HABANERO_APP_ID``       the first declared package
 ``code_cache``     ``HABANERO_CODE_CACHE``   on (compiled code kept in the store)
 ``tls_cert``       ``HABANERO_TLS_CERT``     none (with ``tls_key``: the standalone server speaks TLS)
@@ -35,6 +36,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from overlay.bundle import APP_ID_RULE, valid_app_id
+from overlay.channel import ChannelURL, parse_url
 from overlay.errors import ConfigError
 from overlay.keys import TrustedKeys, load_trusted_keys
 from overlay.serving.connections import DEFAULT_CONTROL_LIMITS, ControlLimits
@@ -99,6 +101,12 @@ def resolve_listen(listen: str | None) -> str | None:
         return None
     parse_address(value)
     return value.strip()
+
+
+def resolve_channel(channel: str | None) -> ChannelURL | None:
+    """``redis://``, ``rediss://`` or ``redis+sentinel://``; validated now (see ``overlay.channel``)."""
+    value = channel if channel is not None else env("HABANERO_CHANNEL")
+    return parse_url(value) if value else None
 
 
 def parse_address(value: object) -> tuple[str, int]:

@@ -1,0 +1,500 @@
+"""This process as a member of its fleet: deploys through Redis, with no inbound port.
+
+``overlay.install(channel="redis://host:6379/0")`` starts a :class:`Fleet` on a daemon thread (an
+asyncio loop with the ``redis`` client's asyncio API). Every process of the app announces itself
+with a heartbeat that expires (``HEARTBEAT_TTL``); one process per store, the **store's member**
+(whichever holds ``channel.lock`` in the store's runtime directory: another takes over within a
+heartbeat when it dies), reads the deploy stream and drives each deploy in its store through
+the same transaction an HTTP push takes (``overlay.deploy``), every other process of the store
+verifying and taking part over its Unix socket as usual::
+
+    habanero-pack ── Redis ──┬── store A's member ─ deploy ─┬─ process A1 (verifies itself)
+      (signs)     (untrusted)│   (verifies each message)    └─ process A2
+                             └── store B's member ─ deploy ─┬─ process B1
+                                                            └─ process B2
+
+Between the steps of that transaction the deploy waits for the fleet's word (:class:`_FleetGate`):
+each store says *prepared* (every process of it verified, compiled and planned), then the CLI says
+*apply* only once every store did; each store says *applied*, then the CLI says *commit* only once
+every store did, else *revert*. A word that does not come in time is a *no*: nobody applies, or
+everybody undoes. Every message is signed by a deploy key and checked here, clock window and nonce
+included (``overlay.channel``), with this store's own trusted keys.
+
+A store that missed a deploy (a new machine, a restart, a member cut off from Redis) **catches up**
+by itself: the fleet's signed ``active`` record names the last version committed, and when it is
+newer than any version this store accepted, its bundle is fetched (another store's member uploads
+it on request), verified here, and deployed to this store's processes. It never moves backwards:
+a missed rollback leaves the store shown as behind (``habanero-pack status``) until the next push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import queue
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from overlay import deploy
+from overlay.bundle import Bundle
+from overlay.channel import (
+    HEARTBEAT,
+    HEARTBEAT_TTL,
+    METHOD,
+    ChannelURL,
+    Keys,
+    connect,
+    open_message,
+    path_of,
+    verify_record,
+)
+from overlay.control import RequestVerifier
+from overlay.errors import ControlRejected, HabaneroError
+
+#: A ``redis.asyncio.Redis`` client (typed loosely: its answers' types depend on its options).
+Redis = Any
+
+__all__ = ["Fleet"]
+
+logger = logging.getLogger("overlay.channel")
+
+#: Seconds between two looks at the fleet's active record (and at start, and after a reconnect).
+CATCH_UP_EVERY = 2.0
+#: Seconds ``install()`` waits for this store to catch up with its fleet before the app goes on.
+START_WAIT = 5.0
+#: Seconds a member waits for another store to upload a bundle it asked for.
+FETCH_WAIT = 3.0
+#: Bounds of the wait for the fleet's next word (the CLI says how long, in the signed prepare).
+MIN_WAIT, MAX_WAIT = 1.0, 120.0
+#: Reconnection backoff, in seconds: doubled from the first to the last, with jitter.
+BACKOFF = (0.1, 5.0)
+#: How long acks and uploads stay in Redis.
+ACK_TTL, UPLOAD_TTL = 600, 3600
+
+
+class Fleet:
+    """This process's membership of its fleet (see the module docstring)."""
+
+    def __init__(self, node: deploy.Node, url: ChannelURL, *, app_id: str,
+                 status: Callable[[], dict[str, Any]], history: Callable[[int], list[dict[str, Any]]]) -> None:
+        self.node, self.url, self.app_id = node, url, app_id
+        self.keys = Keys(app_id)
+        self._status, self._history = status, history
+        self.host = socket.gethostname()
+        store = node.host.store
+        self.store_id = hashlib.sha256(f"{self.host}\0{os.path.realpath(store.path)}".encode()).hexdigest()[:16]
+        self.verifier = RequestVerifier(node.host.trusted, app_id, nonces=store.requests)
+        self.connected = False
+        self.behind: str | None = None  # why this store runs another version than the fleet, if it does
+        self.caught_up = threading.Event()
+        self._new_identity()
+        self._lock_fd: int | None = None
+        self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Redis | None = None
+        self._thread: threading.Thread | None = None
+        self._txns: dict[str, queue.Queue[str]] = {}
+        self._seen: dict[str, float] = {}  # deploys taken part in: a message repeated is not acted on twice
+        self._busy = threading.Lock()  # one deploy of the fleet at a time in this store
+        self._asked: dict[str, float] = {}
+
+    def _new_identity(self) -> None:
+        self.member_id = f"{self.host}-{os.getpid()}-{os.urandom(3).hex()}"
+
+    # ------------------------------------------------------------------------------ lifetime
+
+    def start(self, *, wait: float = START_WAIT) -> None:
+        """Join the fleet; wait up to ``wait`` seconds for this store to run the fleet's version."""
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._main, name="habanero-channel", daemon=True)
+        self._thread.start()
+        if wait > 0 and not self.caught_up.wait(wait):
+            logger.warning("habanero: not caught up with the fleet at %s within %g s; serving v%s and catching up "
+                           "in the background", self.url, wait, self._version())
+
+    def stop(self) -> None:
+        """Leave the fleet: the heartbeat is withdrawn, the store's lead given up."""
+        self._stopping.set()
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None and thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                asyncio.run_coroutine_threadsafe(self._leave(), loop).result(2.0)
+            thread.join(3.0)
+        self._release_lead()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's thread, connection and lead are the parent's (``start``
+        joins the fleet again, as a member of its own)."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # the parent still holds the lock through its own descriptor
+            self._lock_fd = None
+        self._loop = self._client = self._thread = None
+        self._txns, self._seen = {}, {}
+        self._busy = threading.Lock()
+        self.caught_up = threading.Event()
+        self._new_identity()
+        self.verifier = RequestVerifier(self.node.host.trusted, self.app_id, nonces=self.node.host.store.requests)
+
+    def describe(self) -> dict[str, Any]:
+        return {"url": str(self.url), "member": self.member_id, "connected": self.connected,
+                "leads_store": self._lock_fd is not None, "behind": self.behind}
+
+    # ---------------------------------------------------------------------------- the loop
+
+    def _main(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._run())
+        finally:
+            loop.close()
+
+    async def _run(self) -> None:
+        delay = BACKOFF[0]
+        while not self._stopping.is_set():
+            client = self._client = connect(self.url)
+            try:
+                await client.ping()
+                if not self.connected:
+                    logger.info("habanero: joined the fleet at %s as %s", self.url, self.member_id)
+                self.connected, delay = True, BACKOFF[0]
+                await self._session(client)
+            except Exception as exc:  # a lost or refused connection, a failover: connect again
+                if self._stopping.is_set():
+                    break
+                if self.connected:
+                    logger.warning("habanero: lost the channel %s (%s); reconnecting", self.url, exc)
+                self.connected = False
+                self.caught_up.set()  # nothing to wait for at start-up: serve what the store has
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, BACKOFF[1])
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+        self.connected = False
+
+    async def _session(self, client: Redis) -> None:
+        """One connection's life: the heartbeat, and the store's lead when this process holds it."""
+        beat = asyncio.ensure_future(self._beat(client))
+        try:
+            await self._lead(client, beat)
+        finally:
+            beat.cancel()
+            with contextlib.suppress(BaseException):
+                await beat
+
+    async def _beat(self, client: Redis) -> None:
+        while not self._stopping.is_set():
+            info = json.dumps(self._member_info()).encode()
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.set(self.keys.member(self.member_id), info, ex=300)
+                pipe.set(self.keys.prefix + f"alive:{self.member_id}", b"1", px=int(HEARTBEAT_TTL * 1000))
+                pipe.sadd(self.keys.members, self.member_id)
+                await pipe.execute()
+            await asyncio.sleep(HEARTBEAT)
+
+    async def _leave(self) -> None:
+        client = self._client
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.delete(self.keys.member(self.member_id), self.keys.prefix + f"alive:{self.member_id}")
+                await client.srem(self.keys.members, self.member_id)
+        self._stopping.set()
+
+    def _member_info(self) -> dict[str, Any]:
+        active = self.node.host.active
+        return {"id": self.member_id, "host": self.host, "pid": os.getpid(), "store": str(self.node.host.store.path),
+                "store_id": self.store_id, "version": active.version if active else None,
+                "digest": active.digest if active else None, "leads_store": self._lock_fd is not None,
+                "behind": self.behind, "time": time.time()}
+
+    def _version(self) -> int | None:
+        active = self.node.host.active
+        return active.version if active is not None else None
+
+    # ------------------------------------------------------------------------- the store's lead
+
+    def _take_lead(self) -> bool:
+        if self._lock_fd is not None:
+            return True
+        root = self.node.registry.root
+        try:
+            fd = os.open(root / "channel.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def _release_lead(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    async def _lead(self, client: Redis, beat: asyncio.Future[None]) -> None:
+        while not self._take_lead():
+            self.caught_up.set()  # another process of this store catches up for it
+            if beat.done():
+                beat.result()
+            await asyncio.sleep(HEARTBEAT)
+            if self._stopping.is_set():
+                return
+        # From the stream's end as it is now: a message from before this connection is not ours.
+        last = await self._tail(client, self.keys.steps)
+        wants = await self._tail(client, self.keys.wants)
+        await self._catch_up(client)
+        looked = time.monotonic()
+        while not self._stopping.is_set():
+            if beat.done():
+                beat.result()  # its connection error ends the session
+            read = await client.xread({self.keys.steps: last, self.keys.wants: wants}, count=64, block=500)
+            for stream, entries in read or []:
+                for entry_id, fields in entries:
+                    name = stream.decode() if isinstance(stream, bytes) else stream
+                    if name == self.keys.steps:
+                        last = entry_id
+                        await self._on_step(client, fields.get(b"m", b""))
+                    else:
+                        wants = entry_id
+                        await self._on_want(client, fields)
+            if time.monotonic() - looked > CATCH_UP_EVERY:
+                await self._catch_up(client)
+                looked = time.monotonic()
+
+    @staticmethod
+    async def _tail(client: Redis, stream: str) -> bytes | str:
+        newest = await client.xrevrange(stream, count=1)
+        return newest[0][0] if newest else "0-0"
+
+    # ------------------------------------------------------------------------------ messages
+
+    async def _on_step(self, client: Redis, raw: bytes) -> None:
+        txn: object = None
+        try:
+            op, body, auth, text = open_message(raw)
+            txn = body.get("txn")
+            if not isinstance(txn, str) or len(txn) > 64:
+                raise ControlRejected("a channel message without a transaction id", code="bad_request")
+            if op in ("apply", "commit", "abort", "revert"):
+                pending = self._txns.get(txn)
+                if pending is None:
+                    return  # not a deploy this store takes part in (any more): nothing to do
+                self.verifier.verify(METHOD, path_of(op), auth, text)
+                pending.put(op)
+                return
+            self.verifier.verify(METHOD, path_of(op), auth, text)
+        except HabaneroError as exc:
+            logger.warning("habanero: refused a channel message: %s: %s", exc.code, exc.message)
+            if isinstance(txn, str) and len(txn) <= 64:
+                await self._ack(client, txn, {"step": "refused", "ok": False, "code": exc.code,
+                                              "message": exc.message})
+            return
+        if op == "prepare":
+            if txn in self._seen:
+                return
+            self._seen[txn] = time.time()
+            self._txns[txn] = queue.Queue()
+            threading.Thread(target=self._drive, args=(txn, body), name="habanero-channel-deploy",
+                             daemon=True).start()
+        elif op == "status":
+            answer = await asyncio.to_thread(self._answer_status)
+            await self._ack(client, txn, {"step": "status", "ok": True, **answer})
+        elif op == "history":
+            limit = body["limit"] if type(body.get("limit")) is int else 50
+            await self._ack(client, txn, {"step": "history", "ok": True, "history": self._history(limit)})
+
+    async def _on_want(self, client: Redis, fields: dict[bytes, bytes]) -> None:
+        """Another store asked for a bundle: upload it if this store holds it (unsigned asks cost
+        one upload each at most: a bundle present already is not sent again)."""
+        try:
+            version, digest = int(fields.get(b"version", b"")), fields.get(b"digest", b"").decode()
+        except (ValueError, UnicodeDecodeError):
+            return
+        if len(digest) != 64 or await client.exists(self.keys.full(digest)):
+            return
+        data = self.node.host.store.read_bundle(version, digest)
+        if data is not None:
+            await client.set(self.keys.full(digest), data, ex=UPLOAD_TTL, nx=True)
+
+    async def _ack(self, client: Redis, txn: str, answer: dict[str, Any]) -> None:
+        answer = {**answer, "store": self.store_id, "host": self.host, "pid": os.getpid(),
+                  "where": f"{self.host}:{self.node.host.store.path}"}
+        key = self.keys.acks(txn)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, {"m": json.dumps(answer, default=str).encode()})
+            pipe.expire(key, ACK_TTL)
+            await pipe.execute()
+
+    def ack(self, txn: str, answer: dict[str, Any]) -> None:
+        """From a deploy's thread: answer the CLI (a lost connection makes the CLI's wait run out)."""
+        loop, client = self._loop, self._client
+        if loop is None or client is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._ack(client, txn, answer), loop).result(5.0)
+        except Exception as exc:
+            logger.warning("habanero: could not answer the fleet (%s)", exc)
+
+    def _answer_status(self) -> dict[str, Any]:
+        status = self._status()
+        for worker in status.get("workers") or []:
+            worker["host"] = self.host
+        return {"status": status}
+
+    # ------------------------------------------------------------------------------- deploys
+
+    def _drive(self, txn: str, body: dict[str, Any]) -> None:
+        """This store's part in one deploy of the fleet (on its own thread)."""
+        wait = min(max(float(body.get("wait") or 10.0), MIN_WAIT), MAX_WAIT)
+        gate = _FleetGate(self, txn, wait)
+        try:
+            with self._busy:
+                if body.get("action") == "rollback":
+                    to, expect = body.get("to"), body.get("expect")
+                    if not all(v is None or type(v) is int for v in (to, expect)) or expect is None:
+                        raise ControlRejected("a rollback must name the version it expects to replace",
+                                              code="bad_request")
+                    report = deploy.rollback(self.node, to, expect=expect, gate=gate)
+                else:
+                    report = deploy.push(self.node, self._payload(body), gate=gate)
+            self.behind = None
+            lines = [{**line, "host": self.host} for line in report.workers]
+            self.ack(txn, {"step": "done", "ok": True, "version": report.version, "digest": report.digest,
+                           "workers": lines, "report": report.to_dict()})
+        except HabaneroError as exc:
+            workers = exc.details.get("workers")
+            lines = [{**w, "host": self.host} for w in workers if isinstance(w, dict)] if isinstance(workers,
+                                                                                                      list) else []
+            self.ack(txn, {"step": "done" if gate.stage != "prepare" else "refused", "ok": False, "code": exc.code,
+                           "message": exc.message, "workers": lines,
+                           "remote_traceback": getattr(exc, "remote_traceback", "")})
+        except Exception as exc:  # never let a deploy thread die silently
+            logger.exception("habanero: a deploy of the fleet failed")
+            self.ack(txn, {"step": "done", "ok": False, "code": "internal_error", "message": str(exc)})
+        finally:
+            self._txns.pop(txn, None)
+            cutoff = time.time() - 3600
+            self._seen = {t: s for t, s in self._seen.items() if s > cutoff}
+
+    def _payload(self, body: dict[str, Any]) -> bytes:
+        key = body.get("payload")
+        if not isinstance(key, str) or not key.startswith(self.keys.prefix + "bundle:"):
+            raise ControlRejected("a push without its bundle's key", code="bad_request")
+        data = self._call(lambda client: client.get(key))
+        if not isinstance(data, bytes):
+            raise ControlRejected("the pushed bundle is not in Redis (expired, or Redis lost it); push again",
+                                  code="payload_missing")
+        return data
+
+    def _call(self, make: Callable[[Redis], Any], timeout: float = 10.0) -> Any:
+        loop, client = self._loop, self._client
+        if loop is None or client is None:
+            raise ControlRejected("the channel is not connected", code="channel_unreachable")
+        try:
+            return asyncio.run_coroutine_threadsafe(make(client), loop).result(timeout)
+        except Exception as exc:
+            raise ControlRejected(f"Redis did not answer ({exc or type(exc).__name__})",
+                                  code="channel_unreachable") from None
+
+    # ----------------------------------------------------------------------------- catching up
+
+    async def _catch_up(self, client: Redis) -> None:
+        try:
+            await self._catch_up_once(client)
+        except HabaneroError as exc:
+            logger.error("habanero: could not catch up with the fleet: %s", exc)
+        finally:
+            self.caught_up.set()
+
+    async def _catch_up_once(self, client: Redis) -> None:
+        raw = await client.get(self.keys.active)
+        if raw is None:
+            self.behind = None
+            return
+        record = verify_record(raw, self.node.host.trusted, self.app_id)
+        version, digest = record.get("version"), record.get("digest")
+        if type(version) is not int or not isinstance(digest, str):
+            return
+        store = self.node.host.store
+        pointer, highest = store.pointer()
+        if pointer is not None and pointer["digest"] == digest:
+            self.behind = None
+            return
+        if version <= highest:
+            self.behind = (f"the fleet runs v{version}, this store v{pointer['version'] if pointer else 'on disk'}; "
+                           "a store takes only newer versions by itself: push or roll back through the channel")
+            return
+        data = await client.get(self.keys.full(digest))
+        if data is None:
+            await client.xadd(self.keys.wants, {"version": str(version), "digest": digest}, maxlen=1000,
+                              approximate=True)
+            deadline = time.monotonic() + FETCH_WAIT
+            while data is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                data = await client.get(self.keys.full(digest))
+        if data is None:
+            self.behind = f"the fleet runs v{version}; no other store has uploaded it yet"
+            return
+        if self._busy.locked():
+            return
+        report = await asyncio.to_thread(self._apply_caught_up, data)
+        if report is not None:
+            logger.info("habanero: caught up with the fleet: v%s", report.version)
+            self.behind = None
+
+    def _apply_caught_up(self, data: bytes) -> Any:
+        with self._busy:
+            return deploy.push(self.node, data, parent=False)
+
+
+class _FleetGate:
+    """Between the steps of this store's deploy, the fleet's word (see ``overlay.deploy.Gate``)."""
+
+    def __init__(self, fleet: Fleet, txn: str, wait: float) -> None:
+        self.fleet, self.txn, self.wait = fleet, txn, wait
+        self.stage = "prepare"
+        self.words = fleet._txns.setdefault(txn, queue.Queue())
+
+    def prepared(self, bundle: Bundle, lines: list[dict[str, Any]]) -> None:
+        self.stage = "prepared"
+        self._say("prepared", bundle, lines)
+        if self._word(("apply", "abort")) != "apply":
+            raise ControlRejected(f"the fleet did not go ahead with v{bundle.version}: another store refused it, "
+                                  "or the word to apply did not come in time", code="fleet_aborted")
+        self.stage = "apply"
+
+    def applied(self, bundle: Bundle, lines: list[dict[str, Any]]) -> None:
+        self.stage = "applied"
+        self._say("applied", bundle, lines)
+        if self._word(("commit", "revert")) != "commit":
+            raise ControlRejected(f"the fleet undid v{bundle.version}: another store failed to apply it, or the "
+                                  "word to commit did not come in time", code="fleet_reverted")
+
+    def _say(self, step: str, bundle: Bundle, lines: list[dict[str, Any]]) -> None:
+        self.fleet.ack(self.txn, {"step": step, "ok": True, "version": bundle.version, "digest": bundle.digest,
+                                  "workers": [{**line, "host": self.fleet.host} for line in lines]})
+
+    def _word(self, expected: tuple[str, str]) -> str | None:
+        deadline = time.monotonic() + self.wait
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                word = self.words.get(timeout=left)
+            except queue.Empty:
+                break
+            if word in expected:
+                return word
+        return None

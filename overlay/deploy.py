@@ -153,11 +153,13 @@ def push(node: Node, data: bytes) -> UpgradeReport:
         return _everywhere(node, bundle, "push", clock, wire=data)
 
 
-def rollback(node: Node, to: int | None = None, *, expect: int | None = None) -> UpgradeReport:
+def rollback(node: Node, to: int | None = None, *, expect: int | None = None,
+             action: str = "rollback") -> UpgradeReport:
     """Return every process to the previous stored version (or version ``to``), as a push would.
 
     ``expect`` is the version the caller believes is active; a mismatch refuses the rollback, so a
     replayed request does nothing harmful. Both are judged by the store, whichever process asks.
+    ``action="revert"``: probation's own rollback to the last permanent version.
     """
     store = node.host.store
     with _deploying(node):
@@ -179,7 +181,7 @@ def rollback(node: Node, to: int | None = None, *, expect: int | None = None) ->
                 raise ControlRejected(f"version {to} is already active", code="nothing_to_roll_back")
             target = store.load(to)
         clock.lap("verify")
-        return _everywhere(node, target, "rollback", clock)
+        return _everywhere(node, target, action, clock)
 
 
 def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: bytes = b"") -> UpgradeReport:
@@ -193,6 +195,13 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
     except HabaneroError as exc:
         _record(node, action, bundle, exc)
         raise
+    try:
+        change.drain()  # this process's requests in flight finish; new ones wait (overlay.transaction.gate)
+    except HabaneroError as exc:
+        _record(node, action, bundle, exc)
+        _discard(store, bundle)
+        raise
+    clock.lap("drain")
     round_ = Round(node.others())
     try:
         header = {"op": "prepare", "txn": os.urandom(8).hex(), "action": action, "version": bundle.version,
@@ -201,6 +210,7 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
         clock.lap("prepare")
         if refused:
             round_.tell({"op": "abort"}, FINISH_TIMEOUT)
+            change.revert()  # nothing applied: lets this process's requests go
             _give_up(node, change, bundle, action, round_, applied=False)
         # Every process applies at the same time: the step goes out to all, ours runs, then we wait.
         round_.send({"op": "apply"})

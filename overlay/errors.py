@@ -33,7 +33,8 @@ Every code habanero raises is in this tree (``tests/test_errors.py`` holds it to
     ├── ControlRejected             unsigned_request, unknown_key, wrong_app, bad_request_signature,
     │                               stale_request, replayed_request, bad_request, version_mismatch,
     │                               nothing_to_roll_back
-    ├── DeployInProgress            deploy_in_progress
+    ├── DeployInProgress            deploy_in_progress, drain_timeout (requests still ran at the drain
+    │                               deadline; nothing changed)
     ├── WorkerRefused               worker_refused, worker_lost (another process of the app refused
     │                               or stopped; every process kept or went back to the old version)
     ├── UploadFailed                upload_incomplete, upload_timeout, too_many_uploads
@@ -85,7 +86,8 @@ __all__ = [
 # authentication); a version the store lacks is a 404, not a server fault.
 _STATUS_BY_CODE = {"version_mismatch": 409, "nothing_to_roll_back": 409, "bad_request": 400,
                    "unknown_version": 404, "wrong_app": 409, "upload_timeout": 408, "store_locked": 503,
-                   "too_many_uploads": 503, "disabled": 409, "worker_lost": 503}
+                   "too_many_uploads": 503, "disabled": 409, "worker_lost": 503,
+                   "drain_timeout": 503}
 
 
 class HabaneroError(Exception):

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+import overlay
 from overlay import DeployInProgress
 from overlay.bundle import build_bundle
 from overlay.transaction.gate import Gate
@@ -198,3 +199,31 @@ def test_a_push_made_from_inside_a_unit_of_work_does_not_wait_for_it(deploy, sig
     import upapp
 
     assert report.version == 1 and upapp.VERSION == 1 and not ov.gate.held
+
+
+def test_a_push_through_the_standalone_server_runs_module_code_on_a_plain_thread_without_an_event_loop(
+        import_state, tmp_path, trusted_keys_file, signing_key, monkeypatch):
+    # Django refuses database access at import time on a thread with a running event loop
+    # (SynchronousOnlyOperation): module code must run where the app's own did, on a plain thread.
+    from support.e2e import push_bytes
+
+    for name in ("PACKAGES", "TRUSTED_KEYS", "STORE", "LISTEN", "APP_ID", "DISABLE"):
+        monkeypatch.delenv(f"HABANERO_{name}", raising=False)
+    ov = overlay.install(packages=["upapp"], trusted_keys=trusted_keys_file, store=tmp_path / "store",
+                         listen="127.0.0.1:0")
+    try:
+        def source(n: int) -> bytes:
+            return (b"import asyncio, threading\n"
+                    b"try:\n    asyncio.get_running_loop()\nexcept RuntimeError:\n"
+                    b"    THREAD, RAN = threading.current_thread().name, %d\n"
+                    b"else:\n    raise RuntimeError('module code ran on a thread with a running event loop')\n" % n)
+
+        host, port = ov.address
+        for n in (1, 2):
+            reply = push_bytes(f"http://{host}:{port}", build_bundle({"upapp": ("package", source(n))}, app_id="upapp",
+                                                                     version=n, signers=[signing_key]))
+            assert reply.status == 200, reply.body
+            import upapp
+        assert upapp.RAN == 2 and upapp.THREAD.startswith("habanero-deploy")
+    finally:
+        ov.uninstall()

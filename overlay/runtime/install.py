@@ -173,7 +173,7 @@ def _rollout(gate: bool | None, drain_timeout: float | None, health: Health | No
     enabled = settings.resolve_flag(gate, "HABANERO_GATE", True)
     drain = settings.resolve_seconds(drain_timeout, "HABANERO_DRAIN_TIMEOUT", DRAIN_TIMEOUT, "drain_timeout")
     window = settings.resolve_seconds(probation, "HABANERO_PROBATION", 0.0, "probation", zero=True)
-    checked = resolve_health(health)
+    checked = resolve_health(health if health is not None else settings.env("HABANERO_HEALTH"))
     watch = (lambda overlay: Probation(overlay, checked, window)) if window > 0 else None
     return Gate(deadline=drain, enabled=enabled), watch
 

@@ -125,6 +125,9 @@ class Probation:
     def _watch(self, version: int, digest: str, baseline: tuple[int, int], stop: threading.Event) -> None:
         end = time.monotonic() + self.seconds
         try:
+            # The first check one interval in: the push's own answer (and its deployer's read-back)
+            # comes first, and the new version gets its first requests.
+            stop.wait(self.interval)
             while True:
                 last_round = time.monotonic() >= end
                 problem = self._problem(baseline)

@@ -18,6 +18,7 @@ keyword            environment               default
 ``gate``           ``HABANERO_GATE``         on (requests pass the request gate: one version each)
 ``drain_timeout``  ``HABANERO_DRAIN_TIMEOUT`` 5 s a push waits for the requests in flight
 ``probation``      ``HABANERO_PROBATION``    0 (off): seconds a push stays on trial before it is permanent
+``health``         ``HABANERO_HEALTH``       none (a callable, or a URL path of the app's, e.g. ``/healthz``)
 ``control_limits`` ``HABANERO_MAX_CONNECTIONS`` 64 connections to the standalone server at once
 \                  ``HABANERO_REQUEST_TIMEOUT``  10 s from a request's first byte to its last header
 \                  ``HABANERO_IDLE_TIMEOUT``     5 s before an idle connection is closed

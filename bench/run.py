@@ -25,6 +25,7 @@ SUITES = [
     ("Push: habanero-pack --push end to end", "bench_push.py"),
     ("Save to live: watch mode vs restart", "bench_watch.py"),
     ("Every worker: gunicorn -w 4, push vs kill -HUP, and memory", "bench_workers.py"),
+    ("Request gate: latency at 200 requests/s while pushing, gate on vs off", "bench_gate.py"),
 ]
 DOCS = HERE.parent / "docs" / "performance.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

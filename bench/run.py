@@ -26,6 +26,7 @@ SUITES = [
     ("Save to live: watch mode vs restart", "bench_watch.py"),
     ("Every worker: gunicorn -w 4, push vs kill -HUP, and memory", "bench_workers.py"),
     ("A fleet through Redis: 12 members in 3 stores", "bench_fleet.py"),
+    ("Request gate: latency at 200 requests/s while pushing, gate on vs off", "bench_gate.py"),
 ]
 DOCS = HERE.parent / "docs" / "performance.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

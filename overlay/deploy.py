@@ -176,11 +176,12 @@ def push(node: Node, data: bytes, *, gate: Gate | None = None, parent: bool = Tr
 
 
 def rollback(node: Node, to: int | None = None, *, expect: int | None = None,
-             gate: Gate | None = None) -> UpgradeReport:
+             action: str = "rollback", gate: Gate | None = None) -> UpgradeReport:
     """Return every process to the previous stored version (or version ``to``), as a push would.
 
     ``expect`` is the version the caller believes is active; a mismatch refuses the rollback, so a
     replayed request does nothing harmful. Both are judged by the store, whichever process asks.
+    ``action="revert"``: probation's own rollback to the last permanent version.
     """
     store = node.host.store
     with _deploying(node):
@@ -202,7 +203,7 @@ def rollback(node: Node, to: int | None = None, *, expect: int | None = None,
                 raise ControlRejected(f"version {to} is already active", code="nothing_to_roll_back")
             target = store.load(to)
         clock.lap("verify")
-        return _everywhere(node, target, "rollback", clock, gate=gate)
+        return _everywhere(node, target, action, clock, gate=gate)
 
 
 def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: bytes = b"",
@@ -217,6 +218,7 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
     except HabaneroError as exc:
         _record(node, action, bundle, exc)
         raise
+    _drain(node, change, bundle, action)
     round_ = Round(node.others())
     try:
         header = {"op": "prepare", "txn": os.urandom(8).hex(), "action": action, "version": bundle.version,
@@ -225,6 +227,7 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
         clock.lap("prepare")
         if refused:
             round_.tell({"op": "abort"}, FINISH_TIMEOUT)
+            change.revert()  # nothing applied: lets this process's requests go
             _give_up(node, change, bundle, action, round_, applied=False)
         if gate is not None:
             _wait_for(gate.prepared, node, change, bundle, action, round_, applied=False)
@@ -254,6 +257,17 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
     if interrupted is not None:
         raise interrupted
     return report
+
+
+def _drain(node: Node, change: Change, bundle: Bundle, action: str) -> None:
+    """This process's requests in flight finish; new ones wait (``overlay.transaction.gate``)."""
+    try:
+        change.drain()
+    except HabaneroError as exc:
+        _record(node, action, bundle, exc)
+        _discard(node.host.store, bundle)
+        raise
+    change.clock.lap("drain")
 
 
 def _wait_for(step: Callable[[Bundle, list[dict[str, Any]]], None], node: Node, change: Change, bundle: Bundle,

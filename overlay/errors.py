@@ -35,7 +35,8 @@ Every code habanero raises is in this tree (``tests/test_errors.py`` holds it to
     │                               nothing_to_roll_back, fleet_aborted, fleet_reverted (the fleet
     │                               did not go ahead), payload_missing, channel_unreachable (a
     │                               channel's member: Redis lost the bundle, or cannot be reached)
-    ├── DeployInProgress            deploy_in_progress
+    ├── DeployInProgress            deploy_in_progress, drain_timeout (requests still ran at the drain
+    │                               deadline; nothing changed)
     ├── WorkerRefused               worker_refused, worker_lost (another process of the app refused
     │                               or stopped; every process kept or went back to the old version)
     ├── UploadFailed                upload_incomplete, upload_timeout, too_many_uploads
@@ -87,7 +88,8 @@ __all__ = [
 # authentication); a version the store lacks is a 404, not a server fault.
 _STATUS_BY_CODE = {"version_mismatch": 409, "nothing_to_roll_back": 409, "bad_request": 400,
                    "unknown_version": 404, "wrong_app": 409, "upload_timeout": 408, "store_locked": 503,
-                   "too_many_uploads": 503, "disabled": 409, "worker_lost": 503}
+                   "too_many_uploads": 503, "disabled": 409, "worker_lost": 503,
+                   "drain_timeout": 503}
 
 
 class HabaneroError(Exception):

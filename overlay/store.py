@@ -11,7 +11,9 @@ Layout (the directory is created with mode 0700: whoever can write it decides wh
       objects/        ab/<sha256>: every stored version's file bodies by content, read-only
       deploy.lock     flock()ed by the process that runs a deploy, for the whole of it
       pycache/        compiled code, owned by the finder
-      history.jsonl   one JSON object per push, rollback, failure or reset; append-only
+                      (while the active version is on probation, also "permanent": the last
+                      permanent version, which a restart boots; see overlay.storage.state)
+      history.jsonl   one JSON object per push, rollback, revert, verdict, failure or reset; append-only
       requests.jsonl  the nonces of signed control requests within their window (overlay.storage.requests)
       lock            flock()ed by writers only; readers never wait
       .tmp-*          (anywhere above) what an interrupted write left; open() removes it
@@ -83,7 +85,7 @@ __all__ = ["SYNC_MODES", "Store", "write_atomic"]
 
 logger = logging.getLogger(__name__)
 
-ACTIONS = ("push", "rollback")
+ACTIONS = ("push", "rollback", "revert")  # revert: probation's rollback to the last permanent version
 SYNC_MODES = ("background", "commit")
 #: Dropped versions between two object sweeps: a sweep reads every stored manifest (milliseconds
 #: of a worker thread), and what waits for it is only disk space.
@@ -175,6 +177,9 @@ class Store:
         self.requests = SeenRequests(path / "requests.jsonl", lock, self._flush_later,
                                      sync=sync == "commit", writable=self.check_writable)
         self._dropped_since_sweep = 0
+        #: Set by ``install(probation=...)``: a push committed from now on is probationary (the
+        #: state file keeps the last permanent version until :meth:`make_permanent`).
+        self.probation = False
 
     # ------------------------------------------------------------------------------- opening
 
@@ -581,9 +586,11 @@ class Store:
                         fs.fsync_dir(self._staged_dir)
                 highest = max(self.highest, bundle.version)
                 retired: list[str] | None = None if commit_sync else []  # the old state file, freed later
+                probation = self._probation_of(action)
                 named = False
                 try:
-                    self._state.write(pointer_to(bundle), highest, sync=commit_sync, retire=retired)  # the commit point
+                    self._state.write(pointer_to(bundle), highest, sync=commit_sync, retire=retired,  # the commit point
+                                      probation=probation)
                     named = True
                 finally:
                     # Only a version the state file has named moves to bundles/: a push whose commit
@@ -604,6 +611,76 @@ class Store:
             if not commit_sync:
                 self.worker.flush_later(written, retired or ())
             self.later(self._retain)
+
+    def _probation_of(self, action: str) -> tuple[Pointer | None] | None:
+        """What a commit of ``action`` writes as the last permanent version: for a push on probation,
+        the one before it (kept across pushes made during a probation); else none (a rollback or a
+        revert is an operator's or a verdict's choice: permanent)."""
+        if action != "push" or not self.probation:
+            return None
+        state, _ = self._read_state()
+        if state is None:
+            return (pointer_to(self.active),)
+        return (state["permanent"],) if "permanent" in state else (state["active"],)
+
+    def on_probation(self) -> tuple[bool, Pointer | None]:
+        """Whether the active version (as on disk now) is on probation, and the last permanent one."""
+        state, _ = self._read_state()
+        if state is None or "permanent" not in state:
+            return False, None
+        return True, state["permanent"]
+
+    def make_permanent(self, digest: str, reason: str = "") -> bool:
+        """The probation of the active version ``digest`` passed: it becomes permanent (a restart
+        boots it). False when it is no longer the active version on probation."""
+        with self._lock, self._io("make the active version permanent"):
+            self.check_writable()
+            state, _ = self._read_state()
+            active = state["active"] if state is not None else None
+            if state is None or "permanent" not in state or active is None or active["digest"] != digest:
+                return False
+            self._state.write(active, state["highest"])
+            self._append_history("probation", active["version"], digest, (), "permanent",
+                                 None, reason)
+            return True
+
+    def record_verdict(self, version: int, digest: str, outcome: str, reason: str) -> None:
+        """Append probation's verdict on ``version`` (``reverted``, with why) to the history."""
+        with self._lock, self._io("record a probation verdict"):
+            self.check_writable()
+            self._append_history("probation", version, digest, (), outcome, "reverted" if outcome == "reverted"
+                                 else None, reason)
+
+    def boot_permanent(self) -> Bundle | None:
+        """At a start of the app (no other process of it runs) during a probation: go back to the
+        last permanent version, which becomes active again (the probationary one stays stored: it
+        can be pushed or rolled back to again; the highest version never goes down). Returns the
+        bundle to serve (None: the code on disk); does nothing outside a probation."""
+        with self._lock, self._io("boot the last permanent version"):
+            state, _ = self._read_state()
+            if state is None or "permanent" not in state or self.unsafe:
+                return self.active
+            self.check_writable()
+            permanent, active = state["permanent"], state["active"]
+            bundle: Bundle | None = None
+            if permanent is not None:
+                bundle, why = self._verify_file(permanent["version"], permanent["digest"])
+                if bundle is None:
+                    logger.error("habanero store %s: the last permanent version v%d cannot be served (%s); "
+                                 "keeping the probationary one", self.path, permanent["version"], why)
+                    return self.active
+            self._state.write(permanent, state["highest"])
+            shown = f"v{permanent['version']}" if permanent is not None else "the code on disk"
+            reason = (f"the app restarted while v{active['version'] if active else '?'} was on probation: it "
+                      f"boots {shown}, the last permanent version")
+            if active is not None:
+                self._append_history("probation", active["version"], active["digest"], (), "reverted", "reverted",
+                                     reason)
+            self._append_history("revert", permanent["version"] if permanent else None,
+                                 permanent["digest"] if permanent else None, (), "ok", None, reason)
+            logger.warning("habanero store %s: %s", self.path, reason)
+            self.active = bundle
+            return bundle
 
     def _names_now(self, bundle: Bundle) -> bool:
         """Whether the state file on disk names ``bundle`` active (a write that raised may have
@@ -692,7 +769,8 @@ class Store:
                 raise StoreError(f"cannot set highest to {value}: active version {pointer['version']} is "
                                  "above it; roll back first", code="bad_highest")
             old = state["highest"] if state is not None else self.highest
-            self._state.write(pointer, value)
+            kept = (state["permanent"],) if state is not None and "permanent" in state else None
+            self._state.write(pointer, value, probation=kept)
             self.highest = value
             self._drop_above(value, keep=pointer, reason=f"highest was reset to {value}")
             self._append_history("reset_highest", value, None, (), "ok", None, f"highest {old} -> {value}")

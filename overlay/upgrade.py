@@ -29,7 +29,10 @@ What other threads of this process can observe while a change applies:
   call into it, goes on. Such a thread sees each change as it lands: a function's code swap is one
   atomic store, a class is patched attribute by attribute, so it may run a mix of old and new
   functions during the apply, and the new ones before the push is committed (undone again if it
-  fails). Draining requests around the apply is the caller's job.
+  fails). So a push first drains the request gate (``overlay.transaction.gate``, :meth:`Change.drain`):
+  requests in flight finish, new ones wait until the commit or the undo, and no request observes
+  two versions. Code outside the gate (a thread the app started, a long-lived request) may still
+  see the mix.
 * **Running frames keep their code.** A call, generator or coroutine that started before the push
   finishes on the code it started with; its next call runs the new code.
 * **Imports in flight finish on their own terms.** A changed module that another thread is still
@@ -47,6 +50,7 @@ What other threads of this process can observe while a change applies:
 from __future__ import annotations
 
 import _imp
+import concurrent.futures
 import contextlib
 import gc
 import logging
@@ -55,9 +59,9 @@ import sys
 import time
 import traceback
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from overlay.bundle import Bundle, Limits, open_bundle
 from overlay.errors import ActivationFailed
@@ -68,6 +72,7 @@ from overlay.keys import TrustedKeys
 from overlay.rebinding.journal import MISSING, Journal
 from overlay.storage.tree import SourceTree
 from overlay.store import Store
+from overlay.transaction.gate import Gate
 from overlay.transaction.outside import capture
 
 if TYPE_CHECKING:
@@ -75,7 +80,9 @@ if TYPE_CHECKING:
     from overlay.transaction.diff import EntryDiff
     from overlay.transaction.plan import Plan
 
-__all__ = ["Change", "Host", "UpgradeReport", "paused_gc"]
+__all__ = ["Change", "Host", "UpgradeReport", "on_app_loop", "paused_gc"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,11 @@ class Host:
     last_outcome: dict[str, Any] | None = None
     #: The last refusal or failure, as status pages show it.
     last_failure: dict[str, Any] | None = None
+    #: The request gate every change drains before it applies.
+    gate: Gate = field(default_factory=Gate)
+    #: The app's event loop (an ASGI or aiohttp app's), once known: a change runs the app's module
+    #: code there, where the app's own module code runs. None: on the thread that applies.
+    loop: Any = None
 
     @property
     def active(self) -> Bundle | None:
@@ -212,6 +224,7 @@ class Change:
         self.report: UpgradeReport | None = None
         self._journal: Journal | None = None
         self._locked = False
+        self._held = False
 
     def prepare(self) -> UpgradeReport:
         """Diff, index and plan; compile what will run. Raises ``CompileFailed`` (or another
@@ -238,6 +251,16 @@ class Change:
         self.report = UpgradeReport(self.action, bundle.version, current.version if current else None,
                                     bundle.digest, **self.plan.summary())
         return self.report
+
+    def drain(self) -> None:
+        """Close this process's request gate and wait for the requests in flight (see
+        ``overlay.transaction.gate``); it opens again at :meth:`commit` or :meth:`revert`. Raises
+        ``DeployInProgress`` (``drain_timeout``), holding nothing, when a request outlasts the
+        deadline. Call it after :meth:`prepare` and before :meth:`apply`, off the event loop the
+        requests run on."""
+        if not self._held:
+            self.host.gate.hold()
+            self._held = True
 
     def apply(self) -> None:
         """Run the new version in this process, holding the import lock until commit or revert.
@@ -301,6 +324,36 @@ class Change:
         if self._locked:
             self._locked = False
             _imp.release_lock()
+        if self._held:  # after the import lock: a request let in imports the committed version
+            self._held = False
+            self.host.gate.release()
+
+
+def on_app_loop(loop: Any, work: Callable[[], T]) -> T:
+    """Run ``work`` on the app's event loop ``loop`` and wait for it (a push's module code runs
+    where the app's own module code runs: ``install(app=...)``'s and an ASGI app's loop); on this
+    thread when there is no such loop, it is not running, or this thread runs it already."""
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return work()
+    import asyncio  # loaded already by any app that has a loop
+
+    try:
+        here = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    if here is loop:
+        return work()
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if done.set_running_or_notify_cancel():
+            try:
+                done.set_result(work())
+            except BaseException as exc:  # handed to the waiting thread, which raises it
+                done.set_exception(exc)
+
+    loop.call_soon_threadsafe(run)
+    return done.result()
 
 
 @contextlib.contextmanager

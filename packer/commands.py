@@ -63,6 +63,8 @@ def _push(args: argparse.Namespace) -> int:
     assert target.config is not None
     if args.watch and _is_channel(target.url):
         raise UsageError("--watch pushes to one app over HTTP; push a fleet through its channel one push at a time")
+    if args.watch and args.wait_permanent:
+        raise UsageError("--wait-permanent goes with a single push, not --watch")
     if args.watch:
         from .watch import DEBOUNCE_MS, WatchSession
 
@@ -91,11 +93,42 @@ def _push(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             print(f"{PROG}: the app still serves its previous version", file=sys.stderr)
             return 1
-    if args.json:
-        _emit_json(args, push_json(result))
-    else:
-        _emit(args, describe_push(result))
+        if args.json:
+            _emit_json(args, push_json(result))
+        else:
+            _emit(args, describe_push(result))
+        if args.wait_permanent:
+            return _wait_permanent(args, remote, result.version)
     return 0
+
+
+def _wait_permanent(args: argparse.Namespace, remote: Any, version: int) -> int:
+    """Wait for probation's verdict on ``version`` (see ``overlay.runtime.probation``): 0 when it
+    is permanent, 1 when it was reverted (the reason on stderr)."""
+    started = time.monotonic()
+    while True:
+        status = remote.status()
+        probation = status.get("probation") or {}
+        window = float(probation.get("window_s") or 0)
+        if not window and not probation:
+            _emit(args, f"v{version} is permanent: the app keeps no probation (install(probation=...))")
+            return 0
+        state = probation.get("state") if probation.get("version") == version else None
+        if state == "permanent":
+            _emit(args, f"v{version} is permanent: it passed its probation")
+            return 0
+        if state in ("reverted", "failed"):
+            print(f"{PROG}: v{version} {state}: {_printable(str(probation.get('reason', '')))}", file=sys.stderr)
+            return 1
+        active = (status.get("active") or {}).get("version")
+        if state is None and active != version:
+            print(f"{PROG}: v{version} is no longer active (v{active} is); it was replaced before its verdict",
+                  file=sys.stderr)
+            return 1
+        if time.monotonic() - started > 2 * window + 30:
+            print(f"{PROG}: no verdict on v{version} within {2 * window + 30:g} s", file=sys.stderr)
+            return 1
+        time.sleep(min(0.5, max(window / 20, 0.05)))
 
 
 PUSH_ARGUMENTS: tuple[Argument, ...] = (
@@ -106,6 +139,9 @@ PUSH_ARGUMENTS: tuple[Argument, ...] = (
         "before each push; when it fails the push is skipped and its output shown"),
     arg("--debounce", type=lambda s: positive_int(s, "--debounce"), metavar="MS",
         help="with --watch: group saves made within MS milliseconds into one push (default 20)"),
+    arg("--wait-permanent", action="store_true",
+        help="after the push, wait for the app's probation verdict: exit 0 once the version is permanent, "
+        "1 if it was reverted (install(probation=..., health=...))"),
     arg("--force", action="store_true",
         help="replace whatever version the app runs, even one pushed or rolled back to since this push "
         "read it (the bundle is signed with no parent; without --force the app refuses it: stale_parent)"),

@@ -38,7 +38,7 @@ from overlay.cluster import messages
 from overlay.cluster.messages import Gone
 from overlay.cluster.registry import WorkerEntry
 from overlay.errors import ControlRejected, HabaneroError
-from overlay.upgrade import ApplyFailed, Change, Clock, Host, paused_gc
+from overlay.upgrade import ApplyFailed, Change, Clock, Host, on_app_loop, paused_gc
 
 __all__ = ["Member"]
 
@@ -139,6 +139,7 @@ class Member:
                     bundle = self._target(header, payload)
                     change = Change(self.host, bundle, str(header["action"]), clock)
                     change.prepare()
+                change.drain()  # all or none: a process whose requests do not drain in time refuses
             except HabaneroError as exc:
                 self.host.note(str(header.get("action")), header.get("version"), "refused", exc.code, exc.message)
                 messages.send(conn, _refusal(exc.code, exc.message))
@@ -147,43 +148,49 @@ class Member:
                                  "running": change.current.version if change.current else None})
             step, _ = self._next(conn)
             if step.get("op") != "apply":
+                change.revert()  # lets this process's requests go
                 self.host.note(change.action, bundle.version, "aborted")
                 return  # aborted: nothing was applied here
-            try:
-                with paused_gc():
-                    change.apply()
-            except ApplyFailed as failed:
-                self.host.note(change.action, bundle.version, "failed", "activation_failed", str(failed))
-                messages.send(conn, {"ok": False, "pid": os.getpid(), "code": "activation_failed",
-                                     "message": str(failed), "traceback": failed.remote_traceback})
-                return
-            # Applied and holding the import lock: from here on this process keeps the change or
-            # undoes it whatever happens, and it decides as the store does.
-            keep = False
-            try:
-                try:
-                    messages.send(conn, {"ok": True, "pid": os.getpid(), "ms": clock.elapsed()})
-                    verdict, _ = self._next(conn)
-                    keep = verdict.get("op") == "commit"
-                except BaseException as exc:
-                    keep = self._committed(bundle)  # the coordinator is gone, or this thread failed
-                    logger.warning("habanero: the deploy of v%d ended without its last word (%s); the store "
-                                   "says it %s", bundle.version, exc or type(exc).__name__,
-                                   "was committed" if keep else "was not committed")
-                    if not isinstance(exc, Exception):
-                        raise
-            finally:
-                if keep:
-                    change.commit()
-                else:
-                    change.revert()
-                    self.host.note(change.action, bundle.version, "reverted")
-            with contextlib.suppress(Gone):
-                messages.send(conn, {"ok": True, "pid": os.getpid(), "ms": clock.elapsed(),
-                                     "version": bundle.version if keep else None,
-                                     "not_live": change.report.not_live if keep and change.report else []})
+            on_app_loop(self.host.loop, lambda: self._apply_and_settle(conn, change, bundle, clock))
         finally:
             self.busy.release()
+
+    def _apply_and_settle(self, conn: socket.socket, change: Change, bundle: Bundle, clock: Clock) -> None:
+        """Apply, then keep or undo as the coordinator (or the store) says: on the app's event loop
+        when it has one (where its module code runs), else on this thread."""
+        try:
+            with paused_gc():
+                change.apply()
+        except ApplyFailed as failed:
+            self.host.note(change.action, bundle.version, "failed", "activation_failed", str(failed))
+            messages.send(conn, {"ok": False, "pid": os.getpid(), "code": "activation_failed",
+                                 "message": str(failed), "traceback": failed.remote_traceback})
+            return
+        # Applied and holding the import lock: from here on this process keeps the change or
+        # undoes it whatever happens, and it decides as the store does.
+        keep = False
+        try:
+            try:
+                messages.send(conn, {"ok": True, "pid": os.getpid(), "ms": clock.elapsed()})
+                verdict, _ = self._next(conn)
+                keep = verdict.get("op") == "commit"
+            except BaseException as exc:
+                keep = self._committed(bundle)  # the coordinator is gone, or this thread failed
+                logger.warning("habanero: the deploy of v%d ended without its last word (%s); the store "
+                               "says it %s", bundle.version, exc or type(exc).__name__,
+                               "was committed" if keep else "was not committed")
+                if not isinstance(exc, Exception):
+                    raise
+        finally:
+            if keep:
+                change.commit()
+            else:
+                change.revert()
+                self.host.note(change.action, bundle.version, "reverted")
+        with contextlib.suppress(Gone):
+            messages.send(conn, {"ok": True, "pid": os.getpid(), "ms": clock.elapsed(),
+                                 "version": bundle.version if keep else None,
+                                 "not_live": change.report.not_live if keep and change.report else []})
 
     def _target(self, header: dict[str, Any], payload: bytes) -> Bundle:
         """The bundle of this deploy, verified here with this process's own trusted keys."""

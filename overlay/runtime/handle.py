@@ -8,6 +8,7 @@ refuses every deploy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from overlay import deploy
 from overlay.bundle import Bundle, Limits
-from overlay.errors import ConfigError
+from overlay.errors import BadSignature, ConfigError, HabaneroError, UnknownFormat, UntrustedKey, WrongApp
 from overlay.finder import OverlayFinder
 from overlay.keys import TrustedKeys
 from overlay.store import Store
@@ -27,8 +28,10 @@ from overlay.upgrade import UpgradeReport
 
 if TYPE_CHECKING:  # the serving layer is loaded by the first overlay that serves routes
     from overlay.http import ControlPlane
+    from overlay.runtime.probation import Probation
     from overlay.serving.asgi import ASGIApp, ASGIWrapper
     from overlay.serving.wsgi import WSGIApp, WSGIWrapper
+    from overlay.transaction.gate import Gate
 
 __all__ = ["Overlay"]
 
@@ -64,6 +67,8 @@ class Overlay:
         self.server: Any = None  # the standalone control server, when listen= is used
         self.fleet: Any = None  # the fleet's channel, when channel= is used (overlay.serving.channel)
         self._plane: ControlPlane | None = None
+        #: The watch over pushed versions (``install(probation=...)``); None: every push is permanent.
+        self.probation: Probation | None = None
 
     # ------------------------------------------------------------------------------- what runs
 
@@ -121,14 +126,63 @@ class Overlay:
             report = ov.apply(Path("shop-v8.hbn").read_bytes())
             report.changed, report.timings_ms["total"], report.workers
         """
-        return deploy.push(self._node(), bundle)
+        report = deploy.push(self._node(), bundle)
+        if self.probation is not None:
+            self.probation.started(report)
+        return report
+
+    def verify(self, bundle: bytes) -> None:
+        """Check a pushed bundle's signatures and app before anything else is done for it (the
+        event-loop servers drain their requests only for a verified push). Raises only the
+        refusals of unverified bytes; :meth:`apply` judges everything else, and records it."""
+        try:
+            self._node().host.open_push(bundle)
+        except HabaneroError as exc:
+            if exc.unverified or isinstance(exc, (BadSignature, UnknownFormat, UntrustedKey, WrongApp)):
+                raise
 
     def rollback(self, to: int | None = None, *, expect: int | None = None) -> UpgradeReport:
         """Return every process to the previous stored version (or version ``to``), as a push would.
 
         ``expect`` names the version the caller believes is active; a mismatch refuses the rollback.
         """
-        return deploy.rollback(self._node(), to, expect=expect)
+        report = deploy.rollback(self._node(), to, expect=expect)
+        if self.probation is not None:
+            self.probation.ended()  # an operator chose this version: it is permanent
+        return report
+
+    # ------------------------------------------------------------------------- one version each
+
+    @property
+    def gate(self) -> Gate | None:
+        """The request gate (``overlay.transaction.gate``) of this process; None when disabled."""
+        return self.node.host.gate if self.node is not None else None
+
+    def running(self) -> Any:
+        """Mark a unit of work that is not a request (a job, a message, a game tick) as one version's:
+        a push waits for it to finish (within the drain deadline) and holds the next one until it
+        has applied. Works with ``with`` in a thread and ``async with`` in a coroutine.
+
+        Example::
+
+            while True:
+                job = queue.get()
+                with ov.running():          # the whole job runs on one version of the code
+                    handle(job)
+        """
+        gate = self.gate
+        return _Running(gate) if gate is not None else contextlib.nullcontext()
+
+    def note_loop(self, loop: Any) -> None:
+        """The app's event loop (seen by the ASGI wrapper or the aiohttp mount): pushes run the app's
+        module code there, where its own module code runs."""
+        if self.node is not None and self.node.host.loop is not loop:
+            self.node.host.loop = loop
+
+    @property
+    def app_address(self) -> tuple[str, int] | None:
+        """Where the app's own server answered habanero's routes (for a ``health`` URL path)."""
+        return self._plane.address if self._plane is not None else None
 
     def _node(self) -> deploy.Node:
         if self.node is None:
@@ -221,7 +275,36 @@ class Overlay:
             "refused_unverified": self._plane.refusals.total if self._plane is not None else 0,
             "uptime_s": round(time.time() - self.started, 3),
             "history": self.history(10),
+            "gate": self._gate_status(),
+            "probation": self._probation_status(),
         }
+
+    def _gate_status(self) -> dict[str, Any] | None:
+        gate = self.gate
+        if gate is None:
+            return None
+        return {"enabled": gate.enabled, "running": gate.running, "held": gate.held,
+                "drain_timeout_s": gate.deadline, "finished": gate.finished, "failed": gate.failed}
+
+    def _probation_status(self) -> dict[str, Any] | None:
+        """Where the active version stands, as the store says (any process of the app answers the
+        same): ``{"version", "state": "probation" | "permanent" | "reverted" | "failed", "reason",
+        "permanent", "window_s"}``; None before any push on probation."""
+        store = self.store
+        if store is None:
+            return None
+        window = self.probation.seconds if self.probation is not None else 0
+        on, permanent = store.on_probation()
+        pointer, _ = store.pointer()
+        if on and pointer is not None:
+            return {"version": pointer["version"], "state": "probation", "reason": "",
+                    "permanent": permanent["version"] if permanent else None, "window_s": window}
+        verdicts = [e for e in store.history(50) if e.get("action") == "probation"]
+        if not verdicts:
+            return None
+        last = verdicts[-1]
+        return {"version": last.get("version"), "state": last.get("outcome"), "reason": last.get("reason", ""),
+                "permanent": pointer["version"] if pointer else None, "window_s": window}
 
     def history(self, limit: int | None = None) -> list[dict[str, Any]]:
         """The store's deploy history, oldest first, the last ``limit`` entries (empty when disabled)."""
@@ -237,6 +320,8 @@ class Overlay:
         if self.fleet is not None:
             self.fleet.stop()
             self.fleet = None
+        if self.probation is not None:
+            self.probation.stop()
         if self.server is not None:
             self.server.stop()
             self.server = None
@@ -253,6 +338,29 @@ class Overlay:
     def __repr__(self) -> str:
         state = "disabled" if self.disabled else f"v{self.version}"
         return f"<Overlay {self.app_id} {state} packages={list(self.packages)}>"
+
+
+class _Running:
+    """``ov.running()``: one pass through the gate, for ``with`` or ``async with``."""
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+        self._entered: list[bool] = []
+        self._failed = False
+
+    def __enter__(self) -> None:
+        self._entered.append(self._gate.enter())
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        if self._entered.pop():
+            self._gate.leave(failed=kind is not None)
+
+    async def __aenter__(self) -> None:
+        self._entered.append(await self._gate.enter_async())
+
+    async def __aexit__(self, kind: object, exc: object, tb: object) -> None:
+        if self._entered.pop():
+            self._gate.leave(failed=kind is not None)
 
 
 class _Installed:

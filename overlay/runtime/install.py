@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from overlay import deploy
@@ -34,10 +34,12 @@ from overlay.integrations import hooks
 from overlay.keys import TrustedKeys
 from overlay.runtime import handle, settings
 from overlay.runtime.handle import Overlay
+from overlay.runtime.probation import Health, Probation, resolve_health
 from overlay.serving.connections import ControlLimits
 from overlay.storage.tree import SourceTree
 from overlay.storage.worker import Worker
 from overlay.store import Store
+from overlay.transaction.gate import DRAIN_TIMEOUT, Gate
 from overlay.upgrade import Host, move_tree
 
 logger = logging.getLogger("overlay.runtime")
@@ -65,6 +67,10 @@ def install(
     sync: str | None = None,
     control_limits: ControlLimits | None = None,
     channel: str | None = None,
+    gate: bool | None = None,
+    drain_timeout: float | None = None,
+    health: Health | None = None,
+    probation: float | None = None,
 ) -> Overlay:
     """Serve ``packages`` from the store's active bundle, and return the handle that reports on it.
 
@@ -75,7 +81,14 @@ def install(
     ``HABANERO_IDLE_TIMEOUT`` for ``control_limits``, the standalone server's bounds on its
     connections: see ``overlay.serving.connections``; ``HABANERO_CHANNEL`` for ``channel``, a Redis URL through
     which the process joins its fleet: see ``overlay.serving.channel``); ``HABANERO_DISABLE=1`` turns the call into a
-    no-op that boots the code on disk. For a WSGI or ASGI app, wrap it with the handle's ``wsgi()``
+    no-op that boots the code on disk.
+
+    ``gate`` (``HABANERO_GATE``, on) puts every request through the request gate, so that a push
+    waits for the requests in flight, within ``drain_timeout`` seconds (``HABANERO_DRAIN_TIMEOUT``,
+    5), and no request sees two versions (``overlay.transaction.gate``). ``probation`` seconds
+    (``HABANERO_PROBATION``, 0: off) keep each push on trial, judged by ``health`` (a callable or a
+    URL path of the app's) and its requests' failure rate, and revert it by itself when it fails
+    (``overlay.runtime.probation``). For a WSGI or ASGI app, wrap it with the handle's ``wsgi()``
     or ``asgi()``: the control routes are then on the app's own port, in every worker.
 
     Example::
@@ -102,24 +115,26 @@ def install(
         resolved_channel = settings.resolve_channel(channel)
         _check_app(app, resolved_listen)
         trusted = settings.resolve_trusted_keys(trusted_keys)
+        request_gate, watch = _rollout(gate, drain_timeout, health, probation)
         store_path = settings.resolve_store(store)
         limits = limits or DEFAULT_LIMITS
         extra = {k: v for k, v in (("keep", keep), ("max_version_jump", max_version_jump)) if v is not None}
         opened = Store.open(store_path, trusted=trusted, app_id=resolved_app_id, limits=limits,
                             sync=settings.resolve_sync(sync), **extra)
         try:
-            use_disk = settings.resolve_flag(code_cache, "HABANERO_CODE_CACHE", True)
-            finder = OverlayFinder(names, code_cache=CodeCache(opened.cache_dir if use_disk else None))
+            finder = OverlayFinder(names, code_cache=CodeCache(
+                opened.cache_dir if settings.resolve_flag(code_cache, "HABANERO_CODE_CACHE", True) else None))
             registry = Registry(store_path)
             with deploy.joining(opened, registry, {"listen": resolved_listen}) as entry:
                 # Under the deploy lock: the version read now is the one every other process runs.
-                active = opened.sync_active()
+                active = _starting_version(opened, registry, entry.id, probation=watch is not None)
                 # Found before the app imports them: where its paths derived from __file__ lead.
                 tree = opened.source_tree(entry.tree, mirror=opened.mirror(names))
                 if active is not None and _laid_out(tree, active, opened):
                     finder.set_index(finder.index_for(active, tree.root))
                     opened.release(active)
-                host = Host(resolved_app_id, opened, finder, tree, trusted, limits)
+                host = Host(resolved_app_id, opened, finder, tree, trusted, limits,
+                            gate=request_gate)
                 node = deploy.Node(host, registry, entry, info={"listen": resolved_listen})
                 preimported = _preimported(names)
                 _record_preimported(preimported, finder)
@@ -133,15 +148,13 @@ def install(
                                                                              "HABANERO_PUBLIC_STATUS", False),
                                       "upload_timeout": upload_timeout,
                                       "limits": settings.resolve_control_limits(control_limits)})
+                overlay.probation = watch(overlay) if watch is not None else None
                 deploy.start(node, overlay.worker_status)
                 node.joined.set()
         except BaseException:
             opened.close()
             raise
-        for problem in opened.startup_problems:
-            logger.warning("store %s: %s", store_path, problem)
-        for text in warnings:
-            logger.warning("%s", text)
+        _log_startup(store_path, [*opened.startup_problems], warnings)
         _arm_integrations(finder)
         sys.meta_path.insert(0, finder)
         handle.make_current(overlay)
@@ -153,6 +166,27 @@ def install(
     logger.info("habanero serving %s from %s", ", ".join(names),
                 f"bundle v{overlay.version}" if overlay.version is not None else "disk (no bundle pushed yet)")
     return overlay
+
+
+def _rollout(gate: bool | None, drain_timeout: float | None, health: Health | None,
+             probation: float | None) -> tuple[Gate, Callable[[Overlay], Probation] | None]:
+    """The request gate, and what makes the watch over pushes when ``probation`` is on."""
+    enabled = settings.resolve_flag(gate, "HABANERO_GATE", True)
+    drain = settings.resolve_seconds(drain_timeout, "HABANERO_DRAIN_TIMEOUT", DRAIN_TIMEOUT, "drain_timeout")
+    window = settings.resolve_seconds(probation, "HABANERO_PROBATION", 0.0, "probation", zero=True)
+    checked = resolve_health(health if health is not None else settings.env("HABANERO_HEALTH"))
+    watch = (lambda overlay: Probation(overlay, checked, window)) if window > 0 else None
+    return Gate(deadline=drain, enabled=enabled), watch
+
+
+def _starting_version(store: Store, registry: Registry, entry: str, *, probation: bool) -> Bundle | None:
+    """The version this process starts on (hold the deploy lock): the store's active one, but when
+    the app itself starts (no other process of it runs) during a probation, the last permanent one
+    (see ``overlay.runtime.probation``)."""
+    store.probation = probation
+    if not registry.live(skip=entry):
+        store.boot_permanent()
+    return store.sync_active()
 
 
 def _laid_out(tree: SourceTree, active: Bundle, store: Store) -> bool:
@@ -167,6 +201,13 @@ def _laid_out(tree: SourceTree, active: Bundle, store: Store) -> bool:
         store.startup_problems.append(problem)
         return False
     return True
+
+
+def _log_startup(store_path: object, problems: list[str], warnings: list[str]) -> None:
+    for problem in problems:
+        logger.warning("store %s: %s", store_path, problem)
+    for text in warnings:
+        logger.warning("%s", text)
 
 
 def _arm_integrations(finder: OverlayFinder) -> None:

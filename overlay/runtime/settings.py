@@ -16,6 +16,10 @@ keyword            environment               default
 ``tls_key``        ``HABANERO_TLS_KEY``      none
 ``public_status``  ``HABANERO_PUBLIC_STATUS`` off (``GET status`` needs a signed request)
 ``sync``           ``HABANERO_SYNC``         ``background`` (or ``commit``: fsync before a push answers)
+``gate``           ``HABANERO_GATE``         on (requests pass the request gate: one version each)
+``drain_timeout``  ``HABANERO_DRAIN_TIMEOUT`` 5 s a push waits for the requests in flight
+``probation``      ``HABANERO_PROBATION``    0 (off): seconds a push stays on trial before it is permanent
+``health``         ``HABANERO_HEALTH``       none (a callable, or a URL path of the app's, e.g. ``/healthz``)
 ``control_limits`` ``HABANERO_MAX_CONNECTIONS`` 64 connections to the standalone server at once
 \                  ``HABANERO_REQUEST_TIMEOUT``  10 s from a request's first byte to its last header
 \                  ``HABANERO_IDLE_TIMEOUT``     5 s before an idle connection is closed
@@ -30,6 +34,7 @@ environment variable counts as unset.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -142,6 +147,23 @@ def resolve_flag(value: bool | None, variable: str, default: bool) -> bool:
     if raw.lower() in _FALSE:
         return False
     raise ConfigError(f"{variable}={raw!r}: expected 1/0, true/false, yes/no or on/off", code="bad_config")
+
+
+def resolve_seconds(value: float | None, variable: str, default: float, keyword: str, *, zero: bool = False) -> float:
+    """A duration in seconds: the argument, else ``variable``, else ``default``; positive (or 0 when
+    ``zero`` allows it: off)."""
+    raw: object = value if value is not None else env(variable)
+    if raw is None:
+        return default
+    try:
+        seconds = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
+        where = f"{keyword}=" if value is not None else f"{variable}="
+        raise ConfigError(f"{where}{raw!r}: expected a {'non-negative' if zero else 'positive'} number of seconds",
+                          code="bad_config")
+    return seconds
 
 
 def resolve_control_limits(limits: ControlLimits | None) -> ControlLimits:

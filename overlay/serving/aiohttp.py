@@ -1,13 +1,18 @@
 """The control routes on aiohttp: mounted into an aiohttp app, or on habanero's own small server.
 
 * **mounted** (``install(app=app)``): a sub-application at ``/_habanero`` inside the app's own
-  aiohttp application. The apply step runs on the app's event loop, inside the push request's
-  handler: other requests' coroutines are paused at an ``await`` while it runs (a few ms), so each
-  of them runs either wholly on old code or resumes on new code for its next step.
+  aiohttp application, and a middleware that puts every other request through the request gate
+  (``overlay.transaction.gate``). A push is vetted on a thread, the gate drained by awaiting (the
+  requests in flight finish; new ones wait), then applied on the app's event loop, inside the push
+  request's handler, where the app's module code runs: no request sees two versions. A response
+  that streams (a ``StreamResponse`` the handler prepares itself, a websocket) is let go of once it
+  starts: a push does not wait for it.
 * **standalone** (``install(listen="127.0.0.1:8765")``): a small aiohttp server on a daemon thread
-  with its own event loop, for apps that are not web apps. The apply step runs on that thread while
-  holding the import lock; the app's own threads keep running and pick up the new code on their
-  next call of a patched function. The port is opened with ``SO_REUSEPORT``, so every process of
+  with its own event loop, for apps that are not web apps. A push runs on a plain thread of that
+  server's (no event loop running there, as for the app's own module code: Django's database at
+  import time works), holding the import lock; units of work the app marks with ``ov.running()``
+  are drained first, the app's other threads keep running and pick up the new code on their next
+  call of a patched function. The port is opened with ``SO_REUSEPORT``, so every process of
   the app may listen on the same address: the kernel spreads connections over them, and whichever
   gets a push drives it. A port held by anything else is refused at start-up.
 
@@ -22,24 +27,31 @@ from the moment the headers are in.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
+import functools
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from overlay.control import PREFIX
 from overlay.errors import ConfigError, HabaneroError
 from overlay.serving.connections import DEFAULT_CONTROL_LIMITS, Connections, ControlLimits
-from overlay.serving.routes import Answer, ControlPlane, incomplete, too_large, too_slow
+from overlay.serving.routes import Answer, ControlPlane, answer_on_loop, incomplete, too_large, too_slow
 
 __all__ = ["StandaloneServer", "listening_socket", "mount"]
 
 
 _PLANE = web.AppKey("plane", ControlPlane)
+#: The standalone server's one thread for control requests: a plain thread (no event loop runs
+#: there, as none runs where the app's module code ran), one request at a time, as on the loop.
+_RUNNER = web.AppKey("runner", concurrent.futures.ThreadPoolExecutor)
+_IN_GATE = "habanero.in_gate"  # on a request: it counts as in flight in the request gate
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CONNECTIONS = web.AppKey("connections", Connections)
 _LISTEN_BACKLOG = 128  # connections the kernel queues for us
 _ACCEPT_BATCH = 8  # accepted in one go (see StandaloneServer._serve)
@@ -87,7 +99,14 @@ async def _route(request: web.Request) -> web.StreamResponse:
             response = _json(plane.refuse(exc, peer))
             response.force_close()  # the body, unread or cut off, is not the next request
             return response
-        return _json(plane.handle(request.method, path, request.query, request.headers, body, peer=peer))
+        if connections is not None:  # habanero's own server: off its loop, on a plain thread
+            answer = functools.partial(plane.handle, request.method, path, request.query, request.headers, body,
+                                       peer=peer)
+            return _json(await asyncio.get_running_loop().run_in_executor(request.config_dict[_RUNNER], answer))
+        sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+        if sockname:
+            plane.note_address(sockname[0], sockname[1])
+        return _json(await answer_on_loop(plane, request.method, path, request.query, request.headers, body, peer))
 
 
 def control_app(plane: ControlPlane) -> web.Application:
@@ -99,8 +118,44 @@ def control_app(plane: ControlPlane) -> web.Application:
 
 
 def mount(app: web.Application, plane: ControlPlane) -> None:
-    """Mount the control routes into the app's own aiohttp application at ``/_habanero``."""
+    """Mount the control routes into the app's own aiohttp application at ``/_habanero``, and put
+    its other requests through the request gate."""
     app.add_subapp(PREFIX, control_app(plane))
+    gate = plane.gate
+    noted: list[bool] = []
+
+    @web.middleware
+    async def habanero_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if plane.owns(request.path):
+            return await handler(request)
+        if not noted:  # a push this process takes part in runs its module code on this loop
+            noted.append(True)
+            plane.served.note_loop(asyncio.get_running_loop())
+        if not await gate.enter_async():
+            return await handler(request)
+        request[_IN_GATE] = True
+        failed = True
+        try:
+            response = await handler(request)
+            failed = response.status >= 500
+            return response
+        except web.HTTPException as exc:
+            failed = exc.status >= 500
+            raise
+        finally:
+            if request.get(_IN_GATE):
+                request[_IN_GATE] = False
+                gate.leave(failed=failed)
+
+    async def let_streams_go(request: web.Request, response: web.StreamResponse) -> None:
+        # A plain Response is prepared after its handler returned; one prepared while the handler
+        # runs streams (a StreamResponse, a websocket): it is not waited for.
+        if request.get(_IN_GATE) and not isinstance(response, web.Response):
+            request[_IN_GATE] = False
+            gate.let_go()
+
+    app.middlewares.append(habanero_gate)
+    app.on_response_prepare.append(let_streams_go)
 
 
 def listening_socket(host: str, port: int, *, ours: Callable[[], bool]) -> socket.socket:
@@ -162,6 +217,7 @@ class StandaloneServer:
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
+        self._runs: concurrent.futures.ThreadPoolExecutor | None = None
         self.connections: Connections | None = None
         host, port = sock.getsockname()[:2]
         self.address: tuple[str, int] = (host, port)
@@ -208,6 +264,7 @@ class StandaloneServer:
             return runner.server()
 
         self.connections = root[_CONNECTIONS] = Connections(aiohttp_protocol, limits, loop)
+        root[_RUNNER] = self._runs = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="habanero-deploy")
         await runner.setup()
         # asyncio accepts up to ``backlog`` sockets in one go before any protocol sees them: a small
         # batch keeps the descriptors open at once near max_connections under a flood of connects.
@@ -223,6 +280,8 @@ class StandaloneServer:
             self.connections.close_all()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._runs is not None:
+            self._runs.shutdown(wait=False)
 
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None and self._thread.is_alive():

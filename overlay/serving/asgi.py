@@ -1,10 +1,14 @@
-"""``ov.asgi(app)``: the control routes on an ASGI app's own port (FastAPI, Starlette, anything ASGI).
+"""``ov.asgi(app)``: the control routes on an ASGI app's own port (FastAPI, Starlette, anything ASGI),
+and the request gate in front of the app.
 
-HTTP requests under ``/_habanero/`` are answered here; everything else (other requests, websockets,
-lifespan events) goes to the app, unchanged. The route runs on the server's event loop, as the
-aiohttp mount does: while this process applies a push, its other requests' coroutines wait at
-their next ``await``. A worker forked after ``install()`` first catches up with the store's active
-version; its first request waits for that (off the event loop).
+HTTP requests under ``/_habanero/`` are answered here; everything else goes to the app. Each HTTP
+request passes the request gate (``overlay.transaction.gate``): a push waits for the requests in
+flight and holds new ones while it applies, so that no request sees two versions. A websocket, a
+lifespan event and a response that streams (no ``Content-Length``, or server-sent events) are not
+waited for: a streaming response is let go of once it starts. A push is vetted on a thread, the
+gate drained by awaiting, then applied on the server's event loop, where the app's module code
+runs (see ``overlay.serving.routes.answer_on_loop``). A worker forked after ``install()`` first
+catches up with the store's active version; its first request waits for that (off the event loop).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from overlay.errors import HabaneroError
-from overlay.serving.routes import Answer, ControlPlane, incomplete, too_large, too_slow
+from overlay.serving.routes import Answer, ControlPlane, answer_on_loop, incomplete, too_large, too_slow
 
 __all__ = ["ASGIApp", "ASGIWrapper"]
 
@@ -30,20 +34,58 @@ class ASGIWrapper:
 
     def __init__(self, app: ASGIApp, plane: ControlPlane, joined: threading.Event, ready: Callable[[], None]) -> None:
         self.app, self.plane, self._joined, self._ready = app, plane, joined, ready
+        self.gate = plane.gate
+        self._loop_noted = False
         self.__wrapped__ = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._joined.is_set():
             await asyncio.get_running_loop().run_in_executor(None, self._ready)
-        if scope.get("type") != "http" or not self.plane.owns(scope.get("path", "")):
-            await self.app(scope, receive, send)
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)  # websockets and lifespan events are not waited for
             return
+        if not self.plane.owns(scope.get("path", "")):
+            await self._gated(scope, receive, send)
+            return
+        server = scope.get("server")
+        if server:
+            self.plane.note_address(server[0], server[1])
         answer = await self._control(scope, receive)
         body = answer.encoded()
         await send({"type": "http.response.start", "status": answer.status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+    async def _gated(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app's request, through the gate: counted in flight until its response is complete,
+        or until it starts streaming."""
+        if not self._loop_noted:  # a push this process takes part in runs its module code on this loop
+            self._loop_noted = True
+            self.plane.served.note_loop(asyncio.get_running_loop())
+        gate = self.gate
+        if not await gate.enter_async():
+            await self.app(scope, receive, send)
+            return
+        ticket = [True, False]  # in flight, failed
+
+        async def watched(message: MutableMapping[str, Any]) -> None:
+            if message.get("type") == "http.response.start" and ticket[0]:
+                ticket[1] = int(message.get("status", 200)) >= 500
+                if _streams(message.get("headers") or ()):
+                    ticket[0] = False
+                    gate.let_go()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except BaseException:
+            ticket[1] = True
+            raise
+        finally:
+            if ticket[0]:
+                ticket[0] = False
+                gate.leave(failed=ticket[1])
 
     async def _control(self, scope: Scope, receive: Receive) -> Answer:
         path = scope["path"]
@@ -60,7 +102,19 @@ class ASGIWrapper:
                     if method == "POST" else b""
         except HabaneroError as exc:
             return self.plane.refuse(exc, peer)
-        return self.plane.handle(method, path, query, headers, body, peer=peer)
+        return await answer_on_loop(self.plane, method, path, query, headers, body, peer)
+
+
+def _streams(headers: Any) -> bool:
+    """Whether a response's headers say it streams: no length, or server-sent events."""
+    length = False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"content-length":
+            length = True
+        elif lowered == b"content-type" and value.startswith(b"text/event-stream"):
+            return True
+    return not length
 
 
 async def _read(receive: Receive, headers: dict[str, str], cap: int, deadline: float) -> bytes:

@@ -16,6 +16,7 @@ is counted (``refused_unverified`` in ``status``), never recorded.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -30,9 +31,11 @@ from overlay.control import PREFIX, Nonces, RequestVerifier
 from overlay.errors import ConfigError, ControlRejected, HabaneroError, TooLarge, UploadFailed, printable
 from overlay.keys import TrustedKeys
 from overlay.serving.guard import MAX_UPLOADS, Refusals, UploadSlots, precheck
+from overlay.transaction.gate import Gate
 from overlay.upgrade import UpgradeReport
 
-__all__ = ["MAX_UPLOADS", "Answer", "ControlPlane", "Served", "incomplete", "too_large", "too_slow"]
+__all__ = ["MAX_UPLOADS", "Answer", "ControlPlane", "Served", "answer_on_loop", "incomplete", "too_large",
+           "too_slow"]
 
 log = logging.getLogger("overlay.http")
 
@@ -50,9 +53,13 @@ class Served(Protocol):
     @property
     def active(self) -> Bundle | None: ...
     def apply(self, bundle: bytes) -> UpgradeReport: ...
+    def verify(self, bundle: bytes) -> None: ...
     def rollback(self, to: int | None = None, *, expect: int | None = None) -> UpgradeReport: ...
     def status(self) -> dict[str, Any]: ...
     def history(self, limit: int | None = None) -> list[dict[str, Any]]: ...
+    @property
+    def gate(self) -> Gate | None: ...
+    def note_loop(self, loop: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -74,14 +81,39 @@ class ControlPlane:
 
     def __init__(self, served: Served, *, public_status: bool = False, upload_timeout: float = 30.0,
                  nonces: Nonces | None = None) -> None:
-        if served.trusted is None:
+        gate = served.gate
+        if served.trusted is None or gate is None:
             raise ConfigError("a disabled overlay serves no control routes", code="disabled")
         self.served = served
+        #: The request gate of the app's requests (``overlay.transaction.gate``).
+        self.gate: Gate = gate
         self.public_status = public_status
         self.upload_timeout = upload_timeout
         self.verifier = RequestVerifier(served.trusted, served.app_id, nonces=nonces)
         self.uploads = UploadSlots()
         self.refusals = Refusals()
+        #: Where the app's own server answered a control request (host, port): a ``health`` URL
+        #: path is asked there (see ``overlay.runtime.probation``).
+        self.address: tuple[str, int] | None = None
+
+    @staticmethod
+    def deploys(method: str, path: str) -> bool:
+        """Whether a request is a push or a rollback: what drains the request gate."""
+        return method.upper() == "POST" and path in (f"{PREFIX}/push", f"{PREFIX}/rollback")
+
+    def vet(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> None:
+        """Check a push's signature or a rollback's before an event loop drains its requests for it
+        (see ``overlay.serving.asgi``): nobody unverified makes the app hold its requests. Then
+        answer it with ``handle(..., vetted=True)``: a rollback's one-time nonce is spent here."""
+        if path == f"{PREFIX}/push":
+            self.served.verify(body)
+        else:
+            self._authenticate("POST", path, headers, body)
+
+    def note_address(self, host: object, port: object) -> None:
+        """The app's own server answered on ``host:port`` (any address: ``0.0.0.0`` is asked on loopback)."""
+        if isinstance(host, str) and isinstance(port, int | str) and str(port).isdigit():
+            self.address = ("127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host, int(port))
 
     @staticmethod
     def owns(path: str) -> bool:
@@ -112,9 +144,11 @@ class ControlPlane:
         return Answer.of(exc)
 
     def handle(self, method: str, path: str, query: Mapping[str, str], headers: Mapping[str, str],
-               body: bytes, *, peer: str = "") -> Answer:
-        """Answer one request (its body read already, within :meth:`cap`)."""
+               body: bytes, *, peer: str = "", vetted: bool = False) -> Answer:
+        """Answer one request (its body read already, within :meth:`cap`; ``vetted``: by :meth:`vet`)."""
         try:
+            if vetted and path == f"{PREFIX}/rollback":
+                return self._rollback(path, query, headers, body, authenticated=True)
             return self._route(method, path, query, headers, body)
         except HabaneroError as exc:
             return self.refuse(exc, peer)
@@ -145,8 +179,10 @@ class ControlPlane:
         server_ms = round((time.perf_counter() - started) * 1000, 3)
         return Answer(200, {"ok": True, "report": report.to_dict(), "server_ms": server_ms, "active": self._active()})
 
-    def _rollback(self, path: str, query: Mapping[str, str], headers: Mapping[str, str], body: bytes) -> Answer:
-        self._authenticate("POST", path, headers, body)
+    def _rollback(self, path: str, query: Mapping[str, str], headers: Mapping[str, str], body: bytes, *,
+                  authenticated: bool = False) -> Answer:
+        if not authenticated:
+            self._authenticate("POST", path, headers, body)
         try:
             args = json.loads(body or b"{}")
             to, expect = args.get("to"), args.get("expect")
@@ -182,6 +218,30 @@ class ControlPlane:
         bundle = self.served.active
         return {"version": bundle.version, "digest": bundle.digest} if bundle else None
 
+
+
+async def answer_on_loop(plane: ControlPlane, method: str, path: str, query: Mapping[str, str],
+                         headers: Mapping[str, str], body: bytes, peer: str) -> Answer:
+    """Answer a control request on the event loop the app's requests run on (ASGI, aiohttp ``app=``).
+
+    A push or rollback is vetted first on a thread (its signature; nothing unverified holds the
+    app's requests), then the request gate is drained by awaiting (the requests in flight need this
+    loop to finish), then the deploy runs here, on the app's loop, where its module code belongs.
+    """
+    loop = asyncio.get_running_loop()
+    plane.served.note_loop(loop)
+    if not plane.deploys(method, path):
+        return plane.handle(method, path, query, headers, body, peer=peer)
+    gate = plane.gate
+    try:
+        await loop.run_in_executor(None, plane.vet, method, path, headers, body)
+        await gate.hold_async()
+    except HabaneroError as exc:
+        return plane.refuse(exc, peer)
+    try:
+        return plane.handle(method, path, query, headers, body, peer=peer, vetted=True)
+    finally:
+        gate.release()
 
 
 # Refusals of a body not read yet: nothing vouches for it (see overlay.serving.guard).

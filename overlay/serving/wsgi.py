@@ -1,20 +1,26 @@
-"""``ov.wsgi(app)``: the control routes on a WSGI app's own port (Flask, Django, anything WSGI).
+"""``ov.wsgi(app)``: the control routes on a WSGI app's own port (Flask, Django, anything WSGI), and
+the request gate in front of the app.
 
-Requests under ``/_habanero/`` are answered here; every other request goes to the app, unchanged.
-Whichever worker process the server hands a push to drives it across every worker (see
-``overlay.deploy``). A worker forked after ``install()`` (gunicorn ``--preload``, a fork pool) first
-catches up with the store's active version: its first request waits for that.
+Requests under ``/_habanero/`` are answered here; every other request goes to the app through the
+request gate (``overlay.transaction.gate``): a push waits for the requests in flight and holds new
+ones while it applies, so that no request sees two versions. A request counts as in flight until
+its response body is consumed (``close()``), or until it starts streaming (a response without
+``Content-Length``, or server-sent events): a long-lived response is not waited for. Whichever
+worker process the server hands a push to drives it across every worker (see ``overlay.deploy``),
+on the request's own thread. A worker forked after ``install()`` (gunicorn ``--preload``, a fork
+pool) first catches up with the store's active version: its first request waits for that.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from overlay.errors import HabaneroError
 from overlay.serving.routes import Answer, ControlPlane, incomplete, too_large, too_slow
+from overlay.transaction.gate import Gate
 
 __all__ = ["WSGIApp", "WSGIWrapper"]
 
@@ -31,6 +37,7 @@ class WSGIWrapper:
 
     def __init__(self, app: WSGIApp, plane: ControlPlane, joined: threading.Event, ready: Callable[[], None]) -> None:
         self.app, self.plane, self._joined, self._ready = app, plane, joined, ready
+        self.gate = plane.gate
         self.__wrapped__ = app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -38,12 +45,38 @@ class WSGIWrapper:
             self._ready()
         path = environ.get("PATH_INFO", "")
         if not self.plane.owns(path):
-            return self.app(environ, start_response)
+            return self._gated(environ, start_response)
+        self.plane.note_address(environ.get("SERVER_NAME"), environ.get("SERVER_PORT"))
         answer = self._control(environ, path)
         body = answer.encoded()
         start_response(f"{answer.status} {_REASONS.get(answer.status, 'Error')}",
                        [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
+
+    def _gated(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        gate = self.gate
+        if not gate.enter():
+            return self.app(environ, start_response)
+        ticket = _Ticket(gate)
+
+        def watched(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            ticket.failed = status[:1] == "5"
+            if _streams(headers):
+                ticket.let_go()
+            if exc_info is not None:
+                return start_response(status, headers, exc_info)
+            return start_response(status, headers)
+
+        try:
+            body = self.app(environ, watched)
+        except BaseException:
+            ticket.failed = True
+            ticket.done()
+            raise
+        if isinstance(body, list | tuple):  # computed already: nothing of the app's runs any more
+            ticket.done()
+            return body
+        return _Body(body, ticket)
 
     def _control(self, environ: dict[str, Any], path: str) -> Answer:
         headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items()
@@ -57,6 +90,59 @@ class WSGIWrapper:
         except HabaneroError as exc:  # a refusal of the upload, answered as JSON like every other
             return self.plane.refuse(exc, peer)
         return self.plane.handle(method, path, query, headers, body, peer=peer)
+
+
+class _Ticket:
+    """One request's place in the gate, left once: when its body is done, or when it streams."""
+
+    __slots__ = ("failed", "gate", "inside")
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate, self.inside, self.failed = gate, True, False
+
+    def let_go(self) -> None:
+        if self.inside:
+            self.inside = False
+            self.gate.let_go()
+
+    def done(self) -> None:
+        if self.inside:
+            self.inside = False
+            self.gate.leave(failed=self.failed)
+
+
+class _Body:
+    """The app's response body, iterated by the server; the request leaves the gate at ``close()``."""
+
+    def __init__(self, body: Iterable[bytes], ticket: _Ticket) -> None:
+        self._body, self._ticket = body, ticket
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._body
+        except BaseException:
+            self._ticket.failed = True
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._ticket.done()
+
+
+def _streams(headers: list[tuple[str, str]]) -> bool:
+    """Whether a response's headers say it streams: no length, or server-sent events."""
+    length = False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == "content-length":
+            length = True
+        elif lowered == "content-type" and value.startswith("text/event-stream"):
+            return True
+    return not length
 
 
 def _read(environ: dict[str, Any], cap: int, deadline: float) -> bytes:

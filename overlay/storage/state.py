@@ -4,6 +4,14 @@
 
     {"format": 1, "app_id": "shop", "active": {"version": 7, "digest": "<sha256>"} | null, "highest": 9}
 
+While the active version is on probation (``install(probation=...)``), the file also names the last
+permanent version, the one a restart boots (null: the code on disk), and says format 2, so that an
+older habanero refuses it loudly instead of booting the probationary version::
+
+    {"format": 2, ..., "permanent": {"version": 6, "digest": "<sha256>"} | null}
+
+A file without ``permanent`` (every file an older habanero wrote) has its active version permanent.
+
 It is replaced atomically (``fs.write_atomic``) and read in full on every check of a push, since
 another process sharing the store may have committed meanwhile. Nothing in it is trusted blindly:
 a file that is not exactly the shape written here reads as damaged, never as a state.
@@ -22,7 +30,9 @@ from overlay.storage import fs
 
 __all__ = ["STATE_FORMAT", "Pointer", "State", "StateFile", "pointer_to"]
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+#: What a state without a probationary version is written as: any habanero reads it.
+_PLAIN_FORMAT = 1
 #: Far more than a state file holds: a planted huge file is not read whole.
 MAX_STATE_BYTES = 1 << 16
 
@@ -34,11 +44,13 @@ class Pointer(TypedDict):
     digest: str
 
 
-class State(TypedDict):
+class State(TypedDict, total=False):
     format: int
     app_id: str
     active: Pointer | None
     highest: int
+    #: Only while the active version is on probation: the last permanent one (None: the code on disk).
+    permanent: Pointer | None
 
 
 def pointer_to(bundle: Bundle | None) -> Pointer | None:
@@ -81,9 +93,13 @@ class StateFile:
         return state, ""
 
     def write(self, pointer: Pointer | None, highest: int, *, sync: bool = True,
-              retire: list[str] | None = None) -> None:
-        """Replace the state (see ``fs.write_atomic`` for ``sync`` and ``retire``)."""
-        state = {"format": STATE_FORMAT, "app_id": self.app_id, "active": pointer, "highest": highest}
+              retire: list[str] | None = None, probation: tuple[Pointer | None] | None = None) -> None:
+        """Replace the state (see ``fs.write_atomic`` for ``sync`` and ``retire``); ``probation``
+        holds the last permanent version while ``pointer`` is on probation (None: it is permanent)."""
+        state: dict[str, Any] = {"format": _PLAIN_FORMAT, "app_id": self.app_id, "active": pointer,
+                                 "highest": highest}
+        if probation is not None:
+            state["format"], state["permanent"] = STATE_FORMAT, probation[0]
         data = json.dumps(state, indent=2, sort_keys=True).encode("ascii") + b"\n"
         fs.write_atomic(self.path, data, sync=sync, sync_dir=sync, retire=retire)
 
@@ -92,8 +108,11 @@ class StateFile:
 
 
 def _copy(state: State) -> State:
-    return {"format": state["format"], "app_id": state["app_id"], "active": state["active"],
-            "highest": state["highest"]}
+    copy: State = {"format": state["format"], "app_id": state["app_id"], "active": state["active"],
+                   "highest": state["highest"]}
+    if "permanent" in state:
+        copy["permanent"] = state["permanent"]
+    return copy
 
 
 def _positive(value: Any) -> bool:
@@ -102,11 +121,14 @@ def _positive(value: Any) -> bool:
 
 def _valid(state: Any) -> bool:
     """The exact shape :meth:`StateFile.write` writes: a bit flip or a bad hand edit must not slip through."""
-    if not isinstance(state, dict) or set(state) != {"format", "app_id", "active", "highest"}:
+    if not isinstance(state, dict) or set(state) - {"permanent"} != {"format", "app_id", "active", "highest"}:
         return False
-    active = state["active"]
     return (_positive(state["format"]) and isinstance(state["app_id"], str)
             and ((state["highest"] == 0 and type(state["highest"]) is int) or _positive(state["highest"]))
-            and (active is None or (isinstance(active, dict) and set(active) == {"version", "digest"}
-                                    and _positive(active["version"]) and isinstance(active["digest"], str)
-                                    and is_sha256(active["digest"]))))
+            and _pointer(state["active"]) and _pointer(state.get("permanent")))
+
+
+def _pointer(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and set(value) == {"version", "digest"}
+                             and _positive(value["version"]) and isinstance(value["digest"], str)
+                             and is_sha256(value["digest"]))

@@ -460,8 +460,8 @@ def test_the_report_says_what_ran_what_was_patched_what_was_replaced_and_how_lon
     assert "`__slots__` changed from ('a',) to ('a', 'b')" in core.replaced[0][1]
     assert "instances created before version 2 keep the old class" in core.replaced[0][1]
     assert report.patched == 3 and report.replaced == 1
-    # prepare: the other processes of the app verifying and planning it (none here)
-    assert set(report.timings_ms) == {"verify", "plan", "stage", "prepare", "apply", "commit", "total"}
+    # drain: the request gate emptied; prepare: the other processes verifying and planning it (none here)
+    assert set(report.timings_ms) == {"verify", "plan", "stage", "drain", "prepare", "apply", "commit", "total"}
     assert all(t >= 0 for t in report.timings_ms.values())
     phases = sum(v for k, v in report.timings_ms.items() if k != "total")
     assert phases <= report.timings_ms["total"] + 0.01

@@ -48,14 +48,21 @@ class Runner:
         self.old_text = old_text
         self.new_text = new_text
         self._index: dict[int, int] | None = None
+        self.forced = False
 
-    def run(self, new: Parsed, old: Parsed | None) -> None:
-        """Run one changed statement (``old`` is its previous version, if it has one)."""
+    def run(self, new: Parsed, old: Parsed | None, *, forced: bool = False) -> None:
+        """Run one changed statement (``old`` is its previous version, if it has one).
+
+        ``forced``: the statement did not change but reads a name this push rebound (see
+        ``rebinding.dataflow``): a def takes its defaults anew, a class body counts as changed
+        throughout (its attributes take the values it computes from the new inputs).
+        """
         node = new.node
         self.ctx.report.reran.append(describe(node))
         self.current, self.previous = new, old
+        self.forced = forced
         old_node = old.node if old is not None and type(old.node) is type(node) else None
-        if self.rerun_all:
+        if self.rerun_all or (forced and isinstance(node, ast.ClassDef)):
             old_node = None  # compile flags may have changed: every definition is new code
         # old_node is None or of node's very type (checked above): mypy cannot see the latter.
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -135,7 +142,8 @@ class Runner:
         old_obj = ctx.namespace.get(name, MISSING)
         same_decorators = old_node is not None and _dumps(old_node.decorator_list) == _dumps(
             node.decorator_list)
-        same_defaults = old_node is not None and _defaults(old_node) == _defaults(node)
+        same_defaults = (old_node is not None and not self.forced
+                         and _defaults(old_node) == _defaults(node))
         if old_node is not None and not same_decorators:
             ctx.report.redecorated[name] = ([ast.unparse(d) for d in old_node.decorator_list],
                                             [ast.unparse(d) for d in node.decorator_list])

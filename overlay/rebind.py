@@ -40,12 +40,12 @@ import ast
 import contextlib
 import contextvars
 import linecache
+import sys
 import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from overlay.rebinding import closures
-from overlay.rebinding import dataflow
+from overlay.rebinding import closures, dataflow
 from overlay.rebinding.closures import HeapPass, children, is_function_code, makes_functions, moved, pair_nested
 from overlay.rebinding.functions import Context, owned_functions, same_value
 from overlay.rebinding.journal import MISSING, Journal
@@ -186,8 +186,8 @@ def update_module(module: types.ModuleType, new_source: str | bytes, *, filename
         places = repoint(ctx.registered)
         if places:
             names = ", ".join(dict.fromkeys(new.__qualname__ for new, _ in ctx.registered))
-            report.notes.append(f"class statements ran again ({names}): {len(places)} reference(s) to the "
-                                "new class objects (registries, tables) now hold the live classes")
+            report.notes.append(f"definitions ran again ({names}): {len(places)} reference(s) to the "
+                                "new objects (registries, tables) now hold the live ones")
     hook = namespace.get("__habanero_migrate__")
     if migrate and callable(hook):
         hook(dict(previous))  # a copy: the hook must not edit what undo restores
@@ -215,6 +215,8 @@ def _run_statements(runner: Runner, diff: Diff, ctx: Context, text: str, dirty: 
                 dirty.add(name)
         if stmt.star:
             dirty.update(namespace.keys() - before.keys())
+            if forced:
+                _drop_unexported(new.node, module, is_package, stmts, ctx, dirty)
 
     def follow(start: int, stop: int) -> None:
         for stmt in stmts[start:stop]:
@@ -242,6 +244,25 @@ def _run_statements(runner: Runner, diff: Diff, ctx: Context, text: str, dirty: 
     if dirty and not diff.rerun_all:
         follow(last + 1, len(stmts))
     return dirty
+
+
+def _drop_unexported(node: ast.stmt, module: str, is_package: bool, stmts: list[Stmt], ctx: Context,
+                     dirty: set[str]) -> None:
+    """A ``from m import *`` that ran again because ``m`` changed: the names ``m`` no longer has
+    (and no other statement of this module binds) go, as after a fresh start."""
+    if not isinstance(node, ast.ImportFrom):
+        return
+    base = dataflow.resolve(node, module, is_package)
+    source = sys.modules.get(base) if base is not None else None
+    if source is None:
+        return
+    for key in sorted(dirty):
+        of, _, name = key.partition(":")
+        if (of == base and name != "*" and name not in source.__dict__ and name in ctx.namespace
+                and not any(name in s.binds for s in stmts)):
+            ctx.journal.delitem(ctx.namespace, name)
+            ctx.report.removed.append(name)
+            dirty.add(name)
 
 
 def _queue_heap_pass(ctx: Context) -> None:

@@ -374,7 +374,7 @@ def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, r
     report.not_live = push.notices
     hooks.run("before", push)
     with one_heap_pass(journal):  # closures made from changed code: one heap scan for the whole push
-        report.modules.extend(run_plan(plan, lambda change, dirty: update_module(  # type: ignore[arg-type]
+        report.modules.extend(run_plan(plan, lambda change, dirty: update_module(
             sys.modules[change.name], change.new_source, filename=change.filename,
             old_source=change.old_source, journal=journal, version=version, code=change.code,
             diff=change.checked, dirty=dirty, migrate=change.checked is not None or change.code is not None),

@@ -26,7 +26,7 @@ import ast
 import re
 from collections.abc import Iterable
 
-__all__ = ["reads", "mentions", "import_key"]
+__all__ = ["reads", "mentions", "import_key", "resolve"]
 
 
 def import_key(module: str, name: str) -> str:
@@ -68,7 +68,7 @@ def reads(node: ast.stmt, module: str, is_package: bool) -> set[str]:
             stack.extend(k.value for k in n.keywords)
             stack.extend(n.body)
         elif isinstance(n, ast.ImportFrom):
-            base = _resolve(n, module, is_package)
+            base = resolve(n, module, is_package)
             if base is not None:
                 found.update(import_key(base, a.name) for a in n.names)
         elif isinstance(n, ast.AugAssign):
@@ -82,7 +82,8 @@ def reads(node: ast.stmt, module: str, is_package: bool) -> set[str]:
     return found
 
 
-def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str | None:
+def resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str | None:
+    """The absolute name of the module a ``from ... import`` statement imports from."""
     base = node.module or ""
     if not node.level:
         return base or None

@@ -19,13 +19,19 @@ import types
 from collections.abc import Sequence
 from typing import Any, TypeGuard
 
-from overlay.rebinding.classes import conform_class
+from overlay.rebinding.classes import conform_class, conform_for_layout, layout_changed
 from overlay.rebinding.functions import Context, clear_caches, conform_function, find_inner
 from overlay.rebinding.journal import MISSING
 from overlay.rebinding.registrations import may_register
 from overlay.rebinding.statements import Diff, Parsed, Region, binds_of, describe
 
 __all__ = ["Runner"]
+
+# Function decorators known to only wrap or mark the function they get, registering it nowhere.
+_PURE_FUNCTION_DECORATORS = frozenset({"staticmethod", "classmethod", "property", "wraps", "lru_cache", "cache",
+                                       "cached_property", "contextmanager", "asynccontextmanager", "abstractmethod",
+                                       "overload", "override", "final", "setter", "getter", "deleter",
+                                       "singledispatchmethod", "total_ordering"})
 
 # Class decorators known to only transform the class they get, with no side effect elsewhere.
 _PURE_CLASS_DECORATORS = frozenset({"dataclass", "total_ordering", "unique", "final",
@@ -159,10 +165,11 @@ class Runner:
                     ctx.report.patched.append(name)
                     return
         new_obj = self._scratch(node).get(name)
-        self._bind_function(name, old_obj, new_obj, same_defaults, refused)
+        impure = any(_decorator_name(d) not in _PURE_FUNCTION_DECORATORS for d in node.decorator_list)
+        self._bind_function(name, old_obj, new_obj, same_defaults, refused, impure)
 
     def _bind_function(self, name: str, old_obj: Any, new_obj: Any, same_defaults: bool,
-                       refused: str | None) -> None:
+                       refused: str | None, registers: bool = False) -> None:
         ctx, report = self.ctx, self.ctx.report
         found_old = self._find_old(old_obj, name)
         found_new = find_inner(new_obj, name, ctx.namespace)
@@ -193,6 +200,10 @@ class Runner:
             return
         clear_caches(found_old[1], name, ctx)
         report.patched.append(name)
+        if registers:
+            # Its decorators ran again on the new function: what they registered must be the live
+            # one, once (``rebinding.registrations``).
+            ctx.registered.append((found_new[0], found_old[0]))
         if old_obj is found_old[0] and new_obj is found_new[0]:
             return  # no wrapper on either side: the old function stays, now running new code
         self._bind(name, new_obj)
@@ -227,6 +238,8 @@ class Runner:
                 "registered now names the new class")
         self._bind(name, new_obj)
         ctx.report.replaced.append((name, reason))
+        if layout_changed(old_obj, new_obj):
+            conform_for_layout(old_obj, new_obj, old_node, node, ctx, regions)
         for sub in old_obj.__subclasses__():
             ctx.report.notes.append(
                 f"{sub.__module__}.{sub.__qualname__} still derives from the previous {name}: "

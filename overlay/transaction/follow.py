@@ -20,6 +20,7 @@ import collections
 import re
 import types
 from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar
 
 from overlay.bundle import Bundle
 from overlay.rebinding.dataflow import import_key
@@ -32,16 +33,16 @@ __all__ = ["run_plan", "importers"]
 _MAX_ROUNDS = 4
 
 
-class _Report:  # the part of ``rebind.ModuleReport`` this module reads
+class _Report(Protocol):  # the part of ``rebind.ModuleReport`` this module reads
     module: str
     rebound: list[str]
 
 
-Run = Callable[[ModuleChange, set[str]], _Report]
+_R = TypeVar("_R", bound=_Report)
 
 
-def run_plan(plan: Plan, run: Run, *, live: Callable[[str], types.ModuleType | None],
-             filename_of: Callable[[str], str]) -> list[_Report]:
+def run_plan(plan: Plan, run: Callable[[ModuleChange, set[str]], _R], *,
+             live: Callable[[str], types.ModuleType | None], filename_of: Callable[[str], str]) -> list[_R]:
     """Run ``plan.rerun`` in order through ``run(change, dirty)``, and follow rebound names into the
     modules that import them (see the module docstring). Returns every module's report, in order."""
     queue = collections.deque(plan.rerun)

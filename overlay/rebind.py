@@ -40,13 +40,14 @@ import ast
 import contextlib
 import contextvars
 import linecache
+import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from overlay.rebinding import closures
+from overlay.rebinding import closures, dataflow
 from overlay.rebinding.closures import HeapPass, children, is_function_code, makes_functions, moved, pair_nested
-from overlay.rebinding.functions import Context, owned_functions
+from overlay.rebinding.functions import Context, owned_functions, same_value
 from overlay.rebinding.journal import MISSING, Journal
 from overlay.rebinding.registrations import repoint
 from overlay.rebinding.runner import Runner
@@ -77,6 +78,12 @@ class ModuleReport:
     #: ``{name: (old decorators, new decorators)}``, as source text. What the old ones registered
     #: (a route) is the framework integration's to drop (see ``overlay.integrations``).
     redecorated: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
+    #: Unchanged statements that ran again because a name they read was rebound by this push, each
+    #: with the names: ``"_RAW = ... (line 40) ran again: it reads TABLE"`` (see ``rebinding.dataflow``).
+    followed: list[str] = field(default_factory=list)
+    #: Module names this push bound to another value, added or removed: what ``from m import``
+    #: statements elsewhere must take again (``overlay.transaction.follow``).
+    rebound: list[str] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -131,7 +138,7 @@ def check_update(name: str, new_source: str | bytes, *, filename: str, old_sourc
 def update_module(module: types.ModuleType, new_source: str | bytes, *, filename: str,
                   old_source: str | bytes | None, journal: Journal, version: int | None = None,
                   code: types.CodeType | None = None, migrate: bool = True,
-                  diff: Diff | None = None) -> ModuleReport:
+                  diff: Diff | None = None, dirty: Iterable[str] = ()) -> ModuleReport:
     """Bring the live ``module`` to ``new_source``, recording every mutation in ``journal``.
 
     ``old_source`` is the source the module currently runs. When it is None (unknown), every
@@ -140,7 +147,9 @@ def update_module(module: types.ModuleType, new_source: str | bytes, *, filename
     removed, and module-level state is reset by its statements running again.
     ``code`` (the whole module compiled by the caller) is accepted but not needed: only the
     statements that changed are compiled, each on its own. ``diff`` is :func:`check_update`'s
-    answer for the same sources, when the caller has it.
+    answer for the same sources, when the caller has it. ``dirty`` names what other modules rebound
+    that this one imports (``"pkg.mod:name"``, see ``rebinding.dataflow``): the statements reading
+    them run again, with the ones that changed.
 
     Exceptions from the module's own code (a re-run statement, the migration hook) propagate
     unchanged; the caller undoes the journal. A ``SyntaxError`` is raised before anything is
@@ -170,20 +179,90 @@ def update_module(module: types.ModuleType, new_source: str | bytes, *, filename
     _remove_deleted(diff, ctx)
     _fix_moved(diff, ctx, filename, _file_moved(diff, ctx, filename), diff.table.future)
     runner = Runner(ctx, filename, diff, old_text, new_text)
-    for new, old in diff.changed:
-        runner.run(new, old)
+    rebound = _run_statements(runner, diff, ctx, new_text, {*dirty, *report.removed})
+    report.rebound = sorted(name for name in rebound if ":" not in name)
     _queue_heap_pass(ctx)
     if ctx.registered:
         places = repoint(ctx.registered, journal)
         if places:
             names = ", ".join(dict.fromkeys(new.__qualname__ for new, _ in ctx.registered))
-            report.notes.append(f"class statements ran again ({names}): {len(places)} reference(s) to the "
-                                "new class objects (registries, tables) now hold the live classes")
+            report.notes.append(f"definitions ran again ({names}): {len(places)} reference(s) to the "
+                                "new objects (registries, tables) now hold the live ones")
     hook = namespace.get("__habanero_migrate__")
     if migrate and callable(hook):
         hook(dict(previous))  # a copy: the hook must not edit what undo restores
         report.notes.append("ran __habanero_migrate__ with the previous namespace")
     return report
+
+
+def _run_statements(runner: Runner, diff: Diff, ctx: Context, text: str, dirty: set[str]) -> set[str]:
+    """Run the changed statements in source order, and every unchanged one that reads a name an
+    earlier statement (or another module, ``dirty`` on entry) rebound; return every dirty name."""
+    stmts = diff.table.stmts
+    namespace = ctx.namespace
+    module = str(namespace.get("__name__", ""))
+    is_package = "__path__" in namespace
+    index: dict[int, int] | None = None
+    last = -1  # the last statement run (or looked at) once something was dirty
+
+    def run(new: Parsed, old: Parsed | None, forced: bool) -> None:
+        stmt = new.stmt
+        before = dict(namespace) if stmt.star else {n: namespace.get(n, MISSING) for n in stmt.binds}
+        runner.run(new, old, forced=forced)
+        for name, value in before.items():
+            now = namespace.get(name, MISSING)
+            if now is not value and not same_value(now, value):
+                dirty.add(name)
+        if stmt.star:
+            dirty.update(namespace.keys() - before.keys())
+            if forced:
+                _drop_unexported(new.node, module, is_package, stmts, ctx, dirty)
+
+    def follow(start: int, stop: int) -> None:
+        for stmt in stmts[start:stop]:
+            piece = text[stmt.lo:stmt.hi]
+            if not dataflow.mentions(piece, dirty):
+                continue
+            node = ast.parse("\n" * (stmt.start - 1) + piece, runner.filename).body[0]
+            why = dataflow.reads(node, module, is_package) & dirty
+            if why:
+                ctx.report.followed.append(f"{describe(node)} ran again: it reads {', '.join(sorted(why))}")
+                parsed = Parsed(stmt, node)
+                run(parsed, parsed, True)
+
+    for new, old in diff.changed:
+        if dirty and not diff.rerun_all:
+            if index is None:
+                index = {id(s): i for i, s in enumerate(stmts)}
+            at = index[id(new.stmt)]
+            follow(last + 1, at)
+            last = at
+        run(new, old, False)
+        if dirty and index is None and not diff.rerun_all:
+            index = {id(s): i for i, s in enumerate(stmts)}
+            last = index[id(new.stmt)]
+    if dirty and not diff.rerun_all:
+        follow(last + 1, len(stmts))
+    return dirty
+
+
+def _drop_unexported(node: ast.stmt, module: str, is_package: bool, stmts: list[Stmt], ctx: Context,
+                     dirty: set[str]) -> None:
+    """A ``from m import *`` that ran again because ``m`` changed: the names ``m`` no longer has
+    (and no other statement of this module binds) go, as after a fresh start."""
+    if not isinstance(node, ast.ImportFrom):
+        return
+    base = dataflow.resolve(node, module, is_package)
+    source = sys.modules.get(base) if base is not None else None
+    if source is None:
+        return
+    for key in sorted(dirty):
+        of, _, name = key.partition(":")
+        if (of == base and name != "*" and name not in source.__dict__ and name in ctx.namespace
+                and not any(name in s.binds for s in stmts)):
+            ctx.journal.delitem(ctx.namespace, name)
+            ctx.report.removed.append(name)
+            dirty.add(name)
 
 
 def _queue_heap_pass(ctx: Context) -> None:

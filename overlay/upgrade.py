@@ -408,6 +408,7 @@ def _app_traceback(exc: BaseException) -> str:
 def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, report: UpgradeReport,
                 version: int, *, retarget: Iterable[str] | None, action: str = "push") -> None:
     from overlay.rebind import one_heap_pass, update_module  # loaded by prepare() already
+    from overlay.transaction.follow import run_plan
 
     _refuse_half_imported(plan)
     _forget_new_imports(finder.packages, journal)
@@ -427,11 +428,12 @@ def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, r
     report.not_live = push.notices
     hooks.run("before", push)
     with one_heap_pass(journal):  # closures made from changed code: one heap scan for the whole push
-        for change in plan.rerun:
-            report.modules.append(update_module(
-                sys.modules[change.name], change.new_source, filename=change.filename,
-                old_source=change.old_source, journal=journal, version=version, code=change.code,
-                diff=change.checked))
+        report.modules.extend(run_plan(plan, lambda change, dirty: update_module(
+            sys.modules[change.name], change.new_source, filename=change.filename,
+            old_source=change.old_source, journal=journal, version=version, code=change.code,
+            diff=change.checked, dirty=dirty, migrate=change.checked is not None or change.code is not None),
+            live=lambda name: sys.modules.get(name) if name in index.modules else None,
+            filename_of=index.filename))
     push.modules = report.modules
     hooks.run("after", push)
 

@@ -27,7 +27,7 @@ from overlay.rebinding.journal import MISSING
 from overlay.rebinding.matching import Region, match
 from overlay.rebinding.statements import binds_of
 
-__all__ = ["refusal", "conform_class"]
+__all__ = ["refusal", "conform_class", "conform_for_layout", "layout_changed"]
 
 # Never copied from the new class: layout descriptors and state tied to the class object.
 _KEEP = frozenset({"__dict__", "__weakref__", "__module__", "__qualname__", "__slots__",
@@ -40,6 +40,13 @@ def _slots(cls: type) -> tuple[str, ...] | None:
     if value is MISSING:
         return None
     return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _layout(cls: type) -> tuple[str, ...]:
+    """The slots an instance really has: the class's slot descriptors. Not ``__slots__`` itself,
+    which a module may delete after the class statement (``del C.__slots__``) without changing
+    anything about its instances."""
+    return tuple(sorted(n for n, v in cls.__dict__.items() if type(v) is MemberDescriptorType))
 
 
 def _names(classes: tuple[type, ...]) -> str:
@@ -59,7 +66,7 @@ def refusal(old: type, new: type, ctx: Context) -> str | None:
                     f"(a base class was itself replaced): {kept}")
         return (f"its base classes changed from {_names(old.__bases__)} to "
                 f"{_names(new.__bases__)}: {kept}")
-    if _slots(old) != _slots(new):
+    if _layout(old) != _layout(new):
         return f"`__slots__` changed from {_slots(old)} to {_slots(new)}: {kept}"
     if (old.__basicsize__, old.__itemsize__) != (new.__basicsize__, new.__itemsize__):
         return f"its instance layout changed (__dict__ or __weakref__ added or removed): {kept}"
@@ -91,7 +98,7 @@ def conform_class(old: type, new: type, old_node: ast.ClassDef | None,
     members: set[str] = set()
     if isinstance(old, enum.EnumType) and isinstance(new, enum.EnumType):  # both or neither: refusal()
         members = _conform_enum(old, new, qual, ctx)
-    unchanged, changed, gone = _body_diff(old_node, new_node, regions)
+    unchanged, changed, gone = (_mangled(names, old.__name__) for names in _body_diff(old_node, new_node, regions))
     known = old_node is not None and new_node is not None
     old_dict = old.__dict__
     for name, value in list(new.__dict__.items()):
@@ -121,6 +128,45 @@ def conform_class(old: type, new: type, old_node: ast.ClassDef | None,
             ctx.journal.delattr(old, name)
             ctx.report.removed.append(f"{qual}.{name}")
     return None
+
+
+def layout_changed(old: type, new: type) -> bool:
+    """Whether ``new`` differs from ``old`` in its slots alone (the class is then replaced, and
+    :func:`conform_for_layout` keeps the old class's instances on the new methods)."""
+    return (type(old) is type(new) and old.__bases__ == new.__bases__
+            and (_layout(old) != _layout(new)
+                 or (old.__basicsize__, old.__itemsize__) != (new.__basicsize__, new.__itemsize__)))
+
+
+def conform_for_layout(old: type, new: type, old_node: ast.ClassDef | None, new_node: ast.ClassDef | None,
+                       ctx: Context, regions: Regions = None) -> None:
+    """``new`` replaced ``old`` because its slots changed: patch the changed methods of ``old`` in
+    place from ``new``, so the instances made before the push run the new code, except the methods
+    that use a slot those instances lack, which are reported by name and keep the old code."""
+    qual = old.__qualname__
+    lacking = set(_layout(new)) - set(_layout(old))
+    _, changed, _ = (_mangled(names, old.__name__) for names in _body_diff(old_node, new_node, regions))
+    known = old_node is not None and new_node is not None
+    for name, value in new.__dict__.items():
+        current = old.__dict__.get(name, MISSING)
+        if name in _KEEP or _is_layout(value) or current is MISSING or (known and name not in changed):
+            continue
+        olds, news = _functions_of(current), _functions_of(value)
+        if not news or len(olds) != len(news) or type(current) is not type(value):
+            continue
+        for a, b in zip(olds, news):
+            uses = sorted(lacking.intersection(b.__code__.co_names))
+            if uses:
+                ctx.report.notes.append(
+                    f"{qual}.{name} kept its old code for instances made before the push: the new code "
+                    f"uses the slot(s) {', '.join(uses)} their layout lacks")
+                continue
+            reason = conform_function(a, b, ctx)
+            if reason is None:
+                ctx.report.patched.append(f"{qual}.{name} (for instances made before the push)")
+            else:
+                ctx.report.notes.append(f"{qual}.{name} kept its old code for instances made before the "
+                                        f"push: {reason}")
 
 
 def _is_layout(value: Any) -> bool:
@@ -154,6 +200,14 @@ def _class_node(node: ast.ClassDef | None, name: str) -> ast.ClassDef | None:
         if isinstance(stmt, ast.ClassDef) and stmt.name == name:
             found = stmt  # the last definition wins, as at run time
     return found
+
+
+def _mangled(names: set[str], owner: str) -> set[str]:
+    """Names as a class body stores them: ``__x`` inside ``class Opt`` is ``_Opt__x``."""
+    stem = owner.lstrip("_")
+    if not stem:
+        return names
+    return {f"_{stem}{n}" if n.startswith("__") and not n.endswith("__") else n for n in names}
 
 
 def _body_diff(old: ast.ClassDef | None, new: ast.ClassDef | None, regions: Regions
@@ -289,7 +343,9 @@ def _conform_property(cls: type, name: str, old: property, new: property,
 def _relines(old: Any, new: Any, ctx: Context) -> None:
     """An unchanged member: keep it, only take the new line numbers of its code."""
     if isinstance(old, type) and isinstance(new, type):
-        if old.__qualname__ == new.__qualname__:
+        # Only a nested class of this very statement (``A.env_class = B`` is an alias of another
+        # class, and walking into it could come back here).
+        if old is not new and old.__qualname__ == new.__qualname__:
             for name, value in new.__dict__.items():
                 current = old.__dict__.get(name, MISSING)
                 if current is not MISSING and name not in _KEEP:

@@ -74,6 +74,7 @@ class Report(Protocol):
     removed: list[str]
     notes: list[str]
     redecorated: dict[str, tuple[list[str], list[str]]]
+    followed: list[str]
 
 
 def pair_nested(old: CodeType, new: CodeType, required: Pairs, optional: Pairs) -> None:

@@ -38,9 +38,9 @@ class Context:
     version: int | None = None
     required: Pairs = field(default_factory=dict)  # nested code of changed defs: heap pass
     optional: Pairs = field(default_factory=dict)  # nested code that only moved
-    #: (throwaway, live) classes whose statement ran again and may have registered the throwaway
-    #: somewhere (see ``registrations``)
-    registered: list[tuple[type, type]] = field(default_factory=list)
+    #: (throwaway, live) classes or functions whose statement ran again and may have registered the
+    #: throwaway somewhere (see ``registrations``)
+    registered: list[tuple[Any, Any]] = field(default_factory=list)
 
     def kept_old(self) -> str:
         """The end of a 'replaced' reason: who keeps the old object."""

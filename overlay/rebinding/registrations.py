@@ -51,8 +51,12 @@ def may_register(cls: type, impure_decorators: bool) -> bool:
     return any("__init_subclass__" in base.__dict__ for base in cls.__mro__[1:-1])
 
 
-def repoint(pairs: Iterable[tuple[type, type]], journal: Journal) -> list[str]:
-    """Re-point every reference to each throwaway class (``new``) at its live class (``old``).
+def repoint(pairs: Iterable[tuple[Any, Any]], journal: Journal) -> list[str]:
+    """Re-point every reference to each throwaway class or function (``new``) at the live one (``old``).
+
+    A function's pair comes from a changed ``def`` whose decorators ran again (one that registers:
+    ``@handlers.append``, ``@registry.register``): the live function was patched with the new code,
+    so it is what the registry must hold, once.
 
     Returns one line per place changed, for the push report. The throwaway classes' own insides
     (their ``__mro__``, their ``__dict__``) are left alone: nothing refers to them once this is done.
@@ -83,7 +87,7 @@ def repoint(pairs: Iterable[tuple[type, type]], journal: Journal) -> list[str]:
     return done
 
 
-def _class_dicts(live: dict[int, tuple[type, type]], dicts: list[dict[str, Any]]) -> dict[int, type | None]:
+def _class_dicts(live: dict[int, tuple[Any, Any]], dicts: list[dict[str, Any]]) -> dict[int, type | None]:
     """Which of ``dicts`` are a class's namespace, by the dict's id: the class, or None for the
     throwaway classes' own (left alone).
 
@@ -93,6 +97,9 @@ def _class_dicts(live: dict[int, tuple[type, type]], dicts: list[dict[str, Any]]
     """
     found: dict[int, type | None] = {}
     for new, _ in live.values():
+        if not isinstance(new, type):
+            found[id(new.__dict__)] = None  # a function's own attributes
+            continue
         for ref in gc.get_referents(new.__dict__):
             if type(ref) is dict:
                 found[id(ref)] = None
@@ -106,7 +113,7 @@ def _class_dicts(live: dict[int, tuple[type, type]], dicts: list[dict[str, Any]]
     return found
 
 
-def _repoint_class_attrs(owner: type, live: dict[int, tuple[type, type]]) -> list[str]:
+def _repoint_class_attrs(owner: type, live: dict[int, tuple[Any, Any]]) -> list[str]:
     done = []
     for name, value in list(owner.__dict__.items()):
         target = live.get(id(value))
@@ -116,7 +123,7 @@ def _repoint_class_attrs(owner: type, live: dict[int, tuple[type, type]]) -> lis
     return done
 
 
-def _repoint_dict(holder: dict[Any, Any], live: dict[int, tuple[type, type]], journal: Journal) -> list[str]:
+def _repoint_dict(holder: dict[Any, Any], live: dict[int, tuple[Any, Any]], journal: Journal) -> list[str]:
     done = []
     for key, value in list(holder.items()):
         target = live.get(id(value))
@@ -133,7 +140,7 @@ def _repoint_dict(holder: dict[Any, Any], live: dict[int, tuple[type, type]], jo
     return done
 
 
-def _repoint_list(holder: list[Any], live: dict[int, tuple[type, type]]) -> list[str]:
+def _repoint_list(holder: list[Any], live: dict[int, tuple[Any, Any]]) -> list[str]:
     before = list(holder)
     after: list[Any] = []
     names = []
@@ -151,7 +158,7 @@ def _repoint_list(holder: list[Any], live: dict[int, tuple[type, type]]) -> list
     return [f"a list held the new {name}" for name in names]
 
 
-def _repoint_set(holder: set[Any], live: dict[int, tuple[type, type]]) -> list[str]:
+def _repoint_set(holder: set[Any], live: dict[int, tuple[Any, Any]]) -> list[str]:
     hits = [live[id(x)] for x in holder if id(x) in live]
     for new, old in hits:
         holder.discard(new)

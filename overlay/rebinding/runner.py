@@ -19,13 +19,19 @@ import types
 from collections.abc import Sequence
 from typing import Any, TypeGuard
 
-from overlay.rebinding.classes import conform_class
+from overlay.rebinding.classes import conform_class, conform_for_layout, layout_changed
 from overlay.rebinding.functions import Context, clear_caches, conform_function, find_inner
 from overlay.rebinding.journal import MISSING
 from overlay.rebinding.registrations import may_register
 from overlay.rebinding.statements import Diff, Parsed, Region, binds_of, describe
 
 __all__ = ["Runner"]
+
+# Function decorators known to only wrap or mark the function they get, registering it nowhere.
+_PURE_FUNCTION_DECORATORS = frozenset({"staticmethod", "classmethod", "property", "wraps", "lru_cache", "cache",
+                                       "cached_property", "contextmanager", "asynccontextmanager", "abstractmethod",
+                                       "overload", "override", "final", "setter", "getter", "deleter",
+                                       "singledispatchmethod", "total_ordering"})
 
 # Class decorators known to only transform the class they get, with no side effect elsewhere.
 _PURE_CLASS_DECORATORS = frozenset({"dataclass", "total_ordering", "unique", "final",
@@ -48,14 +54,21 @@ class Runner:
         self.old_text = old_text
         self.new_text = new_text
         self._index: dict[int, int] | None = None
+        self.forced = False
 
-    def run(self, new: Parsed, old: Parsed | None) -> None:
-        """Run one changed statement (``old`` is its previous version, if it has one)."""
+    def run(self, new: Parsed, old: Parsed | None, *, forced: bool = False) -> None:
+        """Run one changed statement (``old`` is its previous version, if it has one).
+
+        ``forced``: the statement did not change but reads a name this push rebound (see
+        ``rebinding.dataflow``): a def takes its defaults anew, a class body counts as changed
+        throughout (its attributes take the values it computes from the new inputs).
+        """
         node = new.node
         self.ctx.report.reran.append(describe(node))
         self.current, self.previous = new, old
+        self.forced = forced
         old_node = old.node if old is not None and type(old.node) is type(node) else None
-        if self.rerun_all:
+        if self.rerun_all or (forced and isinstance(node, ast.ClassDef)):
             old_node = None  # compile flags may have changed: every definition is new code
         # old_node is None or of node's very type (checked above): mypy cannot see the latter.
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -135,7 +148,8 @@ class Runner:
         old_obj = ctx.namespace.get(name, MISSING)
         same_decorators = old_node is not None and _dumps(old_node.decorator_list) == _dumps(
             node.decorator_list)
-        same_defaults = old_node is not None and _defaults(old_node) == _defaults(node)
+        same_defaults = (old_node is not None and not self.forced
+                         and _defaults(old_node) == _defaults(node))
         if old_node is not None and not same_decorators:
             ctx.report.redecorated[name] = ([ast.unparse(d) for d in old_node.decorator_list],
                                             [ast.unparse(d) for d in node.decorator_list])
@@ -151,10 +165,11 @@ class Runner:
                     ctx.report.patched.append(name)
                     return
         new_obj = self._scratch(node).get(name)
-        self._bind_function(name, old_obj, new_obj, same_defaults, refused)
+        impure = any(_decorator_name(d) not in _PURE_FUNCTION_DECORATORS for d in node.decorator_list)
+        self._bind_function(name, old_obj, new_obj, same_defaults, refused, impure)
 
     def _bind_function(self, name: str, old_obj: Any, new_obj: Any, same_defaults: bool,
-                       refused: str | None) -> None:
+                       refused: str | None, registers: bool = False) -> None:
         ctx, report = self.ctx, self.ctx.report
         found_old = self._find_old(old_obj, name)
         found_new = find_inner(new_obj, name, ctx.namespace)
@@ -185,6 +200,10 @@ class Runner:
             return
         clear_caches(found_old[1], name, ctx)
         report.patched.append(name)
+        if registers:
+            # Its decorators ran again on the new function: what they registered must be the live
+            # one, once (``rebinding.registrations``).
+            ctx.registered.append((found_new[0], found_old[0]))
         if old_obj is found_old[0] and new_obj is found_new[0]:
             return  # no wrapper on either side: the old function stays, now running new code
         self._bind(name, new_obj)
@@ -219,6 +238,8 @@ class Runner:
                 "registered now names the new class")
         self._bind(name, new_obj)
         ctx.report.replaced.append((name, reason))
+        if layout_changed(old_obj, new_obj):
+            conform_for_layout(old_obj, new_obj, old_node, node, ctx, regions)
         for sub in old_obj.__subclasses__():
             ctx.report.notes.append(
                 f"{sub.__module__}.{sub.__qualname__} still derives from the previous {name}: "

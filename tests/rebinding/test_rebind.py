@@ -106,6 +106,8 @@ def test_the_module_report_names_what_ran_was_patched_replaced_removed_and_noted
         "removed": ["old_helper"],
         "notes": ["ran __habanero_migrate__ with the previous namespace"],
         "redecorated": {},
+        "followed": [],
+        "rebound": ["LIMIT", "Pair", "__habanero_migrate__", "old_helper"],
     }
 
 

@@ -84,7 +84,7 @@ def test_a_metaclass_registry_holds_the_live_class_after_its_statement_ran_again
     assert m.ns["Product"] is Product and probe.TABLE == {"Product": Product}
     assert probe.TABLE["Product"] is Product and probe.BY_CLASS == {Product: "/v2"}
     assert bought.price() == 2 and isinstance(bought, probe.TABLE["Product"])
-    assert any("reference(s) to the new class objects" in note for note in report.notes)
+    assert any("reference(s) to the new objects" in note for note in report.notes)
 
 
 def test_init_subclass_registers_the_live_class_once(live, probe):

@@ -1,0 +1,2 @@
+from .recipes import *
+from .tables import TABLE

@@ -1,0 +1,41 @@
+"""Imports follow their sources: a push equals a fresh start for ``from m import`` in unchanged modules."""
+
+from __future__ import annotations
+
+import sys
+
+from support.upgrade import m, start
+
+
+def test_star_and_named_imports_in_unchanged_modules_take_what_their_source_rebound(deploy, probe):
+    start(deploy, "follow_imports")
+    table = m.tables.TABLE
+    assert m.extend.TABLE is table and table == ["a", "extended"] and probe.runs["extend"] == 1
+
+    report = deploy.push("follow_imports", "v2")
+
+    package = sys.modules["upapp"]
+    # from .recipes import *: the new public name appears, the removed one disappears.
+    assert package.multinomial is m.recipes.multinomial and package.multinomial(1, 2) == 3
+    assert not hasattr(package, "old_recipe")
+    # from .tables import TABLE / TABLE += [...]: the unchanged importers took the rebuilt list, and
+    # the augmented assignment extended it again, as a fresh start of v2 would.
+    assert m.tables.TABLE == ["a", "b", "extended"] and m.extend.TABLE is m.tables.TABLE
+    assert package.TABLE is m.tables.TABLE
+    assert probe.runs["extend"] == 1  # only the statements reading TABLE ran again, not the module
+    followed = {r.module: r.followed for r in report.modules}
+    assert followed["upapp.extend"] == ["from upapp.tables import TABLE (line 3) ran again: it reads "
+                                        "upapp.tables:TABLE",
+                                        "TABLE += ... (line 5) ran again: it reads TABLE"]
+    assert "old_recipe" in {n for r in report.modules if r.module == "upapp" for n in r.removed}
+
+
+def test_a_rollback_brings_the_followed_imports_back_to_the_old_version(deploy):
+    start(deploy, "follow_imports")
+    package = sys.modules["upapp"]
+    deploy.push("follow_imports", "v2")
+
+    deploy.ov.rollback(to=1)
+
+    assert package.old_recipe() == "gone in v2" and not hasattr(package, "multinomial")
+    assert m.extend.TABLE is m.tables.TABLE and m.tables.TABLE == ["a", "extended"]

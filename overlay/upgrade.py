@@ -435,6 +435,8 @@ def _apply_plan(plan: Plan, index: BundleIndex, finder: Any, journal: Journal, r
             live=lambda name: sys.modules.get(name) if name in index.modules else None,
             filename_of=index.filename))
     push.modules = report.modules
+    # Modules that ran again to follow what they import (overlay.transaction.follow) count too.
+    push.reran = tuple(dict.fromkeys((*push.reran, *(r.module for r in report.modules))))
     hooks.run("after", push)
 
 

@@ -159,7 +159,9 @@ class Push:
     changed: tuple[str, ...]         #: modules whose source changed
     removed: tuple[str, ...]         #: modules the new version no longer has
     files: tuple[str, ...]           #: data files added, changed or removed
-    reran: tuple[str, ...]           #: imported modules whose changed statements run again (in order)
+    #: Imported modules whose changed statements run again, in order; by the ``after`` hooks, also
+    #: those that ran again to follow a name they import from a changed module.
+    reran: tuple[str, ...]
     #: Package directories that moved (``{old: new}``): on a process's first push, every live module
     #: of the app moves from the code on disk to the source tree habanero serves it from.
     moved: dict[str, str] = field(default_factory=dict)

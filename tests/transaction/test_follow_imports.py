@@ -39,3 +39,22 @@ def test_a_rollback_brings_the_followed_imports_back_to_the_old_version(deploy):
 
     assert package.old_recipe() == "gone in v2" and not hasattr(package, "multinomial")
     assert m.extend.TABLE is m.tables.TABLE and m.tables.TABLE == ["a", "extended"]
+
+
+def test_after_hooks_are_told_about_modules_that_ran_again_to_follow_an_import(deploy):
+    from overlay.upgrade import Change
+
+    hooks = Change.apply.__globals__["hooks"]  # the registry the transaction runs
+    told: list[tuple[str, ...]] = []
+    hooks.register("follow-probe", before=lambda push: told.append(push.reran),
+                   after=lambda push: told.append(push.reran))
+    try:
+        start(deploy, "follow_imports")
+        told.clear()
+        deploy.push("follow_imports", "v2")
+    finally:
+        hooks.unregister("follow-probe")
+
+    before, after = told
+    assert "upapp.extend" not in before  # unchanged: only following makes it run again
+    assert "upapp.extend" in after and set(before) <= set(after)

@@ -224,3 +224,12 @@ def joined(thread: threading.Thread, out: dict[str, Any]) -> Any:
     if "error" in out:
         raise out["error"]
     return out.get("result")
+
+
+def live_hooks(ov: Any) -> Any:
+    """The hook registry (``overlay.integrations.hooks``) the installed overlay's transaction runs.
+
+    Tests restore ``sys.modules`` between them, so a module imported by name now may be another
+    copy than the one the overlay's code holds: this follows the overlay's own references."""
+    deploy = type(ov).apply.__globals__["deploy"]
+    return deploy.Change.apply.__globals__["hooks"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from support.upgrade import m, start
+from support.upgrade import live_hooks, m, start
 
 
 def test_star_and_named_imports_in_unchanged_modules_take_what_their_source_rebound(deploy, probe):
@@ -42,9 +42,7 @@ def test_a_rollback_brings_the_followed_imports_back_to_the_old_version(deploy):
 
 
 def test_after_hooks_are_told_about_modules_that_ran_again_to_follow_an_import(deploy):
-    from overlay.upgrade import Change
-
-    hooks = Change.apply.__globals__["hooks"]  # the registry the transaction runs
+    hooks = live_hooks(deploy.ov)
     told: list[tuple[str, ...]] = []
     hooks.register("follow-probe", before=lambda push: told.append(push.reran),
                    after=lambda push: told.append(push.reran))

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support.upgrade import live_hooks as live_hooks_of
 from support.upgrade import m, start
 
 from overlay.errors import ActivationFailed
@@ -122,9 +123,7 @@ def test_a_hook_without_a_callable_is_refused_at_registration(kw, message):
 
 def test_an_integration_loaded_by_a_push_that_fails_is_unloaded_with_it_and_loads_again_later(
         deploy, tmp_path, monkeypatch):
-    from overlay.upgrade import Change
-
-    live_hooks = Change.apply.__globals__["hooks"]  # the registry the transaction runs
+    live_hooks = live_hooks_of(deploy.ov)
     (tmp_path / "fakeframework.py").write_text("ROUTES = []\n")
     (tmp_path / "fakeframework_integration.py").write_text(
         "import fakeframework, upgrade_probe\n"

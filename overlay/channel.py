@@ -18,13 +18,16 @@ key did not sign, nor take one back to an older version.
 
 Keys, all under ``habanero:<app id>:``::
 
-    steps            stream: the signed messages of every deploy, status and history question
+    steps            stream: the signed messages of every deploy, status and history question (a
+                     push's bundle rides in its prepare's entry, beside the signed message, when it
+                     is small; the message names it by sha256)
     acks:<txn>       stream: the answers of each store's member to one deploy or question
-    bundle:<sha256>  the wire bytes of a push (a delta against the fleet's active version, or whole)
+    bundle:<sha256>  the wire bytes of a push too large to ride in its prepare
     full:<digest>    a whole stored bundle, put there by a member for one that catches up
     wants            stream: "I need bundle <digest>" (unsigned: answering costs one upload)
     active           the signed record of the fleet's last committed deploy (what late members run)
-    members          set of member ids; member:<id> is each one's heartbeat, expiring
+    members          set of member ids; member:<id> is each one's description (for ``status``),
+                     alive:<id> its heartbeat, expiring: ``store_id host pid``, what a push needs
 """
 
 from __future__ import annotations
@@ -46,14 +49,18 @@ from overlay.keys import SigningKey, TrustedKeys
 #: A ``redis.asyncio.Redis`` client (typed loosely: its answers' types depend on its options).
 Redis = Any
 
-__all__ = ["METHOD", "SCHEMES", "ChannelURL", "Keys", "connect", "is_channel_url", "new_txn", "open_message",
-           "parse_url", "path_of", "seal", "verify_record"]
+__all__ = ["INLINE_MAX", "METHOD", "SCHEMES", "WORDS", "ChannelURL", "Keys", "connect", "is_channel_url", "new_txn",
+           "open_message", "parse_url", "path_of", "seal", "verify_record"]
 
 #: The method a channel message is signed under: never one an HTTP request can have.
 METHOD = "CHANNEL"
 SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
-#: The largest signed message: a prepare names its payload by key, it does not carry it.
+#: The largest signed message: a prepare names its payload by sha256, it does not carry it.
 MAX_MESSAGE = 64 << 10
+#: The words of a deploy after its prepare: a store's deploy thread reads them itself.
+WORDS = ("apply", "commit", "abort", "revert")
+#: The largest bundle that rides in its prepare's stream entry (a larger one is uploaded beside it).
+INLINE_MAX = 32 << 10
 #: Seconds a member's heartbeat lives unless renewed (renewed every ``HEARTBEAT`` seconds).
 HEARTBEAT, HEARTBEAT_TTL = 1.0, 3.5
 
@@ -125,16 +132,24 @@ def parse_url(url: str) -> ChannelURL:
                       unquote(user) or None, unquote(password) or None)
 
 
-def connect(url: ChannelURL) -> Redis:
-    """An asyncio Redis client for ``url`` (Sentinel's master for ``redis+sentinel://``); the
-    ``redis`` package is imported here, by the first process or command that uses a channel."""
+def connect(url: ChannelURL, *, blocking: bool = False) -> Redis:
+    """An asyncio Redis client for ``url`` (Sentinel's master for ``redis+sentinel://``), or with
+    ``blocking=True`` a plain one (for a deploy's own thread, which waits between its steps anyway:
+    no hop through the event loop per message); the ``redis`` package is imported here, by the
+    first process or command that uses a channel."""
     try:
-        from redis.asyncio import Redis as Client
-        from redis.asyncio.sentinel import Sentinel
+        if blocking:
+            from redis import Redis as Client
+            from redis.sentinel import Sentinel
+        else:
+            from redis.asyncio import Redis as Client  # type: ignore[assignment]
+            from redis.asyncio.sentinel import Sentinel  # type: ignore[assignment]
     except ImportError:
         raise ConfigError("channel= needs the redis client: pip install 'habanero[redis]'", code="bad_config") from None
     options: dict[str, Any] = {"username": url.username, "password": url.password, "db": url.db,
                                "socket_connect_timeout": 2.0, "socket_keepalive": True}
+    if blocking:
+        options["socket_timeout"] = 10.0  # a silent Redis fails the step (it waits in slices of a second)
     if url.tls:
         options["ssl"] = True
     if url.service is not None:
@@ -165,15 +180,25 @@ class Keys:
     def member(self, member_id: str) -> str:
         return f"{self.prefix}member:{member_id}"
 
+    def alive(self, member_id: str) -> str:
+        return f"{self.prefix}alive:{member_id}"
+
 
 def path_of(op: str) -> str:
     return f"{PREFIX}/channel/{op}"
 
 
+#: The signature's fields in a channel message, short (each message is read by every store): the
+#: headers of a signed control request they stand for. The app id is not sent: it is signed, and
+#: each process checks the signature with its own.
+_SHORT = {"k": H_KEY, "t": H_TIME, "n": H_NONCE, "s": H_SIG}
+
+
 def seal(key: SigningKey, app_id: str, op: str, body: Mapping[str, Any], *, now: float | None = None) -> bytes:
     """One signed channel message: ``{"op", "body", "auth"}`` as JSON bytes."""
     text = json.dumps({**body, "op": op}, separators=(",", ":"), sort_keys=True)
-    auth = sign_request(key, METHOD, path_of(op), app_id, text.encode(), now=now)
+    headers = sign_request(key, METHOD, path_of(op), app_id, text.encode(), now=now)
+    auth = {short: headers[name] for short, name in _SHORT.items()}
     return json.dumps({"op": op, "body": text, "auth": auth}, separators=(",", ":")).encode()
 
 
@@ -194,6 +219,7 @@ def open_message(raw: bytes) -> tuple[str, dict[str, Any], dict[str, str], bytes
         raise ControlRejected("a channel message that is not a signed habanero message", code="bad_request")
     if body.get("op") != op:
         raise ControlRejected("a channel message whose body names another operation", code="bad_request")
+    auth = {_SHORT.get(name, name): value for name, value in auth.items()}
     return op, body, auth, text.encode()
 
 

@@ -7,18 +7,21 @@ whole when a store lacks the parent), confirm. A push is one transaction over th
 the CLI its coordinator (see ``overlay.serving.channel`` for the members' side)::
 
     CLI                                             each store's member (verifies every message)
-    SET bundle:<sha256> <wire bytes>
-    XADD steps  prepare{txn, payload, wait}   ──►   verify, plan, compile in every process
+    XADD steps  prepare{txn, sha256, wait}    ──►   verify, plan, compile in every process
+                + the bundle beside it              (a bundle over INLINE_MAX: SET bundle:<sha256>)
                                               ◄──   prepared{workers} | refused{code, workers}
     XADD steps  apply        (all prepared)   ──►   apply in every process
            or   abort        (any did not)    ◄──   applied | done{ok: false}
-    XADD steps  commit       (all applied)    ──►   commit the store, keep the change
-           or   revert       (any did not)    ◄──   done{version, workers}
+    XADD steps  commit{report: one store}     ──►   commit the store, keep the change
+           or   revert       (any did not)    ◄──   done{version, workers[, report]}
     SET active <signed record>                      (what a late member catches up to)
 
-Every message is signed with the deploy key and carries a fresh timestamp and nonce. The CLI waits
-for the live members its heartbeats list (``members``); a member that does not answer a step within
-the deadline (``HABANERO_CHANNEL_TIMEOUT``, 10 s) counts as a refusal.
+Every message is signed with the deploy key and carries a fresh timestamp and nonce. Each step is
+one round trip: the step's message and the first wait for the answers go in one pipeline. The CLI
+waits for the live members their heartbeats list (``alive:<id>``: store, host, pid, version); a
+member that does not answer a step within the deadline (``HABANERO_CHANNEL_TIMEOUT``, 10 s) counts
+as a refusal. Answers are short: a line per process (pid, outcome, ms), the store's host and
+version once; the full report comes from one store, the one the commit names.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from overlay.channel import Keys, connect, new_txn, parse_url, seal
+from overlay.channel import INLINE_MAX, Keys, connect, new_txn, parse_url, seal
 from overlay.errors import RemoteError
 from overlay.keys import SigningKey
 
@@ -104,7 +107,7 @@ class ChannelRemote:
         if not ids:
             return [], []
         infos = await client.mget([self.keys.member(i) for i in ids])
-        alive = await client.mget([self.keys.prefix + f"alive:{i}" for i in ids])
+        alive = await client.mget([self.keys.alive(i) for i in ids])
         live, silent, gone = [], [], []
         for member_id, info, beat in zip(ids, infos, alive):
             try:
@@ -121,6 +124,19 @@ class ChannelRemote:
             await client.srem(self.keys.members, *gone)
         return live, silent
 
+    async def _live(self, client: Redis) -> list[dict[str, Any]]:
+        """The live members, from their heartbeats alone (what a push needs: store, host, pid, version)."""
+        ids = [m.decode() for m in await client.smembers(self.keys.members)]
+        beats = await client.mget([self.keys.alive(i) for i in ids]) if ids else []
+        live = []
+        for member_id, beat in zip(ids, beats):
+            parts = beat.decode(errors="replace").split(" ") if beat is not None else []
+            if len(parts) >= 4:
+                version = int(parts[-1]) if parts[-1].isdigit() else None
+                live.append({"id": member_id, "store_id": parts[0], "host": " ".join(parts[1:-2]),
+                             "pid": int(parts[-2]) if parts[-2].isdigit() else parts[-2], "version": version})
+        return sorted(live, key=lambda m: str(m["id"]))
+
     def _require(self, live: list[dict[str, Any]]) -> set[str]:
         stores = {str(m.get("store_id")) for m in live}
         if not stores:
@@ -129,17 +145,29 @@ class ChannelRemote:
                               code="no_members", status=503)
         return stores
 
-    async def _publish(self, client: Redis, op: str, body: dict[str, Any]) -> None:
+    def _publisher(self, op: str, body: dict[str, Any], extra: dict[str, bytes] | None = None
+                   ) -> Callable[[Any], None]:
+        """What publishes one signed step (queued on a pipeline, before the wait for its answers)."""
         if self.key is None:
             raise RemoteError("channel messages are signed: no signing key", code="no_key")
-        await client.xadd(self.keys.steps, {"m": seal(self.key, self.app_id, op, body)}, maxlen=1000,
-                          approximate=True)
+        fields = {"m": seal(self.key, self.app_id, op, body), **(extra or {})}
+
+        def queue(pipe: Any) -> None:
+            pipe.xadd(self.keys.steps, fields, maxlen=1000, approximate=True)
+        return queue
+
+    async def _publish(self, client: Redis, op: str, body: dict[str, Any]) -> None:
+        queue = self._publisher(op, body)
+        async with client.pipeline(transaction=False) as pipe:
+            queue(pipe)
+            await pipe.execute()
 
     async def _answers(self, client: Redis, txn: str, stores: set[str], steps: set[str], timeout: float,
-                       answers: dict[str, dict[str, Any]], cursor: list[Any]) -> None:
+                       answers: dict[str, dict[str, Any]], cursor: list[Any],
+                       before: Callable[[Any], None] | None = None) -> None:
         """Read ``acks:<txn>`` until every store in ``stores`` answered one of ``steps`` (or a
         refusal, or a failure), or ``timeout`` seconds pass; the latest answer per store goes to
-        ``answers``."""
+        ``answers``. ``before`` queues commands (the step's message) in the first read's pipeline."""
         deadline = time.monotonic() + timeout
         key = self.keys.acks(txn)
 
@@ -147,12 +175,19 @@ class ChannelRemote:
             return all(s in answers and (answers[s].get("step") in steps or not answers[s].get("ok"))
                        for s in stores)
 
-        while not settled():
+        while before is not None or not settled():
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            read = await client.xread({key: cursor[0]}, count=100, block=max(1, int(left * 1000)))
-            for _, entries in read or []:
+            async with client.pipeline(transaction=False) as pipe:
+                if before is not None:
+                    before(pipe)
+                    before = None
+                if not settled():
+                    pipe.xread({key: cursor[0]}, count=100, block=max(1, int(left * 1000)))
+                replies = await pipe.execute()
+            read = replies[-1] if replies and isinstance(replies[-1], (list, dict)) else None
+            for _, entries in _streams(read):
                 for entry_id, fields in entries:
                     cursor[0] = entry_id
                     try:
@@ -161,8 +196,9 @@ class ChannelRemote:
                         continue
                     if isinstance(answer, dict) and isinstance(answer.get("store"), str):
                         store = answer["store"]
-                        if answers.get(store, {}).get("ok", True) or not answer.get("ok"):
-                            answers[store] = answer  # a refusal is kept over a later word
+                        previous = answers.get(store, {})
+                        if previous.get("ok", True) or not answer.get("ok"):
+                            answers[store] = _merged(previous, answer)  # a refusal is kept over a later word
 
     # ------------------------------------------------------------------------------ questions
 
@@ -221,8 +257,7 @@ class ChannelRemote:
 
     def push(self, data: bytes) -> dict[str, Any]:
         """Deploy signed bundle bytes to every live process of the fleet, or to none."""
-        sha = hashlib.sha256(data).hexdigest()
-        return self._deploy({"action": "push", "payload": self.keys.payload(sha)}, data)
+        return self._deploy({"action": "push", "sha256": hashlib.sha256(data).hexdigest()}, data)
 
     def rollback(self, to: int | None = None, expect: int | None = None) -> dict[str, Any]:
         return self._deploy({"action": "rollback", "to": to, "expect": expect}, None)
@@ -231,22 +266,25 @@ class ChannelRemote:
         timeout = self.timeout
 
         async def work(client: Redis) -> dict[str, Any]:
-            live, _ = await self._members(client)
+            live = await self._live(client)
             stores = self._require(live)
             txn = new_txn()
             answers: dict[str, dict[str, Any]] = {}
             cursor: list[Any] = ["0-0"]
             started = time.perf_counter()
-            if data is not None:
-                await client.set(body["payload"], data, ex=3600)
-            await self._publish(client, "prepare", {**body, "txn": txn, "wait": timeout + MEMBER_SLACK})
-            await self._answers(client, txn, stores, {"prepared"}, timeout, answers, cursor)
+            extra = None
+            if data is not None and len(data) <= INLINE_MAX:
+                extra = {"b": data}  # beside the signed prepare, in its stream entry: no upload, no fetch
+            elif data is not None:
+                await client.set(self.keys.payload(body["sha256"]), data, ex=3600)
+            prepare = self._publisher("prepare", {**body, "txn": txn, "wait": timeout + MEMBER_SLACK}, extra)
+            await self._answers(client, txn, stores, {"prepared"}, timeout, answers, cursor, prepare)
             problem = self._problem(answers, stores, live, "prepared")
             if problem is not None:
                 await self._publish(client, "abort", {"txn": txn})
                 raise self._refusal(problem, answers, stores, live, applied=False)
-            await self._publish(client, "apply", {"txn": txn})
-            await self._answers(client, txn, stores, {"applied"}, timeout, answers, cursor)
+            apply = self._publisher("apply", {"txn": txn})
+            await self._answers(client, txn, stores, {"applied"}, timeout, answers, cursor, apply)
             problem = self._problem(answers, stores, live, "applied")
             if problem is not None:
                 await self._publish(client, "revert", {"txn": txn})
@@ -255,10 +293,14 @@ class ChannelRemote:
                 raise self._refusal(problem, answers, stores, live, applied=True)
             version, digest = answers[next(iter(stores))]["version"], answers[next(iter(stores))]["digest"]
             assert self.key is not None
-            await self._publish(client, "commit", {"txn": txn})
-            await client.set(self.keys.active, seal(self.key, self.app_id, "active", {
-                "txn": txn, "version": version, "digest": digest, "action": body["action"]}))
-            await self._answers(client, txn, stores, {"done"}, timeout, answers, cursor)
+            commit = self._publisher("commit", {"txn": txn, "report": min(stores)})
+            record = seal(self.key, self.app_id, "active", {
+                "txn": txn, "version": version, "digest": digest, "action": body["action"]})
+
+            def finish(pipe: Any) -> None:
+                commit(pipe)
+                pipe.set(self.keys.active, record)
+            await self._answers(client, txn, stores, {"done"}, timeout, answers, cursor, finish)
             last_ack = (time.perf_counter() - started) * 1000
             return self._result(answers, stores, version, digest, last_ack, data)
 
@@ -304,7 +346,8 @@ class ChannelRemote:
     def _result(self, answers: dict[str, dict[str, Any]], stores: set[str], version: int, digest: str,
                 last_ack: float, data: bytes | None) -> dict[str, Any]:
         failed = [a for s, a in answers.items() if s in stores and (not a.get("ok") or a.get("step") != "done")]
-        report = dict(next((a["report"] for a in answers.values() if isinstance(a.get("report"), dict)), {}))
+        report = dict(next((a["report"] for a in answers.values() if isinstance(a.get("report"), dict)),
+                           {"version": version, "digest": digest, "timings_ms": {}}))
         report["workers"] = _lines(answers)
         self.last = {"last_ack_ms": round(last_ack, 3), "stores": len(stores), "members": len(report["workers"]),
                      "payload_bytes": len(data) if data is not None else 0}
@@ -318,6 +361,29 @@ class ChannelRemote:
 
 def _lines(answers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [w for a in answers.values() for w in a.get("workers") or [] if isinstance(w, dict)]
+
+
+def _streams(read: Any) -> list[Any]:
+    """XREAD's answer as ``[(stream, entries)]`` (a list in RESP2, a mapping in RESP3)."""
+    if isinstance(read, dict):
+        return list(read.items())
+    return list(read or [])
+
+
+def _merged(previous: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    """A store's answer, whole: its worker lines get the store's host and, unless they say
+    otherwise, its version; a step that sends no lines (``applied``) keeps the last ones, and what
+    the store said before (the version and digest it prepared) stays unless said again."""
+    kept: dict[str, Any] = {k: previous[k] for k in ("version", "digest") if k in previous}
+    merged = {**kept, **answer}
+    workers = answer.get("workers")
+    if isinstance(workers, list):
+        merged["workers"] = [{"host": answer.get("host"), "version": merged.get("version") if answer.get("ok")
+                              else None, **w} for w in workers if isinstance(w, dict)]
+    elif isinstance(previous.get("workers"), list):
+        merged["workers"] = [{**w, "outcome": answer.get("step")} if answer.get("ok") else w
+                             for w in previous["workers"]]
+    return merged
 
 
 def _record_body(raw: bytes | None) -> dict[str, Any]:

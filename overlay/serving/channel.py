@@ -20,6 +20,11 @@ every store did, else *revert*. A word that does not come in time is a *no*: nob
 everybody undoes. Every message is signed by a deploy key and checked here, clock window and nonce
 included (``overlay.channel``), with this store's own trusted keys.
 
+The store's member reads the deploy stream once (one ``XREAD BLOCK``, no polling) and hands each
+word of a deploy, verified, to the deploy's thread; that thread answers through a blocking client
+of its own (no hop through the event loop). Answers are short (a line per process: pid, outcome,
+ms; the store's host and version once); the full report comes from the one store the commit names.
+
 A store that missed a deploy (a new machine, a restart, a member cut off from Redis) **catches up**
 by itself: the fleet's signed ``active`` record names the last version committed, and when it is
 newer than any version this store accepted, its bundle is fetched (another store's member uploads
@@ -50,6 +55,7 @@ from overlay.channel import (
     HEARTBEAT,
     HEARTBEAT_TTL,
     METHOD,
+    WORDS,
     ChannelURL,
     Keys,
     connect,
@@ -79,6 +85,10 @@ MIN_WAIT, MAX_WAIT = 1.0, 120.0
 BACKOFF = (0.1, 5.0)
 #: How long acks and uploads stay in Redis.
 ACK_TTL, UPLOAD_TTL = 600, 3600
+#: Milliseconds an XREAD blocks at most (the loop looks at its heartbeat and at the fleet between).
+READ_BLOCK = 1000
+#: Seconds between two full descriptions of this member (``member:<id>``) when nothing changed.
+DESCRIBE_EVERY = 30.0
 
 
 class Fleet:
@@ -102,10 +112,12 @@ class Fleet:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Redis | None = None
         self._thread: threading.Thread | None = None
-        self._txns: dict[str, queue.Queue[str]] = {}
+        self._blocking_client: Redis | None = None  # a deploy thread's own (see connect(blocking=True))
+        self._blocking_lock = threading.Lock()
         self._seen: dict[str, float] = {}  # deploys taken part in: a message repeated is not acted on twice
+        #: The fleet's deploys under way in this store, each with its words (verified) for its thread.
+        self._deploying: dict[str, queue.Queue[tuple[str, dict[str, Any]]]] = {}
         self._busy = threading.Lock()  # one deploy of the fleet at a time in this store
-        self._asked: dict[str, float] = {}
 
     def _new_identity(self) -> None:
         self.member_id = f"{self.host}-{os.getpid()}-{os.urandom(3).hex()}"
@@ -130,6 +142,10 @@ class Fleet:
                 asyncio.run_coroutine_threadsafe(self._leave(), loop).result(2.0)
             thread.join(3.0)
         self._release_lead()
+        client, self._blocking_client = self._blocking_client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
 
     def forget_after_fork(self) -> None:
         """In a forked child: the parent's thread, connection and lead are the parent's (``start``
@@ -138,8 +154,8 @@ class Fleet:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)  # the parent still holds the lock through its own descriptor
             self._lock_fd = None
-        self._loop = self._client = self._thread = None
-        self._txns, self._seen = {}, {}
+        self._loop = self._client = self._thread = self._blocking_client = None
+        self._seen, self._deploying = {}, {}
         self._busy = threading.Lock()
         self.caught_up = threading.Event()
         self._new_identity()
@@ -193,20 +209,32 @@ class Fleet:
                 await beat
 
     async def _beat(self, client: Redis) -> None:
+        """Renew the heartbeat (``alive:<id>``: what a push needs to know of this member, its
+        version included); write the full description (for ``status``: what a silent member last
+        ran) when its role changed, and every ``DESCRIBE_EVERY`` seconds, not after every push."""
+        described: tuple[bool, str | None] | None = None
+        when = 0.0
         while not self._stopping.is_set():
-            info = json.dumps(self._member_info()).encode()
+            version = self._version()
+            alive = f"{self.store_id} {self.host} {os.getpid()} {'-' if version is None else version}".encode()
+            role = (self._lock_fd is not None, self.behind)
+            describe = role != described or time.monotonic() - when > DESCRIBE_EVERY
             async with client.pipeline(transaction=False) as pipe:
-                pipe.set(self.keys.member(self.member_id), info, ex=300)
-                pipe.set(self.keys.prefix + f"alive:{self.member_id}", b"1", px=int(HEARTBEAT_TTL * 1000))
-                pipe.sadd(self.keys.members, self.member_id)
+                pipe.set(self.keys.alive(self.member_id), alive, px=int(HEARTBEAT_TTL * 1000))
+                if describe:
+                    pipe.set(self.keys.member(self.member_id), json.dumps(self._member_info(), separators=(",", ":")),
+                             ex=300)
+                    pipe.sadd(self.keys.members, self.member_id)
                 await pipe.execute()
+            if describe:
+                described, when = role, time.monotonic()
             await asyncio.sleep(HEARTBEAT)
 
     async def _leave(self) -> None:
         client = self._client
         if client is not None:
             with contextlib.suppress(Exception):
-                await client.delete(self.keys.member(self.member_id), self.keys.prefix + f"alive:{self.member_id}")
+                await client.delete(self.keys.member(self.member_id), self.keys.alive(self.member_id))
                 await client.srem(self.keys.members, self.member_id)
         self._stopping.set()
 
@@ -215,7 +243,7 @@ class Fleet:
         return {"id": self.member_id, "host": self.host, "pid": os.getpid(), "store": str(self.node.host.store.path),
                 "store_id": self.store_id, "version": active.version if active else None,
                 "digest": active.digest if active else None, "leads_store": self._lock_fd is not None,
-                "behind": self.behind, "time": time.time()}
+                "behind": self.behind}
 
     def _version(self) -> int | None:
         active = self.node.host.active
@@ -261,13 +289,13 @@ class Fleet:
         while not self._stopping.is_set():
             if beat.done():
                 beat.result()  # its connection error ends the session
-            read = await client.xread({self.keys.steps: last, self.keys.wants: wants}, count=64, block=500)
+            read = await client.xread({self.keys.steps: last, self.keys.wants: wants}, count=64, block=READ_BLOCK)
             for stream, entries in read or []:
                 for entry_id, fields in entries:
                     name = stream.decode() if isinstance(stream, bytes) else stream
                     if name == self.keys.steps:
                         last = entry_id
-                        await self._on_step(client, fields.get(b"m", b""))
+                        await self._on_step(client, entry_id, fields)
                     else:
                         wants = entry_id
                         await self._on_want(client, fields)
@@ -282,19 +310,19 @@ class Fleet:
 
     # ------------------------------------------------------------------------------ messages
 
-    async def _on_step(self, client: Redis, raw: bytes) -> None:
+    async def _on_step(self, client: Redis, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         txn: object = None
         try:
-            op, body, auth, text = open_message(raw)
+            op, body, auth, text = open_message(fields.get(b"m", b""))
             txn = body.get("txn")
             if not isinstance(txn, str) or len(txn) > 64:
                 raise ControlRejected("a channel message without a transaction id", code="bad_request")
-            if op in ("apply", "commit", "abort", "revert"):
-                pending = self._txns.get(txn)
-                if pending is None:
+            if op in WORDS:
+                words = self._deploying.get(txn)
+                if words is None:
                     return  # not a deploy this store takes part in (any more): nothing to do
                 self.verifier.verify(METHOD, path_of(op), auth, text)
-                pending.put(op)
+                words.put((op, body))
                 return
             self.verifier.verify(METHOD, path_of(op), auth, text)
         except HabaneroError as exc:
@@ -307,9 +335,9 @@ class Fleet:
             if txn in self._seen:
                 return
             self._seen[txn] = time.time()
-            self._txns[txn] = queue.Queue()
-            threading.Thread(target=self._drive, args=(txn, body), name="habanero-channel-deploy",
-                             daemon=True).start()
+            self._deploying[txn] = queue.Queue()
+            threading.Thread(target=self._drive, args=(txn, body, fields.get(b"b")),
+                             name="habanero-channel-deploy", daemon=True).start()
         elif op == "status":
             answer = await asyncio.to_thread(self._answer_status)
             await self._ack(client, txn, {"step": "status", "ok": True, **answer})
@@ -331,23 +359,37 @@ class Fleet:
             await client.set(self.keys.full(digest), data, ex=UPLOAD_TTL, nx=True)
 
     async def _ack(self, client: Redis, txn: str, answer: dict[str, Any]) -> None:
-        answer = {**answer, "store": self.store_id, "host": self.host, "pid": os.getpid(),
-                  "where": f"{self.host}:{self.node.host.store.path}"}
+        answer = {**answer, "store": self.store_id, "host": self.host, "pid": os.getpid(), "where": self.where}
         key = self.keys.acks(txn)
         async with client.pipeline(transaction=False) as pipe:
             pipe.xadd(key, {"m": json.dumps(answer, default=str).encode()})
             pipe.expire(key, ACK_TTL)
             await pipe.execute()
 
-    def ack(self, txn: str, answer: dict[str, Any]) -> None:
-        """From a deploy's thread: answer the CLI (a lost connection makes the CLI's wait run out)."""
-        loop, client = self._loop, self._client
-        if loop is None or client is None:
-            return
+    def ack(self, txn: str, answer: dict[str, Any], *, first: bool = False) -> None:
+        """From a deploy's thread: answer the CLI (a lost connection makes the CLI's wait run out);
+        ``first`` when this store said nothing yet in this deploy (the answers' stream gets its TTL)."""
+        key = self.keys.acks(txn)
         try:
-            asyncio.run_coroutine_threadsafe(self._ack(client, txn, answer), loop).result(5.0)
+            pipe = self.blocking().pipeline(transaction=False)
+            pipe.xadd(key, {"m": self.answer(answer)})
+            if first:
+                pipe.expire(key, ACK_TTL)
+            pipe.execute()
         except Exception as exc:
             logger.warning("habanero: could not answer the fleet (%s)", exc)
+
+    def answer(self, answer: dict[str, Any]) -> bytes:
+        """A deploy's answer, short: this store and its host once, then the step's own fields."""
+        return json.dumps({**answer, "store": self.store_id, "host": self.host}, separators=(",", ":"),
+                          default=str).encode()
+
+    def blocking(self) -> Redis:
+        """This process's blocking client, for deploy threads (made at the first deploy, kept)."""
+        with self._blocking_lock:
+            if self._blocking_client is None:
+                self._blocking_client = connect(self.url, blocking=True)
+            return self._blocking_client
 
     def _answer_status(self) -> dict[str, Any]:
         status = self._status()
@@ -357,10 +399,10 @@ class Fleet:
 
     # ------------------------------------------------------------------------------- deploys
 
-    def _drive(self, txn: str, body: dict[str, Any]) -> None:
+    def _drive(self, txn: str, body: dict[str, Any], inline: bytes | None) -> None:
         """This store's part in one deploy of the fleet (on its own thread)."""
         wait = min(max(float(body.get("wait") or 10.0), MIN_WAIT), MAX_WAIT)
-        gate = _FleetGate(self, txn, wait)
+        gate = _FleetGate(self, txn, wait, self._deploying.get(txn) or queue.Queue())
         try:
             with self._busy:
                 if body.get("action") == "rollback":
@@ -370,45 +412,51 @@ class Fleet:
                                               code="bad_request")
                     report = deploy.rollback(self.node, to, expect=expect, gate=gate)
                 else:
-                    report = deploy.push(self.node, self._payload(body), gate=gate)
+                    report = deploy.push(self.node, self._payload(body, inline), gate=gate)
             self.behind = None
-            lines = [{**line, "host": self.host} for line in report.workers]
-            self.ack(txn, {"step": "done", "ok": True, "version": report.version, "digest": report.digest,
-                           "workers": lines, "report": report.to_dict()})
+            answer = {"step": "done", "ok": True, "version": report.version,
+                      "workers": _compact(report.workers, report.version)}
+            if gate.reporter:
+                answer["report"] = {k: v for k, v in report.to_dict().items() if k != "workers"}
+            self.ack(txn, answer)
         except HabaneroError as exc:
             workers = exc.details.get("workers")
-            lines = [{**w, "host": self.host} for w in workers if isinstance(w, dict)] if isinstance(workers,
-                                                                                                      list) else []
+            lines = _compact([w for w in workers if isinstance(w, dict)], None) if isinstance(workers, list) else []
             self.ack(txn, {"step": "done" if gate.stage != "prepare" else "refused", "ok": False, "code": exc.code,
-                           "message": exc.message, "workers": lines,
-                           "remote_traceback": getattr(exc, "remote_traceback", "")})
+                           "message": exc.message, "workers": lines, "where": self.where,
+                           "remote_traceback": getattr(exc, "remote_traceback", "")}, first=gate.stage == "prepare")
         except Exception as exc:  # never let a deploy thread die silently
             logger.exception("habanero: a deploy of the fleet failed")
-            self.ack(txn, {"step": "done", "ok": False, "code": "internal_error", "message": str(exc)})
+            self.ack(txn, {"step": "done", "ok": False, "code": "internal_error", "message": str(exc),
+                           "where": self.where}, first=gate.stage == "prepare")
         finally:
-            self._txns.pop(txn, None)
+            self._deploying.pop(txn, None)
             cutoff = time.time() - 3600
             self._seen = {t: s for t, s in self._seen.items() if s > cutoff}
 
-    def _payload(self, body: dict[str, Any]) -> bytes:
-        key = body.get("payload")
-        if not isinstance(key, str) or not key.startswith(self.keys.prefix + "bundle:"):
-            raise ControlRejected("a push without its bundle's key", code="bad_request")
-        data = self._call(lambda client: client.get(key))
-        if not isinstance(data, bytes):
-            raise ControlRejected("the pushed bundle is not in Redis (expired, or Redis lost it); push again",
-                                  code="payload_missing")
-        return data
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.node.host.store.path}"
 
-    def _call(self, make: Callable[[Redis], Any], timeout: float = 10.0) -> Any:
-        loop, client = self._loop, self._client
-        if loop is None or client is None:
-            raise ControlRejected("the channel is not connected", code="channel_unreachable")
-        try:
-            return asyncio.run_coroutine_threadsafe(make(client), loop).result(timeout)
-        except Exception as exc:
-            raise ControlRejected(f"Redis did not answer ({exc or type(exc).__name__})",
-                                  code="channel_unreachable") from None
+    def _payload(self, body: dict[str, Any], inline: bytes | None) -> bytes:
+        """The pushed bundle: beside the prepare in its stream entry, or uploaded (a large one). The
+        signed prepare names its sha256; the bundle's own signatures are checked by every process."""
+        sha = body.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64:
+            raise ControlRejected("a push that does not name its bundle's sha256", code="bad_request")
+        data = inline
+        if data is None:
+            try:
+                data = self.blocking().get(self.keys.payload(sha))
+            except Exception as exc:
+                raise ControlRejected(f"Redis did not answer ({exc or type(exc).__name__})",
+                                      code="channel_unreachable") from None
+            if not isinstance(data, bytes):
+                raise ControlRejected("the pushed bundle is not in Redis (expired, or Redis lost it); push again",
+                                      code="payload_missing")
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise ControlRejected("the bundle beside the prepare is not the one it names", code="bad_request")
+        return data
 
     # ----------------------------------------------------------------------------- catching up
 
@@ -421,6 +469,10 @@ class Fleet:
             self.caught_up.set()
 
     async def _catch_up_once(self, client: Redis) -> None:
+        if self._deploying:
+            # A deploy of the fleet is under way here: the active record may already name it (the
+            # CLI writes it with the commit) while this store has yet to commit: nothing to fetch.
+            return
         raw = await client.get(self.keys.active)
         if raw is None:
             self.behind = None
@@ -461,40 +513,53 @@ class Fleet:
             return deploy.push(self.node, data, parent=False)
 
 
+def _compact(lines: list[dict[str, Any]], version: int | None) -> list[dict[str, Any]]:
+    """Worker lines as the CLI prints them, without what the answer says once (host, the version)."""
+    out = []
+    for line in lines:
+        item = {k: v for k, v in line.items() if k != "host" and not (k == "version" and v == version)}
+        if isinstance(item.get("ms"), float):
+            item["ms"] = round(item["ms"], 1)
+        out.append(item)
+    return out
+
+
 class _FleetGate:
     """Between the steps of this store's deploy, the fleet's word (see ``overlay.deploy.Gate``)."""
 
-    def __init__(self, fleet: Fleet, txn: str, wait: float) -> None:
-        self.fleet, self.txn, self.wait = fleet, txn, wait
+    def __init__(self, fleet: Fleet, txn: str, wait: float, words: queue.Queue[tuple[str, dict[str, Any]]]) -> None:
+        self.fleet, self.txn, self.wait, self.words = fleet, txn, wait, words
         self.stage = "prepare"
-        self.words = fleet._txns.setdefault(txn, queue.Queue())
+        self.reporter = False  # whether the commit asks this store for the full report
 
     def prepared(self, bundle: Bundle, lines: list[dict[str, Any]]) -> None:
         self.stage = "prepared"
-        self._say("prepared", bundle, lines)
-        if self._word(("apply", "abort")) != "apply":
+        self.fleet.ack(self.txn, {"step": "prepared", "ok": True, "version": bundle.version, "digest": bundle.digest,
+                                  "workers": _compact(lines, bundle.version)}, first=True)
+        word = self._word(("apply", "abort"))
+        if word is None or word[0] != "apply":
             raise ControlRejected(f"the fleet did not go ahead with v{bundle.version}: another store refused it, "
                                   "or the word to apply did not come in time", code="fleet_aborted")
         self.stage = "apply"
 
     def applied(self, bundle: Bundle, lines: list[dict[str, Any]]) -> None:
         self.stage = "applied"
-        self._say("applied", bundle, lines)
-        if self._word(("commit", "revert")) != "commit":
+        self.fleet.ack(self.txn, {"step": "applied", "ok": True})
+        word = self._word(("commit", "revert"))
+        if word is None or word[0] != "commit":
             raise ControlRejected(f"the fleet undid v{bundle.version}: another store failed to apply it, or the "
                                   "word to commit did not come in time", code="fleet_reverted")
+        self.reporter = word[1].get("report") == self.fleet.store_id
 
-    def _say(self, step: str, bundle: Bundle, lines: list[dict[str, Any]]) -> None:
-        self.fleet.ack(self.txn, {"step": step, "ok": True, "version": bundle.version, "digest": bundle.digest,
-                                  "workers": [{**line, "host": self.fleet.host} for line in lines]})
-
-    def _word(self, expected: tuple[str, str]) -> str | None:
+    def _word(self, expected: tuple[str, str]) -> tuple[str, dict[str, Any]] | None:
+        """The fleet's next word, one of ``expected`` (verified by the store's member), or None
+        when none came in time."""
         deadline = time.monotonic() + self.wait
         while (left := deadline - time.monotonic()) > 0:
             try:
                 word = self.words.get(timeout=left)
             except queue.Empty:
                 break
-            if word in expected:
+            if word[0] in expected:
                 return word
         return None

@@ -65,3 +65,21 @@ def test_the_active_record_must_be_signed_by_a_trusted_key_for_this_app(signing_
         verify_record(record, _trust(signing_key), "other")
     with pytest.raises(ControlRejected):  # a step is not a record
         verify_record(seal(signing_key, "shop", "commit", {"txn": "t"}), _trust(signing_key), "shop")
+
+
+def test_a_sealed_message_carries_short_signature_fields_and_the_long_spelling_still_reads(signing_key):
+    import json
+
+    from overlay.control import H_APP, H_KEY, H_NONCE, H_SIG, H_TIME
+
+    raw = seal(signing_key, "shop", "apply", {"txn": "t1"})
+    outer = json.loads(raw)
+    assert set(outer["auth"]) == {"k", "t", "n", "s"}  # each store reads every message: no header names
+    verifier = RequestVerifier(_trust(signing_key), "shop")
+    op, _, auth, text = open_message(raw)
+    assert verifier.verify(METHOD, path_of(op), auth, text) == signing_key.key_id
+    long = {H_KEY: outer["auth"]["k"], H_TIME: outer["auth"]["t"], H_NONCE: "other-nonce", H_SIG: outer["auth"]["s"],
+            H_APP: "shop"}
+    op, _, auth, text = open_message(json.dumps({**outer, "auth": long}).encode())
+    with pytest.raises(ControlRejected, match="does not verify"):  # read, and checked: the nonce is signed
+        verifier.verify(METHOD, path_of(op), auth, text)

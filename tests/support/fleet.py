@@ -122,10 +122,10 @@ def start_process(launcher: Launcher, machine: Machine, project: FleetProject, *
     script = machine.root / "serve.py"
     script.write_text(SERVE, encoding="utf-8")
     app = launcher.start([sys.executable, str(script)], cwd=machine.root, name=f"{machine.name}-{len(machine.apps)}",
-                         env=base_env(project.home, HABANERO_STORE=str(machine.store),
-                                      HABANERO_TRUSTED_KEYS=str(machine.trusted_keys),
-                                      HABANERO_CHANNEL=project.channel, HABANERO_RUNTIME_DIR=str(machine.runtime),
-                                      FLEET_CODE=str(project.root), **env))
+                         env=base_env(project.home, **{"HABANERO_STORE": str(machine.store),
+                                      "HABANERO_TRUSTED_KEYS": str(machine.trusted_keys),
+                                      "HABANERO_CHANNEL": project.channel, "HABANERO_RUNTIME_DIR": str(machine.runtime),
+                                      "FLEET_CODE": str(project.root), **env}))
     machine.apps.append(app)
     return app
 

@@ -1,20 +1,22 @@
 """The store: every accepted version of an app's code, on disk, surviving ``kill -9``.
 
+``Store`` is the face; each part of the store lives in a module of ``overlay.storage``, named here.
 Layout (the directory is created with mode 0700: whoever can write it decides what code runs)::
 
     <store>/
-      state.json      the pointer, the single source of truth, replaced atomically:
+      state.json      the pointer, the single source of truth, replaced atomically (storage.state):
                       {"format": 1, "app_id": "shop", "active": {"version": 7, "digest": "<sha256>"}
                        | null, "highest": 9}
-      bundles/        0000000007-<digest>.hbn: accepted bundles, byte for byte, read-only
+                      (while the active version is on probation, also "permanent": the last
+                      permanent version, which a restart boots; see storage.probation)
+      bundles/        0000000007-<digest>.hbn: accepted bundles, byte for byte, read-only (storage.bundles)
       staged/         0000000008-<digest>.hbn: written by stage(), moved to bundles/ by commit()
-      objects/        ab/<sha256>: every stored version's file bodies by content, read-only
+      objects/        ab/<sha256>: every stored version's file bodies by content, read-only (storage.objects)
       deploy.lock     flock()ed by the process that runs a deploy, for the whole of it
       pycache/        compiled code, owned by the finder
-                      (while the active version is on probation, also "permanent": the last
-                      permanent version, which a restart boots; see overlay.storage.state)
       history.jsonl   one JSON object per push, rollback, revert, verdict, failure or reset; append-only
-      requests.jsonl  the nonces of signed control requests within their window (overlay.storage.requests)
+                      (storage.history)
+      requests.jsonl  the nonces of signed control requests within their window (storage.requests)
       lock            flock()ed by writers only; readers never wait
       .tmp-*          (anywhere above) what an interrupted write left; open() removes it
 
@@ -27,14 +29,16 @@ rolled back to or started on. A committed bundle whose move a crash cut short is
 
 Power cuts: ``sync`` says when a commit reaches the disk itself. ``"background"`` (the default) has
 the page cache hold it when the push answers (a ``kill -9`` or a crash of the app loses nothing) and
-a worker thread fsyncs every file and directory it wrote right after the answer; a power cut in
-those milliseconds may boot the previous version (the store falls back to the newest bundle that
-verifies) and forget that the newest version was accepted. ``"commit"`` fsyncs before the push
-answers (a few fsyncs, about 3 ms a push here): an acknowledged push survives a power cut.
+a worker thread (``overlay.storage.worker``) fsyncs every file and directory it wrote right after the
+answer; a power cut in those milliseconds may boot the previous version (the store falls back to the
+newest bundle that verifies) and forget that the newest version was accepted. ``"commit"`` fsyncs
+before the push answers (a few fsyncs, about 3 ms a push here): an acknowledged push survives a power cut.
 
-What a crash can leave is recognisable and removed by ``open()``: temp files, and staged bundles
-the state file does not name (an older habanero promoted before its pointer flip: such a bundle's
-version is above ``highest``, which no committed bundle's is, and it is dropped).
+Nothing on disk is trusted (``overlay.storage.opening``): ``open()`` removes what a crash left (temp
+files; staged bundles the state file does not name, such as an older habanero's, promoted before its
+pointer flip, whose version is above ``highest``), re-verifies the active bundle against the current
+trusted keys and, when it fails, serves the newest earlier bundle that verifies, down to none (the
+code on disk). A fallback is reported, not written: the pointer changes only through ``commit()``.
 
 Who can write this directory decides what code runs: a local user with write access can replace
 the state file, the trusted keys' effect (by planting a bundle signed by a key they also add to the
@@ -46,13 +50,11 @@ See ``docs/threat-model.md``.
 
 Shared by processes: every process of an app opens the same store. Each change re-reads the state
 file under the lock and derives from what is on disk, never from what this process last saw: the
-highest accepted version never goes down, whichever process writes. One deploy runs at a time
-(``deploying()``). The files each process serves are its own (its source tree, see
-``overlay.storage.tree``), laid out from the objects here.
-
-Nothing on disk is trusted: ``open()`` re-verifies the active bundle against the current trusted
-keys and, when it fails, serves the newest earlier bundle that verifies, down to none (the code on
-disk). A fallback is reported, not written: the pointer changes only through ``commit()``.
+highest accepted version never goes down, whichever process writes (``overlay.storage.freshness``).
+One deploy runs at a time (``deploying()``). The files each process serves are its own (its source
+tree, see ``overlay.storage.tree`` and ``overlay.storage.mirror``), laid out from the objects here.
+Retention (``overlay.storage.retention``) keeps the last ``keep`` versions, the active one and the one
+before it, and sweeps the objects only dropped versions used, on the worker.
 """
 
 from __future__ import annotations

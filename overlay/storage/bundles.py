@@ -101,15 +101,14 @@ class BundleFiles:
         name = f"{stem(version, digest)}.hbn"
         path = self.bundles / name
         try:
-            raw = _read_file(path, self.limits.max_bundle_bytes)
-        except FileNotFoundError:
             try:
-                raw = _read_file(self.staged / name, self.limits.max_bundle_bytes)
-            except OSError:
-                return None, f"{path.name} is missing"
-            except ValueError as exc:
-                return None, f"{path.name} {exc}"
-        except ValueError as exc:
+                raw = _read_file(path, self.limits.max_bundle_bytes)
+            except FileNotFoundError:
+                try:
+                    raw = _read_file(self.staged / name, self.limits.max_bundle_bytes)
+                except OSError:
+                    return None, f"{path.name} is missing"
+        except ValueError as exc:  # of either file
             return None, f"{path.name} {exc}"
         except OSError as exc:
             return None, f"cannot read {path.name} ({exc.strerror})"

@@ -26,63 +26,49 @@ What cannot take effect live is reported (:meth:`Push.not_live`): an app or a re
 created again by a changed statement (the server keeps the one it started with), a blueprint
 registered on an already registered blueprint, and a changed URL map setting (``strict_slashes``,
 ...) that rules read once, when they were added.
+
+This module rebuilds the URL map and replays blueprints, and registers the hooks; its helpers find
+the apps and record blueprint registrations (``_flask_apps``), keep the request-function and
+error-handler tables right (``_flask_tables``), and serve the pushed templates and static files
+(``_flask_files``).
 """
 
 from __future__ import annotations
 
-import collections
 import functools
-import os
 import sys
-import types
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from flask.sansio.app import App
 from flask.sansio.blueprints import Blueprint
-from flask.sansio.scaffold import Scaffold, _endpoint_from_view_func
+from flask.sansio.scaffold import _endpoint_from_view_func
 from werkzeug.routing import Map, Rule
 from werkzeug.routing.matcher import StateMachineMatcher
 
+from overlay.integrations._flask_apps import OPTIONS, registered_name, scan
+from overlay.integrations._flask_files import templates_and_roots
+from overlay.integrations._flask_tables import (
+    FUNCTION_TABLES,
+    Tables,
+    dedupe_tables,
+    gone,
+    live_twin,
+    merge_tables,
+    save_tables,
+)
 from overlay.integrations.hooks import Push, calls_any, register
 
 __all__: list[str] = []
 
-#: The tables of request functions Flask keeps per blueprint name (``None``: the app's own), which
-#: ``Blueprint.register`` copies into the app.
-_FUNCTION_TABLES = ("before_request_funcs", "after_request_funcs", "teardown_request_funcs",
-                    "url_default_functions", "url_value_preprocessors", "template_context_processors")
-#: URL map settings a rule reads once, when it is added.
+#: Route decorators: a view whose old decorators called one of them loses what they registered.
 _ROUTE_DECORATORS = frozenset({"route", "get", "post", "put", "patch", "delete"})
+#: URL map settings a rule reads once, when it is added.
 _MAP_SETTINGS = ("strict_slashes", "merge_slashes", "redirect_defaults", "host_matching", "sort_parameters")
 
-#: Apps seen in an earlier push (found in the app's modules or through a blueprint's registration).
-_APPS: weakref.WeakSet[App] = weakref.WeakSet()
-#: ``{app: {registered name: the options of Blueprint.register}}``, recorded from this module's load on.
-_OPTIONS: weakref.WeakKeyDictionary[App, dict[str, dict[str, Any]]] = weakref.WeakKeyDictionary()
 _OPEN: weakref.WeakKeyDictionary[Push, _Apply] = weakref.WeakKeyDictionary()
-
-
-def _record_options(register: Callable[[Blueprint, App, dict[str, Any]], None]
-                    ) -> Callable[[Blueprint, App, dict[str, Any]], None]:
-    @functools.wraps(register)
-    def recording(self: Blueprint, app: App, options: dict[str, Any]) -> None:
-        register(self, app, options)
-        _OPTIONS.setdefault(app, {})[_registered_name(self, options)] = dict(options)
-        _APPS.add(app)
-
-    recording.__habanero__ = True  # type: ignore[attr-defined]
-    return recording
-
-
-if not getattr(Blueprint.register, "__habanero__", False):  # this module may be imported again
-    Blueprint.register = _record_options(Blueprint.register)  # type: ignore[method-assign,assignment]
-
-
-def _registered_name(bp: Blueprint, options: dict[str, Any]) -> str:
-    return f"{options.get('name_prefix', '')}.{options.get('name', bp.name)}".lstrip(".")
 
 
 def _no_check(f_name: str) -> None:
@@ -101,7 +87,7 @@ class _Apply:
     blueprints: dict[Blueprint, int]                     # blueprint -> its setup functions before
     bound: dict[tuple[str, str], Any]                    # (module, name) -> app or blueprint bound
     settings: dict[App, tuple[Any, ...]]
-    tables: dict[int, tuple[Scaffold, str, dict[Any, Any]]] = field(default_factory=dict)
+    tables: Tables = field(default_factory=dict)
     children: dict[Blueprint, int] = field(default_factory=dict)
     staged: set[App] = field(default_factory=set)        # apps whose URL map the apply works on a copy of
     dirty: set[App] = field(default_factory=set)         # ...from which rules were removed
@@ -141,7 +127,7 @@ def _matcher(url_map: Map, rules: dict[Any, list[Rule]]) -> StateMachineMatcher:
 def _before(push: Push) -> None:
     if not push.reran:
         return
-    apps, found_blueprints, bound = _scan(push.reran)
+    apps, found_blueprints, bound = scan(push.reran)
     blueprints = {bp: len(bp.deferred_functions) for app in apps for bp in app.blueprints.values()}
     blueprints.update((bp, len(bp.deferred_functions)) for bp in found_blueprints if bp not in blueprints)
     state = _Apply(push, apps, blueprints, bound,
@@ -155,7 +141,7 @@ def _before(push: Push) -> None:
         saved = list(bp.deferred_functions)
         push.on_undo(functools.partial(_put_back, bp.deferred_functions, saved))
         state.children[bp] = len(bp._blueprints)
-        _save_tables(state, bp)
+        save_tables(push, state.tables, bp)
 
 
 def _open_app(state: _Apply, app: App) -> None:
@@ -166,7 +152,7 @@ def _open_app(state: _Apply, app: App) -> None:
     push.setattr(app.url_map, "add", functools.partial(_map_add, state, app))
     push.snapshot(app.view_functions)  # Flask adds to these without us: an undo puts them back whole
     push.snapshot(app.blueprints)
-    _save_tables(state, app)
+    save_tables(push, state.tables, app)
 
 
 def _put_back(target: list[Any], saved: list[Any]) -> None:
@@ -193,7 +179,7 @@ def _add_url_rule(state: _Apply, app: App, rule: str, endpoint: str | None = Non
 def _register_blueprint(state: _Apply, app: App, blueprint: Blueprint, **options: Any) -> None:
     """``app.register_blueprint`` during the apply: registering a blueprint again under the name it
     holds (its ``url_prefix`` changed, say) replaces the old registration."""
-    name = _registered_name(blueprint, options)
+    name = registered_name(blueprint, options)
     if app.blueprints.get(name) is blueprint:
         _unregister(state, app, name)
     type(app).register_blueprint(app, blueprint, **options)
@@ -209,7 +195,7 @@ def _unregister(state: _Apply, app: App, name: str) -> None:
         state.drop_endpoint(app, endpoint)
     for endpoint in [e for e in app.view_functions if e.startswith(below[1])]:
         state.drop_endpoint(app, endpoint)
-    for table in (*(getattr(app, t) for t in _FUNCTION_TABLES), app.error_handler_spec):
+    for table in (*(getattr(app, t) for t in FUNCTION_TABLES), app.error_handler_spec):
         for key in [k for k in table if isinstance(k, str) and (k == name or k.startswith(below[1]))]:
             push.delitem(table, key)
 
@@ -217,9 +203,9 @@ def _unregister(state: _Apply, app: App, name: str) -> None:
 def _after(push: Push) -> None:
     state = _OPEN.pop(push, None)
     if state is not None:
-        _dedupe_tables(state)
+        dedupe_tables(push, state.tables)
         _replay_blueprints(state)
-        _dedupe_tables(state)  # what the replayed setup functions registered again
+        dedupe_tables(push, state.tables)  # what the replayed setup functions registered again
         _drop_removed_views(state)
         for app in state.apps:
             _close_app(state, app)
@@ -227,7 +213,7 @@ def _after(push: Push) -> None:
             push.delattr(bp, "_check_setup_finished")
         _report(state)
     if push.files or push.moved:
-        _templates_and_roots(push)
+        templates_and_roots(push)
 
 
 def _close_app(state: _Apply, app: App) -> None:
@@ -236,33 +222,12 @@ def _close_app(state: _Apply, app: App) -> None:
         push.setattr(url_map, "_matcher", _matcher(url_map, url_map._rules_by_endpoint))
         push.setattr(url_map, "_remap", True)
     for endpoint in state.registered.get(app, ()):
-        live = _live_twin(app.view_functions.get(endpoint))
+        live = live_twin(app.view_functions.get(endpoint))
         if live is not None:
             push.setitem(app.view_functions, endpoint, live)
     for name in ("_check_setup_finished", "add_url_rule", "register_blueprint"):
         push.delattr(app, name)
     push.delattr(url_map, "add")
-
-
-def _live_twin(fn: Any) -> types.FunctionType | None:
-    """The function the module binds in place of ``fn``, if ``fn`` is its throwaway twin: a decorator
-    that ran again registered the function its statement made, while the module keeps the old one,
-    patched to the same code (and patched again by later pushes). That one is what to register."""
-    module = sys.modules.get(getattr(fn, "__module__", None) or "")
-    if not isinstance(fn, types.FunctionType) or module is None or fn.__qualname__ != fn.__name__:
-        return None
-    live = module.__dict__.get(fn.__name__)
-    if live is not fn and isinstance(live, types.FunctionType) and live.__code__ is fn.__code__:
-        return live
-    return None
-
-
-def _module_binding(fn: Any) -> Any:
-    module = sys.modules.get(getattr(fn, "__module__", None) or "")
-    name = getattr(fn, "__name__", None)
-    if module is None or not isinstance(name, str) or getattr(fn, "__qualname__", None) != name:
-        return None
-    return module.__dict__.get(name)
 
 
 # ------------------------------------------------------------------------------------- blueprints
@@ -278,10 +243,10 @@ def _replay_blueprints(state: _Apply) -> None:
         if new:
             replaced = {_deferred_endpoint(f) for f in new} - {None}
             kept = [f for f in bp.deferred_functions[:before]
-                    if _deferred_endpoint(f) not in replaced and not _gone(_deferred_view(f), state.push)]
+                    if _deferred_endpoint(f) not in replaced and not gone(_deferred_view(f), state.push)]
             bp.deferred_functions[:] = kept + new  # undone by the before hook's record
             for app, name in registrations:
-                options = _OPTIONS.get(app, {}).get(name)
+                options = OPTIONS.get(app, {}).get(name)
                 if options is None:  # registered before this module was loaded: the blueprint's own
                     prefix, _, own = name.rpartition(".")
                     options = {"name": own, "name_prefix": prefix} if prefix else {"name": own}
@@ -291,11 +256,11 @@ def _replay_blueprints(state: _Apply) -> None:
                     deferred(setup)
             for fn in new:
                 cells = _deferred_route(fn)
-                live = _live_twin(cells["view_func"].cell_contents) if cells is not None else None
+                live = live_twin(cells["view_func"].cell_contents) if cells is not None else None
                 if cells is not None and live is not None:
                     state.push.setattr(cells["view_func"], "cell_contents", live)
         for app, name in registrations:
-            _merge_tables(state, bp, app, name)
+            merge_tables(state.push, state.tables, bp, app, name)
         if len(bp._blueprints) > state.children.get(bp, len(bp._blueprints)) and registrations:
             state.push.not_live(f"blueprint {bp.name!r}: a blueprint registered on it after it was registered "
                                 "on the app", "restart the app to serve the nested blueprint")
@@ -323,24 +288,13 @@ def _deferred_view(fn: Any) -> Any:
     return cells["view_func"].cell_contents if cells is not None else None
 
 
-# ------------------------------------------------------------------------------- removed and doubled
-
-
-def _gone(fn: Any, push: Push) -> bool:
-    """Whether ``fn`` is a top-level function of a module the push removed or whose ``def`` it deleted."""
-    if not isinstance(fn, types.FunctionType) or fn.__qualname__ != fn.__name__:
-        return False
-    if fn.__module__ in push.removed:
-        return True
-    module = sys.modules.get(fn.__module__)
-    return (fn.__module__ in push.reran and module is not None and fn.__name__ not in module.__dict__
-            and any(r.module == fn.__module__ and fn.__name__ in r.removed for r in push.modules))
+# ---------------------------------------------------------------------------------- removed views
 
 
 def _drop_removed_views(state: _Apply) -> None:
     for app in state.apps:
         for endpoint, view in list(app.view_functions.items()):
-            if endpoint not in state.registered.get(app, ()) and (_gone(view, state.push)
+            if endpoint not in state.registered.get(app, ()) and (gone(view, state.push)
                                                                   or _unrouted(view, state.push)):
                 state.drop_endpoint(app, endpoint)
 
@@ -351,93 +305,6 @@ def _unrouted(fn: Any, push: Push) -> bool:
     registered the endpoint again, which keeps it)."""
     changed = push.decorators_changed(fn)
     return changed is not None and calls_any(changed[0], _ROUTE_DECORATORS)
-
-
-def _save_tables(state: _Apply, owner: Scaffold) -> None:
-    push = state.push
-    for name in _FUNCTION_TABLES:
-        table = getattr(owner, name)
-        saved = {key: list(found) for key, found in table.items()}
-        state.tables[id(table)] = (owner, name, saved)
-        push.on_undo(functools.partial(_restore_table, table, saved))
-    spec: dict[Any, Any] = owner.error_handler_spec
-    saved_spec = {key: {code: dict(handlers) for code, handlers in codes.items()} for key, codes in spec.items()}
-    state.tables[id(spec)] = (owner, "error_handler_spec", saved_spec)
-
-
-def _restore_table(table: dict[Any, list[Any]], saved: dict[Any, list[Any]]) -> None:
-    for key in [k for k in table if k not in saved]:
-        del table[key]
-    for key, found in saved.items():
-        if key in table:
-            table[key][:] = found
-        else:
-            table[key] = list(found)
-
-
-def _dedupe_tables(state: _Apply) -> None:
-    """A function whose decorators ran again is registered once, as the module binds it; one whose
-    ``def`` was deleted is no longer registered."""
-    push = state.push
-    for _owner, name, saved in state.tables.values():
-        if name == "error_handler_spec":
-            continue
-        table = getattr(_owner, name)
-        for key, found in list(table.items()):
-            if found == saved.get(key) and not any(_gone(f, push) for f in found):
-                continue
-            kept = _once_each(found, push)
-            if kept != found:
-                table[key] = kept  # the before hook's record puts the old list back on undo
-
-
-def _once_each(found: Iterable[Any], push: Push) -> list[Any]:
-    kept: list[Any] = []
-    slot: dict[tuple[str, str], int] = {}
-    for fn in found:
-        if _gone(fn, push):
-            continue
-        key = _definition(fn, push)
-        if key is None or key not in slot:
-            if key is not None:
-                slot[key] = len(kept)
-            kept.append(fn)
-        elif _module_binding(fn) is fn:  # the one the module binds wins, in the first one's place
-            kept[slot[key]] = fn
-    return kept
-
-
-def _definition(fn: Any, push: Push) -> tuple[str, str] | None:
-    """Which top-level ``def`` of a re-run module made ``fn`` (through any wrappers), if one did."""
-    inner = fn
-    for _ in range(16):
-        wrapped = getattr(inner, "__wrapped__", None)
-        if wrapped is None:
-            break
-        inner = wrapped
-    if not isinstance(inner, types.FunctionType) or inner.__module__ not in push.reran \
-            or inner.__qualname__ != inner.__name__ or not inner.__name__.isidentifier():  # not a lambda
-        return None
-    return inner.__module__, inner.__qualname__
-
-
-def _merge_tables(state: _Apply, bp: Blueprint, app: App, name: str) -> None:
-    """Give the app what the blueprint's tables gained, as ``Blueprint.register`` copies them."""
-    push = state.push
-    for table_name in _FUNCTION_TABLES:
-        table = getattr(bp, table_name)
-        saved = state.tables.get(id(table), (None, None, {}))[2]
-        target = getattr(app, table_name)
-        for key, found in table.items():
-            if found != saved.get(key):
-                push.setitem(target, name if key is None else f"{name}.{key}", list(found))
-    spec: dict[Any, Any] = bp.error_handler_spec
-    saved_spec = state.tables.get(id(spec), (None, None, {}))[2]
-    for key, codes in spec.items():
-        now = {code: dict(handlers) for code, handlers in codes.items()}
-        if now != saved_spec.get(key):
-            fresh = collections.defaultdict(dict, now)
-            push.setitem(app.error_handler_spec, name if key is None else f"{name}.{key}", fresh)
 
 
 # ----------------------------------------------------------------------------------------- reports
@@ -467,86 +334,6 @@ def _report(state: _Apply) -> None:
                 push.not_live(f"app {app.name!r}: url_map.{setting} changed from {old!r} to {new!r}; the "
                               "routes added before keep the old setting",
                               "restart the app to apply it to every route")
-
-
-# ------------------------------------------------------------------------- templates and static files
-
-
-def _templates_and_roots(push: Push) -> None:
-    """Serve the pushed templates and static files: re-point roots that moved, empty Jinja's cache."""
-    apps = list(_known_apps(push))
-    scaffolds: list[Scaffold] = list(apps)
-    scaffolds += [bp for app in apps for bp in app.blueprints.values()]
-    if push.moved:
-        moved = sorted(push.moved.items(), key=lambda kv: -len(kv[0]))
-        for obj in dict.fromkeys(scaffolds):
-            _repoint(push, obj, moved)
-    for app in apps:
-        env = app.__dict__.get("jinja_env")
-        if env is not None and getattr(env, "cache", None) is not None:
-            push.setattr(env, "cache", type(env.cache)(env.cache.capacity))
-
-
-def _repoint(push: Push, obj: Scaffold, moved: list[tuple[str, str]]) -> None:
-    root = obj.root_path
-    if not root:
-        return
-    root = os.path.abspath(root)
-    for old, new in moved:
-        if root == old or root.startswith(old + os.sep):
-            new_root = new + root[len(old):]
-            if "jinja_loader" in obj.__dict__:
-                push.delitem(obj.__dict__, "jinja_loader")  # a cached_property: made again from the root
-            push.setattr(obj, "root_path", new_root)
-            config = getattr(obj, "config", None)
-            if config is not None and os.path.abspath(getattr(config, "root_path", "") or "/") == root:
-                push.setattr(config, "root_path", new_root)
-            return
-
-
-# ------------------------------------------------------------------------------------ finding apps
-
-
-def _scan(modules: Iterable[str]) -> tuple[list[App], list[Blueprint], dict[tuple[str, str], Any]]:
-    """The apps and blueprints bound in ``modules``' namespaces, with every app seen before.
-
-    A blueprint registered on an app not seen yet (its registration came before this module was
-    loaded) sends the search through every module of the same top-level packages, once.
-    """
-    modules = list(modules)
-    bound: dict[tuple[str, str], Any] = {}
-    blueprints: list[Blueprint] = []
-    _look_in(modules, bound, blueprints)
-    known = {id(bp) for app in _APPS for bp in app.blueprints.values()}
-    if any(bp._got_registered_once and id(bp) not in known for bp in blueprints):
-        tops = {name.partition(".")[0] for name in modules}
-        skip = set(modules)
-        _look_in([n for n in list(sys.modules) if n.partition(".")[0] in tops and n not in skip], {}, [])
-    return list(_APPS), blueprints, bound
-
-
-def _look_in(modules: Iterable[str], bound: dict[tuple[str, str], Any], blueprints: list[Blueprint]) -> None:
-    for module_name in modules:
-        module = sys.modules.get(module_name)
-        if module is None:
-            continue
-        for name, value in list(module.__dict__.items()):
-            if isinstance(value, App):
-                _APPS.add(value)
-                bound[module_name, name] = value
-            elif isinstance(value, Blueprint):
-                blueprints.append(value)
-                bound[module_name, name] = value
-
-
-def _known_apps(push: Push) -> list[App]:
-    """Every app of the process worth re-pointing: those seen before, and on a move (a process's first
-    push, a forked worker) those bound in the modules that moved."""
-    if push.moved:
-        dirs = tuple(new.rstrip(os.sep) + os.sep for new in push.moved.values())
-        _look_in([name for name, module in list(sys.modules.items())
-                  if str(getattr(module, "__file__", None) or "").startswith(dirs)], {}, [])
-    return list(_APPS)
 
 
 register("flask", before=_before, after=_after, when="flask")

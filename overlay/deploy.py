@@ -219,6 +219,20 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
         _record(node, action, bundle, exc)
         raise
     _drain(node, change, bundle, action)
+    try:
+        return _drained(node, change, bundle, action, clock, wire=wire, gate=gate)
+    except BaseException:
+        # Whatever failed before this process settled (a peer's socket, the registry, the fleet's
+        # word): the request gate opens again and the change is undone; never left held.
+        if change.pending:
+            change.revert()
+            _discard(store, bundle)
+        raise
+
+
+def _drained(node: Node, change: Change, bundle: Bundle, action: str, clock: Clock, *, wire: bytes,
+             gate: Gate | None) -> UpgradeReport:
+    """The rest of :func:`_everywhere`, once this process's requests drained."""
     round_ = Round(node.others())
     try:
         header = {"op": "prepare", "txn": os.urandom(8).hex(), "action": action, "version": bundle.version,
@@ -248,7 +262,11 @@ def _everywhere(node: Node, bundle: Bundle, action: str, clock: Clock, *, wire: 
             _wait_for(gate.applied, node, change, bundle, action, round_, applied=True)
         interrupted = _commit_store(node, change, bundle, action, round_)
         clock.lap("commit")
-        round_.ask({"op": "commit"}, b"", FINISH_TIMEOUT)
+        try:
+            round_.ask({"op": "commit"}, b"", FINISH_TIMEOUT)
+        except Exception:  # past the commit point: each process settles by the store's word anyway
+            log.exception("could not tell every process that v%s was committed; they ask the store",
+                          bundle.version)
     finally:
         round_.close()
     report = change.commit()

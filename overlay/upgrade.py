@@ -301,6 +301,7 @@ class Change:
         self.host.retargeted = True  # every live module of the app now has the finder's loader and paths
         self.host.store.active = self.bundle
         self.host.store.release(self.bundle)  # committed: the store holds its bodies now
+        self._journal = None  # kept: nothing can undo it any more (a later revert() does nothing)
         self._release()
         self.report.timings_ms = self.clock.done()
         self.host.note(self.action, self.bundle.version, "ok")
@@ -319,6 +320,12 @@ class Change:
                 journal.undo()
         finally:
             self._release()
+
+    @property
+    def pending(self) -> bool:
+        """Whether this change still holds something (the request gate, the import lock, an undo
+        journal): it must end with :meth:`commit` or :meth:`revert`, whatever else fails."""
+        return self._held or self._locked or self._journal is not None
 
     def _release(self) -> None:
         if self._locked:

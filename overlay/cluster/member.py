@@ -144,14 +144,22 @@ class Member:
                 self.host.note(str(header.get("action")), header.get("version"), "refused", exc.code, exc.message)
                 messages.send(conn, _refusal(exc.code, exc.message))
                 return
-            messages.send(conn, {"ok": True, "pid": os.getpid(), "ms": clock.elapsed(),
-                                 "running": change.current.version if change.current else None})
-            step, _ = self._next(conn)
-            if step.get("op") != "apply":
-                change.revert()  # lets this process's requests go
-                self.host.note(change.action, bundle.version, "aborted")
-                return  # aborted: nothing was applied here
-            on_app_loop(self.host.loop, lambda: self._apply_and_settle(conn, change, bundle, clock))
+            try:
+                messages.send(conn, {"ok": True, "pid": os.getpid(), "ms": clock.elapsed(),
+                                     "running": change.current.version if change.current else None})
+                step, _ = self._next(conn)
+                if step.get("op") != "apply":
+                    change.revert()  # lets this process's requests go
+                    self.host.note(change.action, bundle.version, "aborted")
+                    return  # aborted: nothing was applied here
+                on_app_loop(self.host.loop, lambda: self._apply_and_settle(conn, change, bundle, clock))
+            except BaseException:
+                # The coordinator vanished (or anything else failed) before this process settled:
+                # never leave its request gate closed or a change half-held.
+                if change.pending:
+                    change.revert()
+                    self.host.note(change.action, bundle.version, "aborted")
+                raise
         finally:
             self.busy.release()
 

@@ -213,3 +213,12 @@ def test_the_push_report_lists_each_processs_notice_once():
     _gather_not_live(report, SimpleNamespace(peers=peers))
 
     assert report.not_live == [mine, theirs]
+
+
+def test_a_coordinator_that_vanishes_between_prepare_and_apply_leaves_the_gate_open(served, signing_key):
+    sock, ready = prepare(served, app_bundle(signing_key, 2, "two"))
+    assert ready["ok"] and served.gate.held  # drained for the prepare: new requests wait
+    sock.close()  # the coordinator is killed before it says apply or abort
+
+    wait_until(lambda: not served.gate.held)
+    assert greet() == "one" and served.version == 1

@@ -227,3 +227,21 @@ def test_a_push_through_the_standalone_server_runs_module_code_on_a_plain_thread
         assert upapp.RAN == 2 and upapp.THREAD.startswith("habanero-deploy")
     finally:
         ov.uninstall()
+
+
+def test_a_failure_after_the_drain_opens_the_gate_again_and_drops_the_staged_bundle(deploy, monkeypatch):
+    import errno
+
+    from support.upgrade import start
+
+    start(deploy, "follow_imports")
+
+    def out_of_descriptors() -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(deploy.ov.node, "others", out_of_descriptors)
+    with pytest.raises(OSError):
+        deploy.push("follow_imports", "v2")
+
+    assert not deploy.ov.gate.held
+    assert deploy.ov.version == 1 and deploy.staged() == []

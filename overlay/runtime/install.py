@@ -115,7 +115,7 @@ def install(
         resolved_channel = settings.resolve_channel(channel)
         _check_app(app, resolved_listen)
         trusted = settings.resolve_trusted_keys(trusted_keys)
-        request_gate, watch = _rollout(gate, drain_timeout, health, probation)
+        request_gate, watch = _rollout(gate, drain_timeout, health, probation, fleet=resolved_channel is not None)
         store_path = settings.resolve_store(store)
         limits = limits or DEFAULT_LIMITS
         extra = {k: v for k, v in (("keep", keep), ("max_version_jump", max_version_jump)) if v is not None}
@@ -169,11 +169,16 @@ def install(
 
 
 def _rollout(gate: bool | None, drain_timeout: float | None, health: Health | None,
-             probation: float | None) -> tuple[Gate, Callable[[Overlay], Probation] | None]:
+             probation: float | None, *, fleet: bool) -> tuple[Gate, Callable[[Overlay], Probation] | None]:
     """The request gate, and what makes the watch over pushes when ``probation`` is on."""
     enabled = settings.resolve_flag(gate, "HABANERO_GATE", True)
     drain = settings.resolve_seconds(drain_timeout, "HABANERO_DRAIN_TIMEOUT", DRAIN_TIMEOUT, "drain_timeout")
     window = settings.resolve_seconds(probation, "HABANERO_PROBATION", 0.0, "probation", zero=True)
+    if window > 0 and fleet:
+        raise ConfigError("probation= cannot be combined with channel= yet: a fleet's versions are decided by "
+                          "the whole fleet, and one process's probation would revert or keep them for its store "
+                          "alone; leave probation off for a fleet (HABANERO_PROBATION=0), or push to this app over "
+                          "HTTP", code="bad_config")
     checked = resolve_health(health if health is not None else settings.env("HABANERO_HEALTH"))
     watch = (lambda overlay: Probation(overlay, checked, window)) if window > 0 else None
     return Gate(deadline=drain, enabled=enabled), watch

@@ -148,3 +148,12 @@ def test_a_state_file_without_the_probation_field_has_every_version_permanent(tm
 def test_a_health_that_is_neither_a_callable_nor_a_path_is_refused_with_the_fix(installing):
     with pytest.raises(overlay.ConfigError, match="pass a callable .* or a URL path of the app's own"):
         installing(health="healthz")
+
+
+def test_probation_with_a_fleet_channel_is_refused_at_install_with_the_way_out(installing):
+    with pytest.raises(overlay.ConfigError) as refused:
+        installing(channel="redis://127.0.0.1:1/0")
+
+    assert refused.value.code == "bad_config"
+    assert "probation= cannot be combined with channel=" in str(refused.value)
+    assert "HABANERO_PROBATION=0" in str(refused.value)

@@ -39,7 +39,10 @@ def mentions(text: str, dirty: Iterable[str]) -> bool:
     as a word. False means the statement cannot read one; True needs :func:`reads`."""
     words = {d.rpartition(".")[2].partition(":")[0] if ":" in d else d for d in dirty}
     words |= {d.partition(":")[0].rpartition(".")[2] for d in dirty if ":" in d}
+    # The imported name itself: ``from . import LIMIT`` spells neither module part.
+    words |= {d.partition(":")[2] for d in dirty if ":" in d}
     words.discard("")
+    words.discard("*")
     if not words:
         return False
     pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(words))) + r")\b")

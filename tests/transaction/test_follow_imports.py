@@ -56,3 +56,14 @@ def test_after_hooks_are_told_about_modules_that_ran_again_to_follow_an_import(d
     before, after = told
     assert "upapp.extend" not in before  # unchanged: only following makes it run again
     assert "upapp.extend" in after and set(before) <= set(after)
+
+
+def test_a_relative_import_of_a_name_the_package_rebound_takes_the_new_value(deploy):
+    start(deploy, "relfollow")
+    views = sys.modules["upapp.views"]
+    assert views.LIMIT == 1 and views.ABS_LIMIT == 1
+
+    deploy.push("relfollow", "v2")
+
+    assert views.ABS_LIMIT == 2  # from upapp import LIMIT as ABS_LIMIT
+    assert views.LIMIT == 2  # from . import LIMIT: the same name, spelled without the module

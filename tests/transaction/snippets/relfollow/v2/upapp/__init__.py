@@ -1,0 +1,2 @@
+LIMIT = 2
+from . import views

@@ -1,0 +1,2 @@
+from . import LIMIT
+from upapp import LIMIT as ABS_LIMIT

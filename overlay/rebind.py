@@ -60,6 +60,10 @@ _MODULE_SPECIALS = frozenset({"__name__", "__file__", "__spec__", "__loader__", 
                               "__path__", "__builtins__", "__cached__", "__doc__",
                               "__annotations__"})
 
+#: Containers whose identity matters even when a new one is equal to the old: whoever imported the
+#: old one would otherwise fill another object than the module's.
+_MUTABLE = (list, dict, set, bytearray)
+
 _ACTIVE_PASS: contextvars.ContextVar[HeapPass | None] = contextvars.ContextVar(
     "habanero_heap_pass", default=None)
 
@@ -211,8 +215,8 @@ def _run_statements(runner: Runner, diff: Diff, ctx: Context, text: str, dirty: 
         runner.run(new, old, forced=forced)
         for name, value in before.items():
             now = namespace.get(name, MISSING)
-            if now is not value and not same_value(now, value):
-                dirty.add(name)
+            if now is not value and (type(now) in _MUTABLE or not same_value(now, value)):
+                dirty.add(name)  # an equal new list is still another object: its importers need it
         if stmt.star:
             dirty.update(namespace.keys() - before.keys())
             if forced:

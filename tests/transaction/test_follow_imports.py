@@ -67,3 +67,14 @@ def test_a_relative_import_of_a_name_the_package_rebound_takes_the_new_value(dep
 
     assert views.ABS_LIMIT == 2  # from upapp import LIMIT as ABS_LIMIT
     assert views.LIMIT == 2  # from . import LIMIT: the same name, spelled without the module
+
+
+def test_a_new_container_equal_to_the_old_one_reaches_the_modules_that_imported_it(deploy):
+    start(deploy, "alias")
+    tables, views = sys.modules["upapp.tables"], sys.modules["upapp.views"]
+    assert tables.REGISTRY is views.REGISTRY
+
+    deploy.push("alias", "v2")  # `REGISTRY = {}` became `REGISTRY: dict = {}`: a new, equal dict
+    tables.register("x")
+
+    assert views.REGISTRY is tables.REGISTRY and views.REGISTRY == {"x": 1}

@@ -1,0 +1,4 @@
+REGISTRY = {}
+
+def register(k):
+    REGISTRY[k] = 1

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the serving layer is loaded by the first overlay that serve
     from overlay.runtime.probation import Probation
     from overlay.serving.asgi import ASGIApp, ASGIWrapper
     from overlay.serving.wsgi import WSGIApp, WSGIWrapper
-    from overlay.transaction.gate import Gate
+    from overlay.transaction.gate import Gate, Pass
 
 __all__ = ["Overlay"]
 
@@ -345,22 +345,22 @@ class _Running:
 
     def __init__(self, gate: Gate) -> None:
         self._gate = gate
-        self._entered: list[bool] = []
+        self._entered: list[Pass | None] = []  # a pass per nested ``with`` of this one object
         self._failed = False
 
     def __enter__(self) -> None:
         self._entered.append(self._gate.enter())
 
     def __exit__(self, kind: object, exc: object, tb: object) -> None:
-        if self._entered.pop():
-            self._gate.leave(failed=kind is not None)
+        if (entry := self._entered.pop()) is not None:
+            self._gate.leave(failed=kind is not None, entry=entry)
 
     async def __aenter__(self) -> None:
         self._entered.append(await self._gate.enter_async())
 
     async def __aexit__(self, kind: object, exc: object, tb: object) -> None:
-        if self._entered.pop():
-            self._gate.leave(failed=kind is not None)
+        if (entry := self._entered.pop()) is not None:
+            self._gate.leave(failed=kind is not None, entry=entry)
 
 
 class _Installed:

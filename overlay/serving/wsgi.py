@@ -20,7 +20,7 @@ from typing import Any
 
 from overlay.errors import HabaneroError
 from overlay.serving.routes import Answer, ControlPlane, incomplete, too_large, too_slow
-from overlay.transaction.gate import Gate
+from overlay.transaction.gate import Gate, Pass
 
 __all__ = ["WSGIApp", "WSGIWrapper"]
 
@@ -55,9 +55,10 @@ class WSGIWrapper:
 
     def _gated(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         gate = self.gate
-        if not gate.enter():
+        entry = gate.enter()
+        if entry is None:
             return self.app(environ, start_response)
-        ticket = _Ticket(gate)
+        ticket = _Ticket(gate, entry)
 
         def watched(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             ticket.failed = status[:1] == "5"
@@ -93,22 +94,23 @@ class WSGIWrapper:
 
 
 class _Ticket:
-    """One request's place in the gate, left once: when its body is done, or when it streams."""
+    """One request's place in the gate, left once: when its body is done, or when it streams. It
+    carries the request's pass: the server may call ``close()`` on another thread than the request's."""
 
-    __slots__ = ("failed", "gate", "inside")
+    __slots__ = ("entry", "failed", "gate", "inside")
 
-    def __init__(self, gate: Gate) -> None:
-        self.gate, self.inside, self.failed = gate, True, False
+    def __init__(self, gate: Gate, entry: Pass) -> None:
+        self.gate, self.entry, self.inside, self.failed = gate, entry, True, False
 
     def let_go(self) -> None:
         if self.inside:
             self.inside = False
-            self.gate.let_go()
+            self.gate.let_go(self.entry)
 
     def done(self) -> None:
         if self.inside:
             self.inside = False
-            self.gate.leave(failed=self.failed)
+            self.gate.leave(failed=self.failed, entry=self.entry)
 
 
 class _Body:

@@ -20,6 +20,15 @@ that request. **A request re-entering the gate** (a gated request calling into a
 or opening ``ov.running()``): it holds the gate already, so it passes even while the gate is
 closed; waiting would wait for itself.
 
+A re-entry is the same request nested: on the same thread, or in the same asyncio task, while its
+pass is still open. A task or thread *started* by a request (``asyncio.create_task``, a thread
+given a copy of the request's context, ``asyncio.to_thread``) copies the request's context but not
+its place in the gate: when it opens ``ov.running()`` it is a unit of work of its own, waits while
+the gate is closed and is counted while it runs (it may outlive its request, and run across a
+push). A request's pass is closed by whichever thread ends the request (a WSGI body's ``close()``
+may run on another thread than the request did), so what stays behind in a pool thread's context
+is a closed pass, which never lets anyone through.
+
 Long-lived requests (websockets, streaming responses, server-sent events) are let go of by the
 adapters once they start streaming: a push does not wait for them, their frames keep the code they
 started with, and what they call after the push runs the new version.
@@ -33,14 +42,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from asyncio.events import _get_running_loop
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
+from threading import get_ident
 
 from overlay.errors import DeployInProgress
 
-__all__ = ["DRAIN_TIMEOUT", "Gate"]
+__all__ = ["DRAIN_TIMEOUT", "Gate", "Pass"]
 
 log = logging.getLogger("overlay.gate")
 
@@ -50,8 +62,28 @@ DRAIN_TIMEOUT = 5.0
 #: must not take the app down with it; every deploy step has its own, shorter, timeout).
 HOLD_LIMIT = 120.0
 
-#: How deep the current thread or task is inside the gate: > 0 means it holds it already.
-_depth: ContextVar[int] = ContextVar("habanero_gate_depth", default=0)
+
+class Pass:
+    """One request's (or unit of work's) place in the gate: who entered it (a thread, or the asyncio
+    task running on it) and how deeply it re-entered. Open while ``depth`` > 0."""
+
+    __slots__ = ("depth", "owner")  # set by the gate (no __init__: a request pays the least for its pass)
+    depth: int
+    owner: object
+
+
+#: The pass of the request the current context runs in. A context is copied into the tasks (and
+#: ``to_thread`` threads) a request starts, so the pass also names its ``owner``: only the owner
+#: re-enters with it.
+_inside: ContextVar[Pass | None] = ContextVar("habanero_gate_pass", default=None)
+
+#: The task running on an event loop, or None. ``asyncio.current_task`` is C from Python 3.12; in
+#: 3.11 it is Python (as costly as the rest of a pass) around this dict, which the C tasks keep.
+_task_on: Callable[[asyncio.AbstractEventLoop], object]
+if sys.version_info >= (3, 12):
+    _task_on = asyncio.current_task
+else:
+    _task_on = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]  # not in the stubs
 
 
 class Gate:
@@ -70,15 +102,17 @@ class Gate:
 
     # ------------------------------------------------------------------------------ requests
 
-    def enter(self) -> bool:
-        """Pass the gate (a thread): waits while a push holds it. Returns whether the caller must
-        :meth:`leave` (False: the gate is off)."""
+    def enter(self) -> Pass | None:
+        """Pass the gate (a thread): waits while a push holds it. Returns the request's :class:`Pass`,
+        which :meth:`leave` must close, or None when the gate is off."""
         if not self.enabled:
-            return False
-        depth = _depth.get()
-        if depth:
-            _depth.set(depth + 1)  # re-entering: this request holds the gate already
-            return True
+            return None
+        loop = _get_running_loop()  # who runs here: the task on this thread's event loop, else the thread
+        owner = get_ident() if loop is None else (_task_on(loop) or get_ident())
+        inside = _inside.get()
+        if inside is not None and inside.depth and inside.owner == owner:
+            inside.depth += 1  # re-entering: this request holds the gate already
+            return inside
         with self._cond:
             if self._holds:
                 limit = time.monotonic() + HOLD_LIMIT
@@ -87,17 +121,20 @@ class Gate:
                 if self._holds:
                     log.error("habanero: a request waited %g s at the gate for a deploy; it goes on", HOLD_LIMIT)
             self._running += 1
-        _depth.set(1)
-        return True
+        entry = Pass()
+        entry.owner, entry.depth = owner, 1
+        _inside.set(entry)
+        return entry
 
-    async def enter_async(self) -> bool:
+    async def enter_async(self) -> Pass | None:
         """Pass the gate (a coroutine): awaits, never blocks the event loop, while a push holds it."""
         if not self.enabled:
-            return False
-        depth = _depth.get()
-        if depth:
-            _depth.set(depth + 1)
-            return True
+            return None
+        owner = _task_on(asyncio.get_running_loop()) or get_ident()
+        inside = _inside.get()
+        if inside is not None and inside.depth and inside.owner == owner:
+            inside.depth += 1
+            return inside
         limit = time.monotonic() + HOLD_LIMIT
         while True:
             with self._cond:
@@ -109,16 +146,23 @@ class Gate:
                 self._sleepers.append((loop, woken))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woken, max(limit - time.monotonic(), 0.01))
-        _depth.set(1)
-        return True
+        entry = Pass()
+        entry.owner, entry.depth = owner, 1
+        _inside.set(entry)
+        return entry
 
-    def leave(self, *, failed: bool = False) -> None:
-        """The request (or unit of work) that :meth:`enter` let in is done."""
-        depth = _depth.get()
-        if depth > 1:
-            _depth.set(depth - 1)
-            return
-        _depth.set(0)
+    def leave(self, *, failed: bool = False, entry: Pass | None = None) -> None:
+        """The request (or unit of work) that :meth:`enter` let in is done. ``entry`` is the pass
+        :meth:`enter` returned; without it, the pass of the current context (give it when the
+        request may end on another thread or task than it started on)."""
+        if entry is None:
+            entry = _inside.get()
+        if entry is not None:
+            if entry.depth > 1:
+                entry.depth -= 1
+                return
+            entry.depth = 0  # closed, wherever copies of the context it is in still live
+            entry.owner = None  # a task's pass lives in the task's own context: no cycle to collect
         with self._cond:
             self._running -= 1
             self.finished += 1
@@ -127,11 +171,11 @@ class Gate:
             if self._holds:
                 self._cond.notify_all()  # a drain waits for this
 
-    def let_go(self) -> None:
+    def let_go(self, entry: Pass | None = None) -> None:
         """A request became long-lived (a websocket, a stream): it stops counting as in flight.
 
         Its own later :meth:`leave` must not come (the adapters call one or the other)."""
-        self.leave()
+        self.leave(entry=entry)
 
     @property
     def running(self) -> int:
@@ -141,26 +185,26 @@ class Gate:
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
         """``with gate.request():`` around a unit of work of a thread (``ov.running()``)."""
-        entered = self.enter()
+        entry = self.enter()
         failed = True
         try:
             yield
             failed = False
         finally:
-            if entered:
-                self.leave(failed=failed)
+            if entry is not None:
+                self.leave(failed=failed, entry=entry)
 
     @contextlib.asynccontextmanager
     async def request_async(self) -> AsyncIterator[None]:
         """``async with gate.request_async():`` around a unit of work of a coroutine."""
-        entered = await self.enter_async()
+        entry = await self.enter_async()
         failed = True
         try:
             yield
             failed = False
         finally:
-            if entered:
-                self.leave(failed=failed)
+            if entry is not None:
+                self.leave(failed=failed, entry=entry)
 
     # -------------------------------------------------------------------------------- drains
 
@@ -170,7 +214,7 @@ class Gate:
         the gate again. Blocks the calling thread: never call it on the event loop the requests
         run on (:meth:`hold_async` is for that). Each hold ends with one :meth:`release`."""
         deadline = self.deadline if deadline is None else deadline
-        own = 1 if _depth.get() else 0  # a drain started by a request never waits for itself
+        own = _own()  # a drain started by a request never waits for itself
         with self._cond:
             self._holds += 1
             if not self.enabled:
@@ -187,7 +231,7 @@ class Gate:
     async def hold_async(self, deadline: float | None = None) -> None:
         """:meth:`hold` for a coroutine on the requests' own event loop: waits by awaiting."""
         deadline = self.deadline if deadline is None else deadline
-        own = 1 if _depth.get() else 0
+        own = _own()
         with self._cond:
             self._holds += 1
             if not self.enabled:
@@ -223,6 +267,13 @@ class Gate:
     @property
     def held(self) -> bool:
         return self._holds > 0
+
+
+def _own() -> int:
+    """1 when the caller runs inside an open request's context (the request itself, or a thread it
+    waits for: ``await asyncio.to_thread(ov.apply, data)``): a drain does not wait for that request."""
+    inside = _inside.get()
+    return 1 if inside is not None and inside.depth else 0
 
 
 def _wake(woken: asyncio.Future[None]) -> None:

@@ -102,10 +102,14 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Seconds ``--wait-permanent`` waits for a verdict once its version is no longer active.
+VERDICT_GRACE = 3.0
+
+
 def _wait_permanent(args: argparse.Namespace, remote: Any, version: int) -> int:
     """Wait for probation's verdict on ``version`` (see ``overlay.runtime.probation``): 0 when it
     is permanent, 1 when it was reverted (the reason on stderr)."""
-    started = time.monotonic()
+    started, replaced = time.monotonic(), 0.0
     while True:
         status = remote.status()
         probation = status.get("probation") or {}
@@ -122,9 +126,15 @@ def _wait_permanent(args: argparse.Namespace, remote: Any, version: int) -> int:
             return 1
         active = (status.get("active") or {}).get("version")
         if state is None and active != version:
-            print(f"{PROG}: v{version} is no longer active (v{active} is); it was replaced before its verdict",
-                  file=sys.stderr)
-            return 1
+            # A revert commits the old version a moment before it records its verdict: give the
+            # verdict that moment before concluding another deploy replaced the version.
+            replaced = replaced or time.monotonic()
+            if time.monotonic() - replaced > VERDICT_GRACE:
+                print(f"{PROG}: v{version} is no longer active (v{active} is); it was replaced before its verdict",
+                      file=sys.stderr)
+                return 1
+        else:
+            replaced = 0.0
         if time.monotonic() - started > 2 * window + 30:
             print(f"{PROG}: no verdict on v{version} within {2 * window + 30:g} s", file=sys.stderr)
             return 1

@@ -18,13 +18,14 @@ driven as its file watcher drives it when a file is saved: the registry's code f
 refreshed (it diffs the file against the source it last saw, re-runs the changed definitions and
 moves their new code into the live functions). It works on a copy of its own, imported after it
 started, as ``jurigged -m app`` would: it finds live functions by file and line from the code
-objects it recorded, which the other peers' reloads would replace under it. Importing jurigged
-installs codefind's audit hook (process-wide, it cannot be removed), so every contender runs with
-it installed. After each push every peer's changed functions are checked to run the new code (not
-timed); a figure says "k of n not live" when k of its n pushes (warm-ups included) left one running
-the old code. Every figure is the
-median of 21 pushes after 2 warm-up pushes (a peer slower than a second per push: at least 3, within
-20 s, marked n=...); each push is a real change (a new message each time).
+objects it recorded, which the other peers' reloads would replace under it. It gets a fresh
+registry for each row, so that the files it parsed for one row stay out of every later row's
+heap. Importing jurigged installs codefind's audit hook (process-wide, it cannot be removed), so
+every contender runs with it installed. After each push, every peer's changed functions are
+checked (not timed) to run the new code; a figure says "k of n not live" when k of its n pushes
+(warm-ups included) left one running the old code. Every figure is the median of 21 pushes after
+2 warm-up pushes (a peer slower than a second per push: at least 3, within 20 s, marked n=...);
+each push is a real change (a new message each time).
 
 Run ``.venv/bin/python bench/bench_upgrade.py`` (``--profile``: cProfile of the headline case).
 ``run()`` returns the rows. Targets (printed, never asserted): under 5 ms for the one-function

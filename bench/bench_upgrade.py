@@ -1,4 +1,4 @@
-"""``Overlay.apply`` of a one-function change in a 1,000-module app, against reload and IPython's autoreload.
+"""``Overlay.apply`` of a one-function change in a 1,000-module app, against reload, IPython's autoreload and jurigged.
 
 The app is bench_build's synthetic project (20 packages x 50 modules of ~50 lines: imports,
 constants, two functions, a dataclass), of which 100 modules (spread over the packages) are
@@ -12,10 +12,20 @@ is built and signed before the clock starts, and the clock runs around ``ov.appl
 ``sync="background"``; one row repeats the headline with ``sync="commit"`` (fsync before answering).
 
 Side by side, in the same process and heap, on a copy of the app imported from disk: the same
-change applied with ``importlib.reload``, IPython's ``superreload`` and its ``deduperreload``
-(from the ``bench`` extra; skipped with a note when IPython is not installed). Every figure is the
-median of 21 pushes after 2 warm-up pushes (a peer slower than a second per push: at least 3, within
-20 s, marked n=...); each push is a real change (a new message each time).
+change applied with ``importlib.reload``, IPython's ``superreload`` and its ``deduperreload``, and
+jurigged (both from the ``bench`` extra; skipped with a note when not installed). jurigged is
+driven as its file watcher drives it when a file is saved: the registry's code file for the path,
+refreshed (it diffs the file against the source it last saw, re-runs the changed definitions and
+moves their new code into the live functions). It works on a copy of its own, imported after it
+started, as ``jurigged -m app`` would: it finds live functions by file and line from the code
+objects it recorded, which the other peers' reloads would replace under it. It gets a fresh
+registry for each row, so that the files it parsed for one row stay out of every later row's
+heap. Importing jurigged installs codefind's audit hook (process-wide, it cannot be removed), so
+every contender runs with it installed. After each push, every peer's changed functions are
+checked (not timed) to run the new code; a figure says "k of n not live" when k of its n pushes
+(warm-ups included) left one running the old code. Every figure is the median of 21 pushes after
+2 warm-up pushes (a peer slower than a second per push: at least 3, within 20 s, marked n=...);
+each push is a real change (a new message each time).
 
 Run ``.venv/bin/python bench/bench_upgrade.py`` (``--profile``: cProfile of the headline case).
 ``run()`` returns the rows. Targets (printed, never asserted): under 5 ms for the one-function
@@ -64,6 +74,8 @@ KINDS = (("big", f"{FUNCTIONS}-function module"), ("small", "50-line module"))
 TARGETS = ("targets: median < 5 ms for the one-function change, flat in heap size, faster than every "
            "peer at every size")
 SKIPPED = "skipped: pip install -e '.[bench]'"
+JURIGGED = "jurigged"
+PREFIXES = {"reload": "d_", JURIGGED: "j_"}  # the disk copies' package prefixes (App.disk)
 
 STATE_MODULE = '''"""The app's live objects: what a busy server holds in memory."""
 
@@ -122,10 +134,12 @@ class App:
             path.write_text(source)
             self.sources[name] = ("module", source)
         self.editable = {"big": self.big, "small": [n for n in plain if n not in self.big]}
-        # The peers' copy: same files under other package names, imported from disk.
+        # The peers' copies: same files under other package names, imported from disk; one for
+        # the reloaders, one for jurigged (see the module's docstring).
         self.disk = root / "disk"
-        for package in self.packages:
-            shutil.copytree(project / package, self.disk / f"d_{package}")
+        for prefix in PREFIXES.values():
+            for package in self.packages:
+                shutil.copytree(project / package, self.disk / f"{prefix}{package}")
         key = generate_signing_key(root / "key", comment="bench")
         self.key = key
         (root / "trusted_keys").write_text(key.public.line() + "\n")
@@ -157,14 +171,15 @@ class App:
 
     # --------------------------------------------------------------------------- peers' side
 
-    def import_disk_copy(self) -> None:
-        sys.path.insert(0, str(self.disk))
+    def import_disk_copy(self, prefix: str) -> None:
+        if str(self.disk) not in sys.path:
+            sys.path.insert(0, str(self.disk))
         for name in self.sources:
-            importlib.import_module(f"d_{name}")
+            importlib.import_module(f"{prefix}{name}")
 
-    def disk_path(self, name: str) -> Path:
+    def disk_path(self, name: str, prefix: str) -> Path:
         package, _, module = name.partition(".")
-        return self.disk / f"d_{package}" / f"{module}.py"
+        return self.disk / f"{prefix}{package}" / f"{module}.py"
 
 
 def pick(modules: list[str], count: int) -> list[str]:
@@ -201,35 +216,70 @@ def bench_habanero(app: App, modules: list[str], *, delta: bool, sync: str = "ba
     return {**_median_ms(walls), "phases": phase_medians, "bytes": len(bundles[-1]), "runs": len(walls)}
 
 
-def bench_disk(app: App, modules: list[str], reload_one: Callable[[Any], object]) -> dict[str, Any]:
-    """Write the change to the disk copy (not timed), then time ``reload_one`` on each module.
+def bench_disk(app: App, modules: list[str], reload_one: Callable[[Any], object], prefix: str) -> dict[str, Any]:
+    """Write the change to a disk copy (not timed), then time ``reload_one`` on each module; count
+    (not timed) the pushes after which a module's changed function does not run the new code.
 
     A peer that walks the heap for every class (superreload) takes seconds per push at millions of
     objects; it gets fewer pushes (at least ``MIN_RUNS``) once it has used ``BUDGET_S``.
     """
-    loaded = [sys.modules[f"d_{name}"] for name in modules]
+    loaded = [sys.modules[f"{prefix}{name}"] for name in modules]
     samples: list[float] = []
-    warmups, spent = 0, 0.0
+    warmups, spent, missed = 0, 0.0, 0
     gc.collect()
     while len(samples) < RUNS and not (len(samples) >= MIN_RUNS and spent > BUDGET_S):
         app.edits += 1
         for name in modules:
-            path = app.disk_path(name)
+            path = app.disk_path(name, prefix)
             path.write_text(changed_source(path.read_text(), app.edits))
         started = time.perf_counter()
         for module in loaded:
             reload_one(module)
         elapsed = time.perf_counter() - started
+        missed += not all(runs_change(module, app.edits) for module in loaded)
         if warmups < WARMUP and (warmups == 0 or elapsed < 1):  # a slow peer: one warm-up is enough
             warmups += 1
             continue
         samples.append(elapsed * 1000)
         spent += elapsed
-    return {**_median_ms(samples), "runs": len(samples)}
+    return {**_median_ms(samples), "runs": len(samples), "missed": missed, "pushes": warmups + len(samples)}
+
+
+def runs_change(module: Any, variant: int) -> bool:
+    """Whether the function ``changed_source`` edits runs the edit numbered ``variant``."""
+    if hasattr(module, "func_0"):
+        return variant in module.func_0.__code__.co_consts
+    total = next(f for n, f in vars(module).items() if "_total_" in n)
+    return any(isinstance(c, str) and c.endswith(f" (v{variant})") for c in total.__code__.co_consts)
+
+
+def jurigged_peer() -> Callable[[], Callable[[Any], object]] | None:
+    """jurigged as a factory of its per-module update, driven as its watcher drives it on a save."""
+    try:
+        from jurigged.register import Registry
+    except ImportError:
+        return None
+
+    def make() -> Callable[[Any], object]:
+        registry = Registry()  # a registry of our own, not the global one ``jurigged.watch`` uses
+        errors: list[BaseException] = []
+        registry.set_logger(lambda event: errors.append(event) if isinstance(event, BaseException) else None)
+        for name, module in sys.modules.items():  # what watch() registers at start: every watched file
+            if name.startswith(PREFIXES[JURIGGED]):
+                registry.prepare(name, module.__file__)
+
+        def update_one(module: Any) -> None:
+            registry.get(module.__file__).refresh()  # the watcher's refresh(path), without its catch-all
+            if errors:
+                raise RuntimeError(f"jurigged could not update {module.__name__}: {errors[0]!r}")
+
+        return update_one
+
+    return make
 
 
 def peers() -> dict[str, Callable[[], Callable[[Any], object]] | None]:
-    """Each peer as a factory of its per-module reload function; None when IPython is missing."""
+    """Each reloader as a factory of its per-module reload function; None when IPython is missing."""
 
     def reload() -> Callable[[Any], object]:
         return importlib.reload
@@ -274,9 +324,14 @@ def run(profile: bool = False) -> list[dict[str, Any]]:
         app = App(Path(tmp))
         ov = app.install()
         try:
-            app.import_disk_copy()
-            tools = peers()
-            made = {name: (factory() if factory is not None else None) for name, factory in tools.items()}
+            app.import_disk_copy(PREFIXES["reload"])
+            tools: dict[str, Any] = peers()
+            tools[JURIGGED] = jurigged_peer()  # imports jurigged: codefind records the code it sees
+            if tools[JURIGGED] is not None:
+                app.import_disk_copy(PREFIXES[JURIGGED])  # imported after it started, as under it
+            # jurigged starts afresh for each row (see _measure_all); the reloaders keep their state.
+            made = {name: (factory if name == JURIGGED or factory is None else factory())
+                    for name, factory in tools.items()}
             grow = sys.modules[f"{app.packages[0]}.state"].grow
             live = 0
             for heap in HEAPS:
@@ -314,8 +369,17 @@ def _measure_all(app: App, made: dict[str, Any], modules: list[str], base: dict[
         elif name == "IPython superreload" and kind == "big" and count > 1:
             # It walks the heap for every class of every module: minutes per push at this size.
             measure.append((name, lambda: {"skipped": "skipped: minutes per push (see the 1-module row)"}))
+        elif name == JURIGGED and kind == "big" and count == max(CHANGED) and base["heap"]:
+            # It re-parses each changed file whole and looks for each changed function's referrers
+            # in the heap: over a minute per push at 0 objects already, measured once there.
+            measure.append((name, lambda: {"skipped": "skipped: minutes per push (see the 0-object row)"}))
         else:
-            measure.append((name, lambda r=reload_one: bench_disk(app, modules, r)))
+            prefix = PREFIXES[JURIGGED if name == JURIGGED else "reload"]
+            if name == JURIGGED:
+                # A registry of its own per row: it keeps every file it parsed (their syntax trees,
+                # millions of objects for 100 big modules), which would weigh on every contender after it.
+                reload_one = reload_one()
+            measure.append((name, lambda r=reload_one, p=prefix: bench_disk(app, modules, r, p)))
     rows = []
     for name, fn in measure:
         started = time.perf_counter()
@@ -348,7 +412,8 @@ def _fmt(row: dict[str, Any]) -> str:
     if "skipped" in row:
         return row["skipped"]
     fewer = f" (n={row['runs']})" if row["runs"] < RUNS else ""
-    return f"{row['median_ms']:.2f}{fewer}"
+    missed = f" ({row['missed']} of {row['pushes']} not live)" if row.get("missed") else ""
+    return f"{row['median_ms']:.2f}{fewer}{missed}"
 
 
 def tables(rows: list[dict[str, Any]]) -> str:

@@ -378,8 +378,10 @@ def _measure_all(app: App, made: dict[str, Any], modules: list[str], base: dict[
             if name == JURIGGED:
                 # A registry of its own per row: it keeps every file it parsed (their syntax trees,
                 # millions of objects for 100 big modules), which would weigh on every contender after it.
-                reload_one = reload_one()
-            measure.append((name, lambda r=reload_one, p=prefix: bench_disk(app, modules, r, p)))
+                update = reload_one()
+            else:
+                update = reload_one
+            measure.append((name, lambda r=update, p=prefix: bench_disk(app, modules, r, p)))
     rows = []
     for name, fn in measure:
         started = time.perf_counter()

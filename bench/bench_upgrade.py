@@ -18,9 +18,13 @@ driven as its file watcher drives it when a file is saved: the registry's code f
 refreshed (it diffs the file against the source it last saw, re-runs the changed definitions and
 moves their new code into the live functions). It works on a copy of its own, imported after it
 started, as ``jurigged -m app`` would: it finds live functions by file and line from the code
-objects it recorded, which the other peers' reloads would replace under it. It gets a fresh
-registry for each row, so that the files it parsed for one row stay out of every later row's
-heap. Importing jurigged installs codefind's audit hook (process-wide, it cannot be removed), so
+objects it recorded, which the other peers' reloads would replace under it. It keeps one
+registry for the whole run, as a process under jurigged does (a fresh registry cannot find the
+functions an earlier one already moved: its pushes stop taking effect). That registry holds every
+file it parsed (syntax trees: millions of objects after 100 big modules), so jurigged is measured
+in a pass of its own after every other contender, the heap shrunk back to zero and grown again:
+its trees weigh on its own later rows, as they would in its process, and on nobody else's.
+Importing jurigged installs codefind's audit hook (process-wide, it cannot be removed), so
 every contender runs with it installed. After each push, every peer's changed functions are
 checked (not timed) to run the new code; a figure says "k of n not live" when k of its n pushes
 (warm-ups included) left one running the old code. Every figure is the median of 21 pushes after
@@ -80,6 +84,11 @@ PREFIXES = {"reload": "d_", JURIGGED: "j_"}  # the disk copies' package prefixes
 STATE_MODULE = '''"""The app's live objects: what a busy server holds in memory."""
 
 STATE = []
+
+
+def shrink():
+    """Drop every object ``grow`` added."""
+    STATE.clear()
 
 
 def grow(n):
@@ -261,7 +270,7 @@ def jurigged_peer() -> Callable[[], Callable[[Any], object]] | None:
         return None
 
     def make() -> Callable[[Any], object]:
-        registry = Registry()  # a registry of our own, not the global one ``jurigged.watch`` uses
+        registry = Registry()  # one of our own for the run, not the global one ``jurigged.watch`` uses
         errors: list[BaseException] = []
         registry.set_logger(lambda event: errors.append(event) if isinstance(event, BaseException) else None)
         for name, module in sys.modules.items():  # what watch() registers at start: every watched file
@@ -329,23 +338,29 @@ def run(profile: bool = False) -> list[dict[str, Any]]:
             tools[JURIGGED] = jurigged_peer()  # imports jurigged: codefind records the code it sees
             if tools[JURIGGED] is not None:
                 app.import_disk_copy(PREFIXES[JURIGGED])  # imported after it started, as under it
-            # jurigged starts afresh for each row (see _measure_all); the reloaders keep their state.
-            made = {name: (factory if name == JURIGGED or factory is None else factory())
-                    for name, factory in tools.items()}
-            grow = sys.modules[f"{app.packages[0]}.state"].grow
-            live = 0
-            for heap in HEAPS:
-                grow(heap - live)
-                live = heap
-                gc.collect()
-                tracked = len(gc.get_objects())
-                for kind, _ in KINDS:
-                    for count in CHANGED:
-                        modules = pick(app.editable[kind], count)
-                        base = {"kind": kind, "changed": count, "heap": heap, "tracked": tracked}
-                        rows += _measure_all(app, made, modules, base)
-                if profile and heap == HEADLINE[1]:
-                    rows.append({"tool": "profile", **profile_apply(app, pick(app.editable["big"], HEADLINE[0]))})
+            made = {name: (factory() if factory is not None else None) for name, factory in tools.items()}
+            state = sys.modules[f"{app.packages[0]}.state"]
+            # Two passes over the heap sizes: habanero and the reloaders, then jurigged alone (see
+            # the module's docstring), each from an empty heap. Not installed, it says so in the first.
+            alone = [JURIGGED] if made[JURIGGED] is not None else []
+            for with_habanero, names in ((True, [n for n in made if n not in alone]), (False, alone)):
+                if not names:
+                    continue
+                contenders = {name: made[name] for name in names}
+                state.shrink()
+                live = 0
+                for heap in HEAPS:
+                    state.grow(heap - live)
+                    live = heap
+                    gc.collect()
+                    tracked = len(gc.get_objects())
+                    for kind, _ in KINDS:
+                        for count in CHANGED:
+                            modules = pick(app.editable[kind], count)
+                            base = {"kind": kind, "changed": count, "heap": heap, "tracked": tracked}
+                            rows += _measure_all(app, contenders, modules, base, habanero=with_habanero)
+                    if profile and with_habanero and heap == HEADLINE[1]:
+                        rows.append({"tool": "profile", **profile_apply(app, pick(app.editable["big"], HEADLINE[0]))})
         finally:
             ov.uninstall()
             sys.path[:] = saved_path
@@ -354,11 +369,13 @@ def run(profile: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def _measure_all(app: App, made: dict[str, Any], modules: list[str], base: dict[str, Any]) -> list[dict[str, Any]]:
+def _measure_all(app: App, made: dict[str, Any], modules: list[str], base: dict[str, Any], *,
+                 habanero: bool = True) -> list[dict[str, Any]]:
     count, kind = base["changed"], base["kind"]
-    measure: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        ("habanero (packed delta)", lambda: bench_habanero(app, modules, delta=True))]
-    if count == 1:
+    measure: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    if habanero:
+        measure.append(("habanero (packed delta)", lambda: bench_habanero(app, modules, delta=True)))
+    if count == 1 and habanero:
         measure.append(("habanero (full bundle)", lambda: bench_habanero(app, modules, delta=False)))
         if (count, base["heap"]) == HEADLINE:
             measure.append(("habanero (packed delta, sync=commit)",
@@ -375,13 +392,7 @@ def _measure_all(app: App, made: dict[str, Any], modules: list[str], base: dict[
             measure.append((name, lambda: {"skipped": "skipped: minutes per push (see the 0-object row)"}))
         else:
             prefix = PREFIXES[JURIGGED if name == JURIGGED else "reload"]
-            if name == JURIGGED:
-                # A registry of its own per row: it keeps every file it parsed (their syntax trees,
-                # millions of objects for 100 big modules), which would weigh on every contender after it.
-                update = reload_one()
-            else:
-                update = reload_one
-            measure.append((name, lambda r=update, p=prefix: bench_disk(app, modules, r, p)))
+            measure.append((name, lambda r=reload_one, p=prefix: bench_disk(app, modules, r, p)))
     rows = []
     for name, fn in measure:
         started = time.perf_counter()

@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar
 
 from overlay.bundle import Bundle
 from overlay.rebinding.dataflow import import_key
-from overlay.transaction.plan import ModuleChange, Plan, imported_names
+from overlay.transaction.plan import ModuleChange, Plan, import_words, imported_names
 
 __all__ = ["run_plan", "importers"]
 
@@ -73,6 +73,14 @@ def run_plan(plan: Plan, run: Callable[[ModuleChange, set[str]], _R], *,
     return reports
 
 
+#: Per source (module name, kind, sha256): the words of its import lines, and whether it has a
+#: relative import. Enough to rule out a module as an importer without reading its source again:
+#: a push that rebinds a name asks about every live module, and reading a thousand sources from
+#: the store each time cost milliseconds per push in every process. Holds the last target's
+#: modules only (a few hundred bytes each).
+_SCANS: dict[tuple[str, str, str], tuple[frozenset[bytes], bool]] = {}
+
+
 def importers(target: Bundle, module: str, names: Iterable[str],
               live: Callable[[str], types.ModuleType | None]) -> dict[str, set[str]]:
     """The live modules of ``target`` that import from ``module`` by name or with ``*``, each with
@@ -82,14 +90,26 @@ def importers(target: Bundle, module: str, names: Iterable[str],
     tail = module.rpartition(".")[2].encode()
     words = re.compile(rb"import\s*\*|\b(?:" + b"|".join(re.escape(n.encode()) for n in names) + rb")\b")
     found: dict[str, set[str]] = {}
+    scans: dict[tuple[str, str, str], tuple[frozenset[bytes], bool]] = {}
     for name, entry in target.entries.items():
         if entry.kind == "data" or live(name) is None:
             continue
-        source = target.read(name)
-        if tail not in source and b"from ." not in source:
+        key = (name, entry.kind, entry.sha256)
+        source: bytes | None = None
+        scan = _SCANS.get(key)
+        if scan is None:
+            source = target.read(name)
+            scan = (frozenset(import_words(source)), b"from ." in source)
+        scans[key] = scan
+        # An import of ``module`` names its last part on an import line, or is relative.
+        if tail not in scan[0] and not scan[1]:
             continue
+        if source is None:
+            source = target.read(name)
         if not words.search(source):
             continue
         if module in imported_names(name, entry.kind == "package", source):
             found[name] = set(keys)
+    _SCANS.clear()
+    _SCANS.update(scans)
     return found

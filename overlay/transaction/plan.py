@@ -174,7 +174,7 @@ def imported_names(name: str, is_package: bool, source: bytes) -> set[str]:
 _WORD = re.compile(rb"\w+")
 
 
-def _import_words(source: bytes) -> set[bytes]:
+def import_words(source: bytes) -> set[bytes]:
     """Every word of the lines that mention ``import`` (with a parenthesised name list that
     continues on later lines): a superset of the names a module imports, found without parsing.
     A prefilter for :func:`imported_names`."""
@@ -245,7 +245,7 @@ def dependency_order(changes: Mapping[str, ModuleChange], target: Bundle) -> lis
         tails.setdefault(name.rpartition(".")[2].encode(), set()).add(name)
     deps: dict[str, set[str]] = {}
     for name, change in changes.items():
-        named = {n for word in _import_words(change.new_source) for n in tails.get(word, ())} - {name}
+        named = {n for word in import_words(change.new_source) for n in tails.get(word, ())} - {name}
         deps[name] = (imported_names(name, change.kind == "package", change.new_source) & changes.keys() - {name}
                       if named else set())
     order: list[str] = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from overlay.bundle import Bundle
+
 from support.upgrade import live_hooks, m, start
 
 
@@ -78,3 +80,22 @@ def test_a_new_container_equal_to_the_old_one_reaches_the_modules_that_imported_
     tables.register("x")
 
     assert views.REGISTRY is tables.REGISTRY and views.REGISTRY == {"x": 1}
+
+
+def test_a_push_does_not_read_again_the_source_of_a_module_that_cannot_import_what_it_rebound(deploy, monkeypatch):
+    start(deploy, "follow_imports")
+    deploy.push("follow_imports", "v2")  # the first look at who imports what reads every live module
+    read: list[str] = []
+    original = Bundle.read
+
+    def counting(self: Bundle, name: str) -> bytes:
+        read.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(Bundle, "read", counting)
+    deploy.push("follow_imports", "v1")
+
+    assert "upapp.bystander" not in read and "upapp.extend" in read  # an importer is still read
+    package = sys.modules["upapp"]
+    assert package.old_recipe() == "gone in v2" and not hasattr(package, "multinomial")
+    assert m.extend.TABLE is m.tables.TABLE and m.tables.TABLE == ["a", "extended"]

@@ -49,8 +49,8 @@ from overlay.keys import SigningKey, TrustedKeys
 #: A ``redis.asyncio.Redis`` client (typed loosely: its answers' types depend on its options).
 Redis = Any
 
-__all__ = ["INLINE_MAX", "METHOD", "SCHEMES", "WORDS", "ChannelURL", "Keys", "connect", "is_channel_url", "new_txn",
-           "open_message", "parse_url", "path_of", "seal", "verify_record"]
+__all__ = ["INLINE_MAX", "METHOD", "SCHEMES", "WORDS", "ChannelURL", "Keys", "connect", "heartbeat", "is_channel_url",
+           "new_txn", "open_message", "parse_url", "path_of", "read_heartbeat", "seal", "verify_record"]
 
 #: The method a channel message is signed under: never one an HTTP request can have.
 METHOD = "CHANNEL"
@@ -182,6 +182,22 @@ class Keys:
 
     def alive(self, member_id: str) -> str:
         return f"{self.prefix}alive:{member_id}"
+
+
+def heartbeat(store_id: str, host: str, pid: int, version: int | None) -> bytes:
+    """A member's heartbeat (``alive:<id>``): what a push needs to know of it, in a few bytes."""
+    return f"{store_id} {host} {pid} {'-' if version is None else version}".encode()
+
+
+def read_heartbeat(member_id: str, raw: bytes | None) -> dict[str, Any] | None:
+    """:func:`heartbeat` read back (``id``, ``store_id``, ``host``, ``pid``, ``version``), or None
+    when it expired or is not one."""
+    parts = raw.decode(errors="replace").split(" ") if raw is not None else []
+    if len(parts) < 4:
+        return None
+    store_id, *host, pid, version = parts
+    return {"id": member_id, "store_id": store_id, "host": " ".join(host),
+            "pid": int(pid) if pid.isdigit() else pid, "version": int(version) if version.isdigit() else None}
 
 
 def path_of(op: str) -> str:

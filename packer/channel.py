@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from overlay.channel import INLINE_MAX, Keys, connect, new_txn, parse_url, seal
+from overlay.channel import INLINE_MAX, Keys, connect, new_txn, parse_url, read_heartbeat, seal
 from overlay.errors import RemoteError
 from overlay.keys import SigningKey
 
@@ -128,13 +128,7 @@ class ChannelRemote:
         """The live members, from their heartbeats alone (what a push needs: store, host, pid, version)."""
         ids = [m.decode() for m in await client.smembers(self.keys.members)]
         beats = await client.mget([self.keys.alive(i) for i in ids]) if ids else []
-        live = []
-        for member_id, beat in zip(ids, beats):
-            parts = beat.decode(errors="replace").split(" ") if beat is not None else []
-            if len(parts) >= 4:
-                version = int(parts[-1]) if parts[-1].isdigit() else None
-                live.append({"id": member_id, "store_id": parts[0], "host": " ".join(parts[1:-2]),
-                             "pid": int(parts[-2]) if parts[-2].isdigit() else parts[-2], "version": version})
+        live = [m for m in map(read_heartbeat, ids, beats) if m is not None]
         return sorted(live, key=lambda m: str(m["id"]))
 
     def _require(self, live: list[dict[str, Any]]) -> set[str]:

@@ -59,6 +59,7 @@ from overlay.channel import (
     ChannelURL,
     Keys,
     connect,
+    heartbeat,
     open_message,
     path_of,
     verify_record,
@@ -216,7 +217,7 @@ class Fleet:
         when = 0.0
         while not self._stopping.is_set():
             version = self._version()
-            alive = f"{self.store_id} {self.host} {os.getpid()} {'-' if version is None else version}".encode()
+            alive = heartbeat(self.store_id, self.host, os.getpid(), version)
             role = (self._lock_fd is not None, self.behind)
             describe = role != described or time.monotonic() - when > DESCRIBE_EVERY
             async with client.pipeline(transaction=False) as pipe:
@@ -359,10 +360,9 @@ class Fleet:
             await client.set(self.keys.full(digest), data, ex=UPLOAD_TTL, nx=True)
 
     async def _ack(self, client: Redis, txn: str, answer: dict[str, Any]) -> None:
-        answer = {**answer, "store": self.store_id, "host": self.host, "pid": os.getpid(), "where": self.where}
         key = self.keys.acks(txn)
         async with client.pipeline(transaction=False) as pipe:
-            pipe.xadd(key, {"m": json.dumps(answer, default=str).encode()})
+            pipe.xadd(key, {"m": self.answer({**answer, "pid": os.getpid(), "where": self.where})})
             pipe.expire(key, ACK_TTL)
             await pipe.execute()
 
